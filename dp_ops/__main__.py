@@ -1,0 +1,3 @@
+from dp_ops.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""``dpops``: the command line. Commands are thin: build a config, call the library, print a summary.
+
+Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dp_ops.config import Config, flatten, load_config
+from dp_ops.errors import DpOpsError
+
+app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
+generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+app.add_typer(generator_app, name="generator")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOpt = Annotated[
+    Path | None, typer.Option("--params", "-p", help="params file (default: ./params.yaml if present)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="override one value with its dotted key, e.g. -S dp.omega=0.1 (repeatable)"),
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DpOpsError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(params: Path | None, overrides: list[str] | None) -> Config:
+    return load_config(params, overrides or ())
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False,
+    )  # fmt: skip
+
+
+def _bar(progress: Progress, description: str) -> Callable[[int, int], None]:
+    task = progress.add_task(description, total=None)
+
+    def update(completed: int, total: int) -> None:
+        progress.update(task, completed=completed, total=total)
+
+    return update
+
+
+@app.command()
+@_friendly_errors
+def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Run one experiment (dp, static or oversample) on the embedded digits world."""
+    from dp_ops import experiment
+    from dp_ops.reporting import RichObserver, print_run
+
+    cfg = _config(params, set_)
+    experiment.preflight(cfg)
+    real = experiment.load_real_data(cfg)
+    with _progress() as progress:
+        if experiment.generator_exists(cfg):
+            generator = experiment.load_generator(cfg)
+        else:
+            console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
+            generator, quality = experiment.train_and_save_generator(
+                cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
+            )
+            console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
+        result = experiment.run(cfg, generator, real, [RichObserver(progress)])
+    print_run(console, cfg, result)
+
+
+@generator_app.command("train")
+@_friendly_errors
+def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Train the generator on the generator-train split, measure its quality, save it to generator.path."""
+    from dp_ops import experiment
+
+    cfg = _config(params, set_)
+    real = experiment.load_real_data(cfg)
+    with _progress() as progress:
+        _, quality = experiment.train_and_save_generator(
+            cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
+        )
+    console.print(
+        f"Saved to [bold]{cfg.generator.path}[/]. A judge trained on real digits "
+        f"(real test accuracy {quality.judge_test_acc:.1%}) recognises [bold]{quality.recognition:.1%}[/] "
+        f"of {quality.n_samples} unguided samples ({cfg.generator.steps} DDIM steps, CFG {cfg.generator.cfg_scale:g})."
+    )
+
+
+@generator_app.command("quality")
+@_friendly_errors
+def generator_quality(params: ParamsOpt = None, set_: SetOpt = None, samples: int = 1000) -> None:
+    """Measure how many of the saved generator's samples a real-digits judge recognises."""
+    from dp_ops import experiment
+    from dp_ops.quality import measure_quality
+
+    cfg = _config(params, set_)
+    real = experiment.load_real_data(cfg)
+    generator = experiment.load_generator(cfg)
+    with _progress() as progress:
+        q = measure_quality(generator, real, cfg.generator, n_samples=samples, progress=_bar(progress, "judge samples"))
+    console.print(f"recognised {q.recognition:.1%} of {q.n_samples} samples; judge real test accuracy {q.judge_test_acc:.1%}")
+
+
+@config_app.command("show")
+@_friendly_errors
+def config_show(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Print every resolved key (the names -S and dvc exp run -S accept)."""
+    cfg = _config(params, set_)
+    table = Table("key", "value", box=None)
+    for key, value in flatten(cfg).items():
+        table.add_row(key, repr(value))
+    console.print(table)
+
+
+def main() -> None:
+    app(prog_name="dpops")

@@ -1,0 +1,251 @@
+"""The one typed, frozen configuration tree (house style §3).
+
+Its single source is ``params.yaml`` (the file DVC tracks); the CLI overrides single values with the
+same dotted names DVC uses (``-S dp.omega=0.1``). Everything is validated before any work starts and
+any problem becomes one :class:`~dp_ops.errors.ConfigError` line naming the key, the value and what is
+allowed. :func:`flatten` gives the dotted ``key -> value`` view that trackers log as params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dp_ops.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # frozen: a config never changes once loaded; forbid: a typo is an error, not a silent default;
+    # strict-ish numbers: "abc" for an int is rejected, 3 for a float is fine.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    """Real data of the embedded world: scikit-learn's digits, split once by ``split_seed``."""
+
+    name: Literal["digits"] = "digits"
+    resolution: int = Field(16, ge=8, le=64, description="side of the square images the generator and learner see")
+    split_seed: int = Field(0, ge=0, description="fixed apart from `seed` so a cached generator never sees val/test")
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+
+class GeneratorConfig(_Section):
+    """Class-conditional pixel diffusion model (diffusers UNet2DModel + DDIM) and how it samples."""
+
+    backend: Literal["pixel"] = "pixel"
+    path: str = Field("models/generator", min_length=1, description="folder written by save_pretrained")
+    steps: int = Field(10, ge=1, le=1000, description="DDIM steps per sample")
+    cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance scale (diffusers convention)")
+    guide_every: int = Field(2, ge=1, description="apply entropy guidance every k-th DDIM step")
+    batch_size: int = Field(256, ge=1, description="samples generated per forward pass")
+    channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
+    train_iterations: int = Field(6000, ge=1)
+    train_batch_size: int = Field(128, ge=1)
+    train_lr: float = Field(1e-3, gt=0)
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="probability of the null class (for CFG)")
+
+    @field_validator("channels")
+    @classmethod
+    def _positive_channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 8 or c % 8 for c in v):
+            raise ValueError("every channel count must be a positive multiple of 8")
+        return v
+
+
+class DPConfig(_Section):
+    """The data-acquisition strategy (Algorithm 1 and its two baselines)."""
+
+    strategy: Literal["dp", "static", "oversample"] = "dp"
+    initial_size: int = Field(1000, ge=1, description="N: samples generated unguided before training")
+    round_size: int = Field(250, ge=1, description="P: samples added per round")
+    patience: int = Field(3, ge=1, description="T_max: evaluations without improvement that trigger a round")
+    incremental_patience: bool = Field(True, description="scale T_max by pool size / N")
+    omega: float = Field(0.05, ge=0, description="ω: entropy-guidance strength (0 = unguided)")
+    oversample_ratio: int = Field(4, ge=1, description="r: `oversample` generates r·P and keeps the top-P")
+    max_rounds: int = Field(0, ge=0, description="stop adding data after this many rounds (0 = no limit)")
+
+
+class LearnerConfig(_Section):
+    """The classifier f_φ, built by timm model name."""
+
+    model: str = Field("dpops_convnet", min_length=1)
+    drop_rate: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """The training recipe: AdamW, WSD schedule, label smoothing, uniform mini-batches over the pool."""
+
+    iterations: int = Field(3000, ge=1, description="total iteration budget")
+    eval_every: int = Field(100, ge=1, description="τ: iterations between validation evaluations")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    cooldown_fraction: float = Field(0.2, ge=0, lt=1, description="no data is added during the cool-down")
+
+
+class OutputConfig(_Section):
+    metrics: str = Field("metrics.json", min_length=1, description="JSON summary metrics (DVC stage metrics)")
+    rounds: str = Field("rounds.json", min_length=1, description="JSON round records and validation curve")
+
+
+class Config(_Section):
+    """Root of the tree; field names are the top-level keys of ``params.yaml``."""
+
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    dp: DPConfig = DPConfig()
+    learner: LearnerConfig = LearnerConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        t = self.train
+        if t.warmup_fraction + t.cooldown_fraction >= 1:
+            raise ValueError(
+                f"train.warmup_fraction + train.cooldown_fraction = "
+                f"{t.warmup_fraction + t.cooldown_fraction:g}: must be < 1"
+            )
+        if t.eval_every > t.iterations:
+            raise ValueError(f"train.eval_every={t.eval_every}: must be <= train.iterations ({t.iterations})")
+        return self
+
+
+def load_config(params: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``params`` (default ``params.yaml`` if present, else built-in defaults) and apply overrides.
+
+    Keys of the file that dp_ops does not own (DVC may keep other sections) are only allowed at the top
+    level when they are listed in :data:`FOREIGN_SECTIONS`.
+    """
+    tree: dict[str, Any] = {}
+    path = Path(params) if params is not None else DEFAULT_PARAMS
+    if params is not None or path.exists():
+        tree = _read_yaml(path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+# Sections of params.yaml that belong to other commands (the sweep search space, …), not to a run.
+FOREIGN_SECTIONS = ("sweep",)
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a nested mapping into a :class:`Config`, turning the first problem into one line."""
+    tree = {k: v for k, v in tree.items() if k not in FOREIGN_SECTIONS}
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, tree)) from None
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted ``key -> value`` pairs, the same names as ``params.yaml`` and ``-S`` overrides."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                out[name] = list(value) if isinstance(value, tuple) else value
+
+    walk("", cfg.model_dump())
+    return out
+
+
+def to_tree(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), e.g. to write back a ``params.yaml``."""
+    return yaml.safe_load(yaml.safe_dump(_plain(cfg.model_dump())))
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, tuple):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--params {path}: file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"--params {path}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--params {path}: must be a mapping of keys to values")
+    return tree
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"-S {item!r}: expected KEY=VALUE with a dotted key, e.g. dp.omega=0.1")
+    # YAML parsing gives the same types DVC's `-S` gives (0.1 -> float, true -> bool, [1,2] -> list).
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"-S {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(exc: ValidationError, tree: dict[str, Any]) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    key = ".".join(loc)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        section = _section_fields(loc[:-1])
+        allowed = ", ".join(sorted(section)) if section else "none"
+        return f"{key}: unknown key (allowed here: {allowed})"
+    if not key:  # a model-level check; its message already names the keys
+        return msg.removeprefix("Value error, ")
+    value = _lookup(tree, loc)
+    msg = msg.removeprefix("Value error, ")
+    return f"{key}={value!r}: {msg[0].lower()}{msg[1:]}"
+
+
+def _section_fields(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _lookup(tree: dict[str, Any], loc: list[str]) -> Any:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

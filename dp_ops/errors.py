@@ -1,0 +1,25 @@
+"""One exception hierarchy for dp_ops (house style §7).
+
+Every error a user can cause derives from :class:`DpOpsError`; the CLI turns it into one line on
+stderr and a non-zero exit code, without a traceback.
+"""
+
+
+class DpOpsError(Exception):
+    """Base class of every error dp_ops raises on purpose."""
+
+
+class ConfigError(DpOpsError):
+    """A configuration key has a value that is not allowed (raised before any work starts)."""
+
+
+class DataError(DpOpsError):
+    """Input data is missing, unreadable or inconsistent."""
+
+
+class GeneratorError(DpOpsError):
+    """The generator cannot be loaded or does not match the configuration."""
+
+
+class FitError(DpOpsError):
+    """A scaling-law fit cannot be made (too few points, degenerate data)."""

@@ -1,0 +1,90 @@
+"""From a validated config to a finished experiment: the library entry points the CLI, DVC stages and
+sweeps call. Checks everything that can be checked before work starts (model names, generator folder),
+loads or trains the generator, runs the loop, writes the metrics files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dp_ops.config import Config
+from dp_ops.data import RealData, load_digits_data
+from dp_ops.errors import ConfigError
+from dp_ops.generator import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.learner import known_models
+from dp_ops.loop import Observer, RunResult, run_experiment
+from dp_ops.quality import Quality, measure_quality
+
+Progress = Callable[[int, int], None]
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need more than the config's own types; run before any work starts."""
+    if cfg.learner.model not in known_models():
+        raise ConfigError(
+            f"learner.model={cfg.learner.model!r}: not a registered timm model "
+            "(e.g. dpops_convnet, dpops_convnet_tiny, resnet18; see timm.list_models())"
+        )
+    path = Path(cfg.generator.path)
+    if path.exists() and not (path / META_FILE).is_file():
+        raise ConfigError(
+            f"generator.path={cfg.generator.path!r}: exists but holds no trained generator "
+            f"({META_FILE} missing); use an empty or new folder to train one there"
+        )
+
+
+def load_real_data(cfg: Config) -> RealData:
+    return load_digits_data(cfg.data)
+
+
+def generator_exists(cfg: Config) -> bool:
+    return (Path(cfg.generator.path) / META_FILE).is_file()
+
+
+def train_and_save_generator(
+    cfg: Config, real: RealData, *, progress: Progress | None = None, quality_progress: Progress | None = None
+) -> tuple[PixelDiffusion, Quality]:
+    """Train on the generator-train split, measure quality with a real-data judge, save to generator.path."""
+    meta = GeneratorMeta(
+        resolution=cfg.data.resolution, num_classes=real.num_classes, split_seed=cfg.data.split_seed,
+        data=cfg.data.name, train_iterations=cfg.generator.train_iterations,
+    )  # fmt: skip
+    generator = train_generator(cfg.generator, real.gen_train, meta=meta, seed=cfg.data.split_seed, progress=progress)
+    quality = measure_quality(generator, real, cfg.generator, seed=cfg.data.split_seed, progress=quality_progress)
+    generator = PixelDiffusion(generator.unet, generator.scheduler, _with_quality(meta, quality))
+    generator.save(cfg.generator.path)
+    return generator, quality
+
+
+def load_generator(cfg: Config) -> PixelDiffusion:
+    generator = PixelDiffusion.load(cfg.generator.path)
+    generator.check_matches(cfg.data)
+    return generator
+
+
+def run(cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = ()) -> RunResult:
+    """Run the experiment and write ``output.metrics`` (flat summary) and ``output.rounds`` (records)."""
+    result = run_experiment(cfg, generator, real, observers)
+    write_json(cfg.output.metrics, result.summary.to_dict())
+    write_json(cfg.output.rounds, {"rounds": result.to_dict()["rounds"], "curve": result.to_dict()["curve"]})
+    return result
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write-then-rename, so a reader (DVC, a dashboard) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _with_quality(meta: GeneratorMeta, quality: Quality) -> GeneratorMeta:
+    return GeneratorMeta(**{**meta.__dict__, "quality": quality.to_dict()})

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny real components (8×8 images, a 2-level UNet, a width-8 timm convnet)."""
+
+from __future__ import annotations
+
+import os
+
+# Two cores are shared by torch, BLAS and DVC/MLflow subprocesses: oversubscription makes tests crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dp_ops.config import Config, build_config  # noqa: E402
+from dp_ops.data import RealData, load_digits_data  # noqa: E402
+from dp_ops.generator import GeneratorMeta, PixelDiffusion, train_generator  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY = {
+    "seed": 0,
+    "data": {"resolution": 8},
+    "generator": {
+        "steps": 4, "cfg_scale": 2.0, "guide_every": 1, "batch_size": 64, "channels": [8, 16],
+        "train_iterations": 30, "train_batch_size": 32, "train_lr": 0.002,
+    },
+    "dp": {"strategy": "dp", "initial_size": 40, "round_size": 20, "patience": 1, "incremental_patience": False,
+           "omega": 0.1, "oversample_ratio": 3},
+    "learner": {"model": "dpops_convnet_tiny", "drop_rate": 0.0},
+    "train": {"iterations": 60, "eval_every": 10, "batch_size": 16},
+}  # fmt: skip
+
+
+def tiny_tree(**sections: dict) -> dict:
+    """TINY with some sections' keys replaced, e.g. tiny_tree(dp={"strategy": "static"})."""
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            tree[name] = {**tree.get(name, {}), **values}
+        else:
+            tree[name] = values
+    return tree
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    return build_config(tiny_tree())
+
+
+@pytest.fixture(scope="session")
+def real(tiny_cfg: Config) -> RealData:
+    return load_digits_data(tiny_cfg.data)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
+    meta = GeneratorMeta(
+        resolution=tiny_cfg.data.resolution, num_classes=real.num_classes, split_seed=tiny_cfg.data.split_seed,
+        data=tiny_cfg.data.name, train_iterations=tiny_cfg.generator.train_iterations,
+    )  # fmt: skip
+    return train_generator(tiny_cfg.generator, real.gen_train, meta=meta, seed=0)

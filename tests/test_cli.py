@@ -1,0 +1,74 @@
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from dp_ops.cli import app
+
+from conftest import tiny_tree
+
+runner = CliRunner()
+
+
+def _params(tmp_path, **sections):
+    tree = tiny_tree(**sections)
+    tree["generator"]["path"] = str(tmp_path / "gen")
+    tree["output"] = {"metrics": str(tmp_path / "out" / "metrics.json"), "rounds": str(tmp_path / "out" / "rounds.json")}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "generator", "config"):
+        assert command in result.output
+
+
+def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path):
+    params = _params(tmp_path)
+    result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=0.2"])
+    assert result.exit_code == 0, result.output
+    assert "training one first" in result.output and "final val acc" in result.output
+    assert (tmp_path / "gen" / "dpops_generator.json").is_file()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rounds = json.loads((tmp_path / "out" / "rounds.json").read_text())
+    assert metrics["strategy"] == "dp" and metrics["iterations"] == 60
+    assert metrics["pool_size"] == rounds["rounds"][-1]["pool_size"]
+    # the second run finds the cached generator
+    again = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.strategy=static"])
+    assert again.exit_code == 0, again.output
+    assert "training one first" not in again.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["rounds"] == 0
+
+
+def test_bad_value_is_one_line_and_nonzero_exit_before_any_work(tmp_path):
+    params = _params(tmp_path)
+    result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=-1"])
+    assert result.exit_code == 1
+    assert "dp.omega=-1: input should be greater than or equal to 0" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "gen").exists()  # nothing was started
+
+
+def test_generator_folder_that_is_not_a_generator_is_refused(tmp_path):
+    params = _params(tmp_path)
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "weights.bin").write_text("x")
+    result = runner.invoke(app, ["run", "--params", str(params)])
+    assert result.exit_code == 1 and "holds no trained generator" in result.output
+
+
+def test_config_show_prints_dotted_keys(tmp_path):
+    result = runner.invoke(app, ["config", "show", "--params", str(_params(tmp_path)), "-S", "seed=7"])
+    assert result.exit_code == 0
+    assert "dp.omega" in result.output and "7" in result.output
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dp_ops", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "generator" in out.stdout
