@@ -6,6 +6,7 @@ Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stde
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -24,7 +25,8 @@ config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_hel
 app.add_typer(generator_app, name="generator")
 app.add_typer(config_app, name="config")
 
-console = Console()
+# Piped or logged output gets 120 columns instead of rich's 80, so the rounds table stays readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 ParamsOpt = Annotated[
@@ -64,10 +66,13 @@ def _progress() -> Progress:
 
 
 def _bar(progress: Progress, description: str) -> Callable[[int, int], None]:
-    task = progress.add_task(description, total=None)
+    """A progress callback whose bar appears (and starts its clock) at the first update."""
+    tasks = []
 
     def update(completed: int, total: int) -> None:
-        progress.update(task, completed=completed, total=total)
+        if not tasks:
+            tasks.append(progress.add_task(description, total=total))
+        progress.update(tasks[0], completed=completed, total=total)
 
     return update
 

@@ -45,9 +45,9 @@ class GeneratorConfig(_Section):
     guide_every: int = Field(2, ge=1, description="apply entropy guidance every k-th DDIM step")
     batch_size: int = Field(256, ge=1, description="samples generated per forward pass")
     channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
-    train_iterations: int = Field(6000, ge=1)
-    train_batch_size: int = Field(128, ge=1)
-    train_lr: float = Field(1e-3, gt=0)
+    train_iterations: int = Field(1000, ge=1)
+    train_batch_size: int = Field(64, ge=1)
+    train_lr: float = Field(2e-3, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="probability of the null class (for CFG)")
 
     @field_validator("channels")

@@ -43,15 +43,15 @@ class RichObserver(Observer):
 
 
 def rounds_table(result: RunResult) -> Table:
-    table = Table(title="rounds", title_justify="left")
-    for col in ("round", "iteration", "val acc at trigger", "new", "generated", "pool", "entropy mean/p90", "T_max",
-                "gen s", "train s"):  # fmt: skip
+    table = Table(title="rounds (trigger: val acc that triggered it; H: learner entropy of new samples, nats)",
+                  title_justify="left")
+    for col in ("round", "iter", "trigger", "new", "gen'd", "pool", "H mean", "H p90", "T_max", "gen s", "train s"):
         table.add_column(col, justify="right")
     for r in result.records:
         trigger = "—" if r.val_acc_at_trigger is None else f"{r.val_acc_at_trigger:.3f}"
         table.add_row(
             str(r.round), str(r.iteration), trigger, str(r.n_new), str(r.n_generated), str(r.pool_size),
-            f"{r.entropy_mean:.3f} / {r.entropy_p90:.3f}", str(r.patience), f"{r.gen_seconds:.1f}",
+            f"{r.entropy_mean:.3f}", f"{r.entropy_p90:.3f}", str(r.patience), f"{r.gen_seconds:.1f}",
             f"{r.train_seconds:.1f}",
         )  # fmt: skip
     return table
