@@ -22,8 +22,10 @@ from dp_ops.errors import DpOpsError
 app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
 generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+data_app = typer.Typer(help="Generated data: restore any run's rounds from the DVC cache.", no_args_is_help=True)
 app.add_typer(generator_app, name="generator")
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
 
 # Piped or logged output gets 120 columns instead of rich's 80, so the rounds table stays readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -83,6 +85,8 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Run one experiment (dp, static or oversample) on the embedded digits world."""
     from dp_ops import experiment
     from dp_ops.reporting import RichObserver, print_run
+    from dp_ops.tracking import MlflowTracker
+    from dp_ops.versioning import DvcVersioner
 
     cfg = _config(params, set_)
     experiment.preflight(cfg)
@@ -96,8 +100,45 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
                 cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
             )
             console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
-        result = experiment.run(cfg, generator, real, [RichObserver(progress)])
+        tracker = MlflowTracker(cfg)
+        with tracker.lifecycle():
+            round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
+            tracker.shards = versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega)
+            result = experiment.run(cfg, generator, real, [RichObserver(progress), versioner, tracker])
     print_run(console, cfg, result)
+    console.print(
+        f"MLflow run [bold]{tracker.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
+        f"'{cfg.tracking.experiment}' at {tracker.uri}\n  browse: mlflow ui --backend-store-uri {tracker.uri}\n"
+        f"  data:   {versioner.data_dir}/ ({_versioning_note(versioner)})"
+    )
+
+
+def _versioning_note(versioner: Any) -> str:
+    if versioner.root is None:
+        return "not in a DVC workspace: md5s recorded, files not versioned"
+    return "versioned by the dvc.yaml stage outputs" if versioner.in_stage else "each round added to DVC"
+
+
+@data_app.command("restore")
+@_friendly_errors
+def data_restore(
+    run_id: str,
+    round_: Annotated[int | None, typer.Option("--round", help="only this round (default: every round)")] = None,
+    pool: Annotated[bool, typer.Option(help="with --round K: the whole pool as it stood after round K")] = False,
+    to: Annotated[Path | None, typer.Option(help="destination folder (default: restored/<run id>)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the MLflow registry."""
+    from dp_ops.experiment import restore_run_data
+    from dp_ops.tracking import tracking_uri
+
+    cfg = _config(params, set_)
+    dest = to or Path("restored") / run_id
+    paths = restore_run_data(run_id, dest, tracking_uri=tracking_uri(cfg), round_index=round_, pool=pool)
+    for path in paths:
+        console.print(f"restored {path}")
+    console.print(f"{len(paths)} shard(s), md5 verified, in {dest}")
 
 
 @generator_app.command("train")

@@ -91,9 +91,17 @@ class TrainConfig(_Section):
     cooldown_fraction: float = Field(0.2, ge=0, lt=1, description="no data is added during the cool-down")
 
 
+class TrackingConfig(_Section):
+    """MLflow: ``uri`` empty means ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db``."""
+
+    uri: str = ""
+    experiment: str = Field("dp-ops", min_length=1)
+
+
 class OutputConfig(_Section):
     metrics: str = Field("metrics.json", min_length=1, description="JSON summary metrics (DVC stage metrics)")
     rounds: str = Field("rounds.json", min_length=1, description="JSON round records and validation curve")
+    shards: str = Field("data/runs", min_length=1, description="one folder per run, one shard file per round")
 
 
 class Config(_Section):
@@ -105,6 +113,7 @@ class Config(_Section):
     dp: DPConfig = DPConfig()
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

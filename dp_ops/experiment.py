@@ -14,7 +14,7 @@ from typing import Any
 
 from dp_ops.config import Config
 from dp_ops.data import RealData, load_digits_data
-from dp_ops.errors import ConfigError
+from dp_ops.errors import ConfigError, DataError
 from dp_ops.generator import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.learner import known_models
 from dp_ops.loop import Observer, RunResult, run_experiment
@@ -73,6 +73,42 @@ def run(cfg: Config, generator: PixelDiffusion, real: RealData, observers: Seque
     write_json(cfg.output.metrics, result.summary.to_dict())
     write_json(cfg.output.rounds, {"rounds": result.to_dict()["rounds"], "curve": result.to_dict()["curve"]})
     return result
+
+
+def restore_run_data(
+    run_id: str, dest: Path, *, tracking_uri: str, round_index: int | None = None, pool: bool = False,
+    root: Path | None = None,
+) -> list[Path]:
+    """Rebuild shards of an MLflow run from the DVC cache (or remote) with only the registry's md5s.
+
+    No ``round_index``: every round (the final pool). ``round_index`` alone: that round's increment.
+    With ``pool``: rounds 0..round_index, the pool as it stood after that round.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dp_ops.tracking import round_runs
+    from dp_ops.versioning import dvc_root, restore_shard
+
+    root = root or dvc_root(Path.cwd())
+    if root is None:
+        raise DataError(f"{Path.cwd()}: not inside a DVC workspace (no .dvc/ here or above)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        rounds = round_runs(client, run_id)
+    except MlflowException:
+        raise DataError(f"run {run_id!r}: not found in {tracking_uri}") from None
+    shards = {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}
+    if round_index is not None and round_index not in shards:
+        raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
+    wanted = sorted(shards) if round_index is None else (
+        [k for k in sorted(shards) if k <= round_index] if pool else [round_index])  # fmt: skip
+    restored = []
+    for k in wanted:
+        if not shards[k]:
+            raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
+        restored.append(restore_shard(root, shards[k], dest / f"round_{k:03d}.safetensors"))
+    return restored
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -13,6 +13,7 @@ runner = CliRunner()
 def _params(tmp_path, **sections):
     tree = tiny_tree(**sections)
     tree["generator"]["path"] = str(tmp_path / "gen")
+    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     tree["output"] = {"metrics": str(tmp_path / "out" / "metrics.json"), "rounds": str(tmp_path / "out" / "rounds.json")}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -31,6 +32,7 @@ def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path):
     result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=0.2"])
     assert result.exit_code == 0, result.output
     assert "training one first" in result.output and "final val acc" in result.output
+    assert "MLflow run" in result.output and "mlflow ui --backend-store-uri sqlite:///" in result.output
     assert (tmp_path / "gen" / "dpops_generator.json").is_file()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rounds = json.loads((tmp_path / "out" / "rounds.json").read_text())

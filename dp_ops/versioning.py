@@ -1,0 +1,152 @@
+"""Data versioning with DVC: one shard file per round, content-addressed, restorable from its md5.
+
+A shard (``<data.dir>/<run id>/round_<k>.safetensors``) holds the round's increment: images as uint8
+(n, C, R, R), labels, per-sample learner entropy and noise seeds, with the round and ω as metadata.
+One file per round, not thousands of PNGs: DVC is slow on many small files. safetensors is a safe
+format and writes the same bytes for the same content, so a repeated round deduplicates in the cache.
+
+Outside a pipeline each shard is versioned with ``dvc add`` (DVC's Python API, in process). Inside
+``dvc repro`` DVC holds the repository lock and sets ``DVC_STAGE``: then the stage's declared outputs do
+the versioning and we only compute the md5 (the same md5 DVC will record). Either way the md5 goes to
+MLflow, and :func:`restore_shard` rebuilds the file from the DVC cache with nothing else than it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from dp_ops.data import to_uint8
+from dp_ops.errors import DataError
+from dp_ops.generator import Samples
+from dp_ops.learner import Trainer
+from dp_ops.loop import Observer, RoundRecord
+
+SHARD_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    round: int
+    path: Path  # relative to the DVC root when inside it
+    md5: str
+    n: int
+    versioned_by: str  # "dvc add" | "dvc stage outs" | "none"
+
+
+def md5_file(path: str | Path) -> str:
+    """The md5 DVC records for a file (DVC 3 hashes the raw bytes)."""
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(path: Path, samples: Samples, round_index: int, omega: float) -> None:
+    """Write-then-rename: a crash never leaves a truncated shard under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "images": to_uint8(samples.images).numpy(),
+        "labels": samples.labels.numpy().astype(np.int64),
+        "entropy": samples.entropy.numpy().astype(np.float32),
+        "seeds": np.asarray(samples.seeds, dtype=np.int64),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"round": str(round_index), "omega": repr(float(omega))})
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+def shard_images(shard: dict[str, np.ndarray]) -> torch.Tensor:
+    """uint8 shard images back to the [-1, 1] floats the learner trains on."""
+    return torch.from_numpy(shard["images"]).float() / 127.5 - 1
+
+
+def dvc_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` (which need not exist yet) that holds ``.dvc/``."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def cache_path(root: Path, md5: str) -> Path:
+    """Where DVC 3 keeps a file with this md5 in the local cache."""
+    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+class DvcVersioner(Observer):
+    """Writes and versions one shard per round; ``shards[k]`` tells the tracker what to link."""
+
+    def __init__(self, data_dir: str | Path, round_omega: float = 0.0) -> None:
+        """``round_omega``: ω of rounds after round 0 (round 0 is always unguided)."""
+        self.data_dir = Path(data_dir)
+        self.root = dvc_root(self.data_dir)
+        self.in_stage = bool(os.environ.get("DVC_STAGE"))
+        self.round_omega = round_omega
+        self.shards: dict[int, ShardInfo] = {}
+
+    def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None:
+        path = self.data_dir / f"round_{record.round:03d}{SHARD_SUFFIX}"
+        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0)
+        md5 = md5_file(path)
+        how = "none"
+        if self.root is not None and self.in_stage:
+            how = "dvc stage outs"
+        elif self.root is not None:
+            _dvc_add(self.root, path)
+            how = "dvc add"
+        rel = path.resolve().relative_to(self.root) if self.root is not None else path
+        self.shards[record.round] = ShardInfo(record.round, rel, md5, len(increment), how)
+
+
+def _dvc_add(root: Path, path: Path) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.add([str(path.resolve())])
+
+
+def restore_shard(root: Path, md5: str, dest: Path, remote_pull: bool = True) -> Path:
+    """Copy the cached object with ``md5`` to ``dest``; pull it from the DVC remote if the cache lacks it.
+
+    Verifies the md5 of what was written and fails loudly on a mismatch.
+    """
+    src = cache_path(root, md5)
+    if not src.is_file() and remote_pull:
+        _fetch_object(root, md5)
+    if not src.is_file():
+        raise DataError(f"md5 {md5}: not in the DVC cache at {src.parent.parent} and no remote has it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    got = md5_file(tmp)
+    if got != md5:
+        tmp.unlink()
+        raise DataError(f"{dest}: restored bytes have md5 {got}, the registry says {md5} (corrupt cache?)")
+    os.replace(tmp, dest)
+    return dest
+
+
+def _fetch_object(root: Path, md5: str) -> None:
+    """Pull one object by hash from the default DVC remote into the local cache, if a remote is set."""
+    from dvc.exceptions import NoRemoteError
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    with Repo(str(root)) as repo:
+        try:
+            repo.cloud.pull([HashInfo("md5", md5)])
+        except NoRemoteError:
+            return
