@@ -145,8 +145,8 @@ def load_config(params: str | Path | None = None, overrides: list[str] | tuple[s
     return build_config(tree)
 
 
-# Sections of params.yaml that belong to other commands (the sweep search space, …), not to a run.
-FOREIGN_SECTIONS = ("sweep",)
+# Sections of params.yaml read by other commands or by dvc.yaml (sweep space, baseline sizes), not by a run.
+FOREIGN_SECTIONS = ("sweep", "baseline")
 
 
 def build_config(tree: dict[str, Any]) -> Config:

@@ -1,0 +1,61 @@
+"""`dvc repro` of the real dvc.yaml in a temporary git + DVC workspace, on a tiny params file."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+from dp_ops.config import build_config, to_tree
+
+from conftest import tiny_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, env):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
+    shutil.copytree(REPO / "dp_ops", ws / "dp_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    tree = to_tree(build_config(tiny_tree(dp={"max_rounds": 1})))  # DVC needs every declared param present
+    tree["baseline"] = {"static_size": 60}
+    (ws / "params.yaml").write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _run(["git", "init", "-q"], ws, env)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], ws, env)
+
+    first = _run([sys.executable, "-m", "dvc", "repro"], ws, env)
+    for stage in ("generator", "dp", "static"):
+        assert f"Running stage '{stage}'" in first
+    assert (ws / "models" / "generator" / "dpops_generator.json").is_file()
+    assert (ws / "dvc.lock").is_file()
+    shards = sorted((ws / "data" / "pipeline" / "dp").rglob("round_*.safetensors"))
+    assert len(shards) == 2  # round 0 and the one round max_rounds allows
+    assert not list((ws / "data").rglob("*.dvc"))  # inside repro the stage outs version, not `dvc add`
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert lock["stages"]["dp"]["outs"][0]["path"] == "data/pipeline/dp"
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dp-ops")
+    parents = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
+    assert sorted(r.data.tags["dpops.dvc_stage"] for r in parents) == ["dp", "static"]
+    assert all(r.info.status == "FINISHED" for r in parents)
+    rounds = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'round'")
+    assert {r.data.tags["dpops.shard_versioned_by"] for r in rounds} == {"dvc stage outs"}
+
+    second = _run([sys.executable, "-m", "dvc", "repro"], ws, env)
+    assert "Running stage" not in second
+    assert "up to date" in second
