@@ -81,14 +81,21 @@ def _bar(progress: Progress, description: str) -> Callable[[int, int], None]:
 
 @app.command()
 @_friendly_errors
-def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Run one experiment (dp, static or oversample) on the embedded digits world."""
+def run(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        str | None, typer.Option(help="continue this interrupted MLflow run from its last completed round")
+    ] = None,
+) -> None:
+    """Run one experiment (dp, static or oversample) on the embedded digits world, tracked and versioned."""
     from dp_ops import experiment
     from dp_ops.reporting import RichObserver, print_run
-    from dp_ops.tracking import MlflowTracker
-    from dp_ops.versioning import DvcVersioner
+    from dp_ops.tracking import tracking_uri
 
     cfg = _config(params, set_)
+    if resume:  # the run's own config, from the registry; -S/--params only choose where to look
+        cfg = experiment.resume_config(resume, tracking_uri(cfg))
     experiment.preflight(cfg)
     real = experiment.load_real_data(cfg)
     with _progress() as progress:
@@ -100,11 +107,9 @@ def run(params: ParamsOpt = None, set_: SetOpt = None) -> None:
                 cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
             )
             console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
-        tracker = MlflowTracker(cfg)
-        with tracker.lifecycle():
-            round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
-            tracker.shards = versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega)
-            result = experiment.run(cfg, generator, real, [RichObserver(progress), versioner, tracker])
+        result, tracker, versioner = experiment.run_tracked(
+            cfg, generator, real, [RichObserver(progress)], resume_run_id=resume
+        )
     print_run(console, cfg, result)
     console.print(
         f"MLflow run [bold]{tracker.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "

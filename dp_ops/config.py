@@ -102,6 +102,7 @@ class OutputConfig(_Section):
     metrics: str = Field("metrics.json", min_length=1, description="JSON summary metrics (DVC stage metrics)")
     rounds: str = Field("rounds.json", min_length=1, description="JSON round records and validation curve")
     shards: str = Field("data/runs", min_length=1, description="one folder per run, one shard file per round")
+    checkpoints: str = Field("checkpoints", min_length=1, description="per-run resume state, one file per run")
 
 
 class Config(_Section):
@@ -172,6 +173,14 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
     walk("", cfg.model_dump())
     return out
+
+
+def from_flat(flat: dict[str, str]) -> Config:
+    """Rebuild a config from flat string params (as MLflow stores them), e.g. to resume a run."""
+    tree: dict[str, Any] = {}
+    for key, raw in flat.items():
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else raw)
+    return build_config(tree)
 
 
 def to_tree(cfg: Config) -> dict[str, Any]:

@@ -81,6 +81,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> [-1, 1] floats."""
+    return images.float() / 127.5 - 1
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round to the 256 levels a shard stores, so the pool trained on is exactly the versioned data
+    (and a resumed run, whose pool is rebuilt from shards, trains on the same numbers)."""
+    return from_uint8(to_uint8(images))
+
+
 class Pool:
     """The growing synthetic training pool. Old data is never dropped (Algorithm 1, step 3)."""
 

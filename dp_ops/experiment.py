@@ -12,13 +12,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dp_ops.config import Config
+from dp_ops.config import Config, from_flat
 from dp_ops.data import RealData, load_digits_data
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.generator import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.learner import known_models
-from dp_ops.loop import Observer, RunResult, run_experiment
+from dp_ops.loop import Observer, RunResult
 from dp_ops.quality import Quality, measure_quality
+from dp_ops.tracking import MlflowTracker, round_runs
+from dp_ops.versioning import DvcVersioner
 
 Progress = Callable[[int, int], None]
 
@@ -67,12 +69,70 @@ def load_generator(cfg: Config) -> PixelDiffusion:
     return generator
 
 
-def run(cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = ()) -> RunResult:
-    """Run the experiment and write ``output.metrics`` (flat summary) and ``output.rounds`` (records)."""
-    result = run_experiment(cfg, generator, real, observers)
-    write_json(cfg.output.metrics, result.summary.to_dict())
-    write_json(cfg.output.rounds, {"rounds": result.to_dict()["rounds"], "curve": result.to_dict()["curve"]})
-    return result
+def run_tracked(
+    cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = (),
+    resume_run_id: str | None = None,
+) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
+    """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
+    checkpoint after every round. With ``resume_run_id`` continue that interrupted run where its last
+    completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
+    from dp_ops.checkpoint import Checkpointer, checkpoint_path
+    from dp_ops.loop import DPLoop
+
+    tracker = MlflowTracker(cfg, run_id=resume_run_id)
+    with tracker.lifecycle():
+        round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
+        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega)
+        tracker.shards = versioner
+        ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
+        loop = DPLoop(cfg, generator, real, [*observers, versioner, tracker, Checkpointer(ckpt)])
+        if resume_run_id is not None:
+            _restore_loop(loop, tracker, versioner, ckpt)
+        result = loop.run()
+        write_json(cfg.output.metrics, result.summary.to_dict())  # flat summary: DVC stage metrics
+        write_json(cfg.output.rounds, {"rounds": result.to_dict()["rounds"], "curve": result.to_dict()["curve"]})
+    return result, tracker, versioner
+
+
+def resume_config(run_id: str, tracking_uri: str) -> Config:
+    """The config an interrupted run was started with (its MLflow params), after checking it can resume."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise DataError(f"--resume {run_id}: no such run in {tracking_uri}") from None
+    if run.data.tags.get("dpops.role") != "experiment":
+        raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
+    if run.info.status == "FINISHED":
+        raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
+    return from_flat(run.data.params)
+
+
+def _restore_loop(loop: Any, tracker: MlflowTracker, versioner: DvcVersioner, ckpt: Path) -> None:
+    from dp_ops.checkpoint import load_checkpoint
+    from dp_ops.versioning import ShardInfo, md5_file, read_shard, restore_shard, shard_data
+
+    if not ckpt.is_file():
+        raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
+    state = load_checkpoint(ckpt)
+    last = state["records"][-1]["round"]
+    tracker.drop_rounds_after(last)
+    rounds = round_runs(tracker.client, tracker.run_id)
+    md5s = {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}
+    increments = []
+    for k in range(last + 1):
+        path = versioner.data_dir / f"round_{k:03d}.safetensors"
+        md5 = md5s.get(k)
+        if md5 and (not path.is_file() or md5_file(path) != md5) and versioner.root is not None:
+            restore_shard(versioner.root, md5, path)  # the workspace copy is gone or damaged
+        if md5 and md5_file(path) != md5:
+            raise DataError(f"{path}: md5 {md5_file(path)} differs from the registry's {md5}")
+        increments.append(shard_data(read_shard(path)))
+        rel = path.resolve().relative_to(versioner.root) if versioner.root else path
+        versioner.shards[k] = ShardInfo(k, rel, md5 or md5_file(path), len(increments[-1]), "resumed")
+    loop.load_state_dict(state, increments)
 
 
 def restore_run_data(
@@ -87,7 +147,6 @@ def restore_run_data(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dp_ops.tracking import round_runs
     from dp_ops.versioning import dvc_root, restore_shard
 
     root = root or dvc_root(Path.cwd())

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dp_ops.config import Config
-from dp_ops.data import Pool, RealData, balanced_labels
+from dp_ops.data import LabelledImages, Pool, RealData, balanced_labels, quantize
 from dp_ops.generator import PixelDiffusion, Samples
 from dp_ops.learner import Trainer, build_learner
 
@@ -97,6 +97,9 @@ class Observer:
 
     def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None: ...
 
+    def on_checkpoint(self, state: dict) -> None:
+        """After each completed round (and its ``on_round`` hooks): everything needed to resume."""
+
     def on_finish(self, result: RunResult) -> None: ...
 
 
@@ -153,7 +156,8 @@ class DPLoop:
 
     def run(self) -> RunResult:
         cfg = self.cfg
-        self._acquire(cfg.dp.initial_size, omega=0.0, keep=cfg.dp.initial_size, trigger=None)  # 1.
+        if not self.records:  # (a resumed loop has its rounds already)
+            self._acquire(cfg.dp.initial_size, omega=0.0, keep=cfg.dp.initial_size, trigger=None)  # 1.
         while self.trainer.iteration < cfg.train.iterations:
             self._train_until_next_eval()  # 2.
             val_acc = self._evaluate()
@@ -207,13 +211,37 @@ class DPLoop:
         )
         if keep < n:
             samples = samples.select(torch.argsort(samples.entropy, descending=True, stable=True)[:keep])
-        self.pool.add(samples.as_labelled())
+        self.pool.add(LabelledImages(quantize(samples.images), samples.labels))
         self.plateau.reset(patience_for(self.cfg, len(self.pool)))
         record = _record(k, self.pool, samples, n, trigger, self.trainer.iteration, self.plateau.patience,
                          time.perf_counter() - t0, self._train_seconds)  # fmt: skip
         self._train_seconds = 0.0
         self.records.append(record)
         self._emit("on_round", record, samples, self.trainer)
+        self._emit("on_checkpoint", self.state_dict())
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Loop state after a completed round (the pool itself lives in the round shards)."""
+        return {
+            "records": [r.to_dict() for r in self.records],
+            "curve": [list(point) for point in self.curve],
+            "plateau": {"best": self.plateau.best, "stale": self.plateau.stale, "patience": self.plateau.patience},
+            "trainer": self.trainer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, increments: Sequence[LabelledImages]) -> None:
+        """Continue from a checkpoint; ``increments`` are the rounds' data in order (from their shards)."""
+        self.records = [RoundRecord(**r) for r in state["records"]]
+        if len(increments) != len(self.records):
+            raise ValueError(f"{len(increments)} increments for {len(self.records)} rounds")
+        self.curve = [(int(i), float(a)) for i, a in state["curve"]]
+        p = state["plateau"]
+        self.plateau.best, self.plateau.stale, self.plateau.patience = p["best"], p["stale"], p["patience"]
+        self.trainer.load_state_dict(state["trainer"])
+        self.pool = Pool()
+        for inc in increments:
+            self.pool.add(inc)
 
     def _finish(self) -> RunResult:
         train_seconds = sum(r.train_seconds for r in self.records) + self._train_seconds

@@ -74,13 +74,19 @@ class MlflowTracker(Observer):
 
     def __init__(
         self, cfg: Config, client: MlflowClient | None = None, extra_tags: dict[str, str] | None = None,
-        shards: DvcVersioner | None = None,
+        shards: DvcVersioner | None = None, run_id: str | None = None,
     ):
+        """Start a new parent run, or with ``run_id`` re-open an interrupted one (to resume it)."""
         self.cfg = cfg
         self.shards = shards  # set before rounds complete to link each round's shard (log_input)
         self.uri = tracking_uri(cfg)
         self.client = client or MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(self.client, cfg.tracking.experiment, self.uri)
+        self.round_run_ids: list[str] = []
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return
         tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags(),
                 **(extra_tags or {})}  # fmt: skip
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
@@ -88,7 +94,14 @@ class MlflowTracker(Observer):
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
-        self.round_run_ids: list[str] = []
+
+    def drop_rounds_after(self, last_round: int) -> None:
+        """Delete round runs past the last checkpointed round (logged, but their state never landed)."""
+        for run in round_runs(self.client, self.run_id):
+            if int(run.data.tags["dpops.round"]) > last_round:
+                self.client.delete_run(run.info.run_id)
+            else:
+                self.round_run_ids.append(run.info.run_id)
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:

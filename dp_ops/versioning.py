@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from dp_ops.data import to_uint8
+from dp_ops.data import LabelledImages, from_uint8, to_uint8
 from dp_ops.errors import DataError
 from dp_ops.generator import Samples
 from dp_ops.learner import Trainer
@@ -68,9 +68,9 @@ def read_shard(path: str | Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def shard_images(shard: dict[str, np.ndarray]) -> torch.Tensor:
-    """uint8 shard images back to the [-1, 1] floats the learner trains on."""
-    return torch.from_numpy(shard["images"]).float() / 127.5 - 1
+def shard_data(shard: dict[str, np.ndarray]) -> LabelledImages:
+    """A shard as the pool holds it: images back in [-1, 1] (exactly :func:`dp_ops.data.quantize`)."""
+    return LabelledImages(from_uint8(torch.from_numpy(shard["images"])), torch.from_numpy(shard["labels"]))
 
 
 def dvc_root(start: Path) -> Path | None:

@@ -1,0 +1,93 @@
+"""Kill a real `dpops run` with SIGKILL mid-run, resume it, and get the uninterrupted numbers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from dp_ops.config import build_config, to_tree
+from dp_ops.tracking import round_runs
+
+from conftest import tiny_tree
+
+DPOPS = [sys.executable, "-m", "dp_ops"]
+TIMINGS = {"gen_seconds", "train_seconds"}
+
+
+def _strip(rounds):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rounds]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_generator):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_STAGE", None)
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
+    tiny_generator.save(ws / "models" / "generator")
+    tree = to_tree(build_config(tiny_tree(train={"iterations": 160, "eval_every": 10}, dp={"max_rounds": 4})))
+    (ws / "params.yaml").write_text(yaml.safe_dump(tree))
+    return ws, env
+
+
+def _dpops(ws, env, *args, **kw):
+    return subprocess.Popen([*DPOPS, *args], cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)  # fmt: skip
+
+
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
+    ws, env = workspace
+    ref = _dpops(ws, env, "run", "-S", "output.metrics=ref/metrics.json", "-S", "output.rounds=ref/rounds.json",
+                 "-S", "output.shards=ref/runs", "-S", "output.checkpoints=ref/checkpoints")
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+
+    victim = _dpops(ws, env, "run")
+    runs = ws / "data" / "runs"
+    deadline = time.time() + 600
+    while not list(runs.glob("*/round_001.safetensors")) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    victim.send_signal(signal.SIGKILL)  # in round 1's bookkeeping, before its checkpoint
+    victim.wait(timeout=60)
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dp-ops")
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.`dpops.role` = 'experiment'")
+    (run,) = running  # SIGKILL leaves the parent RUNNING: exactly the run to resume
+    run_id = run.info.run_id
+
+    resumed = _dpops(ws, env, "run", "--resume", run_id)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+
+    ref_rounds = json.loads((ws / "ref" / "rounds.json").read_text())
+    got_rounds = json.loads((ws / "rounds.json").read_text())
+    assert _strip(got_rounds["rounds"]) == _strip(ref_rounds["rounds"])
+    assert got_rounds["curve"] == ref_rounds["curve"]
+    ref_m, got_m = (json.loads(p.read_text()) for p in (ws / "ref" / "metrics.json", ws / "metrics.json"))
+    assert {k: v for k, v in got_m.items() if k not in TIMINGS} == {k: v for k, v in ref_m.items() if k not in TIMINGS}
+
+    assert client.get_run(run_id).info.status == "FINISHED"
+    children = round_runs(client, run_id)
+    assert [int(c.data.tags["dpops.round"]) for c in children] == list(range(len(ref_rounds["rounds"])))
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_resume_refuses_a_finished_run(workspace):
+    ws, env = workspace
+    done = _dpops(ws, env, "run")
+    assert done.wait(timeout=600) == 0
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dp-ops").experiment_id], "tags.`dpops.role` = 'experiment'")
+    again = _dpops(ws, env, "run", "--resume", run.info.run_id)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 1 and "already FINISHED; nothing to resume" in out
