@@ -114,7 +114,8 @@ def run(
     console.print(
         f"MLflow run [bold]{tracker.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
         f"'{cfg.tracking.experiment}' at {tracker.uri}\n  browse: mlflow ui --backend-store-uri {tracker.uri}\n"
-        f"  data:   {versioner.data_dir}/ ({_versioning_note(versioner)})"
+        f"  data:   {versioner.data_dir}/ ({_versioning_note(versioner)})",
+        soft_wrap=True,  # never break a path or a command in two
     )
 
 

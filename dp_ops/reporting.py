@@ -66,5 +66,6 @@ def print_run(console: Console, cfg: Config, result: RunResult) -> None:
         f"(best val {s.best_val_acc:.4f})\n"
         f"pool {s.pool_size} samples from {s.generated_samples} generated in {s.rounds} rounds after round 0; "
         f"{s.iterations} iterations; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s\n"
-        f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}"
+        f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}",
+        soft_wrap=True,
     )
