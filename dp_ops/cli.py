@@ -6,6 +6,7 @@ Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stde
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,9 @@ def _friendly_errors(fn: F) -> F:
 
 
 def _config(params: Path | None, overrides: list[str] | None) -> Config:
+    # MLflow announces database creation and migrations at INFO; the CLI keeps the user's screen for
+    # what dp_ops has to say (MLflow's warnings and errors still show).
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     return load_config(params, overrides or ())
 
 
