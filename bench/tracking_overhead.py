@@ -38,9 +38,9 @@ class Timed(Observer):
         hook(*args)
         self.ledger[self.round] = self.ledger.get(self.round, 0.0) + time.perf_counter() - t0
 
-    def on_round(self, record, increment, trainer) -> None:
+    def on_round(self, record, increment) -> None:
         self.round = record.round
-        self._timed(self.inner.on_round, record, increment, trainer)
+        self._timed(self.inner.on_round, record, increment)
 
     def on_checkpoint(self, state) -> None:
         self._timed(self.inner.on_checkpoint, state)

@@ -95,7 +95,8 @@ class Observer:
 
     def on_eval(self, iteration: int, val_acc: float) -> None: ...
 
-    def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None: ...
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+        """``increment``: the samples inserted this round (for oversample, the kept ones)."""
 
     def on_checkpoint(self, state: dict) -> None:
         """After each completed round (and its ``on_round`` hooks): everything needed to resume."""
@@ -217,7 +218,7 @@ class DPLoop:
                          time.perf_counter() - t0, self._train_seconds)  # fmt: skip
         self._train_seconds = 0.0
         self.records.append(record)
-        self._emit("on_round", record, samples, self.trainer)
+        self._emit("on_round", record, samples)
         self._emit("on_checkpoint", self.state_dict())
 
     # ---- resume ----------------------------------------------------------------------------------

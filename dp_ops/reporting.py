@@ -8,7 +8,6 @@ from rich.table import Table
 
 from dp_ops.config import Config
 from dp_ops.generator import Samples
-from dp_ops.learner import Trainer
 from dp_ops.loop import Observer, RoundRecord, RunResult
 
 
@@ -35,7 +34,7 @@ class RichObserver(Observer):
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self._acc = val_acc
 
-    def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None:
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
         if self._gen is not None:
             self.progress.remove_task(self._gen)
             self._gen = None

@@ -32,7 +32,6 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from dp_ops.config import Config, flatten
 from dp_ops.data import to_uint8
 from dp_ops.generator import Samples
-from dp_ops.learner import Trainer
 from dp_ops.loop import Observer, RoundRecord, RunResult
 from dp_ops.versioning import DvcVersioner, ShardInfo
 
@@ -107,7 +106,7 @@ class MlflowTracker(Observer):
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.client.log_metric(self.run_id, "val_acc", val_acc, step=iteration)
 
-    def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None:
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
         now = int(time.time() * 1000)
         values = {k: float(getattr(record, k)) for k in ROUND_METRICS}
         values["round"] = float(record.round)

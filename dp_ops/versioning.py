@@ -26,7 +26,6 @@ from safetensors.numpy import load_file, save_file
 from dp_ops.data import LabelledImages, from_uint8, to_uint8
 from dp_ops.errors import DataError
 from dp_ops.generator import Samples
-from dp_ops.learner import Trainer
 from dp_ops.loop import Observer, RoundRecord
 
 SHARD_SUFFIX = ".safetensors"
@@ -97,7 +96,7 @@ class DvcVersioner(Observer):
         self.round_omega = round_omega
         self.shards: dict[int, ShardInfo] = {}
 
-    def on_round(self, record: RoundRecord, increment: Samples, trainer: Trainer) -> None:
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
         path = self.data_dir / f"round_{record.round:03d}{SHARD_SUFFIX}"
         write_shard(path, increment, record.round, self.round_omega if record.round else 0.0)
         md5 = md5_file(path)

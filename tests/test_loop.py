@@ -40,7 +40,7 @@ class Recorder(Observer):
     def on_eval(self, iteration, val_acc):
         self.evals.append(iteration)
 
-    def on_round(self, record, increment, trainer):
+    def on_round(self, record, increment):
         self.rounds.append(record)
         self.increments.append(increment)
 
