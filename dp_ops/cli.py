@@ -196,5 +196,34 @@ def config_show(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     console.print(table)
 
 
+@app.command()
+@_friendly_errors
+def theory(
+    d: Annotated[int, typer.Option(help="dimension")] = 512,
+    rho: Annotated[float, typer.Option(help="selector alignment with the true direction")] = 0.9,
+    lam: Annotated[float, typer.Option(help="ridge penalty")] = 0.01,
+    p: Annotated[float, typer.Option(help="kept fraction for the kept-size curve")] = 0.25,
+    n: Annotated[int, typer.Option(help="kept size for the oversampling curve")] = 2048,
+    mc_reps: Annotated[int, typer.Option(help="Monte-Carlo repetitions per point (0: theory only)")] = 4,
+    out: Annotated[Path, typer.Option(help="folder for theory.json and theory.png")] = Path("results/theory"),
+    seed: int = 0,
+) -> None:
+    """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
+    from dp_ops.experiment import write_json
+    from dp_ops.theory import kept_size_curve, oversampling_curve, plot_theory
+
+    kept = kept_size_curve(d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam,
+                           mc_reps=mc_reps, seed=seed)  # fmt: skip
+    ratios = oversampling_curve(d=d, n=n, ratios=[1, 2, 4, 8, 16, 32], rho=rho, lam=lam, mc_reps=mc_reps, seed=seed)
+    table = Table("curve", "keep", "n (kept)", "pool", "theory acc", "Monte Carlo acc", box=None)
+    for q in (*kept, *ratios):
+        mc = "—" if q.mc is None else f"{1 - q.mc.mean:.4f} ± {q.mc.sd:.4f}"
+        table.add_row(q.curve, q.keep, str(q.n), str(q.pool_size), f"{q.theory_accuracy:.4f}", mc)
+    console.print(table)
+    write_json(out / "theory.json", {"kept_size": [q.to_dict() for q in kept], "oversampling": [q.to_dict() for q in ratios]})
+    plot_theory(kept, ratios, out / "theory.png")
+    console.print(f"d={d}, ρ={rho:g}, λ={lam:g}: wrote {out / 'theory.json'} and {out / 'theory.png'}")
+
+
 def main() -> None:
     app(prog_name="dpops")

@@ -76,3 +76,13 @@ def test_python_dash_m_entry_point():
 
     out = subprocess.run([sys.executable, "-m", "dp_ops", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "generator" in out.stdout
+
+
+def test_theory_writes_table_json_and_png(tmp_path):
+    result = runner.invoke(app, ["theory", "--d", "64", "--n", "128", "--mc-reps", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "theory.json").read_text())
+    assert len(report["kept_size"]) == 10 and len(report["oversampling"]) == 6
+    assert (tmp_path / "theory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = runner.invoke(app, ["theory", "--rho", "2"])
+    assert bad.exit_code == 1 and "rho" in bad.output
