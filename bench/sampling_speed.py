@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--params", default=None)
     ap.add_argument("-S", "--set", action="append", default=[])
     ap.add_argument("-n", type=int, default=512, help="images per measurement")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config(args.params, args.set)
     real = experiment.load_real_data(cfg)
@@ -39,23 +39,24 @@ def main() -> None:
     labels = torch.arange(args.n) % real.num_classes
     seeds = np.arange(args.n)
 
-    def rate(omega: float, every: int) -> float:
-        best = 0.0
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            generator.sample(labels, seeds, steps=g.steps, cfg_scale=g.cfg_scale, learner=learner.classify,
-                             omega=omega, guide_every=every, batch_size=g.batch_size)  # fmt: skip
-            best = max(best, args.n / (time.perf_counter() - t0))
-        return best
+    def seconds(omega: float, every: int, n: int = args.n) -> float:
+        t0 = time.perf_counter()
+        generator.sample(labels[:n], seeds[:n], steps=g.steps, cfg_scale=g.cfg_scale, learner=learner.classify,
+                         omega=omega, guide_every=every, batch_size=g.batch_size)  # fmt: skip
+        return time.perf_counter() - t0
 
+    omega = cfg.dp.omega or 0.05
+    modes = [("unguided", 0.0, 1)] + [(f"guided every {k} step(s)", omega, k) for k in sorted({1, 2, 5, g.guide_every})]
+    seconds(omega, 1, n=64)  # warm-up: allocator, thread pool, autograd graph
+    best = {name: float("inf") for name, _, _ in modes}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every mode alike
+        for name, w, k in modes:
+            best[name] = min(best[name], seconds(w, k))
     print(f"# {g.steps} DDIM steps, CFG {g.cfg_scale:g}, batch {g.batch_size}, {args.n} images, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
-    base = rate(0.0, 1)
+          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved repeats, ω={omega:g}")  # fmt: skip
     print(f"{'mode':<28}{'img/s':>10}{'cost ratio':>12}")
-    print(f"{'unguided':<28}{base:>10.1f}{1.0:>12.2f}")
-    for every in sorted({1, 2, 5, g.guide_every}):
-        r = rate(cfg.dp.omega or 0.05, every)
-        print(f"{f'guided every {every} step(s)':<28}{r:>10.1f}{base / r:>12.2f}")
+    for name, _, _ in modes:
+        print(f"{name:<28}{args.n / best[name]:>10.1f}{best[name] / best['unguided']:>12.2f}")
 
 
 if __name__ == "__main__":

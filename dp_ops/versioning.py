@@ -114,6 +114,7 @@ def _dvc_add(root: Path, path: Path) -> None:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
+        repo.scm_context.quiet = True  # library code prints nothing (DVC would print a `git add` hint)
         repo.add([str(path.resolve())])
 
 
