@@ -109,6 +109,7 @@ class MlflowTracker(Observer):
     def on_round(self, record: RoundRecord, increment: Samples) -> None:
         now = int(time.time() * 1000)
         values = {k: float(getattr(record, k)) for k in ROUND_METRICS}
+        values["iterations"] = values.pop("iteration")  # iterations trained before this round
         values["round"] = float(record.round)
         if record.val_acc_at_trigger is not None:
             values["val_acc_at_trigger"] = record.val_acc_at_trigger

@@ -141,7 +141,7 @@ def restore_shard(root: Path, md5: str, dest: Path, remote_pull: bool = True) ->
 
 def _fetch_object(root: Path, md5: str) -> None:
     """Pull one object by hash from the default DVC remote into the local cache, if a remote is set."""
-    from dvc.exceptions import NoRemoteError
+    from dvc.config import NoRemoteError
     from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo
 

@@ -42,6 +42,7 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
         child = by_round[record.round]
         assert child.info.status == "FINISHED" and child.data.tags["dpops.role"] == "round"
         assert child.data.metrics["pool_size"] == record.pool_size
+        assert child.data.metrics["iterations"] == record.iteration and child.data.metrics["round"] == record.round
         assert child.data.metrics["entropy_mean"] == pytest.approx(record.entropy_mean)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert names == {f"samples_round{record.round}.png", f"entropy_round{record.round}.png"}

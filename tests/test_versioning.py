@@ -89,3 +89,25 @@ def test_restore_fails_loudly_on_a_corrupt_cache(tracked_run, workspace, tmp_pat
     with pytest.raises(DataError, match="restored bytes have md5"):
         restore_run_data(tracker.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=0)
     assert not (tmp_path / "r" / "round_000.safetensors").exists()
+
+
+def test_restore_pulls_from_the_dvc_remote_when_the_cache_lacks_it(tracked_run, workspace, tmp_path):
+    import shutil
+
+    cfg, tracker, versioner, _ = tracked_run
+    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=workspace)
+    _sh(sys.executable, "-m", "dvc", "push", "-q", cwd=workspace)
+    original = (workspace / versioner.shards[2].path).read_bytes()
+    shutil.rmtree(workspace / ".dvc" / "cache")
+    (workspace / versioner.shards[2].path).unlink()
+    (out,) = restore_run_data(tracker.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=2)
+    assert out.read_bytes() == original and cache_path(workspace, versioner.shards[2].md5).is_file()
+
+
+def test_restore_without_cache_or_remote_says_so(tracked_run, workspace, tmp_path):
+    import shutil
+
+    cfg, tracker, versioner, _ = tracked_run
+    shutil.rmtree(workspace / ".dvc" / "cache")
+    with pytest.raises(DataError, match="not in the DVC cache .* and no remote has it"):
+        restore_run_data(tracker.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=0)
