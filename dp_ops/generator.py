@@ -62,9 +62,6 @@ class Samples:
     def select(self, idx: torch.Tensor) -> Samples:
         return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
 
-    def as_labelled(self) -> LabelledImages:
-        return LabelledImages(self.images, self.labels)
-
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
     levels = len(cfg.channels)
