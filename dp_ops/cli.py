@@ -118,15 +118,16 @@ def run(
     console.print(
         f"MLflow run [bold]{tracker.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
         f"'{cfg.tracking.experiment}' at {tracker.uri}\n  browse: mlflow ui --backend-store-uri {tracker.uri}\n"
-        f"  data:   {versioner.data_dir}/ ({_versioning_note(versioner)})",
+        f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
     )
 
 
-def _versioning_note(versioner: Any) -> str:
-    if versioner.root is None:
-        return "not in a DVC workspace: md5s recorded, files not versioned"
-    return "versioned by the dvc.yaml stage outputs" if versioner.in_stage else "each round added to DVC"
+VERSIONING_NOTES = {
+    "none": "not in a DVC workspace: md5s recorded, files not versioned",
+    "dvc stage outs": "versioned by the dvc.yaml stage outputs",
+    "dvc add": "each round added to DVC",
+}
 
 
 @data_app.command("restore")

@@ -17,9 +17,9 @@ from dp_ops.data import RealData, load_digits_data
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.generator import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.learner import known_models
-from dp_ops.loop import Observer, RunResult
+from dp_ops.loop import DPLoop, Observer, RunResult
 from dp_ops.quality import Quality, measure_quality
-from dp_ops.tracking import MlflowTracker, round_runs
+from dp_ops.tracking import MlflowTracker, round_runs, shard_md5s
 from dp_ops.versioning import DvcVersioner
 
 Progress = Callable[[int, int], None]
@@ -77,7 +77,6 @@ def run_tracked(
     checkpoint after every round. With ``resume_run_id`` continue that interrupted run where its last
     completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
     from dp_ops.checkpoint import Checkpointer, checkpoint_path
-    from dp_ops.loop import DPLoop
 
     tracker = MlflowTracker(cfg, run_id=resume_run_id)
     with tracker.lifecycle():
@@ -89,8 +88,9 @@ def run_tracked(
         if resume_run_id is not None:
             _restore_loop(loop, tracker, versioner, ckpt)
         result = loop.run()
-        write_json(cfg.output.metrics, result.summary.to_dict())  # flat summary: DVC stage metrics
-        write_json(cfg.output.rounds, {"rounds": result.to_dict()["rounds"], "curve": result.to_dict()["curve"]})
+        report = result.to_dict()
+        write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
+        write_json(cfg.output.rounds, report)  # round records and the validation curve
     return result, tracker, versioner
 
 
@@ -110,28 +110,25 @@ def resume_config(run_id: str, tracking_uri: str) -> Config:
     return from_flat(run.data.params)
 
 
-def _restore_loop(loop: Any, tracker: MlflowTracker, versioner: DvcVersioner, ckpt: Path) -> None:
+def _restore_loop(loop: DPLoop, tracker: MlflowTracker, versioner: DvcVersioner, ckpt: Path) -> None:
     from dp_ops.checkpoint import load_checkpoint
-    from dp_ops.versioning import ShardInfo, md5_file, read_shard, restore_shard, shard_data
+    from dp_ops.versioning import md5_file, read_shard, restore_shard, shard_data
 
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
     state = load_checkpoint(ckpt)
     last = state["records"][-1]["round"]
-    tracker.drop_rounds_after(last)
-    rounds = round_runs(tracker.client, tracker.run_id)
-    md5s = {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}
+    md5s = shard_md5s(tracker.drop_rounds_after(last))
     increments = []
     for k in range(last + 1):
-        path = versioner.data_dir / f"round_{k:03d}.safetensors"
-        md5 = md5s.get(k)
-        if md5 and (not path.is_file() or md5_file(path) != md5) and versioner.root is not None:
-            restore_shard(versioner.root, md5, path)  # the workspace copy is gone or damaged
-        if md5 and md5_file(path) != md5:
-            raise DataError(f"{path}: md5 {md5_file(path)} differs from the registry's {md5}")
+        path, want = versioner.shard_path(k), md5s.get(k)
+        have = md5_file(path) if path.is_file() else None
+        if want and have != want and versioner.root is not None:
+            have = md5_file(restore_shard(versioner.root, want, path))  # the workspace copy is gone or damaged
+        if want and have != want:
+            raise DataError(f"{path}: md5 {have} differs from the registry's {want}")
         increments.append(shard_data(read_shard(path)))
-        rel = path.resolve().relative_to(versioner.root) if versioner.root else path
-        versioner.shards[k] = ShardInfo(k, rel, md5 or md5_file(path), len(increments[-1]), "resumed")
+        versioner.record(k, path, have, "resumed")
     loop.load_state_dict(state, increments)
 
 
@@ -147,7 +144,7 @@ def restore_run_data(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dp_ops.versioning import dvc_root, restore_shard
+    from dp_ops.versioning import dvc_root, restore_shard, shard_name
 
     root = root or dvc_root(Path.cwd())
     if root is None:
@@ -157,7 +154,7 @@ def restore_run_data(
         rounds = round_runs(client, run_id)
     except MlflowException:
         raise DataError(f"run {run_id!r}: not found in {tracking_uri}") from None
-    shards = {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}
+    shards = shard_md5s(rounds)
     if round_index is not None and round_index not in shards:
         raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
     wanted = sorted(shards) if round_index is None else (
@@ -166,7 +163,7 @@ def restore_run_data(
     for k in wanted:
         if not shards[k]:
             raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
-        restored.append(restore_shard(root, shards[k], dest / f"round_{k:03d}.safetensors"))
+        restored.append(restore_shard(root, shards[k], dest / shard_name(k)))
     return restored
 
 

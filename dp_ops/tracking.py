@@ -71,13 +71,11 @@ def run_name(cfg: Config) -> str:
 class MlflowTracker(Observer):
     """Creates the parent run at construction; child runs as rounds complete; ends them all."""
 
-    def __init__(
-        self, cfg: Config, client: MlflowClient | None = None, extra_tags: dict[str, str] | None = None,
-        shards: DvcVersioner | None = None, run_id: str | None = None,
-    ):
+    def __init__(self, cfg: Config, client: MlflowClient | None = None, run_id: str | None = None):
         """Start a new parent run, or with ``run_id`` re-open an interrupted one (to resume it)."""
         self.cfg = cfg
-        self.shards = shards  # set before rounds complete to link each round's shard (log_input)
+        # Set before rounds complete (it needs this run's id) to link each round's shard with log_input.
+        self.shards: DvcVersioner | None = None
         self.uri = tracking_uri(cfg)
         self.client = client or MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(self.client, cfg.tracking.experiment, self.uri)
@@ -86,21 +84,24 @@ class MlflowTracker(Observer):
             self.run_id = run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return
-        tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags(),
-                **(extra_tags or {})}  # fmt: skip
+        tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags()}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
 
-    def drop_rounds_after(self, last_round: int) -> None:
-        """Delete round runs past the last checkpointed round (logged, but their state never landed)."""
+    def drop_rounds_after(self, last_round: int) -> list:
+        """Delete round runs past the last checkpointed round (logged, but their state never landed);
+        returns the round runs that stay."""
+        kept = []
         for run in round_runs(self.client, self.run_id):
             if int(run.data.tags["dpops.round"]) > last_round:
                 self.client.delete_run(run.info.run_id)
             else:
+                kept.append(run)
                 self.round_run_ids.append(run.info.run_id)
+        return kept
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:
@@ -221,3 +222,8 @@ def round_runs(client: MlflowClient, run_id: str) -> list:
         [parent.info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{run_id}'", max_results=10_000
     )
     return sorted(children, key=lambda r: int(r.data.tags.get("dpops.round", -1)))
+
+
+def shard_md5s(rounds: list) -> dict[int, str | None]:
+    """``round -> shard md5`` as the round runs record it (None for a run made without versioning)."""
+    return {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}

@@ -28,7 +28,6 @@ from dp_ops.errors import DataError
 from dp_ops.generator import Samples
 from dp_ops.loop import Observer, RoundRecord
 
-SHARD_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,11 @@ class ShardInfo:
     round: int
     path: Path  # relative to the DVC root when inside it
     md5: str
-    n: int
-    versioned_by: str  # "dvc add" | "dvc stage outs" | "none"
+    versioned_by: str  # "dvc add" | "dvc stage outs" | "none" | "resumed"
+
+
+def shard_name(round_index: int) -> str:
+    return f"round_{round_index:03d}.safetensors"
 
 
 def md5_file(path: str | Path) -> str:
@@ -96,18 +98,26 @@ class DvcVersioner(Observer):
         self.round_omega = round_omega
         self.shards: dict[int, ShardInfo] = {}
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
-        path = self.data_dir / f"round_{record.round:03d}{SHARD_SUFFIX}"
-        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0)
-        md5 = md5_file(path)
-        how = "none"
-        if self.root is not None and self.in_stage:
-            how = "dvc stage outs"
-        elif self.root is not None:
-            _dvc_add(self.root, path)
-            how = "dvc add"
+    @property
+    def mode(self) -> str:
+        """How shards are versioned here: ``dvc add``, ``dvc stage outs`` or ``none`` (no DVC workspace)."""
+        if self.root is None:
+            return "none"
+        return "dvc stage outs" if self.in_stage else "dvc add"
+
+    def shard_path(self, round_index: int) -> Path:
+        return self.data_dir / shard_name(round_index)
+
+    def record(self, round_index: int, path: Path, md5: str, versioned_by: str) -> None:
         rel = path.resolve().relative_to(self.root) if self.root is not None else path
-        self.shards[record.round] = ShardInfo(record.round, rel, md5, len(increment), how)
+        self.shards[round_index] = ShardInfo(round_index, rel, md5, versioned_by)
+
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+        path = self.shard_path(record.round)
+        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0)
+        if self.mode == "dvc add":
+            _dvc_add(self.root, path)
+        self.record(record.round, path, md5_file(path), self.mode)
 
 
 def _dvc_add(root: Path, path: Path) -> None:
@@ -118,13 +128,13 @@ def _dvc_add(root: Path, path: Path) -> None:
         repo.add([str(path.resolve())])
 
 
-def restore_shard(root: Path, md5: str, dest: Path, remote_pull: bool = True) -> Path:
+def restore_shard(root: Path, md5: str, dest: Path) -> Path:
     """Copy the cached object with ``md5`` to ``dest``; pull it from the DVC remote if the cache lacks it.
 
     Verifies the md5 of what was written and fails loudly on a mismatch.
     """
     src = cache_path(root, md5)
-    if not src.is_file() and remote_pull:
+    if not src.is_file():
         _fetch_object(root, md5)
     if not src.is_file():
         raise DataError(f"md5 {md5}: not in the DVC cache at {src.parent.parent} and no remote has it")
