@@ -9,7 +9,7 @@ allowed. :func:`flatten` gives the dotted ``key -> value`` view that trackers lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -136,6 +136,11 @@ def load_config(params: str | Path | None = None, overrides: list[str] | tuple[s
     Keys of the file that dp_ops does not own (DVC may keep other sections) are only allowed at the top
     level when they are listed in :data:`FOREIGN_SECTIONS`.
     """
+    return build_config(load_tree(params, overrides))
+
+
+def load_tree(params: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw parameter tree, foreign sections included, with ``-S`` overrides applied (not validated)."""
     tree: dict[str, Any] = {}
     path = Path(params) if params is not None else DEFAULT_PARAMS
     if params is not None or path.exists():
@@ -143,7 +148,7 @@ def load_config(params: str | Path | None = None, overrides: list[str] | tuple[s
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)
-    return build_config(tree)
+    return tree
 
 
 # Sections of params.yaml read by other commands or by dvc.yaml (sweep space, baseline sizes), not by a run.
@@ -152,11 +157,19 @@ FOREIGN_SECTIONS = ("sweep", "baseline")
 
 def build_config(tree: dict[str, Any]) -> Config:
     """Validate a nested mapping into a :class:`Config`, turning the first problem into one line."""
-    tree = {k: v for k, v in tree.items() if k not in FOREIGN_SECTIONS}
+    return validate(Config, {k: v for k, v in tree.items() if k not in FOREIGN_SECTIONS})
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], tree: dict[str, Any], prefix: str = "") -> M:
+    """Validate ``tree`` into ``model``; the first problem becomes one :class:`ConfigError` line whose
+    keys are spelled from the top of params.yaml (``prefix``, e.g. ``"sweep."``, for a foreign section)."""
     try:
-        return Config.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, tree)) from None
+        raise ConfigError(_one_line(exc, tree, model, prefix)) from None
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -234,24 +247,24 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _one_line(exc: ValidationError, tree: dict[str, Any]) -> str:
+def _one_line(exc: ValidationError, tree: dict[str, Any], root: type[BaseModel], prefix: str) -> str:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
-    key = ".".join(loc)
+    key = prefix + ".".join(loc)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        section = _section_fields(loc[:-1])
+        section = _section_fields(root, loc[:-1])
         allowed = ", ".join(sorted(section)) if section else "none"
         return f"{key}: unknown key (allowed here: {allowed})"
-    if not key:  # a model-level check; its message already names the keys
+    if not loc:  # a model-level check; its message already names the keys
         return msg.removeprefix("Value error, ")
     value = _lookup(tree, loc)
     msg = msg.removeprefix("Value error, ")
     return f"{key}={value!r}: {msg[0].lower()}{msg[1:]}"
 
 
-def _section_fields(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = Config
+def _section_fields(root: type[BaseModel], loc: list[str]) -> list[str]:
+    model = root
     for part in loc:
         field = model.model_fields.get(part)
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
