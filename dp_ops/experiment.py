@@ -71,14 +71,14 @@ def load_generator(cfg: Config) -> PixelDiffusion:
 
 def run_tracked(
     cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = (),
-    resume_run_id: str | None = None,
+    resume_run_id: str | None = None, tags: dict[str, str] | None = None,
 ) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
     """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
-    checkpoint after every round. With ``resume_run_id`` continue that interrupted run where its last
+    checkpoint after every round; ``tags`` go on the new MLflow run. With ``resume_run_id`` continue that interrupted run where its last
     completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
     from dp_ops.checkpoint import Checkpointer, checkpoint_path
 
-    tracker = MlflowTracker(cfg, run_id=resume_run_id)
+    tracker = MlflowTracker(cfg, run_id=resume_run_id, tags=tags)
     with tracker.lifecycle():
         round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
         versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega)

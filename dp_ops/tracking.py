@@ -71,8 +71,12 @@ def run_name(cfg: Config) -> str:
 class MlflowTracker(Observer):
     """Creates the parent run at construction; child runs as rounds complete; ends them all."""
 
-    def __init__(self, cfg: Config, client: MlflowClient | None = None, run_id: str | None = None):
-        """Start a new parent run, or with ``run_id`` re-open an interrupted one (to resume it)."""
+    def __init__(
+        self, cfg: Config, client: MlflowClient | None = None, run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):  # fmt: skip
+        """Start a new parent run (with extra ``tags``, e.g. a sweep's ``dpops.study``), or with ``run_id``
+        re-open an interrupted one (to resume it)."""
         self.cfg = cfg
         # Set before rounds complete (it needs this run's id) to link each round's shard with log_input.
         self.shards: DvcVersioner | None = None
@@ -84,7 +88,7 @@ class MlflowTracker(Observer):
             self.run_id = run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return
-        tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags()}
+        tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags(), **(tags or {})}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
