@@ -103,14 +103,7 @@ def run(
     experiment.preflight(cfg)
     real = experiment.load_real_data(cfg)
     with _progress() as progress:
-        if experiment.generator_exists(cfg):
-            generator = experiment.load_generator(cfg)
-        else:
-            console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
-            generator, quality = experiment.train_and_save_generator(
-                cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
-            )
-            console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
+        generator = _generator(cfg, real, progress)
         result, tracker, versioner = experiment.run_tracked(
             cfg, generator, real, [RichObserver(progress)], resume_run_id=resume
         )
@@ -224,6 +217,175 @@ def theory(
     write_json(out / "theory.json", {"kept_size": [q.to_dict() for q in kept], "oversampling": [q.to_dict() for q in ratios]})
     plot_theory(kept, ratios, out / "theory.png")
     console.print(f"d={d}, ρ={rho:g}, λ={lam:g}: wrote {out / 'theory.json'} and {out / 'theory.png'}")
+
+
+@app.command()
+@_friendly_errors
+def sweep(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    strategy: Annotated[
+        str, typer.Option(help="dp: TPE over dp.omega, dp.patience, dp.round_size; static: grid over sweep.static_sizes")
+    ] = "dp",
+    study_name: Annotated[str | None, typer.Option(help="Optuna study (default: sweep.study, '-static' for the grid)")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL or journal file shared by workers (default: sweep.storage)")
+    ] = None,
+    n_trials: Annotated[int | None, typer.Option(help="the study's trial budget over all workers (sweep.n_trials)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds after which this worker starts no new trial")] = None,
+) -> None:
+    """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
+    from dp_ops import experiment
+    from dp_ops.config import build_config, load_tree
+    from dp_ops.reporting import RichObserver
+    from dp_ops.sweep import Sweep, check_separate_stores, fmt_params, sweep_config, tracked_runner
+    from dp_ops.tracking import get_or_create_experiment, tracking_uri
+
+    cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
+    tree = load_tree(params, [*(set_ or ()), *cli])
+    sc, cfg = sweep_config(tree), build_config(tree)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
+    check_separate_stores(sc.storage, tracking_uri(cfg))
+    experiment.preflight(cfg)
+    base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
+    worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base)
+    from mlflow import MlflowClient  # both stores exist before any trial (or another worker) writes
+
+    get_or_create_experiment(MlflowClient(tracking_uri(cfg)), worker.experiment, tracking_uri(cfg))
+    real = experiment.load_real_data(cfg)
+    with _progress() as progress:
+        generator = _generator(cfg, real, progress)
+        console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
+        outcome = worker.run(tracked_runner(generator, real), timeout=timeout,
+                             observers=lambda n: [RichObserver(progress)], on_trial=lambda o: _trial_done(progress, o))
+    _print_sweep(outcome, worker.experiment, tracking_uri(cfg), fmt_params)
+
+
+def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
+    from dp_ops import experiment
+
+    if experiment.generator_exists(cfg):
+        return experiment.load_generator(cfg)
+    console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
+    generator, quality = experiment.train_and_save_generator(
+        cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
+    )
+    console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
+    return generator
+
+
+def _trial_done(progress: Progress, o: Any) -> None:
+    from dp_ops.sweep import fmt_params
+
+    for task in list(progress.task_ids):  # the finished trial's bars
+        progress.remove_task(task)
+    value = "" if o.values is None else " → " + ", ".join(f"{v:.4g}" for v in o.values)
+    error = f" ({o.error})" if o.error else ""
+    console.print(f"trial {o.number} {o.state}: {fmt_params(o.params)}{value}  run {o.mlflow_run_id}{error}",
+                  soft_wrap=True, highlight=False)  # fmt: skip
+
+
+def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Callable[[dict], str]) -> None:
+    from dp_ops.sweep import replay_command
+
+    console.print(
+        f"this worker ran {len(outcome.ran)} trial(s); the study has {outcome.counted}/{outcome.budget} "
+        f"of its budget (raise --n-trials to continue it)"
+    )
+    if not outcome.best:
+        console.print("no trial has completed yet")
+    table = Table("trial", "params", "objective", "MLflow run", box=None, title="best" if len(outcome.best) == 1
+                  else "Pareto front (final_val_acc ↑, generated_samples ↓)", title_justify="left")  # fmt: skip
+    for t in outcome.best:
+        table.add_row(str(t.number), fmt_params(t.params), ", ".join(f"{v:.4g}" for v in t.values),
+                      str(t.user_attrs.get("dpops.mlflow_run_id")))  # fmt: skip
+    if outcome.best:
+        console.print(table)
+        console.print(f"replay the best: {replay_command(outcome.best[0])}\n"
+                      f"   or with DVC: {replay_command(outcome.best[0], 'dvc')}", soft_wrap=True, highlight=False)
+    console.print(f"runs: experiment '{experiment_name}' — mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+
+
+@app.command()
+@_friendly_errors
+def scaling(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    experiment: Annotated[
+        list[str] | None, typer.Option(help="MLflow experiment(s) to read (default: tracking.experiment); repeatable")
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="only runs of this sweep study (tag dpops.study)")] = None,
+    strategy: Annotated[list[str] | None, typer.Option(help="only these strategies; repeatable")] = None,
+    filter_: Annotated[str, typer.Option("--filter", help="extra MLflow filter, e.g. \"params.seed = '0'\"")] = "",
+    metrics: Annotated[
+        list[Path] | None, typer.Option(help="read these metrics.json files instead of MLflow (DVC stages)")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="final_test_acc (held-out) or final_val_acc")] = "final_test_acc",
+    x: Annotated[str, typer.Option(help="pool_size or generated_samples")] = "pool_size",
+    target: Annotated[list[float] | None, typer.Option(help="accuracy to report samples needed for; repeatable")] = None,
+    out: Annotated[Path, typer.Option(help="folder for scaling.json and scaling.png")] = Path("results/scaling"),
+    log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
+) -> None:
+    """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
+    from dp_ops.errors import ConfigError
+    from dp_ops.registry import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
+    from dp_ops.tracking import tracking_uri
+
+    if metric not in ("final_test_acc", "final_val_acc") or x not in ("pool_size", "generated_samples"):
+        bad = f"--metric {metric}" if metric not in ("final_test_acc", "final_val_acc") else f"--x {x}"
+        raise ConfigError(f"{bad}: allowed --metric final_test_acc|final_val_acc, --x pool_size|generated_samples")
+    cfg = _config(params, set_)
+    uri, experiments = tracking_uri(cfg), experiment or [cfg.tracking.experiment]
+    if metrics:
+        runs = points_from_files(metrics)
+    else:
+        runs = points_from_mlflow(uri, experiments, study=study, strategies=strategy or (), filter_string=filter_)
+    targets = target or [0.97, 0.98, 0.99]
+    report = scaling_report(runs, metric=metric, x=x, targets=targets)  # type: ignore[arg-type]
+    files = write_report(report, out)
+    console.print(_scaling_table(report))
+    for s, why in report.unfitted.items():
+        console.print(f"{s}: no fit ({why})", soft_wrap=True)
+    _print_headline(report.headline)
+    console.print(f"wrote {files[0]} and {files[1]}")
+    if log:
+        source = {"metrics_files": ",".join(map(str, metrics))} if metrics else {
+            "experiments": ",".join(experiments), "study": study or "", "filter": filter_}  # fmt: skip
+        run_id = log_report(report, files, uri, cfg.tracking.experiment,
+                            {**source, "metric": metric, "x": x, "runs": str(len(runs))})  # fmt: skip
+        console.print(f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at {uri}",
+                      soft_wrap=True)  # fmt: skip
+
+
+def _scaling_table(report: Any) -> Table:
+    targets = next(iter(report.targets.values()), {})
+    table = Table("strategy", "points", "a [95% CI]", "α [95% CI]", "c [95% CI]", *(f"n for {t}" for t in targets),
+                  title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}", title_justify="left")
+    for s, f in report.fits.items():
+        ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"  # noqa: E731
+        need = [("∞" if n == float("inf") else f"{n:,.0f}") for n in report.targets[s].values()]
+        table.add_row(s, str(f.n_points), ci(f.a, f.a_ci), ci(f.alpha, f.alpha_ci), ci(f.c, f.c_ci), *need)
+    return table
+
+
+def _print_headline(h: dict) -> None:
+    if not h:
+        console.print("no data multiplier: it needs both dp and static runs")
+        return
+    fit = h.get("data_multiplier_fit")
+    console.print(
+        f"DP's best: accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} samples (run {h['dp_run']})\n"
+        f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
+        + ("" if fit is None else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples)")
+        + f"\niteration multiplier: static needs {_times(h['iteration_multiplier'])} the iterations to reach val "
+        f"{h['dp_val_acc']:.4f} ({h['static_iterations_to_val']:.0f} vs {h['dp_iterations_to_val']:.0f})",
+        soft_wrap=True,
+    )
+
+
+def _times(v: float) -> str:
+    return "∞× (never reached)" if v == float("inf") else f"{v:.2f}×"
 
 
 def main() -> None:

@@ -145,6 +145,11 @@ def load_tree(params: str | Path | None = None, overrides: list[str] | tuple[str
     path = Path(params) if params is not None else DEFAULT_PARAMS
     if params is not None or path.exists():
         tree = _read_yaml(path)
+    return apply_overrides(tree, overrides)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set ``KEY=VALUE`` items (dotted keys, values parsed as YAML like ``dvc exp run -S``) in ``tree``."""
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)

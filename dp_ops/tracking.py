@@ -87,6 +87,8 @@ class MlflowTracker(Observer):
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            for key, value in (tags or {}).items():  # e.g. the sweep trial that resumes it
+                self.client.set_tag(run_id, key, value)
             return
         tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags(), **(tags or {})}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))

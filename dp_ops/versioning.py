@@ -123,7 +123,8 @@ class DvcVersioner(Observer):
 def _dvc_add(root: Path, path: Path) -> None:
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # Concurrent sweep workers in one workspace take turns on DVC's repository lock instead of failing.
+    with Repo(str(root), _wait_for_lock=True) as repo:
         repo.scm_context.quiet = True  # library code prints nothing (DVC would print a `git add` hint)
         repo.add([str(path.resolve())])
 
