@@ -188,12 +188,14 @@ def _check_compatible(study: optuna.Study, sc: SweepConfig, name: str, strategy:
 
 
 # ---- budget and leases ---------------------------------------------------------------------------
-def counted_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that use up budget: finished or running, except given-back and superseded (re-queued) ones."""
+def counted_trials(trials: Sequence[FrozenTrial], before: int | None = None) -> list[FrozenTrial]:
+    """Trials that use up budget: finished or running, except given-back and superseded (re-queued) ones;
+    with ``before``, only those numbered lower."""
     retried = {t.user_attrs["dpops.retry_of"] for t in trials if "dpops.retry_of" in t.user_attrs}
     return [
         t for t in trials
         if t.state in COUNTED and not t.user_attrs.get("dpops.over_budget") and t.number not in retried
+        and (before is None or t.number < before)
     ]  # fmt: skip
 
 
@@ -300,8 +302,7 @@ class Sweep:
                             tuple(best_trials(self.study)))  # fmt: skip
 
     def _over_budget(self, trial: Trial) -> bool:
-        earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number]
-        return len(counted_trials(earlier)) >= self.budget
+        return len(counted_trials(self.study.get_trials(deepcopy=False), before=trial.number)) >= self.budget
 
     def _run_one(self, trial: Trial, run_trial: RunTrial, observers: Sequence[Observer]) -> TrialOutcome:
         params = self._suggest(trial)
