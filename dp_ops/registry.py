@@ -100,9 +100,11 @@ def points_from_mlflow(
 
 
 def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
-    """``metrics.json`` files of runs (with the validation curve from a ``rounds.json`` beside them)."""
+    """``metrics.json`` files of runs (with the validation curve from a ``rounds.json`` beside them); a
+    folder stands for every ``metrics.json`` below it."""
     out = []
-    for path in map(Path, paths):
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("metrics.json")) if p.is_dir() else [p])]
+    for path in files:
         try:
             m = json.loads(path.read_text())
             rounds = path.with_name("rounds.json")

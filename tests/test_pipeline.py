@@ -1,5 +1,6 @@
 """`dvc repro` of the real dvc.yaml in a temporary git + DVC workspace, on a tiny params file."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     shutil.copytree(REPO / "dp_ops", ws / "dp_ops", ignore=shutil.ignore_patterns("__pycache__"))
     tree = to_tree(build_config(tiny_tree(dp={"max_rounds": 1})))  # DVC needs every declared param present
-    tree["baseline"] = {"static_size": 60}
+    tree["sweep"] = {"static_sizes": [20, 40, 60, 80]}
     (ws / "params.yaml").write_text(yaml.safe_dump(tree))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -38,7 +39,7 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
     _run([sys.executable, "-m", "dvc", "init", "-q"], ws, env)
 
     first = _run([sys.executable, "-m", "dvc", "repro"], ws, env)
-    for stage in ("generator", "dp", "static"):
+    for stage in ("generator", "dp", "static@20", "static@80", "scaling"):
         assert f"Running stage '{stage}'" in first
     assert (ws / "models" / "generator" / "dpops_generator.json").is_file()
     assert (ws / "dvc.lock").is_file()
@@ -51,7 +52,13 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dp-ops")
     parents = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
-    assert sorted(r.data.tags["dpops.dvc_stage"] for r in parents) == ["dp", "static"]
+    assert sorted(r.data.tags["dpops.dvc_stage"] for r in parents) == ["dp", "static@20", "static@40", "static@60",
+                                                                       "static@80"]
+    report = json.loads((ws / "results" / "scaling" / "scaling.json").read_text())
+    assert report["fits"]["static"]["n_points"] == 4 and "data_multiplier_points" in report["headline"]
+    assert (ws / "results" / "scaling" / "scaling.png").is_file()
+    (scaling_run,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'scaling'")
+    assert scaling_run.data.params["metrics_files"] == "results/dp/metrics.json,results/static"
     assert all(r.info.status == "FINISHED" for r in parents)
     rounds = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'round'")
     assert {r.data.tags["dpops.shard_versioned_by"] for r in rounds} == {"dvc stage outs"}
