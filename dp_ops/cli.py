@@ -245,6 +245,7 @@ def sweep(
     tree = load_tree(params, [*(set_ or ()), *cli])
     sc, cfg = sweep_config(tree), build_config(tree)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # the CLI reports trials itself
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
     experiment.preflight(cfg)
