@@ -8,6 +8,7 @@ allowed. :func:`flatten` gives the dotted ``key -> value`` view that trackers lo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,29 +27,101 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Real data of the embedded world: scikit-learn's digits, split once by ``split_seed``."""
+    """Real data: scikit-learn's digits split once by ``split_seed`` (embedded world), or image folders
+    ``<root>/<class>/*.png|jpg|jpeg`` for validation and held-out test (text-to-image world)."""
 
-    name: Literal["digits"] = "digits"
-    resolution: int = Field(16, ge=8, le=64, description="side of the square images the generator and learner see")
+    name: Literal["digits", "folder"] = "digits"
+    resolution: int = Field(16, ge=8, le=1024, description="side of the square images the learner sees")
     split_seed: int = Field(0, ge=0, description="fixed apart from `seed` so a cached generator never sees val/test")
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    val_root: str = Field("", description="folder: real validation images, <val_root>/<class>/*.png")
+    test_root: str = Field("", description="folder: held-out real test images, same class folders")
+    classes: tuple[str, ...] = Field((), description="folder: class folders in label order; empty = all, sorted")
+    class_names: tuple[str, ...] = Field((), description="folder: names used in prompts; empty = folder names")
+    shard_resolution: int = Field(0, ge=0, le=2048, description="side of stored synthetic images; 0 = resolution")
+    shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
+
+    @model_validator(mode="after")
+    def _world(self) -> "DataConfig":
+        if self.name == "digits" and self.resolution > 64:
+            raise ValueError(f"data.resolution={self.resolution}: must be <= 64 for data.name='digits' (8x8 images)")
+        if self.name == "folder":
+            for key in ("val_root", "test_root"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.{key}='': data.name='folder' needs it (a folder of <class>/*.png)")
+        if self.class_names and len(self.class_names) != len(self.classes):
+            raise ValueError(
+                f"data.class_names has {len(self.class_names)} names for {len(self.classes)} data.classes: "
+                "list the class folders in data.classes, one name per folder"
+            )
+        return self
+
+    @property
+    def stored_resolution(self) -> int:
+        """Side of the synthetic images in shards and in the pool."""
+        return self.shard_resolution or self.resolution
+
+
+# Sampling defaults per backend, used for keys a params file leaves out (the sd values are the paper's:
+# 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step).
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pixel": {"steps": 10, "cfg_scale": 2.0, "guide_every": 2},
+    "sd": {"steps": 30, "cfg_scale": 4.0, "guide_every": 5, "batch_size": 8},
+}
 
 
 class GeneratorConfig(_Section):
-    """Class-conditional pixel diffusion model (diffusers UNet2DModel + DDIM) and how it samples."""
+    """The generator backend and how it samples: ``pixel``, the embedded class-conditional pixel diffusion
+    model (diffusers UNet2DModel + DDIM), or ``sd``, a Stable Diffusion pipeline prompted with class names."""
 
-    backend: Literal["pixel"] = "pixel"
+    backend: Literal["pixel", "sd"] = "pixel"
     path: str = Field("models/generator", min_length=1, description="folder written by save_pretrained")
     steps: int = Field(10, ge=1, le=1000, description="DDIM steps per sample")
     cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance scale (diffusers convention)")
     guide_every: int = Field(2, ge=1, description="apply entropy guidance every k-th DDIM step")
+    model: str = Field("", description="sd: pipeline folder (save_pretrained layout) or hub id")
+    prompt: str = Field("{name}", min_length=1, description="sd: prompt template, {name} = the class name")
+    resolution: int = Field(0, ge=0, le=2048, description="sd: side of generated images; 0 = the model's own")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="sd: float16/bfloat16 need CUDA")
+    vae_slicing: bool = Field(False, description="sd: decode latents one image at a time (less memory)")
+    attention_slicing: bool = Field(False, description="sd: compute attention in slices (less memory)")
     batch_size: int = Field(256, ge=1, description="samples generated per forward pass")
     channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
     train_iterations: int = Field(1000, ge=1)
     train_batch_size: int = Field(64, ge=1)
     train_lr: float = Field(2e-3, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="probability of the null class (for CFG)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") in BACKEND_DEFAULTS:
+            return {**BACKEND_DEFAULTS[data["backend"]], **data}
+        return data
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_from_yaml(cls, v: Any) -> Any:
+        # `-S generator.prompt={name}` and MLflow's stored param both go through YAML, which reads a bare
+        # "{name}" as a mapping {name: null}; turn it back into the template it was.
+        if isinstance(v, dict) and all(value is None for value in v.values()):
+            return "{" + ", ".join(map(str, v)) + "}"
+        return v
+
+    @model_validator(mode="after")
+    def _sd_keys(self) -> "GeneratorConfig":
+        if self.backend == "sd" and not self.model:
+            raise ValueError("generator.model='': generator.backend='sd' needs a pipeline folder or hub id")
+        if self.backend == "pixel":
+            for key, default in (("resolution", 0), ("dtype", "float32")):
+                if getattr(self, key) != default:
+                    raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='sd'")
+        try:
+            self.prompt.format(name="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"generator.prompt={self.prompt!r}: the only placeholder allowed is {{name}}") from None
+        return self
 
     @field_validator("channels")
     @classmethod
@@ -79,7 +152,9 @@ class LearnerConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The training recipe: AdamW, WSD schedule, label smoothing, uniform mini-batches over the pool."""
+    """The training recipe: AdamW, WSD schedule, label smoothing, uniform mini-batches over the pool;
+    optionally the paper's ImageNet extras (all off by default): random-resized-crop/flip, Mixup,
+    CutMix (both as Beta-distribution α, timm's ``Mixup``) and an EMA of the weights."""
 
     iterations: int = Field(3000, ge=1, description="total iteration budget")
     eval_every: int = Field(100, ge=1, description="τ: iterations between validation evaluations")
@@ -89,6 +164,11 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     cooldown_fraction: float = Field(0.2, ge=0, lt=1, description="no data is added during the cool-down")
+    augment: Literal["none", "flip", "crop_flip"] = Field("none", description="crop_flip: random-resized-crop + flip")
+    crop_min_scale: float = Field(0.08, gt=0, le=1, description="smallest crop area fraction of crop_flip")
+    mixup: float = Field(0.0, ge=0, description="Mixup α (0 = off; the paper: 0.5)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix α (0 = off; the paper: 1.0)")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights evaluated and guided with; 0 = off")
 
 
 class TrackingConfig(_Section):
@@ -109,6 +189,7 @@ class Config(_Section):
     """Root of the tree; field names are the top-level keys of ``params.yaml``."""
 
     seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="where the learner and an sd generator run: auto | cpu | cuda | cuda:N")
     data: DataConfig = DataConfig()
     generator: GeneratorConfig = GeneratorConfig()
     dp: DPConfig = DPConfig()
@@ -116,6 +197,13 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -127,6 +215,27 @@ class Config(_Section):
             )
         if t.eval_every > t.iterations:
             raise ValueError(f"train.eval_every={t.eval_every}: must be <= train.iterations ({t.iterations})")
+        if (t.mixup > 0 or t.cutmix > 0) and t.batch_size % 2:
+            raise ValueError(
+                f"train.batch_size={t.batch_size}: must be even with train.mixup/train.cutmix (timm Mixup)"
+            )
+        return self._world_matches()
+
+    def _world_matches(self) -> "Config":
+        backend, data = self.generator.backend, self.data
+        if backend == "sd" and data.name != "folder":
+            raise ValueError(
+                f"generator.backend='sd': needs real images from folders, set data.name=folder (not {data.name!r})"
+            )
+        if backend == "pixel" and data.name != "digits":
+            raise ValueError(
+                "data.name='folder': needs generator.backend=sd (the pixel generator is trained on digits)"
+            )
+        if backend == "pixel" and data.stored_resolution != data.resolution:
+            raise ValueError(
+                f"data.shard_resolution={data.shard_resolution}: the pixel generator samples at data.resolution "
+                f"({data.resolution}); use 0"
+            )
         return self
 
 
@@ -156,8 +265,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return tree
 
 
-# Sections of params.yaml read by other commands or by dvc.yaml (sweep space, baseline sizes), not by a run.
-FOREIGN_SECTIONS = ("sweep", "baseline")
+# Sections of params.yaml read by other commands or by dvc.yaml (the sweep space and baseline sizes), not by a run.
+FOREIGN_SECTIONS = ("sweep",)
 
 
 def build_config(tree: dict[str, Any]) -> Config:
@@ -261,8 +370,8 @@ def _one_line(exc: ValidationError, tree: dict[str, Any], root: type[BaseModel],
         section = _section_fields(root, loc[:-1])
         allowed = ", ".join(sorted(section)) if section else "none"
         return f"{key}: unknown key (allowed here: {allowed})"
-    if not loc:  # a model-level check; its message already names the keys
-        return msg.removeprefix("Value error, ")
+    if not loc or (err["type"] == "value_error" and _section_fields(root, loc)):
+        return msg.removeprefix("Value error, ")  # a model-level check; its message already names the keys
     value = _lookup(tree, loc)
     msg = msg.removeprefix("Value error, ")
     return f"{key}={value!r}: {msg[0].lower()}{msg[1:]}"

@@ -8,7 +8,7 @@ scikit-learn's bundled digits (1,797 8×8 images, 10 classes, no download) are s
 - ``test``: held-out real test, reported at the end and never used for any decision.
 
 Images are float tensors in [-1, 1] of shape (n, 1, R, R), upsampled bilinearly to the resolution R
-the generator works at.
+the generator works at. (The text-to-image world reads image folders instead: :mod:`dp_ops.folders`.)
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class RealData:
     test: LabelledImages
     num_classes: int
     resolution: int
+    class_names: tuple[str, ...] = ()  # what prompts call each class, in label order
 
 
 def load_digits_data(cfg: DataConfig) -> RealData:
@@ -63,7 +64,8 @@ def load_digits_data(cfg: DataConfig) -> RealData:
         images = torch.from_numpy(x[np.sort(ix)]).unsqueeze(1)
         return LabelledImages(to_model_range(upsample(images, cfg.resolution)), torch.from_numpy(y[np.sort(ix)]))
 
-    return RealData(part(gen_idx), part(val_idx), part(test_idx), NUM_CLASSES, cfg.resolution)
+    names = tuple(str(i) for i in range(NUM_CLASSES))
+    return RealData(part(gen_idx), part(val_idx), part(test_idx), NUM_CLASSES, cfg.resolution, class_names=names)
 
 
 def upsample(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -93,31 +95,45 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 class Pool:
-    """The growing synthetic training pool. Old data is never dropped (Algorithm 1, step 3)."""
+    """The growing synthetic training pool. Old data is never dropped (Algorithm 1, step 3).
 
-    def __init__(self) -> None:
+    ``as_uint8`` holds the images as 8 bits (4× less memory, what a pool of 256² images needs). It is only
+    for images already on the 256 levels shards store (:func:`quantize`), as the loop's pool is: they
+    then come back bit-identical.
+    """
+
+    def __init__(self, as_uint8: bool = False) -> None:
+        self.as_uint8 = as_uint8
         self._images: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self._cat: LabelledImages | None = None
 
     def add(self, data: LabelledImages) -> None:
-        self._images.append(data.images.detach())
+        images = data.images.detach()
+        self._images.append(to_uint8(images) if self.as_uint8 else images)
         self._labels.append(data.labels)
         self._cat = None
 
     def __len__(self) -> int:
         return sum(int(t.shape[0]) for t in self._labels)
 
-    def as_tensors(self) -> LabelledImages:
+    def _stored(self) -> LabelledImages:
         if self._cat is None:
             self._cat = LabelledImages(torch.cat(self._images), torch.cat(self._labels))
         return self._cat
 
+    def _floats(self, images: torch.Tensor) -> torch.Tensor:
+        return from_uint8(images) if self.as_uint8 else images
+
+    def as_tensors(self) -> LabelledImages:
+        data = self._stored()
+        return LabelledImages(self._floats(data.images), data.labels)
+
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> LabelledImages:
         """A mini-batch drawn uniformly (with replacement) from the whole pool."""
-        data = self.as_tensors()
+        data = self._stored()
         idx = torch.randint(len(data), (batch_size,), generator=generator)
-        return LabelledImages(data.images[idx], data.labels[idx])
+        return LabelledImages(self._floats(data.images[idx]), data.labels[idx])
 
 
 def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:

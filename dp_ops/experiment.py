@@ -1,6 +1,10 @@
 """From a validated config to a finished experiment: the library entry points the CLI, DVC stages and
-sweeps call. Checks everything that can be checked before work starts (model names, generator folder),
-loads or trains the generator, runs the loop, writes the metrics files.
+sweeps call. Checks everything that can be checked before work starts (model names, devices, generator
+folder, image-folder layout), loads or trains the generator, runs the loop, writes the metrics files.
+
+Generator backends are chosen by name (``generator.backend``, :data:`BACKENDS`): ``pixel`` is trained
+here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
+``generator.model``, never trained here.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import Any
 
 from dp_ops.config import Config, from_flat
 from dp_ops.data import RealData, load_digits_data
+from dp_ops.devices import DTYPES, check_devices, resolve_device
 from dp_ops.errors import ConfigError, DataError
-from dp_ops.generator import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.generator import META_FILE, Generator, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.learner import known_models
 from dp_ops.loop import DPLoop, Observer, RunResult
 from dp_ops.quality import Quality, measure_quality
@@ -32,6 +37,14 @@ def preflight(cfg: Config) -> None:
             f"learner.model={cfg.learner.model!r}: not a registered timm model "
             "(e.g. dpops_convnet, dpops_convnet_tiny, resnet18; see timm.list_models())"
         )
+    check_devices(cfg)
+    if cfg.data.name == "folder":
+        from dp_ops.folders import scan_folders
+
+        scan_folders(cfg.data)  # layout only; unreadable files surface in load_real_data, still before work
+    if cfg.generator.backend == "sd":
+        _check_sd_model(cfg.generator.model)
+        return
     path = Path(cfg.generator.path)
     if path.exists() and not (path / META_FILE).is_file():
         raise ConfigError(
@@ -40,11 +53,32 @@ def preflight(cfg: Config) -> None:
         )
 
 
+def _check_sd_model(model: str) -> None:
+    """A local pipeline folder must have diffusers' layout; anything else is taken for a hub id."""
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if not looks_local:
+        return
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"generator.model={model!r}: not a Stable Diffusion pipeline folder (no {', '.join(missing)}/; "
+            "expected the save_pretrained layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+
+
 def load_real_data(cfg: Config) -> RealData:
+    if cfg.data.name == "folder":
+        from dp_ops.folders import load_folder_data
+
+        return load_folder_data(cfg.data)
     return load_digits_data(cfg.data)
 
 
 def generator_exists(cfg: Config) -> bool:
+    """Is the generator ready to load (a pretrained ``sd`` pipeline always is; ``pixel`` once trained)?"""
+    if cfg.generator.backend != "pixel":
+        return True
     return (Path(cfg.generator.path) / META_FILE).is_file()
 
 
@@ -52,6 +86,11 @@ def train_and_save_generator(
     cfg: Config, real: RealData, *, progress: Progress | None = None, quality_progress: Progress | None = None
 ) -> tuple[PixelDiffusion, Quality]:
     """Train on the generator-train split, measure quality with a real-data judge, save to generator.path."""
+    if cfg.generator.backend != "pixel":
+        raise ConfigError(
+            f"generator.backend={cfg.generator.backend!r}: a pretrained pipeline (generator.model) is not "
+            "trained here; only the pixel generator is"
+        )
     meta = GeneratorMeta(
         resolution=cfg.data.resolution, num_classes=real.num_classes, split_seed=cfg.data.split_seed,
         data=cfg.data.name, train_iterations=cfg.generator.train_iterations,
@@ -63,14 +102,48 @@ def train_and_save_generator(
     return generator, quality
 
 
-def load_generator(cfg: Config) -> PixelDiffusion:
+def load_pixel(cfg: Config, real: RealData | None = None) -> PixelDiffusion:
     generator = PixelDiffusion.load(cfg.generator.path)
     generator.check_matches(cfg.data)
     return generator
 
 
+def load_sd(cfg: Config, real: RealData | None = None) -> Generator:
+    """The pipeline at ``generator.model`` on ``device``, prompting with the real data's class names."""
+    from dp_ops.sd import SDSettings, StableDiffusion
+
+    if real is not None:
+        names = real.class_names
+    else:
+        from dp_ops.folders import scan_folders
+
+        names = scan_folders(cfg.data).names
+    g, d = cfg.generator, cfg.data
+    settings = SDSettings(
+        prompt=g.prompt, resolution=g.resolution, output_resolution=d.stored_resolution,
+        learner_resolution=d.resolution, device=str(resolve_device(cfg.device)), dtype=DTYPES[g.dtype],
+        vae_slicing=g.vae_slicing, attention_slicing=g.attention_slicing,
+    )  # fmt: skip
+    return StableDiffusion.load(g.model, names, settings)
+
+
+BACKENDS: dict[str, Callable[[Config, RealData | None], Generator]] = {"pixel": load_pixel, "sd": load_sd}
+
+
+def load_generator(cfg: Config, real: RealData | None = None) -> Generator:
+    """The generator of ``generator.backend``, ready to sample (``real`` saves re-reading class names)."""
+    return BACKENDS[cfg.generator.backend](cfg, real)
+
+
+def shard_format(cfg: Config) -> str:
+    """``data.shard_format``, with ``auto`` = PNG for the text-to-image world, raw uint8 for pixels."""
+    if cfg.data.shard_format != "auto":
+        return cfg.data.shard_format
+    return "png" if cfg.generator.backend == "sd" else "raw"
+
+
 def run_tracked(
-    cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = (),
+    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (),
     resume_run_id: str | None = None, tags: dict[str, str] | None = None,
 ) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
     """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
@@ -81,7 +154,7 @@ def run_tracked(
     tracker = MlflowTracker(cfg, run_id=resume_run_id, tags=tags)
     with tracker.lifecycle():
         round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
-        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega)
+        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega, shard_format(cfg))
         tracker.shards = versioner
         ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
         loop = DPLoop(cfg, generator, real, [*observers, versioner, tracker, Checkpointer(ckpt)])

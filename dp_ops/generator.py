@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,6 +62,18 @@ class Samples:
 
     def select(self, idx: torch.Tensor) -> Samples:
         return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
+
+
+class Generator(Protocol):
+    """What the loop needs from a generator backend (``pixel``: :class:`PixelDiffusion`, ``sd``:
+    :class:`dp_ops.sd.StableDiffusion`): one image per label from per-sample seeds, on the CPU, in [-1, 1],
+    scored (and, with ω > 0, entropy-guided) by ``learner``."""
+
+    def sample(
+        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
+        batch_size: int = 256, progress: Progress | None = None,
+    ) -> Samples: ...  # fmt: skip
 
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
@@ -137,7 +150,7 @@ class PixelDiffusion:
     # ---- sampling ----------------------------------------------------------------------------------
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """ε̂ with classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' convention for s)."""
-        n = x_t.shape[0]
+        n, labels = x_t.shape[0], labels.to(x_t.device)
         if cfg_scale == 1.0:
             return self.unet(x_t, t.expand(n), class_labels=labels).sample
         null = torch.full_like(labels, self.null_class)
@@ -171,7 +184,7 @@ class PixelDiffusion:
             x, n_eval = self._sample_batch(labels[sl], seeds[sl], steps, cfg_scale, learner, omega, guide_every)
             images.append(x)
             with torch.no_grad():
-                ents.append(entropy(learner(x)))
+                ents.append(entropy(learner(x)).cpu())  # (the learner may run on another device)
             unet_evals += n_eval * evals_per_step
             if progress:
                 progress(min(start + batch_size, len(labels)), len(labels))
@@ -180,6 +193,7 @@ class PixelDiffusion:
     def _sample_batch(self, labels, seeds, steps, cfg_scale, learner, omega, guide_every) -> tuple[torch.Tensor, int]:
         res = self.meta.resolution
         x = torch.stack([torch.randn(1, res, res, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        x = x.to(self.unet.device)  # noise drawn on the CPU: the same on every device
         scheduler = DDIMScheduler.from_config(self.scheduler.config)  # a private copy: set_timesteps mutates
         scheduler.set_timesteps(steps)
         for i, t in enumerate(scheduler.timesteps):
@@ -194,7 +208,7 @@ class PixelDiffusion:
                 with torch.no_grad():
                     eps = eps_fn(x)
             x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep
-        return x.clamp(-1, 1), len(scheduler.timesteps) * x.shape[0]
+        return x.clamp(-1, 1).cpu(), len(scheduler.timesteps) * x.shape[0]
 
 
 def train_generator(

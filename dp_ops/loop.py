@@ -29,7 +29,8 @@ import torch
 
 from dp_ops.config import Config
 from dp_ops.data import LabelledImages, Pool, RealData, balanced_labels, quantize
-from dp_ops.generator import PixelDiffusion, Samples
+from dp_ops.devices import resolve_device
+from dp_ops.generator import Generator, Samples
 from dp_ops.learner import Trainer, build_learner
 
 
@@ -144,12 +145,14 @@ def round_labels(seed: int, round_index: int, n: int, num_classes: int) -> torch
 class DPLoop:
     """One experiment. ``run()`` reads top to bottom like Algorithm 1."""
 
-    def __init__(self, cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = ()):
+    def __init__(self, cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()):
         self.cfg, self.generator, self.real = cfg, generator, real
         self.observers = list(observers)
         model = build_learner(cfg.learner, real.num_classes, real.val.images.shape[1], cfg.seed)
-        self.trainer = Trainer(model, cfg.train, cfg.seed)
-        self.pool = Pool()
+        # the learner reads data.resolution; pool images may be stored larger (data.shard_resolution)
+        device = resolve_device(cfg.device)
+        self.trainer = Trainer(model, cfg.train, cfg.seed, input_size=real.resolution, device=device)
+        self.pool = Pool(as_uint8=True)  # it holds quantized (shard) images only
         self.plateau = Plateau(cfg.dp.patience)
         self.records: list[RoundRecord] = []
         self.curve: list[tuple[int, float]] = []
@@ -240,7 +243,7 @@ class DPLoop:
         p = state["plateau"]
         self.plateau.best, self.plateau.stale, self.plateau.patience = p["best"], p["stale"], p["patience"]
         self.trainer.load_state_dict(state["trainer"])
-        self.pool = Pool()
+        self.pool = Pool(as_uint8=True)  # it holds quantized (shard) images only
         for inc in increments:
             self.pool.add(inc)
 
@@ -279,7 +282,7 @@ def _record(k, pool, samples, n_generated, trigger, iteration, patience, gen_s, 
 
 
 def run_experiment(
-    cfg: Config, generator: PixelDiffusion, real: RealData, observers: Sequence[Observer] = ()
+    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()
 ) -> RunResult:
     """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records."""
     return DPLoop(cfg, generator, real, observers).run()

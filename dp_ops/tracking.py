@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
@@ -181,19 +183,26 @@ class MlflowTracker(Observer):
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
 
-def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: int = 3) -> None:
-    """PNG grid: one row per class, up to ``per_class`` of its new samples, nearest-neighbour upscaled."""
+def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: int = 3, max_cell: int = 64) -> None:
+    """PNG grid: one row per class, up to ``per_class`` of its new samples (grey or RGB); cells larger
+    than ``max_cell`` are downsized, small ones nearest-neighbour upscaled (at most ``scale``×)."""
     from PIL import Image
 
-    images = to_uint8(samples.images).numpy()[:, 0]  # (n, R, R), grey
     labels = samples.labels.numpy()
-    res = images.shape[-1]
     classes = sorted(set(labels.tolist()))
-    canvas = np.full((len(classes) * (res + 1), per_class * (res + 1)), 255, dtype=np.uint8)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+    images = samples.images[torch.from_numpy(keep)]
+    if images.shape[-1] > max_cell:
+        images = F.interpolate(images, size=(max_cell, max_cell), mode="bilinear", antialias=True)
+    images = to_uint8(images).numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
+    res, channels = images.shape[1], images.shape[-1]
+    canvas = np.full((len(classes) * (res + 1), per_class * (res + 1), channels), 255, dtype=np.uint8)
     for row, c in enumerate(classes):
-        for col, img in enumerate(images[labels == c][:per_class]):
+        for col, img in enumerate(images[labels[keep] == c]):
             canvas[row * (res + 1) : row * (res + 1) + res, col * (res + 1) : col * (res + 1) + res] = img
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    scale = max(1, min(scale, max_cell // res))
+    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    grid.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def save_entropy_histogram(samples: Samples, path: Path, round_index: int) -> None:

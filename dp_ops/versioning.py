@@ -1,7 +1,10 @@
 """Data versioning with DVC: one shard file per round, content-addressed, restorable from its md5.
 
-A shard (``<data.dir>/<run id>/round_<k>.safetensors``) holds the round's increment: images as uint8
-(n, C, R, R), labels, per-sample learner entropy and noise seeds, with the round and ω as metadata.
+A shard (``<data.dir>/<run id>/round_<k>.safetensors``) holds the round's increment: images, labels,
+per-sample learner entropy and noise seeds, with the round and ω as metadata. Images are stored either
+``raw`` (uint8 (n, C, R, R), the embedded world's tiny images) or ``png``: each image PNG-encoded
+(lossless, so the pool trained on is still exactly the stored data), the bytes concatenated in one uint8
+array with offsets — the text-to-image world's 256² images stay a few files of modest size.
 One file per round, not thousands of PNGs: DVC is slow on many small files. safetensors is a safe
 format and writes the same bytes for the same content, so a repeated round deduplicates in the cache.
 
@@ -14,6 +17,7 @@ MLflow, and :func:`restore_shard` rebuilds the file from the DVC cache with noth
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,7 +31,6 @@ from dp_ops.data import LabelledImages, from_uint8, to_uint8
 from dp_ops.errors import DataError
 from dp_ops.generator import Samples
 from dp_ops.loop import Observer, RoundRecord
-
 
 
 @dataclass(frozen=True)
@@ -51,27 +54,64 @@ def md5_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, samples: Samples, round_index: int, omega: float) -> None:
+SHARD_FORMATS = ("raw", "png")
+
+
+def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fmt: str = "raw") -> None:
     """Write-then-rename: a crash never leaves a truncated shard under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "images": to_uint8(samples.images).numpy(),
+    images = to_uint8(samples.images).numpy()
+    tensors = encode_png(images) if fmt == "png" else {"images": images}
+    tensors.update({
         "labels": samples.labels.numpy().astype(np.int64),
         "entropy": samples.entropy.numpy().astype(np.float32),
         "seeds": np.asarray(samples.seeds, dtype=np.int64),
-    }
+    })  # fmt: skip
+    metadata = {"round": str(round_index), "omega": repr(float(omega))}
+    if fmt == "png":  # (raw shards keep their original bytes, so existing cache entries still dedupe)
+        metadata.update(format="png", resolution=str(images.shape[-1]))
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"round": str(round_index), "omega": repr(float(omega))})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def encode_png(images: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 (n, C, R, R) -> ``png``: the n PNG files back to back, ``png_offsets``: n + 1 byte offsets."""
+    from PIL import Image
+
+    blobs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    offsets = np.cumsum([0, *(len(b) for b in blobs)]).astype(np.int64)
+    return {"png": np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), "png_offsets": offsets}
+
+
+def decode_png(shard: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of :func:`encode_png`: uint8 (n, C, R, R)."""
+    from PIL import Image
+
+    data, offsets = shard["png"].tobytes(), shard["png_offsets"]
+    images = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        img = np.asarray(Image.open(io.BytesIO(data[a:b])))
+        images.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
+    return np.stack(images)
 
 
 def read_shard(path: str | Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
+def shard_images(shard: dict[str, np.ndarray]) -> np.ndarray:
+    """A shard's images as uint8 (n, C, R, R), whichever format it was written in."""
+    return decode_png(shard) if "png" in shard else shard["images"]
+
+
 def shard_data(shard: dict[str, np.ndarray]) -> LabelledImages:
     """A shard as the pool holds it: images back in [-1, 1] (exactly :func:`dp_ops.data.quantize`)."""
-    return LabelledImages(from_uint8(torch.from_numpy(shard["images"])), torch.from_numpy(shard["labels"]))
+    return LabelledImages(from_uint8(torch.from_numpy(shard_images(shard))), torch.from_numpy(shard["labels"]))
 
 
 def dvc_root(start: Path) -> Path | None:
@@ -90,8 +130,12 @@ def cache_path(root: Path, md5: str) -> Path:
 class DvcVersioner(Observer):
     """Writes and versions one shard per round; ``shards[k]`` tells the tracker what to link."""
 
-    def __init__(self, data_dir: str | Path, round_omega: float = 0.0) -> None:
-        """``round_omega``: ω of rounds after round 0 (round 0 is always unguided)."""
+    def __init__(self, data_dir: str | Path, round_omega: float = 0.0, shard_format: str = "raw") -> None:
+        """``round_omega``: ω of rounds after round 0 (round 0 is always unguided); ``shard_format``: raw
+        or png (see :func:`write_shard`)."""
+        if shard_format not in SHARD_FORMATS:
+            raise ValueError(f"shard_format={shard_format!r}: allowed {SHARD_FORMATS}")
+        self.shard_format = shard_format
         self.data_dir = Path(data_dir)
         self.root = dvc_root(self.data_dir)
         self.in_stage = bool(os.environ.get("DVC_STAGE"))
@@ -114,7 +158,7 @@ class DvcVersioner(Observer):
 
     def on_round(self, record: RoundRecord, increment: Samples) -> None:
         path = self.shard_path(record.round)
-        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0)
+        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0, self.shard_format)
         if self.mode == "dvc add":
             _dvc_add(self.root, path)
         self.record(record.round, path, md5_file(path), self.mode)

@@ -61,3 +61,23 @@ def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
         data=tiny_cfg.data.name, train_iterations=tiny_cfg.generator.train_iterations,
     )  # fmt: skip
     return train_generator(tiny_cfg.generator, real.gen_train, meta=meta, seed=0)
+
+
+# ---- the text-to-image world: tiny image folders --------------------------------------------------------
+FOLDER_CLASSES = ("cat", "dog", "red_fox")
+
+
+def make_image_folder(root, classes=FOLDER_CLASSES, per_class: int = 4, size: int = 32, seed: int = 0):
+    """``root/<class>/<i>.png``: class k is noise over a bright channel k (so classes are separable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3))
+            img[..., k % 3] += 180
+            Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
