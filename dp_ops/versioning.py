@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -68,11 +69,27 @@ def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fm
         "seeds": np.asarray(samples.seeds, dtype=np.int64),
     })  # fmt: skip
     metadata = {"round": str(round_index), "omega": repr(float(omega))}
-    if fmt == "png":  # (raw shards keep their original bytes, so existing cache entries still dedupe)
+    if fmt == "png":  # (raw shards keep their original two keys)
         metadata.update(format="png", resolution=str(images.shape[-1]))
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    _canonical_header(tmp)
     os.replace(tmp, path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Sort the header's ``__metadata__`` keys in place. safetensors writes them from a (Rust) hash map,
+    in an order that changes from process to process: the same round would get other bytes, another md5,
+    and no longer deduplicate in the DVC cache. Same keys, same length: only their order changes."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        meta = header.pop("__metadata__", None)
+        if not meta or len(meta) < 2:
+            return
+        canonical = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
+        fh.seek(8)
+        fh.write(canonical.encode().ljust(size, b" "))
 
 
 def encode_png(images: np.ndarray) -> dict[str, np.ndarray]:

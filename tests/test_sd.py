@@ -205,6 +205,27 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
     assert from_flat(run.data.params) == build_config(tree)  # the run can be rebuilt (resumed) from MLflow
 
 
+def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """safetensors writes metadata from a hash map whose order changes between processes; shards sort it
+    so that the same round always has the same md5 (and deduplicates in the DVC cache)."""
+    from dp_ops.generator import Samples
+    from dp_ops.versioning import _canonical_header, write_shard
+
+    samples = Samples(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), np.arange(2), torch.zeros(2), 1)
+    path = tmp_path / "round.safetensors"
+    write_shard(path, samples, 3, 0.05, "png")
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    shuffled = {"__metadata__": dict(sorted(header.pop("__metadata__").items(), reverse=True)), **header}
+    text = json.dumps(shuffled, separators=(",", ":")).encode().ljust(size, b" ")
+    path.write_bytes(raw[:8] + text + raw[8 + size :])  # what another process may have written
+    assert path.read_bytes() != raw
+    _canonical_header(path)
+    assert path.read_bytes() == raw
+    assert shard_images(read_shard(path)).shape == (2, 3, 8, 8)
+
+
 def test_cuda_only_options_fail_in_one_line_before_work(tmp_path, sd_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     tree = _sd_tree(tmp_path, sd_path)
