@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dp_ops.config import Config, flatten, load_config
-from dp_ops.errors import DpOpsError
+from dp_ops.errors import ConfigError, DpOpsError
 
 app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
 generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
@@ -92,7 +92,8 @@ def run(
         str | None, typer.Option(help="continue this interrupted MLflow run from its last completed round")
     ] = None,
 ) -> None:
-    """Run one experiment (dp, static or oversample) on the embedded digits world, tracked and versioned."""
+    """Run one experiment (dp, static or oversample), tracked and versioned: the embedded digits world, or
+    the text-to-image world with generator.backend=sd."""
     from dp_ops import experiment
     from dp_ops.reporting import RichObserver, print_run
     from dp_ops.tracking import tracking_uri
@@ -172,6 +173,9 @@ def generator_quality(params: ParamsOpt = None, set_: SetOpt = None, samples: in
     from dp_ops.quality import measure_quality
 
     cfg = _config(params, set_)
+    if cfg.generator.backend != "pixel":
+        raise ConfigError(f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
+                          "generator only (the judge trains on the digits generator-train split)")  # fmt: skip
     real = experiment.load_real_data(cfg)
     generator = experiment.load_generator(cfg)
     with _progress() as progress:
@@ -329,7 +333,6 @@ def scaling(
     log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
 ) -> None:
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
-    from dp_ops.errors import ConfigError
     from dp_ops.registry import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
     from dp_ops.tracking import tracking_uri
 
