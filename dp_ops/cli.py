@@ -381,7 +381,8 @@ def _print_headline(h: dict) -> None:
     console.print(
         f"DP's best: accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} samples (run {h['dp_run']})\n"
         f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
-        + ("" if fit is None else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples)")
+        + ("" if fit is None else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
+           + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")"))
         + f"\niteration multiplier: static needs {_times(h['iteration_multiplier'])} the iterations to reach val "
         f"{h['dp_val_acc']:.4f} ({h['static_iterations_to_val']:.0f} vs {h['dp_iterations_to_val']:.0f})",
         soft_wrap=True,

@@ -153,6 +153,7 @@ def _headline(runs: Sequence[RunPoint], points: dict, fits: dict, metric: str, x
     if "static" in fits:
         out["static_samples_needed_fit"] = fits["static"].samples_for_accuracy(acc)
         out["data_multiplier_fit"] = data_multiplier(fits["static"], used, acc)
+        out["fit_extrapolated"] = out["static_samples_needed_fit"] > max(n for n, _ in points["static"])
     target = best.final_val_acc
     dp_iters = _first_reaching(best.curve, target)
     static_iters = min((_first_reaching(r.curve, target) for r in static), default=math.inf)

@@ -269,12 +269,15 @@ def plot_scaling(
             ax.scatter(n, acc, color=color, s=22, zorder=3, label=name)
             name = None  # the points carry the legend entry
         if fit is not None:
-            lo_n = min(all_n) if all_n else 10.0
+            # from this strategy's smallest pool (not further left: the law is not extrapolated
+            # downwards) to 3x the largest pool of any strategy (where multipliers are read off)
+            lo_n = min((p[0] for p in pts), default=min(all_n) if all_n else 10.0)
             hi_n = max(all_n) if all_n else 1e5
-            grid = np.geomspace(lo_n / 1.5, hi_n * 3.0, 200)
+            grid = np.geomspace(lo_n / 1.2, hi_n * 3.0, 200)
             if fit.boot:
                 band_lo, band_hi = fit.band(grid)
-                ax.fill_between(grid, band_lo, band_hi, color=color, alpha=0.18, linewidth=0)
+                ax.fill_between(grid, np.clip(band_lo, 0, 1), np.clip(band_hi, 0, 1), color=color, alpha=0.18,
+                                linewidth=0)  # fmt: skip
             ax.plot(grid, fit.accuracy(grid), color=color, linewidth=1.6, label=name)
 
     for t in targets or ():
@@ -282,6 +285,10 @@ def plot_scaling(
         ax.annotate(f"{t:.3f}", xy=(1.0, t), xycoords=("axes fraction", "data"), xytext=(2, 0),
                     textcoords="offset points", va="center", fontsize=8, color="0.3")  # fmt: skip
 
+    accs = [p[1] for pts in points.values() for p in pts] + list(targets or ())
+    if accs:  # frame the measured accuracies; a wide band must not squash them into a line
+        span = max(max(accs) - min(accs), 0.01)
+        ax.set_ylim(max(0.0, min(accs) - 0.5 * span), min(1.0, max(accs) + 0.25 * span))
     ax.set_xscale("log")
     ax.set_xlabel("pool size n (samples)")
     ax.set_ylabel("accuracy")
