@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dp_ops import experiment
-from dp_ops.config import load_config, load_tree
+from dp_ops.config import flatten, load_config, load_tree
 from dp_ops.scaling import interpolate_samples_for_accuracy
 from dp_ops.sweep import sweep_config
 from dp_ops.tracking import get_or_create_experiment, tracking_uri
@@ -67,8 +67,8 @@ def main() -> None:
     uri = tracking_uri(cfg0)
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(client, ARGS.experiment, uri)
-    # runs are reused only by the same benchmark: same mode and the same overrides
-    bench = ("quick-" if ARGS.quick else "full-") + hashlib.md5(" ".join(base).encode()).hexdigest()[:8]
+    # finished runs are reused only by the same benchmark: the same mode and the same resolved config
+    bench = ("quick-" if ARGS.quick else "full-") + hashlib.md5(repr(flatten(cfg0)).encode()).hexdigest()[:8]
     seeds = [ARGS.seeds[0]] if ARGS.quick else ARGS.seeds
     t0 = time.perf_counter()
     done = finished_runs(client, exp_id, bench)

@@ -559,6 +559,7 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     def acc(q: TheoryPoint, n: float, p: float) -> float:
         keep: Any = q.keep
@@ -594,6 +595,7 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
                 fmt="o", color=color, ms=4, capsize=2, label=f"{label}, Monte Carlo (±1 sd)",
             )
     ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
     ax1.set_xlabel("kept size n")
     ax1.set_ylabel("test accuracy")
     if kept_points:
