@@ -132,8 +132,12 @@ def headlines(rows: list[dict], cfg) -> dict:
     if reaching:
         cheapest = min(reaching, key=lambda r: r["unet_evals"])
         out["compute_multiplier_vs_oversample"] = cheapest["unet_evals"] / dp["unet_evals"]
+        out["seconds_multiplier_vs_oversample"] = cheapest["gen_seconds"] / dp["gen_seconds"]
+        # UNet evaluations count forward passes; a guided step also back-propagates through the UNet,
+        # which generation seconds include: both are reported
         out["lines"].append(f"generation compute vs oversample: {cheapest['arm']} (the cheapest at DP's accuracy or "
-                            f"better) uses {_x(out['compute_multiplier_vs_oversample'])} DP's UNet evaluations")
+                            f"better) uses {_x(out['compute_multiplier_vs_oversample'])} DP's UNet evaluations and "
+                            f"{_x(out['seconds_multiplier_vs_oversample'])} its generation seconds")
     elif over:
         best = max(over, key=lambda r: r["final_test_acc"])
         out["compute_multiplier_vs_oversample"] = math.inf
