@@ -379,7 +379,8 @@ def _print_headline(h: dict) -> None:
         return
     fit = h.get("data_multiplier_fit")
     console.print(
-        f"DP's best: accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} samples (run {h['dp_run']})\n"
+        f"DP's best run (by validation accuracy): accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} "
+        f"samples (run {h['dp_run']})\n"
         f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
         + ("" if fit is None else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
            + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")"))

@@ -7,7 +7,8 @@ strategy or any MLflow filter string) or from the ``metrics.json`` files of DVC 
 
 Headline numbers, both read against ``static``:
 
-* **data multiplier** = samples static needs to reach DP's best accuracy ÷ samples that DP run used
+* **data multiplier** = samples static needs to reach the accuracy of DP's best run (best by validation
+  accuracy) ÷ samples that DP run used
   (static's need from its fitted law, and from its points interpolated without a fit);
 * **iteration multiplier** = iterations the first static run to get there needed to reach that DP run's
   final validation accuracy ÷ iterations DP needed (from the validation curves; ∞ if no static run
@@ -146,7 +147,8 @@ def _headline(runs: Sequence[RunPoint], points: dict, fits: dict, metric: str, x
     static = [r for r in runs if r.strategy == "static"]
     if not dp or not static:
         return {}
-    best = max(dp, key=lambda r: (getattr(r, metric), -getattr(r, x)))
+    # DP's best run is chosen on validation accuracy (then fewer samples), never on the test split
+    best = max(dp, key=lambda r: (r.final_val_acc, -getattr(r, x)))
     acc, used = float(getattr(best, metric)), float(getattr(best, x))
     out: dict[str, Any] = {"dp_run": best.source, "dp_accuracy": acc, "dp_samples": used}
     out["data_multiplier_points"] = data_multiplier(points["static"], used, acc)
