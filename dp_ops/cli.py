@@ -271,7 +271,7 @@ def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
     from dp_ops import experiment
 
     if experiment.generator_exists(cfg):
-        return experiment.load_generator(cfg)
+        return experiment.load_generator(cfg, real)
     console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
     generator, quality = experiment.train_and_save_generator(
         cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")

@@ -147,8 +147,9 @@ def run_tracked(
     resume_run_id: str | None = None, tags: dict[str, str] | None = None,
 ) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
     """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
-    checkpoint after every round; ``tags`` go on the new MLflow run. With ``resume_run_id`` continue that interrupted run where its last
-    completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
+    checkpoint after every round; ``tags`` go on the MLflow run (e.g. a sweep's study and trial). With
+    ``resume_run_id`` continue that interrupted run where its last completed round left off (``cfg`` must
+    be the run's own, see :func:`resume_config`)."""
     from dp_ops.checkpoint import Checkpointer, checkpoint_path
 
     tracker = MlflowTracker(cfg, run_id=resume_run_id, tags=tags)

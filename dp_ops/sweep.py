@@ -160,6 +160,7 @@ def open_study(sc: SweepConfig, name: str, strategy: str, sampler: optuna.sample
         study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        _wait_until_ready(study, name)
         _check_compatible(study, sc, name, strategy, directions)
         return study
     study.set_user_attr("dpops.strategy", strategy)
@@ -168,7 +169,19 @@ def open_study(sc: SweepConfig, name: str, strategy: str, sampler: optuna.sample
         study.set_user_attr("dpops.grid", list(sc.static_sizes))
         for n in sc.static_sizes:
             study.enqueue_trial({"dp.initial_size": n})
+    study.set_user_attr("dpops.ready", True)  # last: a worker that loads the study waits for it
     return study
+
+
+def _wait_until_ready(study: optuna.Study, name: str, timeout: float = 60.0) -> None:
+    """Creating a study and describing it (attributes, the enqueued grid) are separate writes: a worker
+    that loads a study another worker is still setting up waits, rather than asking for trials early."""
+    deadline = time.monotonic() + timeout
+    while not study.user_attrs.get("dpops.ready"):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--study-name {name}: the study was never fully set up (its creator stopped "
+                              "midway?); delete it or use another name")  # fmt: skip
+        time.sleep(0.2)
 
 
 def _check_compatible(study: optuna.Study, sc: SweepConfig, name: str, strategy: str, directions: list[str]) -> None:

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
 from dp_ops.config import Config, flatten
 from dp_ops.data import to_uint8
@@ -61,7 +62,13 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(uri) or None)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri) or None)
+    except MlflowException:  # another process (a second sweep worker) created it in the meantime
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def run_name(cfg: Config) -> str:

@@ -174,13 +174,13 @@ def test_bad_sweep_input_fails_in_one_line_before_work(ws):
 def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
     journal = ws / "sweep.journal"
     MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()  # create the MLflow store first
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "dp_ops", "sweep", "--params", str(ws / "params.yaml"), "--storage", str(journal),
            "--n-trials", "4", "--study-name", "shared", "-S", "sweep.sampler_seed=null", "-S", "train.iterations=100"]
     workers = [subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]  # fmt: skip
     outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
+    assert all(w.returncode == 0 for w in workers), "\n".join(outputs)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -217,3 +217,14 @@ def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_ru
     assert trials[1].user_attrs["dpops.mlflow_run_id"] == killed_run.name  # resumed, not started over
     run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed_run.name)
     assert run.info.status == "FINISHED" and run.data.tags["dpops.trial"] == "1"
+
+
+def test_a_study_another_worker_is_still_setting_up_is_waited_for(ws):
+    from dp_ops.sweep import _wait_until_ready
+
+    storage = f"sqlite:///{ws / 'optuna.db'}"
+    study = optuna.create_study(study_name="half", storage=storage)  # created, not yet described
+    with pytest.raises(ConfigError, match="never fully set up"):
+        _wait_until_ready(study, "half", timeout=0.3)
+    study.set_user_attr("dpops.ready", True)
+    _wait_until_ready(study, "half", timeout=0.3)
