@@ -66,7 +66,7 @@ class DataConfig(_Section):
 # Sampling defaults per backend, used for keys a params file leaves out (the sd values are the paper's:
 # 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step).
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pixel": {"steps": 10, "cfg_scale": 2.0, "guide_every": 2},
+    "pixel": {"steps": 6, "cfg_scale": 2.0, "guide_every": 2},
     "sd": {"steps": 30, "cfg_scale": 4.0, "guide_every": 5, "batch_size": 8},
 }
 
@@ -77,7 +77,7 @@ class GeneratorConfig(_Section):
 
     backend: Literal["pixel", "sd"] = "pixel"
     path: str = Field("models/generator", min_length=1, description="folder written by save_pretrained")
-    steps: int = Field(10, ge=1, le=1000, description="DDIM steps per sample")
+    steps: int = Field(6, ge=1, le=1000, description="DDIM steps per sample")
     cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance scale (diffusers convention)")
     guide_every: int = Field(2, ge=1, description="apply entropy guidance every k-th DDIM step")
     model: str = Field("", description="sd: pipeline folder (save_pretrained layout) or hub id")
@@ -135,7 +135,7 @@ class DPConfig(_Section):
     """The data-acquisition strategy (Algorithm 1 and its two baselines)."""
 
     strategy: Literal["dp", "static", "oversample"] = "dp"
-    initial_size: int = Field(1000, ge=1, description="N: samples generated unguided before training")
+    initial_size: int = Field(500, ge=1, description="N: samples generated unguided before training")
     round_size: int = Field(250, ge=1, description="P: samples added per round")
     patience: int = Field(3, ge=1, description="T_max: evaluations without improvement that trigger a round")
     incremental_patience: bool = Field(True, description="scale T_max by pool size / N")
@@ -156,8 +156,8 @@ class TrainConfig(_Section):
     optionally the paper's ImageNet extras (all off by default): random-resized-crop/flip, Mixup,
     CutMix (both as Beta-distribution α, timm's ``Mixup``) and an EMA of the weights."""
 
-    iterations: int = Field(3000, ge=1, description="total iteration budget")
-    eval_every: int = Field(100, ge=1, description="τ: iterations between validation evaluations")
+    iterations: int = Field(2000, ge=1, description="total iteration budget")
+    eval_every: int = Field(50, ge=1, description="τ: iterations between validation evaluations")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)

@@ -182,25 +182,12 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
 def log_report(report: ScalingReport, files: Sequence[Path], tracking_uri: str, experiment: str,
                params: dict[str, str]) -> str:  # fmt: skip
     """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric as MlflowMetric
-    from mlflow.entities import Param
+    from dp_ops.tracking import log_report_run
 
-    from dp_ops.tracking import get_or_create_experiment
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = get_or_create_experiment(client, experiment, tracking_uri)
-    run = client.create_run(exp_id, run_name="scaling-report", tags={"dpops.role": "scaling"})
     metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
-    metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float) and math.isfinite(v)})
-    client.log_batch(
-        run.info.run_id, metrics=[MlflowMetric(k, float(v), 0, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True,
-    )  # fmt: skip
-    for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
+    return log_report_run(tracking_uri, experiment, role="scaling", run_name="scaling-report", metrics=metrics,
+                          params=params, files=tuple(files))
 
 
 def _finite(v: float) -> float | None | str:

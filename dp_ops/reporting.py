@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from dp_ops.benchmark import ArmStats
 from dp_ops.config import Config
 from dp_ops.generator import Samples
 from dp_ops.loop import Observer, RoundRecord, RunResult
@@ -68,3 +71,17 @@ def print_run(console: Console, cfg: Config, result: RunResult) -> None:
         f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}",
         soft_wrap=True,
     )
+
+
+def bench_table(rows: Sequence[ArmStats]) -> Table:
+    """The benchmark's one table: an arm per row, mean ± sd over seeds."""
+    table = Table("strategy", "ω / r / N", "seeds", "generated", "kept pool", "iterations", "gen s", "UNet evals",
+                  "val acc", "test acc", title="DP vs static vs oversample-then-prune (mean ± sd over seeds)",
+                  title_justify="left")  # fmt: skip
+    for r in rows:
+        m, sd = r.mean, r.sd
+        table.add_row(r.strategy, r.setting, str(r.seeds), f"{m['generated_samples']:,.0f}", f"{m['pool_size']:,.0f}",
+                      f"{m['iterations']:,.0f}", f"{m['gen_seconds']:.1f}", f"{m['unet_evals']:.3g}",
+                      f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
+                      f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}")  # fmt: skip
+    return table

@@ -237,6 +237,26 @@ def _dvc_tags() -> dict[str, str]:
     return {f"dpops.{k.lower()}": os.environ[k] for k in DVC_ENV_TAGS if os.environ.get(k)}
 
 
+def log_report_run(
+    uri: str, experiment: str, *, role: str, run_name: str, metrics: dict[str, float], params: dict[str, str],
+    files: list[Path] | tuple[Path, ...] = (),
+) -> str:  # fmt: skip
+    """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its finite
+    numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(get_or_create_experiment(client, experiment, uri), run_name=run_name,
+                            tags={"dpops.role": role, **_git_tags()})  # fmt: skip
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    client.log_batch(
+        run.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True,
+    )  # fmt: skip
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run.info.run_id
+
+
 def round_runs(client: MlflowClient, run_id: str) -> list:
     """The child (round) runs of an experiment run, ordered by round."""
     parent = client.get_run(run_id)

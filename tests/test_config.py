@@ -22,7 +22,7 @@ def test_config_is_frozen():
 def test_flatten_uses_dotted_params_names():
     flat = flatten(load_config(None, ["dp.omega=0.2"]))
     assert flat["dp.omega"] == 0.2
-    assert flat["train.eval_every"] == 100
+    assert flat["train.eval_every"] == 50
     assert flat["generator.channels"] == [32, 64, 64]
     assert all(not isinstance(v, dict) for v in flat.values())
 
@@ -37,7 +37,7 @@ def test_flatten_uses_dotted_params_names():
         ("train.iterations=lots", "train.iterations='lots': input should be a valid integer"),
         ("generator.path=", "generator.path='': string should have at least 1 character"),
         ("dp.omegaa=1", "dp.omegaa: unknown key (allowed here: incremental_patience, initial_size"),
-        ("train.eval_every=5000", "train.eval_every=5000: must be <= train.iterations (3000)"),
+        ("train.eval_every=5000", "train.eval_every=5000: must be <= train.iterations (2000)"),
         ("generator.channels=[8, 12]", "generator.channels=[8, 12]: every channel count must be a positive multiple"),
         ("omega", "-S 'omega': expected KEY=VALUE"),
         ("seed.x=1", "-S seed.x: 'seed' is a value, not a section"),
