@@ -9,14 +9,9 @@ differs; every run is an ordinary tracked experiment, so ``dpops scaling`` reads
 - ``oversample`` at ratios r (2, 4, 8): the same N, P and patience as dp, so the kept pool grows by the
   same P per round, but each round generates r·P unguided samples and keeps the P of highest entropy.
 
-Headline ratios, from the means over seeds (and per seed, for their spread):
-
-- **data multiplier** = samples static needs to reach DP's test accuracy (read off static's mean
-  accuracies, interpolated linearly in log n, never extrapolated) ÷ samples DP generated;
-- **generation-compute multiplier vs oversample** = UNet evaluations (and generation seconds) of the
-  cheapest oversample ratio that reaches DP's test accuracy ÷ DP's.
-
-The held-out test split is reported only; nothing here chooses anything by it.
+The table, the headline ratios (data multiplier, generation-compute multiplier vs oversample, guidance
+effect) and the plot are :mod:`dp_ops.bench_stats`. The held-out test split is reported only; nothing
+here chooses anything by it.
 
 Runs execute in ``workers`` processes with ``threads`` torch threads each, so every run of a benchmark
 is timed under the same conditions. A benchmark is identified by its resolved base config (the
@@ -27,22 +22,18 @@ completed round, so Ctrl-C or a crash loses nothing that was finished.
 from __future__ import annotations
 
 import hashlib
-import math
 import multiprocessing as mp
-import statistics
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dp_ops.bench_stats import ArmStats, Headline, headline, json_safe, plot, summarise
 from dp_ops.config import Config, flatten, load_config
 from dp_ops.errors import ConfigError
 from dp_ops.loop import Observer
-from dp_ops.scaling import interpolate_samples_for_accuracy
 
-FIELDS = ("generated_samples", "pool_size", "iterations", "gen_seconds", "unet_evals", "final_val_acc",
-          "final_test_acc")  # fmt: skip
 RATIOS = (2, 4, 8)
 # --quick, a smoke check of the whole benchmark in minutes: one seed, the two smallest static sizes, r = 4,
 # a third of the iteration budget
@@ -88,39 +79,6 @@ class JobResult:
     run_id: str = ""
     resumed: bool = False
     error: str = ""  # why it did not finish ("" and no metrics: interrupted, resumable)
-
-
-@dataclass(frozen=True)
-class ArmStats:
-    """One row of the table: an arm's mean and sample standard deviation over seeds of each field."""
-
-    arm: str
-    strategy: str
-    setting: str
-    seeds: int
-    mean: dict[str, float]
-    sd: dict[str, float]
-    per_seed: dict[int, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Headline:
-    dp_arm: str
-    dp_test_acc: float
-    dp_samples: float
-    static_samples_needed: float  # inf: no static size reached DP's accuracy
-    data_multiplier: float  # if static never got there: the lower bound largest static size ÷ DP's samples
-    static_reached: bool
-    data_multiplier_per_seed: dict[int, float]  # each DP seed's accuracy read off static's mean curve
-    guidance_effect: float | None  # mean over seeds of test acc (dp ω) − test acc (dp ω=0), paired by seed
-    guidance_effect_sd: float | None
-    oversample_arm: str | None  # the cheapest ratio at DP's accuracy or better; if none, the most accurate
-    oversample_reached: bool
-    compute_multiplier: float | None  # UNet evaluations of that arm ÷ DP's
-    seconds_multiplier: float | None  # generation seconds of that arm ÷ DP's
-
-    def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
 
 
 def plan(
@@ -185,6 +143,83 @@ def registry_state(client: Any, experiment_id: str, bench_id: str) -> tuple[dict
         elif checkpoint_path(r.data.params["output.checkpoints"], r.info.run_id).is_file():
             resumable.setdefault(key, r.info.run_id)
     return done, {k: v for k, v in resumable.items() if k not in done}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A benchmark ready to run: its plan, where its runs live, and what is left to do."""
+
+    plan: BenchPlan
+    cfg: Config
+    uri: str
+    experiment_id: str
+    finished: int  # runs of this benchmark that FINISHED earlier
+    todo: tuple[Job, ...]
+    workers: int
+    threads: int
+
+    @property
+    def resuming(self) -> int:
+        return sum(j.resume_run_id is not None for j in self.todo)
+
+
+def prepare(
+    params: Path | None, overrides: Sequence[str], *, seeds: int, ratios: Sequence[int], quick: bool,
+    experiment: str, out: Path, workers: int = 0,
+) -> Prepared:  # fmt: skip
+    """Plan and check everything before work starts; create the MLflow store and experiment (before any
+    worker could race to create them); find what earlier invocations finished or left interrupted.
+    ``workers`` 0: one per CPU core with one torch thread each, or 1 when the learner runs on CUDA."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from dp_ops.config import load_tree
+    from dp_ops.devices import resolve_device
+    from dp_ops.experiment import preflight
+    from dp_ops.sweep import sweep_config
+    from dp_ops.tracking import get_or_create_experiment, tracking_uri
+
+    sizes = sweep_config(load_tree(params, overrides)).static_sizes
+    bp, cfg = plan(params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick,
+                   ratios=ratios)  # fmt: skip
+    preflight(cfg)
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
+    done, resumable = registry_state(client, exp_id, bp.bench_id)
+    todo = jobs(bp, done, resumable, out)
+    cores = os.cpu_count() or 1
+    n = workers or (1 if resolve_device(cfg.device).type == "cuda" else cores)
+    n = max(1, min(n, len(todo) or 1))
+    return Prepared(bp, cfg, uri, exp_id, len(done), tuple(todo), n, max(1, cores // n))
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    rows: tuple[ArmStats, ...]
+    headline: Headline | None
+    json_path: Path
+    png_path: Path
+    run_id: str  # the MLflow run (dpops.role=benchmark) holding both files
+
+
+def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
+    """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
+    from mlflow import MlflowClient
+
+    done, _ = registry_state(MlflowClient(p.uri), p.experiment_id, p.plan.bench_id)
+    rows = summarise(done, p.plan.arms, p.plan.seeds)
+    h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
+    json_path, png, run_id = write_report(p.plan, rows, h, out, uri=p.uri, experiment=p.cfg.tracking.experiment,
+                                          wall_seconds=wall_seconds)  # fmt: skip
+    return BenchReport(tuple(rows), h, json_path, png, run_id)
+
+
+def scaling_command(p: Prepared) -> str:
+    """``dpops scaling`` over this benchmark's runs (DP at ω = 0 left out: it is not the dp strategy's law)."""
+    return (f"dpops scaling --experiment {p.cfg.tracking.experiment} --x generated_samples --filter "
+            f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\"")  # fmt: skip
 
 
 # ---- running in worker processes ---------------------------------------------------------------------
@@ -266,141 +301,6 @@ def run_jobs(
     return results
 
 
-# ---- the numbers -----------------------------------------------------------------------------------
-def summarise(runs: dict[tuple[str, int], dict[str, float]], bp: BenchPlan) -> list[ArmStats]:
-    """One row per arm that has finished runs, in plan order."""
-    rows = []
-    for arm in bp.arms:
-        per_seed = {seed: runs[(arm.name, seed)] for seed in bp.seeds if (arm.name, seed) in runs}
-        if not per_seed:
-            continue
-        values = {f: [float(m[f]) for m in per_seed.values()] for f in FIELDS}
-        rows.append(ArmStats(
-            arm.name, arm.strategy, arm.setting, len(per_seed),
-            mean={f: statistics.fmean(v) for f, v in values.items()},
-            sd={f: statistics.stdev(v) if len(v) > 1 else 0.0 for f, v in values.items()},
-            per_seed={s: {f: float(m[f]) for f in FIELDS} for s, m in per_seed.items()},
-        ))  # fmt: skip
-    return rows
-
-
-def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | None:
-    """The two headline ratios (and the guidance effect); None without a DP row and >= 2 static sizes."""
-    by = {r.arm: r for r in rows}
-    static = sorted((r for r in rows if r.strategy == "static"), key=lambda r: r.mean["generated_samples"])
-    dp = by.get(dp_arm)
-    if dp is None or len(static) < 2:
-        return None
-    n_static = [r.mean["generated_samples"] for r in static]
-    acc_static = [r.mean["final_test_acc"] for r in static]
-
-    def multiplier(acc: float, samples: float) -> float:
-        return interpolate_samples_for_accuracy(n_static, acc_static, acc) / samples
-
-    acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
-    need = interpolate_samples_for_accuracy(n_static, acc_static, acc)
-    reached = math.isfinite(need)
-    effect, effect_sd = _paired_difference(dp, by.get(dp0_arm))
-    over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
-    return Headline(
-        dp_arm=dp.arm, dp_test_acc=acc, dp_samples=samples, static_samples_needed=need,
-        data_multiplier=(need if reached else max(n_static)) / samples, static_reached=reached,
-        data_multiplier_per_seed={s: multiplier(m["final_test_acc"], m["generated_samples"]) for s, m in dp.per_seed.items()},
-        guidance_effect=effect, guidance_effect_sd=effect_sd, oversample_arm=over_arm,
-        oversample_reached=over_reached, compute_multiplier=compute, seconds_multiplier=seconds,
-    )  # fmt: skip
-
-
-def _paired_difference(dp: ArmStats, dp0: ArmStats | None) -> tuple[float | None, float | None]:
-    if dp0 is None:
-        return None, None
-    diffs = [dp.per_seed[s]["final_test_acc"] - dp0.per_seed[s]["final_test_acc"] for s in dp.per_seed if s in dp0.per_seed]
-    if not diffs:
-        return None, None
-    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
-
-
-def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | None, bool, float | None, float | None]:
-    if not over:
-        return None, False, None, None
-    reaching = [r for r in over if r.mean["final_test_acc"] >= dp.mean["final_test_acc"]]
-    pick = min(reaching, key=lambda r: r.mean["unet_evals"]) if reaching else max(over, key=lambda r: r.mean["final_test_acc"])
-    return (pick.arm, bool(reaching), pick.mean["unet_evals"] / dp.mean["unet_evals"],
-            pick.mean["gen_seconds"] / dp.mean["gen_seconds"])  # fmt: skip
-
-
-def headline_lines(h: Headline) -> list[str]:
-    """The headline in words, one sentence per ratio."""
-    seeds = ", ".join(_times(v) for _, v in sorted(h.data_multiplier_per_seed.items()))
-    if h.static_reached:
-        data = (f"data multiplier: static needs {_times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
-                f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
-                f"static's mean accuracies interpolated in log n; per DP seed: {seeds})")  # fmt: skip
-    else:
-        data = (f"data multiplier: more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s test "
-                f"accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples (per DP seed: {seeds})")  # fmt: skip
-    lines = [data]
-    if h.guidance_effect is not None:
-        lines.append(f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
-                     f"(sd {h.guidance_effect_sd:.4f} over paired seeds)")  # fmt: skip
-    if h.oversample_arm is not None:
-        if h.oversample_reached:
-            lines.append(f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                         f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                         f"{_times(h.seconds_multiplier)} its generation seconds")  # fmt: skip
-        else:
-            lines.append(f"generation compute vs oversample: no ratio reached DP's test accuracy; the most accurate, "
-                         f"{h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                         f"{_times(h.seconds_multiplier)} its generation seconds")  # fmt: skip
-    return lines
-
-
-def plot(rows: Sequence[ArmStats], path: Path) -> None:
-    """Held-out test accuracy vs generated samples (log x), mean ± sd over seeds, one colour per strategy."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.0, 4.6), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    markers = {"dp": "D", "oversample": "s"}
-    for i, strategy in enumerate(("static", "dp", "oversample")):
-        rs = sorted((r for r in rows if r.strategy == strategy), key=lambda r: r.mean["generated_samples"])
-        for j, r in enumerate(rs):
-            ax.scatter([m["generated_samples"] for m in r.per_seed.values()],
-                       [m["final_test_acc"] for m in r.per_seed.values()], s=9, color=f"C{i}", alpha=0.3, lw=0)
-            unguided_dp = strategy == "dp" and r.setting == "ω=0"  # hollow: the schedule without guidance
-            ax.errorbar(r.mean["generated_samples"], r.mean["final_test_acc"], yerr=r.sd["final_test_acc"],
-                        fmt=markers.get(strategy, "o"), color=f"C{i}", capsize=3, ms=5,
-                        mfc="white" if unguided_dp else f"C{i}", label=strategy if j == 0 else None)  # fmt: skip
-            if strategy != "static":
-                ax.annotate(r.setting, (r.mean["generated_samples"], r.mean["final_test_acc"]), fontsize=7,
-                            xytext=(5, -10 if r.setting.endswith("=0") else 5), textcoords="offset points")
-        if strategy == "static" and rs:
-            ax.plot([r.mean["generated_samples"] for r in rs], [r.mean["final_test_acc"] for r in rs], "-",
-                    color=f"C{i}", lw=1)  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("generated samples")
-    ax.set_ylabel("held-out test accuracy")
-    ax.set_title("mean ± sd over seeds (faint: single seeds)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def _times(v: float | None) -> str:
-    return "—" if v is None else ("∞×" if math.isinf(v) else f"{v:.2f}×")
-
-
-def _json_safe(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _json_safe(v) for k, v in node.items()}
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node
-
-
 def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, out: Path, *, uri: str,
                  experiment: str, wall_seconds: float) -> tuple[Path, Path, str]:  # fmt: skip
     """``bench.json`` and ``bench.png`` in ``out``, both logged to an MLflow run tagged ``dpops.role=benchmark``
@@ -410,7 +310,7 @@ def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, ou
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"bench": bp.bench_id, "seeds": list(bp.seeds), "base_overrides": list(bp.base),
-              "rows": [_json_safe(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
+              "rows": [json_safe(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
               "wall_seconds_this_invocation": wall_seconds}  # fmt: skip
     write_json(out / "bench.json", report)
     plot(rows, out / "bench.png")

@@ -275,80 +275,56 @@ def bench(
     quick: Annotated[bool, typer.Option(help="smoke check: 1 seed, 2 static sizes, r=4, a third of the budget")] = False,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1 for every arm")] = 3,
     ratio: Annotated[list[int] | None, typer.Option(help="oversampling ratios (default 2, 4, 8); repeatable")] = None,
-    workers: Annotated[int, typer.Option(help="parallel runs (default: one per CPU core, 1 torch thread each)")] = 0,
+    workers: Annotated[int, typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each; 1 on CUDA)")] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the benchmark runs")] = "dp-ops-bench",
     out: Annotated[Path, typer.Option(help="folder for bench.json, bench.png and the runs' metrics")] = Path("results/bench"),
 ) -> None:
     """DP vs static vs oversample-then-prune, same seeds and budget: one table, two headline ratios, a plot.
     Re-run the same command to reuse finished runs and resume interrupted ones."""
-    import os
     import time
-
-    from mlflow import MlflowClient
 
     from dp_ops import benchmark as bm
     from dp_ops import experiment as ex
-    from dp_ops.config import load_tree
-    from dp_ops.reporting import bench_table
-    from dp_ops.sweep import sweep_config
-    from dp_ops.tracking import get_or_create_experiment, tracking_uri
+    from dp_ops.bench_stats import headline_lines
+    from dp_ops.reporting import bench_table, print_bench_result
 
-    sizes = sweep_config(load_tree(params, set_ or ())).static_sizes
-    bp, cfg = bm.plan(params, set_ or (), static_sizes=sizes, seeds=range(seeds), experiment=experiment,
-                      quick=quick, ratios=ratio or bm.RATIOS)  # fmt: skip
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    ex.preflight(cfg)
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)  # the store and experiment exist before any worker writes to them
-    exp_id = get_or_create_experiment(client, experiment, uri)
-    done, resumable = bm.registry_state(client, exp_id, bp.bench_id)
-    todo = bm.jobs(bp, done, resumable, out)
-    cores = os.cpu_count() or 1
-    n_workers = max(1, min(workers or cores, len(todo) or 1))
-    threads = max(1, cores // n_workers)
-    console.print(f"benchmark [bold]{bp.bench_id}[/]: {len(bp.arms)} arms × {len(bp.seeds)} seed(s); "
-                  f"{len(done)} run(s) finished earlier, {len(resumable)} to resume, {len(todo)} to run "
-                  f"in {n_workers} worker(s) × {threads} thread(s)", soft_wrap=True)  # fmt: skip
+    p = bm.prepare(params, set_ or (), seeds=seeds, ratios=ratio or bm.RATIOS, quick=quick, experiment=experiment,
+                   out=out, workers=workers)  # fmt: skip
+    console.print(f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
+                  f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run "
+                  f"in {p.workers} worker(s) × {p.threads} thread(s)", soft_wrap=True)  # fmt: skip
+    failed: list[bm.JobResult] = []
     t0 = time.perf_counter()
     with _progress() as progress:
-        if todo and not ex.generator_exists(cfg):  # trained once here, before the workers load it
-            _generator(cfg, ex.load_real_data(cfg), progress)
-        task = progress.add_task("benchmark runs", total=len(todo))
-        failed = []
+        if p.todo and not ex.generator_exists(p.cfg):  # trained once here, before the workers load it
+            _generator(p.cfg, ex.load_real_data(p.cfg), progress)
+        task = progress.add_task("benchmark runs", total=len(p.todo))
 
-        def report(r: bm.JobResult) -> None:
+        def on_result(r: bm.JobResult) -> None:
             progress.advance(task)
-            if r.metrics is not None:
-                m = r.metrics
-                console.print(f"{r.arm} seed {r.seed}: val {m['final_val_acc']:.4f} test {m['final_test_acc']:.4f} "
-                              f"pool {m['pool_size']} generated {m['generated_samples']}  run {r.run_id}"
-                              + (" (resumed)" if r.resumed else ""), soft_wrap=True, highlight=False)  # fmt: skip
-            elif r.error:
-                failed.append(r)
-                console.print(f"[red]{r.arm} seed {r.seed} FAILED[/]: {r.error}", soft_wrap=True, highlight=False)
+            failed.extend([r] if r.error else [])
+            print_bench_result(console, r)
 
         try:
-            if todo:
-                bm.run_jobs(todo, bp.bench_id, params, workers=n_workers, threads=threads, on_result=report)
+            if p.todo:
+                bm.run_jobs(p.todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: the running runs ended KILLED at their last completed round; "
                               "run the same command again to resume them", soft_wrap=True)  # fmt: skip
             raise typer.Exit(130) from None
     wall = time.perf_counter() - t0
-    done, _ = bm.registry_state(client, exp_id, bp.bench_id)
-    rows = bm.summarise(done, bp)
-    headline = bm.headline(rows, bp.dp_arm, bp.dp0_arm)
-    console.print(bench_table(rows))
-    for line in bm.headline_lines(headline) if headline else ["no headline: it needs the dp arm and 2 static sizes"]:
+    report = bm.finish(p, out, wall)
+    console.print(bench_table(report.rows))
+    lines = headline_lines(report.headline) if report.headline else ["no headline: it needs dp and 2 static sizes"]
+    for line in lines:
         console.print(line, soft_wrap=True, highlight=False)
-    json_path, png, run_id = bm.write_report(bp, rows, headline, out, uri=uri, experiment=experiment,
-                                             wall_seconds=wall)  # fmt: skip
     console.print(
-        f"wall {wall / 60:.1f} min for the {len(todo)} run(s) made now; wrote {json_path} and {png}\n"
-        f"runs and report (MLflow run {run_id}, dpops.role=benchmark): experiment '{experiment}' — "
-        f"mlflow ui --backend-store-uri {uri}\n"
-        f"scaling laws from these runs: dpops scaling --experiment {experiment} --x generated_samples "
-        f"--filter \"tags.`dpops.bench` = '{bp.bench_id}' and tags.`dpops.arm` != '{bp.dp0_arm}'\"", soft_wrap=True, highlight=False)
+        f"wall {wall / 60:.1f} min for the {len(p.todo)} run(s) made now; wrote {report.json_path} and "
+        f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
+        f"'{experiment}' — mlflow ui --backend-store-uri {p.uri}\nscaling laws from these runs: {bm.scaling_command(p)}",
+        soft_wrap=True, highlight=False,
+    )  # fmt: skip
     if failed:
         raise DpOpsError(f"{len(failed)} run(s) failed (first: {failed[0].arm} seed {failed[0].seed}: {failed[0].error})")
 

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from dp_ops.benchmark import ArmStats
+from dp_ops.bench_stats import ArmStats
+from dp_ops.benchmark import JobResult
 from dp_ops.config import Config
 from dp_ops.generator import Samples
 from dp_ops.loop import Observer, RoundRecord, RunResult
@@ -74,14 +75,26 @@ def print_run(console: Console, cfg: Config, result: RunResult) -> None:
 
 
 def bench_table(rows: Sequence[ArmStats]) -> Table:
-    """The benchmark's one table: an arm per row, mean ± sd over seeds."""
-    table = Table("strategy", "ω / r / N", "seeds", "generated", "kept pool", "iterations", "gen s", "UNet evals",
-                  "val acc", "test acc", title="DP vs static vs oversample-then-prune (mean ± sd over seeds)",
-                  title_justify="left")  # fmt: skip
+    """The benchmark's one table: an arm per row, mean ± sd over its seeds."""
+    seeds = sorted({r.seeds for r in rows})
+    table = Table("strategy", "ω / r / N", "generated", "kept pool", "iters", "gen s", "UNet evals", "val acc",
+                  "test acc", title="DP vs static vs oversample-then-prune: mean ± sd over "
+                  f"{'/'.join(map(str, seeds))} seed(s)", title_justify="left")  # fmt: skip
     for r in rows:
         m, sd = r.mean, r.sd
-        table.add_row(r.strategy, r.setting, str(r.seeds), f"{m['generated_samples']:,.0f}", f"{m['pool_size']:,.0f}",
+        table.add_row(r.strategy, r.setting, f"{m['generated_samples']:,.0f}", f"{m['pool_size']:,.0f}",
                       f"{m['iterations']:,.0f}", f"{m['gen_seconds']:.1f}", f"{m['unet_evals']:.3g}",
                       f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
                       f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}")  # fmt: skip
     return table
+
+
+def print_bench_result(console: Console, r: JobResult) -> None:
+    """One line per benchmark run as it ends."""
+    if r.metrics is not None:
+        m = r.metrics
+        console.print(f"{r.arm} seed {r.seed}: val {m['final_val_acc']:.4f} test {m['final_test_acc']:.4f} "
+                      f"pool {m['pool_size']} generated {m['generated_samples']}  run {r.run_id}"
+                      + (" (resumed)" if r.resumed else ""), soft_wrap=True, highlight=False)  # fmt: skip
+    elif r.error:
+        console.print(f"[red]{r.arm} seed {r.seed} FAILED[/]: {r.error}", soft_wrap=True, highlight=False)

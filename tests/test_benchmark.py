@@ -13,7 +13,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.benchmark import Arm, BenchPlan, headline, headline_lines, jobs, plan, summarise
+from dp_ops.bench_stats import headline, headline_lines, summarise
+from dp_ops.benchmark import Arm, jobs, plan
 from dp_ops.errors import ConfigError
 
 from conftest import tiny_tree
@@ -24,8 +25,7 @@ def _row(strategy, setting, per_seed):
     seeds = {s: {"generated_samples": g, "pool_size": g, "iterations": 100, "gen_seconds": sec, "unet_evals": u,
                  "final_val_acc": a, "final_test_acc": a} for s, (g, a, u, sec) in per_seed.items()}  # fmt: skip
     runs = {(f"{strategy} {setting}", s): m for s, m in seeds.items()}
-    bp = BenchPlan("b", (), (Arm(strategy, setting, ()),), tuple(per_seed), "", "")
-    return summarise(runs, bp)[0]
+    return summarise(runs, [Arm(strategy, setting, ())], list(per_seed))[0]
 
 
 STATIC = [_row("static", f"N={n}", {0: (n, a, 10 * n, n / 10), 1: (n, a, 10 * n, n / 10)})
@@ -42,7 +42,7 @@ def test_headline_reads_static_curve_pairs_seeds_and_picks_the_cheapest_oversamp
     assert h.dp_test_acc == pytest.approx(0.97) and h.dp_samples == 500
     assert h.static_reached and h.static_samples_needed == pytest.approx(1000)  # static N=1000 has exactly 0.97
     assert h.data_multiplier == pytest.approx(2.0)
-    # seed 0 (0.965) lies halfway between 0.94 @ 500 and 0.97 @ 1000 in accuracy: log-interpolated n = 500·2^(5/6)
+    # seed 0 (0.965) lies 5/6 of the way from 0.94 @ 500 to 0.97 @ 1000: log-interpolated n = 500·2^(5/6)
     assert h.data_multiplier_per_seed[0] == pytest.approx(2 ** (5 / 6) * 500 / 500)
     assert h.data_multiplier_per_seed[1] == pytest.approx(1000 * 2 ** 0.5 / 500)
     assert h.guidance_effect == pytest.approx(0.015) and h.guidance_effect_sd == pytest.approx(0.0)
@@ -149,7 +149,7 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     assert [r["arm"] for r in report["rows"]] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=2"]
     assert all(r["seeds"] == 2 for r in report["rows"]) and report["headline"]["dp_arm"] == "dp ω=0.1"
     assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
-    assert "data multiplier" in out and "mean ± sd over seeds" in out
+    assert "data multiplier" in out and "mean ± sd over 2 seed(s)" in out
     (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'benchmark'")
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.json", "bench.png"}
 
