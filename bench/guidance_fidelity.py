@@ -70,7 +70,7 @@ def main() -> None:
     console.print(table)
     console.print(f"real validation digits: diversity {diversity(real.val.images, real.val.labels):.2f}; judge accuracy "
                   f"on them {judge.accuracy(real.val):.3f}; guiding learners trained {ARGS.learner_iterations} iterations "
-                  f"on {ARGS.pool} unguided samples of their CFG scale")  # fmt: skip
+                  f"on {ARGS.pool} unguided samples of their CFG scale", soft_wrap=True)  # fmt: skip
 
 
 if __name__ == "__main__":
