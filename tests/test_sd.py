@@ -250,7 +250,7 @@ def test_sd_defaults_and_config_checks():
     base = {"data": {"name": "folder", "val_root": "v", "test_root": "t"}}
     g = build_config({**base, "generator": {"backend": "sd", "model": "m"}}).generator
     assert (g.steps, g.cfg_scale, g.guide_every, g.batch_size, g.prompt) == (30, 4.0, 5, 8, "{name}")  # paper
-    assert build_config({}).generator.steps == 10  # the pixel world's defaults are untouched
+    assert build_config({}).generator.steps == 6  # the pixel world's defaults are untouched
     example = load_config(Path(__file__).parents[1] / "examples" / "params-sd.yaml")
     assert (example.generator.backend, example.data.stored_resolution, example.train.mixup) == ("sd", 256, 0.5)
     flat = flatten(build_config({**base, "generator": {"backend": "sd", "model": "m", "prompt": "{name}"}}))
