@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dp_ops.scaling import interpolate_samples_for_accuracy
+from dp_ops.scaling import data_multiplier, interpolate_samples_for_accuracy, json_ready
 
 if TYPE_CHECKING:
     from dp_ops.benchmark import Arm
@@ -60,7 +60,7 @@ class Headline:
     seconds_multiplier: float | None  # generation seconds of that arm ÷ DP's
 
     def to_dict(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
+        return json_ready(asdict(self))
 
 
 def summarise(runs: dict[tuple[str, int], dict[str, float]], arms: Sequence[Arm], seeds: Sequence[int]) -> list[ArmStats]:
@@ -87,21 +87,17 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
     dp = by.get(dp_arm)
     if dp is None or len(static) < 2:
         return None
-    n_static = [r.mean["generated_samples"] for r in static]
-    acc_static = [r.mean["final_test_acc"] for r in static]
-
-    def multiplier(acc: float, samples: float) -> float:
-        return interpolate_samples_for_accuracy(n_static, acc_static, acc) / samples
-
+    curve = [(r.mean["generated_samples"], r.mean["final_test_acc"]) for r in static]
     acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
-    need = interpolate_samples_for_accuracy(n_static, acc_static, acc)
+    need = interpolate_samples_for_accuracy(*zip(*curve), acc)
     reached = math.isfinite(need)
     effect, effect_sd = _paired_difference(dp, by.get(dp0_arm))
     over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
     return Headline(
         dp_arm=dp.arm, dp_test_acc=acc, dp_samples=samples, static_samples_needed=need,
-        data_multiplier=(need if reached else max(n_static)) / samples, static_reached=reached,
-        data_multiplier_per_seed={s: multiplier(m["final_test_acc"], m["generated_samples"]) for s, m in dp.per_seed.items()},
+        data_multiplier=(need if reached else curve[-1][0]) / samples, static_reached=reached,
+        data_multiplier_per_seed={s: data_multiplier(curve, m["generated_samples"], m["final_test_acc"])
+                                  for s, m in dp.per_seed.items()},
         guidance_effect=effect, guidance_effect_sd=effect_sd, oversample_arm=over_arm,
         oversample_reached=over_reached, compute_multiplier=compute, seconds_multiplier=seconds,
     )  # fmt: skip
@@ -192,10 +188,3 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
 def _times(v: float | None) -> str:
     return "—" if v is None else ("∞×" if math.isinf(v) else f"{v:.2f}×")
 
-
-def json_safe(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): json_safe(v) for k, v in node.items()}
-    if isinstance(node, float) and not math.isfinite(node):
-        return None
-    return node

@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dp_ops.bench_stats import ArmStats, Headline, headline, json_safe, plot, summarise
+from dp_ops.bench_stats import ArmStats, Headline, headline, plot, summarise
 from dp_ops.config import Config, flatten, load_config
 from dp_ops.errors import ConfigError
 from dp_ops.loop import Observer
+from dp_ops.scaling import json_ready
 
 RATIOS = (2, 4, 8)
 # --quick, a smoke check of the whole benchmark in minutes: one seed, the two smallest static sizes, r = 4,
@@ -310,7 +311,7 @@ def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, ou
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"bench": bp.bench_id, "seeds": list(bp.seeds), "base_overrides": list(bp.base),
-              "rows": [json_safe(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
+              "rows": [json_ready(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
               "wall_seconds_this_invocation": wall_seconds}  # fmt: skip
     write_json(out / "bench.json", report)
     plot(rows, out / "bench.png")

@@ -303,7 +303,8 @@ def bench(
 
         def on_result(r: bm.JobResult) -> None:
             progress.advance(task)
-            failed.extend([r] if r.error else [])
+            if r.error:
+                failed.append(r)
             print_bench_result(console, r)
 
         try:

@@ -187,7 +187,7 @@ def log_report(report: ScalingReport, files: Sequence[Path], tracking_uri: str, 
     metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
     metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
     return log_report_run(tracking_uri, experiment, role="scaling", run_name="scaling-report", metrics=metrics,
-                          params=params, files=tuple(files))
+                          params=params, files=files)
 
 
 def _finite(v: float) -> float | None | str:

@@ -104,14 +104,14 @@ class PowerLawFit:
         """JSON-able summary (non-finite numbers become ``None``; ``boot`` only by its size)."""
         return {
             "label": self.label,
-            "a": _json_float(self.a),
-            "alpha": _json_float(self.alpha),
-            "c": _json_float(self.c),
-            "a_ci": [_json_float(v) for v in self.a_ci],
-            "alpha_ci": [_json_float(v) for v in self.alpha_ci],
-            "c_ci": [_json_float(v) for v in self.c_ci],
+            "a": json_ready(self.a),
+            "alpha": json_ready(self.alpha),
+            "c": json_ready(self.c),
+            "a_ci": json_ready(self.a_ci),
+            "alpha_ci": json_ready(self.alpha_ci),
+            "c_ci": json_ready(self.c_ci),
             "n_points": int(self.n_points),
-            "rmse": _json_float(self.rmse),
+            "rmse": json_ready(self.rmse),
             "n_boot": len(self.boot),
         }
 
@@ -432,5 +432,12 @@ def _bad(values: np.ndarray, mask: np.ndarray) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def _json_float(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
+def json_ready(node: Any) -> Any:
+    """``node`` with every non-finite float as ``None`` (JSON has no inf/NaN), dict keys as strings."""
+    if isinstance(node, dict):
+        return {str(k): json_ready(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [json_ready(v) for v in node]
+    if isinstance(node, float | np.floating):
+        return float(node) if math.isfinite(node) else None
+    return node

@@ -19,7 +19,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -239,7 +239,7 @@ def _dvc_tags() -> dict[str, str]:
 
 def log_report_run(
     uri: str, experiment: str, *, role: str, run_name: str, metrics: dict[str, float], params: dict[str, str],
-    files: list[Path] | tuple[Path, ...] = (),
+    files: Sequence[Path] = (),
 ) -> str:  # fmt: skip
     """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its finite
     numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
