@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from dp_ops.bench_stats import headline, headline_lines, summarise
 from dp_ops.benchmark import Arm, jobs, plan
+from dp_ops.checkpoint import checkpoint_path
 from dp_ops.errors import ConfigError
 
 from conftest import tiny_tree
@@ -62,7 +63,7 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert h.guidance_effect is None
     assert h.oversample_arm == "oversample r=4" and not h.oversample_reached
     assert "more than 2.50×" in headline_lines(h)[0]
-    assert json.dumps(h.to_dict())  # inf becomes null
+    assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
     assert headline(STATIC[:1] + [dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
 
 
@@ -134,6 +135,9 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     runs = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
     killed = {r.info.run_id for r in runs if r.info.status == "KILLED"}
     assert killed and all(r.info.status in ("KILLED", "FINISHED") for r in runs)  # nothing left RUNNING
+    # a run killed after its first completed round has a checkpoint; one killed before it has nothing to resume
+    resumable = {rid for rid in killed if checkpoint_path(tmp_path / "checkpoints", rid).is_file()}
+    assert resumable
 
     second = _bench(params_file)
     out = second.communicate(timeout=600)[0]
@@ -142,7 +146,9 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     runs = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment' and attributes.status = 'FINISHED'")
     keys = [(r.data.tags["dpops.arm"], r.data.params["seed"]) for r in runs]
     assert len(keys) == len(set(keys)) == 5 * 2  # 2 static, 2 dp, 1 oversample arm; 2 seeds; each run once
-    assert killed <= {r.info.run_id for r in runs}  # the killed runs themselves finished: resumed, not redone
+    finished = {r.info.run_id for r in runs}
+    assert resumable <= finished  # the checkpointed runs themselves finished: resumed, not redone
+    assert not (killed - resumable) & finished  # the others were made again as new runs
     assert all(r.data.tags["dpops.bench"].startswith("full-") for r in runs)
 
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
