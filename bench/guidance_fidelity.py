@@ -24,11 +24,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dp_ops import experiment
+from dp_ops import runner
 from dp_ops.config import load_config
-from dp_ops.data import LabelledImages, Pool, balanced_labels, quantize
-from dp_ops.learner import Trainer, build_learner
-from dp_ops.quality import train_judge
+from dp_ops.engine.data import LabelledImages, Pool, balanced_labels, quantize
+from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine.quality import train_judge
 
 
 def diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -39,8 +39,8 @@ def diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
 
 def main() -> None:
     cfg = load_config(ARGS.params, ARGS.set)
-    real = experiment.load_real_data(cfg)
-    generator = experiment.load_generator(cfg, real)
+    real = runner.load_real_data(cfg)
+    generator = runner.load_generator(cfg, real)
     g = cfg.generator
     judge = train_judge(real, seed=0)
     k = real.num_classes

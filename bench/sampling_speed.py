@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from dp_ops import experiment
+from dp_ops import runner
 from dp_ops.config import load_config
-from dp_ops.learner import Trainer, build_learner
+from dp_ops.engine.learner import Trainer, build_learner
 
 
 def main() -> None:
@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config(args.params, args.set)
-    real = experiment.load_real_data(cfg)
+    real = runner.load_real_data(cfg)
     generator = (
-        experiment.load_generator(cfg) if experiment.generator_exists(cfg) else experiment.train_and_save_generator(cfg, real)[0]
+        runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
     )
     learner = Trainer(build_learner(cfg.learner, real.num_classes, 1, cfg.seed), cfg.train, cfg.seed)
     g = cfg.generator

@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from dp_ops import experiment
-from dp_ops.checkpoint import Checkpointer
+from dp_ops import runner
+from dp_ops.records.checkpoint import Checkpointer
 from dp_ops.config import load_config
-from dp_ops.loop import DPLoop, Observer
-from dp_ops.tracking import MlflowTracker
-from dp_ops.versioning import DvcVersioner
+from dp_ops.engine.loop import DPLoop, Observer
+from dp_ops.records.tracking import MlflowTracker
+from dp_ops.records.versioning import DvcVersioner
 
 DEFAULTS = ["dp.round_size=100", "dp.patience=1", "dp.incremental_patience=false", "train.eval_every=50"]
 
@@ -58,8 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     repo = Path.cwd()
     cfg = load_config(repo / "params.yaml" if (repo / "params.yaml").exists() else None, [*DEFAULTS, *args.set])
-    real = experiment.load_real_data(cfg)
-    generator = experiment.load_generator(cfg) if experiment.generator_exists(cfg) else experiment.train_and_save_generator(cfg, real)[0]
+    real = runner.load_real_data(cfg)
+    generator = runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
     ledger: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}

@@ -94,18 +94,18 @@ def run(
 ) -> None:
     """Run one experiment (dp, static or oversample), tracked and versioned: the embedded digits world, or
     the text-to-image world with generator.backend=sd."""
-    from dp_ops import experiment
-    from dp_ops.reporting import RichObserver, print_run
-    from dp_ops.tracking import tracking_uri
+    from dp_ops import runner
+    from dp_ops.render import RichObserver, print_run
+    from dp_ops.records.tracking import tracking_uri
 
     cfg = _config(params, set_)
     if resume:  # the run's own config, from the registry; -S/--params only choose where to look
-        cfg = experiment.resume_config(resume, tracking_uri(cfg))
-    experiment.preflight(cfg)
-    real = experiment.load_real_data(cfg)
+        cfg = runner.resume_config(resume, tracking_uri(cfg))
+    runner.preflight(cfg)
+    real = runner.load_real_data(cfg)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
-        result, tracker, versioner = experiment.run_tracked(
+        result, tracker, versioner = runner.run_tracked(
             cfg, generator, real, [RichObserver(progress)], resume_run_id=resume
         )
     print_run(console, cfg, result)
@@ -135,8 +135,8 @@ def data_restore(
     set_: SetOpt = None,
 ) -> None:
     """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the MLflow registry."""
-    from dp_ops.experiment import restore_run_data
-    from dp_ops.tracking import tracking_uri
+    from dp_ops.runner import restore_run_data
+    from dp_ops.records.tracking import tracking_uri
 
     cfg = _config(params, set_)
     dest = to or Path("restored") / run_id
@@ -150,12 +150,12 @@ def data_restore(
 @_friendly_errors
 def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Train the generator on the generator-train split, measure its quality, save it to generator.path."""
-    from dp_ops import experiment
+    from dp_ops import runner
 
     cfg = _config(params, set_)
-    real = experiment.load_real_data(cfg)
+    real = runner.load_real_data(cfg)
     with _progress() as progress:
-        _, quality = experiment.train_and_save_generator(
+        _, quality = runner.train_and_save_generator(
             cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
         )
     console.print(
@@ -169,15 +169,15 @@ def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 @_friendly_errors
 def generator_quality(params: ParamsOpt = None, set_: SetOpt = None, samples: int = 1000) -> None:
     """Measure how many of the saved generator's samples a real-digits judge recognises."""
-    from dp_ops import experiment
-    from dp_ops.quality import measure_quality
+    from dp_ops import runner
+    from dp_ops.engine.quality import measure_quality
 
     cfg = _config(params, set_)
     if cfg.generator.backend != "pixel":
         raise ConfigError(f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
                           "generator only (the judge trains on the digits generator-train split)")  # fmt: skip
-    real = experiment.load_real_data(cfg)
-    generator = experiment.load_generator(cfg)
+    real = runner.load_real_data(cfg)
+    generator = runner.load_generator(cfg)
     with _progress() as progress:
         q = measure_quality(generator, real, cfg.generator, n_samples=samples, progress=_bar(progress, "judge samples"))
     console.print(f"recognised {q.recognition:.1%} of {q.n_samples} samples; judge real test accuracy {q.judge_test_acc:.1%}")
@@ -207,8 +207,8 @@ def theory(
     seed: int = 0,
 ) -> None:
     """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
-    from dp_ops.experiment import write_json
-    from dp_ops.theory import kept_size_curve, oversampling_curve, plot_theory
+    from dp_ops.runner import write_json
+    from dp_ops.studies.theory import kept_size_curve, oversampling_curve, plot_theory
 
     kept = kept_size_curve(d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam,
                            mc_reps=mc_reps, seed=seed)  # fmt: skip
@@ -239,11 +239,11 @@ def sweep(
     timeout: Annotated[float | None, typer.Option(help="seconds after which this worker starts no new trial")] = None,
 ) -> None:
     """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
-    from dp_ops import experiment
+    from dp_ops import runner
     from dp_ops.config import build_config, load_tree
-    from dp_ops.reporting import RichObserver
-    from dp_ops.sweep import Sweep, check_separate_stores, fmt_params, sweep_config, tracked_runner
-    from dp_ops.tracking import get_or_create_experiment, tracking_uri
+    from dp_ops.render import RichObserver
+    from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, sweep_config, tracked_runner
+    from dp_ops.records.tracking import get_or_create_experiment, tracking_uri
 
     cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
     tree = load_tree(params, [*(set_ or ()), *cli])
@@ -252,13 +252,13 @@ def sweep(
     logging.getLogger("optuna").setLevel(logging.WARNING)  # the CLI reports trials itself
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
-    experiment.preflight(cfg)
+    runner.preflight(cfg)
     base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
     worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base)
     from mlflow import MlflowClient  # both stores exist before any trial (or another worker) writes
 
     get_or_create_experiment(MlflowClient(tracking_uri(cfg)), worker.experiment, tracking_uri(cfg))
-    real = experiment.load_real_data(cfg)
+    real = runner.load_real_data(cfg)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
         console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
@@ -283,10 +283,10 @@ def bench(
     Re-run the same command to reuse finished runs and resume interrupted ones."""
     import time
 
-    from dp_ops import benchmark as bm
-    from dp_ops import experiment as ex
-    from dp_ops.bench_stats import headline_lines
-    from dp_ops.reporting import bench_table, print_bench_result
+    from dp_ops.studies import bench as bm
+    from dp_ops import runner
+    from dp_ops.studies.bench_stats import headline_lines
+    from dp_ops.render import bench_table, print_bench_result
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     p = bm.prepare(params, set_ or (), seeds=seeds, ratios=ratio or bm.RATIOS, quick=quick, experiment=experiment,
@@ -297,8 +297,8 @@ def bench(
     failed: list[bm.JobResult] = []
     t0 = time.perf_counter()
     with _progress() as progress:
-        if p.todo and not ex.generator_exists(p.cfg):  # trained once here, before the workers load it
-            _generator(p.cfg, ex.load_real_data(p.cfg), progress)
+        if p.todo and not runner.generator_exists(p.cfg):  # trained once here, before the workers load it
+            _generator(p.cfg, runner.load_real_data(p.cfg), progress)
         task = progress.add_task("benchmark runs", total=len(p.todo))
 
         def on_result(r: bm.JobResult) -> None:
@@ -331,12 +331,12 @@ def bench(
 
 
 def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
-    from dp_ops import experiment
+    from dp_ops import runner
 
-    if experiment.generator_exists(cfg):
-        return experiment.load_generator(cfg, real)
+    if runner.generator_exists(cfg):
+        return runner.load_generator(cfg, real)
     console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
-    generator, quality = experiment.train_and_save_generator(
+    generator, quality = runner.train_and_save_generator(
         cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
     )
     console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
@@ -344,7 +344,7 @@ def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
 
 
 def _trial_done(progress: Progress, o: Any) -> None:
-    from dp_ops.sweep import fmt_params
+    from dp_ops.studies.sweep import fmt_params
 
     for task in list(progress.task_ids):  # the finished trial's bars
         progress.remove_task(task)
@@ -355,7 +355,7 @@ def _trial_done(progress: Progress, o: Any) -> None:
 
 
 def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Callable[[dict], str]) -> None:
-    from dp_ops.sweep import replay_command
+    from dp_ops.studies.sweep import replay_command
 
     console.print(
         f"this worker ran {len(outcome.ran)} trial(s); the study has {outcome.counted}/{outcome.budget} "
@@ -396,8 +396,8 @@ def scaling(
     log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
 ) -> None:
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
-    from dp_ops.registry import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
-    from dp_ops.tracking import tracking_uri
+    from dp_ops.studies.scaling_report import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
+    from dp_ops.records.tracking import tracking_uri
 
     if metric not in ("final_test_acc", "final_val_acc") or x not in ("pool_size", "generated_samples"):
         bad = f"--metric {metric}" if metric not in ("final_test_acc", "final_val_acc") else f"--x {x}"

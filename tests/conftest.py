@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dp_ops.config import Config, build_config  # noqa: E402
-from dp_ops.data import RealData, load_digits_data  # noqa: E402
-from dp_ops.generator import GeneratorMeta, PixelDiffusion, train_generator  # noqa: E402
+from dp_ops.engine.data import RealData, load_digits_data  # noqa: E402
+from dp_ops.engine.backends.pixel import GeneratorMeta, PixelDiffusion, train_generator  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from dp_ops.config import build_config, to_tree
-from dp_ops.tracking import round_runs
+from dp_ops.records.tracking import round_runs
 
 from conftest import tiny_tree
 

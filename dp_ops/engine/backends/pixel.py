@@ -1,0 +1,247 @@
+"""The embedded world's generator: a class-conditional pixel diffusion model (diffusers).
+
+A ``UNet2DModel`` with a class embedding predicts ε; one extra class index (``num_classes``) is the
+*null* class, learned by label dropout, so sampling can use classifier-free guidance
+ε̂ = ε_u + s·(ε_c − ε_u). Sampling is DDIM (η = 0), written out step by step so that entropy guidance
+(:mod:`dp_ops.engine.guidance`) can move x_t before each ``scheduler.step``.
+
+Saved with diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
+``<path>/dpops_generator.json`` (what it was trained on, its measured quality).
+"""
+
+from __future__ import annotations
+
+import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DModel
+
+from dp_ops.config import DataConfig, GeneratorConfig
+from dp_ops.engine.data import LabelledImages
+from dp_ops.errors import GeneratorError
+from dp_ops.engine.guidance import entropy, entropy_guidance
+
+Progress = Callable[[int, int], None]  # (completed, total)
+META_FILE = "dpops_generator.json"
+
+
+@dataclass(frozen=True)
+class GeneratorMeta:
+    """What a saved generator was trained on; a run refuses a generator that does not match its data."""
+
+    resolution: int
+    num_classes: int
+    split_seed: int
+    data: str
+    train_iterations: int
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generated images in [-1, 1] with their labels, per-sample seeds and learner entropy (nats)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    seeds: np.ndarray
+    entropy: torch.Tensor
+    unet_evals: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, idx: torch.Tensor) -> Samples:
+        return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
+
+
+class Generator(Protocol):
+    """What the loop needs from a generator backend (``pixel``: :class:`PixelDiffusion`, ``sd``:
+    :class:`dp_ops.engine.backends.sd.StableDiffusion`): one image per label from per-sample seeds, on the CPU, in [-1, 1],
+    scored (and, with ω > 0, entropy-guided) by ``learner``."""
+
+    def sample(
+        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
+        batch_size: int = 256, progress: Progress | None = None,
+    ) -> Samples: ...  # fmt: skip
+
+
+def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
+    levels = len(cfg.channels)
+    down = ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",)  # attention only at the coarsest level
+    up = ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1)
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=cfg.channels,
+        layers_per_block=2,
+        down_block_types=down,
+        up_block_types=up,
+        num_class_embeds=num_classes + 1,  # + the null class used for classifier-free guidance
+        norm_num_groups=8,
+        attention_head_dim=min(cfg.channels[-1], 32),
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    # Cosine ("squaredcos_cap_v2") noise schedule: better than linear for tiny images.
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
+class PixelDiffusion:
+    """A trained UNet plus its scheduler; samples class-conditionally, optionally entropy-guided."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler, meta: GeneratorMeta) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.meta = meta
+
+    @property
+    def null_class(self) -> int:
+        return self.meta.num_classes
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash mid-save never leaves a half-written generator at ``path``."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.unet.save_pretrained(tmp / "unet")
+        self.scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PixelDiffusion:
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
+        meta = GeneratorMeta(**json.loads((path / META_FILE).read_text()))
+        unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)  # no accelerate needed
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        return cls(unet, scheduler, meta)
+
+    def check_matches(self, data: DataConfig) -> None:
+        """Refuse a generator trained on another split: it may have seen this run's val/test images."""
+        for key, mine, theirs in (
+            ("data.resolution", data.resolution, self.meta.resolution),
+            ("data.split_seed", data.split_seed, self.meta.split_seed),
+            ("data.name", data.name, self.meta.data),
+        ):
+            if mine != theirs:
+                raise GeneratorError(
+                    f"{key}={mine!r}: the generator was trained with {theirs!r}; "
+                    "retrain it (dpops generator train) or point generator.path elsewhere"
+                )
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """ε̂ with classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' convention for s)."""
+        n, labels = x_t.shape[0], labels.to(x_t.device)
+        if cfg_scale == 1.0:
+            return self.unet(x_t, t.expand(n), class_labels=labels).sample
+        null = torch.full_like(labels, self.null_class)
+        out = self.unet(torch.cat([x_t, x_t]), t.expand(2 * n), class_labels=torch.cat([labels, null])).sample
+        eps_c, eps_u = out[:n], out[n:]
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    def sample(
+        self,
+        labels: torch.Tensor,
+        seeds: np.ndarray,
+        *,
+        steps: int,
+        cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor],
+        omega: float = 0.0,
+        guide_every: int = 1,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> Samples:
+        """Generate one image per label, from per-sample seeds (sample i is reproducible alone).
+
+        ``learner`` maps images in [-1, 1] to logits: it steers guided steps (ω > 0) and scores the
+        entropy of the final samples either way.
+        """
+        images, ents = [], []
+        evals_per_step = 1 if cfg_scale == 1.0 else 2
+        unet_evals = 0
+        for start in range(0, len(labels), batch_size):
+            sl = slice(start, start + batch_size)
+            x, n_eval = self._sample_batch(labels[sl], seeds[sl], steps, cfg_scale, learner, omega, guide_every)
+            images.append(x)
+            with torch.no_grad():
+                ents.append(entropy(learner(x)).cpu())  # (the learner may run on another device)
+            unet_evals += n_eval * evals_per_step
+            if progress:
+                progress(min(start + batch_size, len(labels)), len(labels))
+        return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), unet_evals)
+
+    def _sample_batch(self, labels, seeds, steps, cfg_scale, learner, omega, guide_every) -> tuple[torch.Tensor, int]:
+        res = self.meta.resolution
+        x = torch.stack([torch.randn(1, res, res, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        x = x.to(self.unet.device)  # noise drawn on the CPU: the same on every device
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)  # a private copy: set_timesteps mutates
+        scheduler.set_timesteps(steps)
+        for i, t in enumerate(scheduler.timesteps):
+
+            def eps_fn(x_t: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
+                return self.eps(x_t, t, labels, cfg_scale)
+
+            if omega > 0 and i % guide_every == 0:
+                step = entropy_guidance(x, eps_fn, scheduler.alphas_cumprod[t], learner, omega)
+                x, eps = step.x_t, step.eps
+            else:
+                with torch.no_grad():
+                    eps = eps_fn(x)
+            x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep
+        return x.clamp(-1, 1).cpu(), len(scheduler.timesteps) * x.shape[0]
+
+
+def train_generator(
+    cfg: GeneratorConfig, data: LabelledImages, *, meta: GeneratorMeta, seed: int, progress: Progress | None = None
+) -> PixelDiffusion:
+    """Train the UNet with the standard ε-prediction loss; labels are dropped to the null class with
+    probability ``cfg.label_dropout`` so one network is both conditional and unconditional (CFG).
+    Weights are an exponential moving average (decay 0.995, a ~200-step horizon) of the trained ones, which samples cleaner.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = build_unet(cfg, meta.resolution, meta.num_classes, in_channels=data.images.shape[1])
+    ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
+    scheduler = build_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train_lr, weight_decay=0.0)
+    warmup = max(1, cfg.train_iterations // 20)
+    unet.train()
+    for it in range(cfg.train_iterations):
+        lr_factor = min(1.0, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / cfg.train_iterations))
+        for group in opt.param_groups:
+            group["lr"] = cfg.train_lr * lr_factor
+        idx = torch.randint(len(data), (cfg.train_batch_size,), generator=rng)
+        x0, y = data.images[idx], data.labels[idx].clone()
+        y[torch.rand(len(y), generator=rng) < cfg.label_dropout] = meta.num_classes
+        noise = torch.randn(x0.shape, generator=rng)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=rng)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(unet)
+        if progress:
+            progress(it + 1, cfg.train_iterations)
+    unet.load_state_dict(ema.module.state_dict())
+    return PixelDiffusion(unet, scheduler, meta)

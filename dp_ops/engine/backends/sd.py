@@ -1,0 +1,207 @@
+"""The text-to-image world's generator: a diffusers Stable Diffusion pipeline prompted with class names.
+
+Notation (as in :mod:`dp_ops.engine.guidance`):
+    z_t     the latent being denoised, (n, 4, H/f, W/f) for a VAE with downsampling factor f
+    ε̂       ε_θ(z_t, t, c) with classifier-free guidance, ε_u + s·(ε_c − ε_u), s in diffusers' convention
+    x̂0      the DDIM estimate of the clean *latent* from z_t and ε̂
+    D(·)    the VAE decoder, applied to x̂0 / scaling_factor; gives an image in [-1, 1]
+
+Entropy guidance is :func:`dp_ops.engine.guidance.entropy_guidance` itself, the same function the pixel backend
+uses; the latent backend only supplies ``to_learner`` = D with gradient, resized to the learner's
+input. DDIM (η = 0) is written out step by step, like the pixel backend, so guidance moves z_t before
+each ``scheduler.step``. Noise comes from one CPU ``torch.Generator`` per sample seed: a sample is
+reproducible alone, on any device, whatever batch it was drawn in.
+
+The pipeline is loaded component by component with ``from_pretrained`` from a local folder in diffusers'
+``save_pretrained`` layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a hub
+id; the safety checker is never loaded. The saved scheduler's schedule (betas, offsets) is kept, its
+sampler replaced by DDIM.
+"""
+
+from __future__ import annotations
+
+import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from dp_ops.errors import GeneratorError
+from dp_ops.engine.backends.pixel import Progress, Samples
+from dp_ops.engine.guidance import entropy, entropy_guidance
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class SDSettings:
+    """How a loaded pipeline samples: prompt template, image sizes, device and precision."""
+
+    prompt: str = "{name}"  # {name}: the class name
+    resolution: int = 0  # side of generated images; 0 = the UNet's sample_size × the VAE factor
+    output_resolution: int = 0  # side of returned (stored) images; 0 = resolution
+    learner_resolution: int = 0  # side of the learner's input; 0 = output_resolution
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    vae_slicing: bool = False
+    attention_slicing: bool = False
+
+
+@contextmanager
+def quiet_hub_libraries() -> Iterator[None]:
+    """Silence diffusers'/transformers' loading logs and progress bars (library code prints nothing)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, verbosity, bar in saved:
+            m.set_verbosity(verbosity)
+            (m.enable_progress_bar if bar else m.disable_progress_bar)()
+
+
+def fit(images: Tensor, size: int) -> Tensor:
+    """Square images resized to ``size`` (antialiased; differentiable). Unchanged if already that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class StableDiffusion:
+    """UNet, VAE, text encoder and tokenizer of an SD pipeline; samples class-conditionally by prompt,
+    optionally entropy-guided. Same ``sample`` contract as :class:`dp_ops.engine.backends.pixel.PixelDiffusion`."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, class_names, settings: SDSettings):
+        s = settings
+        self.device, self.dtype = torch.device(s.device), s.dtype
+        with quiet_hub_libraries():  # diffusers warns about casting with .to(); SD-1.5 has nothing to keep
+            self.unet, self.vae, self.text_encoder = (
+                m.to(self.device, self.dtype).eval().requires_grad_(False) for m in (unet, vae, text_encoder)
+            )
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.class_names = tuple(class_names)
+        if s.vae_slicing:
+            self.vae.enable_slicing()
+        if s.attention_slicing:
+            self.unet.set_attention_slice("auto")
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = s.resolution or self.unet.config.sample_size * self.vae_factor
+        self._check_resolution()
+        self.output_resolution = s.output_resolution or self.resolution
+        self.learner_resolution = s.learner_resolution or self.output_resolution
+        self.prompts = tuple(s.prompt.format(name=n) for n in self.class_names)
+        self.cond = self._encode(list(self.prompts))  # (K, L, D): one text embedding per class
+        self.uncond = self._encode([""])  # (1, L, D): the empty prompt, for classifier-free guidance
+
+    @classmethod
+    def load(cls, model: str, class_names, settings: SDSettings) -> StableDiffusion:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            with quiet_hub_libraries():
+                tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+                text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+                vae = AutoencoderKL.from_pretrained(model, subfolder="vae", low_cpu_mem_usage=False)
+                unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", low_cpu_mem_usage=False)
+                scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
+        except (OSError, ValueError, KeyError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = f"generator.model={model!r}: cannot load a Stable Diffusion pipeline: {reason}"
+            raise GeneratorError(message) from None
+        return cls(unet, vae, text_encoder, tokenizer, scheduler_config, class_names, settings)
+
+    def _check_resolution(self) -> None:
+        multiple = self.vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if self.resolution % multiple:
+            raise GeneratorError(
+                f"generator.resolution={self.resolution}: must be a multiple of {multiple} for this model"
+            )
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> Tensor:
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return self.text_encoder(ids.input_ids.to(self.device))[0]
+
+    # ---- the pieces of a denoising step ---------------------------------------------------------
+    def eps(self, z_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
+        """ε̂ with classifier-free guidance (one batched UNet call for both halves), in float32."""
+        n, cond = z_t.shape[0], self.cond[labels]
+        if cfg_scale == 1.0:
+            return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
+        text = torch.cat([cond, self.uncond.expand(n, -1, -1)])
+        out = self.unet(torch.cat([z_t, z_t]).to(self.dtype), t, encoder_hidden_states=text).sample.float()
+        eps_c, eps_u = out.chunk(2)
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    def decode(self, z0: Tensor) -> Tensor:
+        """D(x̂0 / scaling_factor): latents to images in (about) [-1, 1], float32; differentiable."""
+        cfg = self.vae.config
+        z = z0 / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        return self.vae.decode(z.to(self.dtype)).sample.float()
+
+    def to_learner(self, z0: Tensor) -> Tensor:
+        """How x̂0 becomes the learner's input: decode with gradient, resize to the learner's side."""
+        return fit(self.decode(z0), self.learner_resolution)
+
+    def noise(self, seeds: np.ndarray) -> Tensor:
+        shape = (self.unet.config.in_channels, self.resolution // self.vae_factor, self.resolution // self.vae_factor)
+        z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(z).to(self.device)
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def sample_latents(
+        self, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
+        learner: Callable[[Tensor], Tensor], omega: float = 0.0, guide_every: int = 1,
+    ) -> Tensor:  # fmt: skip
+        """Final latents z_0 of one batch (DDIM, entropy-guided at every ``guide_every``-th step if ω > 0)."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # a private copy: set_timesteps mutates
+        scheduler.set_timesteps(steps)
+        z = self.noise(seeds) * scheduler.init_noise_sigma
+        labels = labels.to(self.device)
+        for i, t in enumerate(scheduler.timesteps):
+
+            def eps_fn(z_t: Tensor, t: Tensor = t) -> Tensor:
+                return self.eps(scheduler.scale_model_input(z_t, t), t, labels, cfg_scale)
+
+            if omega > 0 and i % guide_every == 0:
+                step = entropy_guidance(z, eps_fn, scheduler.alphas_cumprod[t], learner, omega, self.to_learner)
+                z, eps = step.x_t, step.eps
+            else:
+                with torch.no_grad():
+                    eps = eps_fn(z)
+            z = scheduler.step(eps, t, z).prev_sample  # exactly once per timestep
+        return z
+
+    def sample(
+        self, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
+        learner: Callable[[Tensor], Tensor], omega: float = 0.0, guide_every: int = 1, batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> Samples:  # fmt: skip
+        """One image per label (prompt of its class) from per-sample seeds, at ``output_resolution`` on the
+        CPU; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps and scores
+        the entropy of the returned images either way."""
+        images, ents = [], []
+        for start in range(0, len(labels), batch_size):
+            sl = slice(start, start + batch_size)
+            z = self.sample_latents(labels[sl], seeds[sl], steps=steps, cfg_scale=cfg_scale, learner=learner,
+                                    omega=omega, guide_every=guide_every)  # fmt: skip
+            with torch.no_grad():
+                x = fit(self.decode(z).clamp(-1, 1), self.output_resolution).clamp(-1, 1)
+                ents.append(entropy(learner(fit(x, self.learner_resolution))).cpu())
+            images.append(x.cpu())
+            if progress:
+                progress(min(start + batch_size, len(labels)), len(labels))
+        evals = steps * len(labels) * (1 if cfg_scale == 1.0 else 2)
+        return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)

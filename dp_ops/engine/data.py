@@ -1,0 +1,142 @@
+"""Real data of the embedded world and the synthetic pool the learner trains on.
+
+scikit-learn's bundled digits (1,797 8×8 images, 10 classes, no download) are split once, by
+``data.split_seed``, into three disjoint parts:
+
+- ``gen_train``: trains the generator (and the quality judge); the learner never sees it;
+- ``val``: real validation, the only signal that drives patience (a decision);
+- ``test``: held-out real test, reported at the end and never used for any decision.
+
+Images are float tensors in [-1, 1] of shape (n, 1, R, R), upsampled bilinearly to the resolution R
+the generator works at. (The text-to-image world reads image folders instead: :mod:`dp_ops.engine.folders`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dp_ops.config import DataConfig
+
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images in [-1, 1], shape (n, C, R, R), with integer labels, shape (n,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class RealData:
+    gen_train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
+    num_classes: int
+    resolution: int
+    class_names: tuple[str, ...] = ()  # what prompts call each class, in label order
+
+
+def load_digits_data(cfg: DataConfig) -> RealData:
+    """Load, split (stratified, deterministic in ``cfg.split_seed``) and upsample the digits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
+    y = digits.target.astype(np.int64)
+    idx = np.arange(len(y))
+    held_fraction = cfg.val_fraction + cfg.test_fraction
+    gen_idx, held_idx = train_test_split(idx, test_size=held_fraction, stratify=y, random_state=cfg.split_seed)
+    val_idx, test_idx = train_test_split(
+        held_idx, test_size=cfg.test_fraction / held_fraction, stratify=y[held_idx], random_state=cfg.split_seed
+    )
+
+    def part(ix: np.ndarray) -> LabelledImages:
+        images = torch.from_numpy(x[np.sort(ix)]).unsqueeze(1)
+        return LabelledImages(to_model_range(upsample(images, cfg.resolution)), torch.from_numpy(y[np.sort(ix)]))
+
+    names = tuple(str(i) for i in range(NUM_CLASSES))
+    return RealData(part(gen_idx), part(val_idx), part(test_idx), NUM_CLASSES, cfg.resolution, class_names=names)
+
+
+def upsample(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    if images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def to_model_range(images01: torch.Tensor) -> torch.Tensor:
+    return images01 * 2 - 1
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 0..255 (what shards and sample grids store)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> [-1, 1] floats."""
+    return images.float() / 127.5 - 1
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round to the 256 levels a shard stores, so the pool trained on is exactly the versioned data
+    (and a resumed run, whose pool is rebuilt from shards, trains on the same numbers)."""
+    return from_uint8(to_uint8(images))
+
+
+class Pool:
+    """The growing synthetic training pool. Old data is never dropped (Algorithm 1, step 3).
+
+    ``as_uint8`` holds the images as 8 bits (4× less memory, what a pool of 256² images needs). It is only
+    for images already on the 256 levels shards store (:func:`quantize`), as the loop's pool is: they
+    then come back bit-identical.
+    """
+
+    def __init__(self, as_uint8: bool = False) -> None:
+        self.as_uint8 = as_uint8
+        self._images: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._cat: LabelledImages | None = None
+
+    def add(self, data: LabelledImages) -> None:
+        images = data.images.detach()
+        self._images.append(to_uint8(images) if self.as_uint8 else images)
+        self._labels.append(data.labels)
+        self._cat = None
+
+    def __len__(self) -> int:
+        return sum(int(t.shape[0]) for t in self._labels)
+
+    def _stored(self) -> LabelledImages:
+        if self._cat is None:
+            self._cat = LabelledImages(torch.cat(self._images), torch.cat(self._labels))
+        return self._cat
+
+    def _floats(self, images: torch.Tensor) -> torch.Tensor:
+        return from_uint8(images) if self.as_uint8 else images
+
+    def as_tensors(self) -> LabelledImages:
+        data = self._stored()
+        return LabelledImages(self._floats(data.images), data.labels)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> LabelledImages:
+        """A mini-batch drawn uniformly (with replacement) from the whole pool."""
+        data = self._stored()
+        idx = torch.randint(len(data), (batch_size,), generator=generator)
+        return LabelledImages(self._floats(data.images[idx]), data.labels[idx])
+
+
+def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` labels as even over classes as possible, in random order."""
+    labels = torch.arange(n) % num_classes
+    return labels[torch.randperm(n, generator=generator)]

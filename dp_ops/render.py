@@ -1,0 +1,100 @@
+"""What the CLI shows: progress bars fed by loop events, and the end-of-run table and summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import Progress, TaskID
+from rich.table import Table
+
+from dp_ops.studies.bench_stats import ArmStats
+from dp_ops.studies.bench import JobResult
+from dp_ops.config import Config
+from dp_ops.engine.backends.pixel import Samples
+from dp_ops.engine.loop import Observer, RoundRecord, RunResult
+
+
+class RichObserver(Observer):
+    """One bar for training (whole budget) and one per round of generation."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._train: TaskID | None = None
+        self._gen: TaskID | None = None
+        self._round = 0
+        self._acc = float("nan")
+
+    def on_progress(self, task: str, completed: int, total: int) -> None:
+        if task == "train":
+            if self._train is None:
+                self._train = self.progress.add_task("train learner", total=total)
+            self.progress.update(self._train, completed=completed, description=f"train (val {self._acc:.3f})")
+        else:
+            if self._gen is None:
+                self._gen = self.progress.add_task(f"generate round {self._round}", total=total)
+            self.progress.update(self._gen, completed=completed, total=total)
+
+    def on_eval(self, iteration: int, val_acc: float) -> None:
+        self._acc = val_acc
+
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+        if self._gen is not None:
+            self.progress.remove_task(self._gen)
+            self._gen = None
+        self._round = record.round + 1
+
+
+def rounds_table(result: RunResult) -> Table:
+    table = Table(title="rounds (trigger: val acc that triggered it; H: learner entropy of new samples, nats)",
+                  title_justify="left")
+    for col in ("round", "iter", "trigger", "new", "gen'd", "pool", "H mean", "H p90", "T_max", "gen s", "train s"):
+        table.add_column(col, justify="right")
+    for r in result.records:
+        trigger = "—" if r.val_acc_at_trigger is None else f"{r.val_acc_at_trigger:.3f}"
+        table.add_row(
+            str(r.round), str(r.iteration), trigger, str(r.n_new), str(r.n_generated), str(r.pool_size),
+            f"{r.entropy_mean:.3f}", f"{r.entropy_p90:.3f}", str(r.patience), f"{r.gen_seconds:.1f}",
+            f"{r.train_seconds:.1f}",
+        )  # fmt: skip
+    return table
+
+
+def print_run(console: Console, cfg: Config, result: RunResult) -> None:
+    s = result.summary
+    console.print(rounds_table(result))
+    console.print(
+        f"[bold]{s.strategy}[/] (ω={cfg.dp.omega:g}, seed={cfg.seed}): "
+        f"final val acc [bold]{s.final_val_acc:.4f}[/], held-out test acc [bold]{s.final_test_acc:.4f}[/] "
+        f"(best val {s.best_val_acc:.4f})\n"
+        f"pool {s.pool_size} samples from {s.generated_samples} generated in {s.rounds} rounds after round 0; "
+        f"{s.iterations} iterations; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s\n"
+        f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}",
+        soft_wrap=True,
+    )
+
+
+def bench_table(rows: Sequence[ArmStats]) -> Table:
+    """The benchmark's one table: an arm per row, mean ± sd over its seeds."""
+    seeds = sorted({r.seeds for r in rows})
+    table = Table("strategy", "ω / r / N", "generated", "kept pool", "iters", "gen s", "UNet evals", "val acc",
+                  "test acc", title="DP vs static vs oversample-then-prune: mean ± sd over "
+                  f"{'/'.join(map(str, seeds))} seed(s)", title_justify="left")  # fmt: skip
+    for r in rows:
+        m, sd = r.mean, r.sd
+        table.add_row(r.strategy, r.setting, f"{m['generated_samples']:,.0f}", f"{m['pool_size']:,.0f}",
+                      f"{m['iterations']:,.0f}", f"{m['gen_seconds']:.1f}", f"{m['unet_evals']:.3g}",
+                      f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
+                      f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}")  # fmt: skip
+    return table
+
+
+def print_bench_result(console: Console, r: JobResult) -> None:
+    """One line per benchmark run as it ends."""
+    if r.metrics is not None:
+        m = r.metrics
+        console.print(f"{r.arm} seed {r.seed}: val {m['final_val_acc']:.4f} test {m['final_test_acc']:.4f} "
+                      f"pool {m['pool_size']} generated {m['generated_samples']}  run {r.run_id}"
+                      + (" (resumed)" if r.resumed else ""), soft_wrap=True, highlight=False)  # fmt: skip
+    elif r.error:
+        console.print(f"[red]{r.arm} seed {r.seed} FAILED[/]: {r.error}", soft_wrap=True, highlight=False)

@@ -1,0 +1,256 @@
+"""From a validated config to a finished experiment: the library entry points the CLI, DVC stages and
+sweeps call. Checks everything that can be checked before work starts (model names, devices, generator
+folder, image-folder layout), loads or trains the generator, runs the loop, writes the metrics files.
+
+Generator backends are chosen by name (``generator.backend``, :data:`BACKENDS`): ``pixel`` is trained
+here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
+``generator.model``, never trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dp_ops.config import Config, from_flat
+from dp_ops.engine.data import RealData, load_digits_data
+from dp_ops.engine.devices import DTYPES, check_devices, resolve_device
+from dp_ops.errors import ConfigError, DataError
+from dp_ops.engine.backends.pixel import META_FILE, Generator, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.engine.learner import known_models
+from dp_ops.engine.loop import DPLoop, Observer, RunResult
+from dp_ops.engine.quality import Quality, measure_quality
+from dp_ops.records.tracking import MlflowTracker, round_runs, shard_md5s
+from dp_ops.records.versioning import DvcVersioner
+
+Progress = Callable[[int, int], None]
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need more than the config's own types; run before any work starts."""
+    if cfg.learner.model not in known_models():
+        raise ConfigError(
+            f"learner.model={cfg.learner.model!r}: not a registered timm model "
+            "(e.g. dpops_convnet, dpops_convnet_tiny, resnet18; see timm.list_models())"
+        )
+    check_devices(cfg)
+    if cfg.data.name == "folder":
+        from dp_ops.engine.folders import scan_folders
+
+        scan_folders(cfg.data)  # layout only; unreadable files surface in load_real_data, still before work
+    if cfg.generator.backend == "sd":
+        _check_sd_model(cfg.generator.model)
+        return
+    path = Path(cfg.generator.path)
+    if path.exists() and not (path / META_FILE).is_file():
+        raise ConfigError(
+            f"generator.path={cfg.generator.path!r}: exists but holds no trained generator "
+            f"({META_FILE} missing); use an empty or new folder to train one there"
+        )
+
+
+def _check_sd_model(model: str) -> None:
+    """A local pipeline folder must have diffusers' layout; anything else is taken for a hub id."""
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+    if not looks_local:
+        return
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"generator.model={model!r}: not a Stable Diffusion pipeline folder (no {', '.join(missing)}/; "
+            "expected the save_pretrained layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+
+
+def load_real_data(cfg: Config) -> RealData:
+    if cfg.data.name == "folder":
+        from dp_ops.engine.folders import load_folder_data
+
+        return load_folder_data(cfg.data)
+    return load_digits_data(cfg.data)
+
+
+def generator_exists(cfg: Config) -> bool:
+    """Is the generator ready to load (a pretrained ``sd`` pipeline always is; ``pixel`` once trained)?"""
+    if cfg.generator.backend != "pixel":
+        return True
+    return (Path(cfg.generator.path) / META_FILE).is_file()
+
+
+def train_and_save_generator(
+    cfg: Config, real: RealData, *, progress: Progress | None = None, quality_progress: Progress | None = None
+) -> tuple[PixelDiffusion, Quality]:
+    """Train on the generator-train split, measure quality with a real-data judge, save to generator.path."""
+    if cfg.generator.backend != "pixel":
+        raise ConfigError(
+            f"generator.backend={cfg.generator.backend!r}: a pretrained pipeline (generator.model) is not "
+            "trained here; only the pixel generator is"
+        )
+    meta = GeneratorMeta(
+        resolution=cfg.data.resolution, num_classes=real.num_classes, split_seed=cfg.data.split_seed,
+        data=cfg.data.name, train_iterations=cfg.generator.train_iterations,
+    )  # fmt: skip
+    generator = train_generator(cfg.generator, real.gen_train, meta=meta, seed=cfg.data.split_seed, progress=progress)
+    quality = measure_quality(generator, real, cfg.generator, seed=cfg.data.split_seed, progress=quality_progress)
+    generator = PixelDiffusion(generator.unet, generator.scheduler, _with_quality(meta, quality))
+    generator.save(cfg.generator.path)
+    return generator, quality
+
+
+def load_pixel(cfg: Config, real: RealData | None = None) -> PixelDiffusion:
+    generator = PixelDiffusion.load(cfg.generator.path)
+    generator.check_matches(cfg.data)
+    return generator
+
+
+def load_sd(cfg: Config, real: RealData | None = None) -> Generator:
+    """The pipeline at ``generator.model`` on ``device``, prompting with the real data's class names."""
+    from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+
+    if real is not None:
+        names = real.class_names
+    else:
+        from dp_ops.engine.folders import scan_folders
+
+        names = scan_folders(cfg.data).names
+    g, d = cfg.generator, cfg.data
+    settings = SDSettings(
+        prompt=g.prompt, resolution=g.resolution, output_resolution=d.stored_resolution,
+        learner_resolution=d.resolution, device=str(resolve_device(cfg.device)), dtype=DTYPES[g.dtype],
+        vae_slicing=g.vae_slicing, attention_slicing=g.attention_slicing,
+    )  # fmt: skip
+    return StableDiffusion.load(g.model, names, settings)
+
+
+BACKENDS: dict[str, Callable[[Config, RealData | None], Generator]] = {"pixel": load_pixel, "sd": load_sd}
+
+
+def load_generator(cfg: Config, real: RealData | None = None) -> Generator:
+    """The generator of ``generator.backend``, ready to sample (``real`` saves re-reading class names)."""
+    return BACKENDS[cfg.generator.backend](cfg, real)
+
+
+def shard_format(cfg: Config) -> str:
+    """``data.shard_format``, with ``auto`` = PNG for the text-to-image world, raw uint8 for pixels."""
+    if cfg.data.shard_format != "auto":
+        return cfg.data.shard_format
+    return "png" if cfg.generator.backend == "sd" else "raw"
+
+
+def run_tracked(
+    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (),
+    resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
+    """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
+    checkpoint after every round; ``tags`` go on the MLflow run (e.g. a sweep's study and trial). With
+    ``resume_run_id`` continue that interrupted run where its last completed round left off (``cfg`` must
+    be the run's own, see :func:`resume_config`)."""
+    from dp_ops.records.checkpoint import Checkpointer, checkpoint_path
+
+    tracker = MlflowTracker(cfg, run_id=resume_run_id, tags=tags)
+    with tracker.lifecycle():
+        round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
+        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega, shard_format(cfg))
+        tracker.shards = versioner
+        ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
+        loop = DPLoop(cfg, generator, real, [*observers, versioner, tracker, Checkpointer(ckpt)])
+        if resume_run_id is not None:
+            _restore_loop(loop, tracker, versioner, ckpt)
+        result = loop.run()
+        report = result.to_dict()
+        write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
+        write_json(cfg.output.rounds, report)  # round records and the validation curve
+    return result, tracker, versioner
+
+
+def resume_config(run_id: str, tracking_uri: str) -> Config:
+    """The config an interrupted run was started with (its MLflow params), after checking it can resume."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise DataError(f"--resume {run_id}: no such run in {tracking_uri}") from None
+    if run.data.tags.get("dpops.role") != "experiment":
+        raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
+    if run.info.status == "FINISHED":
+        raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
+    return from_flat(run.data.params)
+
+
+def _restore_loop(loop: DPLoop, tracker: MlflowTracker, versioner: DvcVersioner, ckpt: Path) -> None:
+    from dp_ops.records.checkpoint import load_checkpoint
+    from dp_ops.records.versioning import md5_file, read_shard, restore_shard, shard_data
+
+    if not ckpt.is_file():
+        raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
+    state = load_checkpoint(ckpt)
+    last = state["records"][-1]["round"]
+    md5s = shard_md5s(tracker.drop_rounds_after(last))
+    increments = []
+    for k in range(last + 1):
+        path, want = versioner.shard_path(k), md5s.get(k)
+        have = md5_file(path) if path.is_file() else None
+        if want and have != want and versioner.root is not None:
+            have = md5_file(restore_shard(versioner.root, want, path))  # the workspace copy is gone or damaged
+        if want and have != want:
+            raise DataError(f"{path}: md5 {have} differs from the registry's {want}")
+        increments.append(shard_data(read_shard(path)))
+        versioner.record(k, path, have, "resumed")
+    loop.load_state_dict(state, increments)
+
+
+def restore_run_data(
+    run_id: str, dest: Path, *, tracking_uri: str, round_index: int | None = None, pool: bool = False,
+    root: Path | None = None,
+) -> list[Path]:
+    """Rebuild shards of an MLflow run from the DVC cache (or remote) with only the registry's md5s.
+
+    No ``round_index``: every round (the final pool). ``round_index`` alone: that round's increment.
+    With ``pool``: rounds 0..round_index, the pool as it stood after that round.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dp_ops.records.versioning import dvc_root, restore_shard, shard_name
+
+    root = root or dvc_root(Path.cwd())
+    if root is None:
+        raise DataError(f"{Path.cwd()}: not inside a DVC workspace (no .dvc/ here or above)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        rounds = round_runs(client, run_id)
+    except MlflowException:
+        raise DataError(f"run {run_id!r}: not found in {tracking_uri}") from None
+    shards = shard_md5s(rounds)
+    if round_index is not None and round_index not in shards:
+        raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
+    wanted = sorted(shards) if round_index is None else (
+        [k for k in sorted(shards) if k <= round_index] if pool else [round_index])  # fmt: skip
+    restored = []
+    for k in wanted:
+        if not shards[k]:
+            raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
+        restored.append(restore_shard(root, shards[k], dest / shard_name(k)))
+    return restored
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write-then-rename, so a reader (DVC, a dashboard) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _with_quality(meta: GeneratorMeta, quality: Quality) -> GeneratorMeta:
+    return GeneratorMeta(**{**meta.__dict__, "quality": quality.to_dict()})

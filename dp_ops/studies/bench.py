@@ -1,0 +1,325 @@
+"""Does DP beat static generation and oversample-then-prune? The benchmark that answers in numbers.
+
+Arms, each run with the same seeds, learner, iteration budget and evaluation (only the acquisition step
+differs; every run is an ordinary tracked experiment, so ``dpops scaling`` reads them too):
+
+- ``static`` at every size of ``sweep.static_sizes``: all data generated up front, unguided;
+- ``dp`` at the configured ω, and at ω = 0: the same dynamic schedule without guidance, which isolates
+  what entropy guidance adds;
+- ``oversample`` at ratios r (2, 4, 8): the same N, P and patience as dp, so the kept pool grows by the
+  same P per round, but each round generates r·P unguided samples and keeps the P of highest entropy.
+
+The table, the headline ratios (data multiplier, generation-compute multiplier vs oversample, guidance
+effect) and the plot are :mod:`dp_ops.studies.bench_stats`. The held-out test split is reported only; nothing
+here chooses anything by it.
+
+Runs execute in ``workers`` processes with ``threads`` torch threads each, so every run of a benchmark
+is timed under the same conditions. A benchmark is identified by its resolved base config (the
+``dpops.bench`` tag): re-running it reuses FINISHED runs and resumes interrupted ones from their last
+completed round, so Ctrl-C or a crash loses nothing that was finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dp_ops.studies.bench_stats import ArmStats, Headline, headline, plot, summarise
+from dp_ops.config import Config, flatten, load_config
+from dp_ops.errors import ConfigError
+from dp_ops.engine.loop import Observer
+from dp_ops.studies.scaling import json_ready
+
+RATIOS = (2, 4, 8)
+# --quick, a smoke check of the whole benchmark in minutes: one seed, the two smallest static sizes, r = 4,
+# a third of the iteration budget
+QUICK_RATIOS = (4,)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One strategy at one setting, e.g. ``dp ω=0.05``; ``overrides`` are params.yaml keys."""
+
+    strategy: str
+    setting: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy} {self.setting}"
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    bench_id: str  # the dpops.bench tag: mode + hash of the resolved base config
+    base: tuple[str, ...]  # overrides every run shares
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    dp_arm: str
+    dp0_arm: str
+
+
+@dataclass(frozen=True)
+class Job:
+    arm: Arm
+    seed: int
+    overrides: tuple[str, ...]  # the whole run's overrides on top of the params file
+    resume_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    arm: str
+    seed: int
+    metrics: dict[str, Any] | None  # the run's summary; None if it did not finish
+    run_id: str = ""
+    resumed: bool = False
+    error: str = ""  # why it did not finish ("" and no metrics: interrupted, resumable)
+
+
+def plan(
+    params: Path | None, overrides: Sequence[str], *, static_sizes: Sequence[int], seeds: Sequence[int],
+    experiment: str, quick: bool = False, ratios: Sequence[int] = RATIOS,
+) -> tuple[BenchPlan, Config]:  # fmt: skip
+    """The arms and seeds of a benchmark, every arm's config validated before any work starts."""
+    if not seeds:
+        raise ConfigError("--seeds: need at least one seed")
+    if not ratios or min(ratios) < 2:
+        raise ConfigError(f"--ratio {min(ratios, default=None)}: give oversampling ratios >= 2")
+    if len(static_sizes) < 2:
+        raise ConfigError(f"sweep.static_sizes={list(static_sizes)}: the benchmark needs >= 2 static sizes")
+    base = [*overrides, f"tracking.experiment={experiment}"]
+    if quick:
+        iterations = load_config(params, base).train.iterations
+        base = [f"train.iterations={max(iterations // 3, 1)}", *base]
+        static_sizes, ratios, seeds = sorted(static_sizes)[:2], QUICK_RATIOS, seeds[:1]
+    cfg = load_config(params, base)
+    if cfg.dp.omega == 0:
+        raise ConfigError("dp.omega=0: the benchmark compares dp at dp.omega > 0 with dp at ω=0; set dp.omega > 0")
+    dp = Arm("dp", f"ω={cfg.dp.omega:g}", ("dp.strategy=dp",))
+    dp0 = Arm("dp", "ω=0", ("dp.strategy=dp", "dp.omega=0"))
+    arms = [Arm("static", f"N={n}", ("dp.strategy=static", f"dp.initial_size={n}")) for n in sorted(static_sizes)]
+    arms += [dp, dp0, *(Arm("oversample", f"r={r}", ("dp.strategy=oversample", f"dp.oversample_ratio={r}"))
+                        for r in sorted(ratios))]  # fmt: skip
+    for arm in arms:
+        load_config(params, [*base, *arm.overrides])
+    digest = hashlib.md5(repr(sorted(flatten(cfg).items())).encode()).hexdigest()[:8]
+    bench_id = ("quick-" if quick else "full-") + digest
+    return BenchPlan(bench_id, tuple(base), tuple(arms), tuple(seeds), dp.name, dp0.name), cfg
+
+
+def jobs(bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[str, int], str], out: Path) -> list[Job]:
+    """The runs still to make (interrupted ones resume), the most generation first so workers end together."""
+    todo = []
+    for arm in bp.arms:
+        for seed in bp.seeds:
+            if (arm.name, seed) in done:
+                continue
+            run_dir = out / "runs" / f"{arm.strategy}-{arm.setting.replace('=', '')}-seed{seed}"
+            overrides = (*bp.base, *arm.overrides, f"seed={seed}", f"output.metrics={run_dir / 'metrics.json'}",
+                         f"output.rounds={run_dir / 'rounds.json'}")  # fmt: skip
+            todo.append(Job(arm, seed, overrides, resumable.get((arm.name, seed))))
+    position = {arm.name: i for i, arm in enumerate(bp.arms)}
+    rank = {"oversample": 0, "static": 1, "dp": 2}
+    return sorted(todo, key=lambda j: (rank[j.arm.strategy], -position[j.arm.name], j.seed))
+
+
+def registry_state(client: Any, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
+    """From MLflow: FINISHED runs' metrics, and interrupted runs that have a checkpoint, by (arm, seed)."""
+    from dp_ops.records.checkpoint import checkpoint_path
+
+    runs = client.search_runs([experiment_id], f"tags.`dpops.bench` = '{bench_id}'", max_results=10_000,
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
+    done: dict[tuple[str, int], dict[str, float]] = {}
+    resumable: dict[tuple[str, int], str] = {}
+    for r in runs:
+        key = (r.data.tags["dpops.arm"], int(r.data.params["seed"]))
+        if r.info.status == "FINISHED":
+            done.setdefault(key, r.data.metrics)
+        elif checkpoint_path(r.data.params["output.checkpoints"], r.info.run_id).is_file():
+            resumable.setdefault(key, r.info.run_id)
+    return done, {k: v for k, v in resumable.items() if k not in done}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A benchmark ready to run: its plan, where its runs live, and what is left to do."""
+
+    plan: BenchPlan
+    cfg: Config
+    uri: str
+    experiment_id: str
+    finished: int  # runs of this benchmark that FINISHED earlier
+    todo: tuple[Job, ...]
+    workers: int
+    threads: int
+
+    @property
+    def resuming(self) -> int:
+        return sum(j.resume_run_id is not None for j in self.todo)
+
+
+def prepare(
+    params: Path | None, overrides: Sequence[str], *, seeds: int, ratios: Sequence[int], quick: bool,
+    experiment: str, out: Path, workers: int = 0,
+) -> Prepared:  # fmt: skip
+    """Plan and check everything before work starts; create the MLflow store and experiment (before any
+    worker could race to create them); find what earlier invocations finished or left interrupted.
+    ``workers`` 0: one per CPU core with one torch thread each, or 1 when the learner runs on CUDA."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from dp_ops.config import load_tree
+    from dp_ops.engine.devices import resolve_device
+    from dp_ops.runner import preflight
+    from dp_ops.studies.sweep import sweep_config
+    from dp_ops.records.tracking import get_or_create_experiment, tracking_uri
+
+    sizes = sweep_config(load_tree(params, overrides)).static_sizes
+    bp, cfg = plan(params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick,
+                   ratios=ratios)  # fmt: skip
+    preflight(cfg)
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
+    done, resumable = registry_state(client, exp_id, bp.bench_id)
+    todo = jobs(bp, done, resumable, out)
+    cores = os.cpu_count() or 1
+    n = workers or (1 if resolve_device(cfg.device).type == "cuda" else cores)
+    n = max(1, min(n, len(todo) or 1))
+    return Prepared(bp, cfg, uri, exp_id, len(done), tuple(todo), n, max(1, cores // n))
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    rows: tuple[ArmStats, ...]
+    headline: Headline | None
+    json_path: Path
+    png_path: Path
+    run_id: str  # the MLflow run (dpops.role=benchmark) holding both files
+
+
+def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
+    """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
+    from mlflow import MlflowClient
+
+    done, _ = registry_state(MlflowClient(p.uri), p.experiment_id, p.plan.bench_id)
+    rows = summarise(done, p.plan.arms, p.plan.seeds)
+    h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
+    json_path, png, run_id = write_report(p.plan, rows, h, out, uri=p.uri, experiment=p.cfg.tracking.experiment,
+                                          wall_seconds=wall_seconds)  # fmt: skip
+    return BenchReport(tuple(rows), h, json_path, png, run_id)
+
+
+def scaling_command(p: Prepared) -> str:
+    """``dpops scaling`` over this benchmark's runs (DP at ω = 0 left out: it is not the dp strategy's law)."""
+    return (f"dpops scaling --experiment {p.cfg.tracking.experiment} --x generated_samples --filter "
+            f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\"")  # fmt: skip
+
+
+# ---- running in worker processes ---------------------------------------------------------------------
+class _Stop(Observer):
+    """Turns the parent's stop request (Ctrl-C) into KeyboardInterrupt at the run's next loop event, so it
+    ends KILLED with its last completed round checkpointed, as Ctrl-C on ``dpops run`` would."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def on_progress(self, task: str, completed: int, total: int) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(threads: int, params: Path | None, bench_id: str, stop: Any) -> None:
+    import logging
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
+    torch.set_num_threads(threads)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _WORKER.update(params=params, bench_id=bench_id, stop=stop)
+
+
+def _run_job(job: Job) -> JobResult:
+    """One benchmark run in a worker (which loads the generator and the real data once)."""
+    from dp_ops import runner
+
+    w = _WORKER
+    if w["stop"].is_set():
+        return JobResult(job.arm.name, job.seed, None)
+    try:
+        cfg = load_config(w["params"], job.overrides)
+        if "generator" not in w:
+            w["real"] = runner.load_real_data(cfg)
+            w["generator"] = runner.load_generator(cfg, w["real"])
+        tags = {"dpops.bench": w["bench_id"], "dpops.arm": job.arm.name}
+        result, tracker, _ = runner.run_tracked(cfg, w["generator"], w["real"], [_Stop(w["stop"])],
+                                                    resume_run_id=job.resume_run_id, tags=tags)  # fmt: skip
+    except KeyboardInterrupt:
+        return JobResult(job.arm.name, job.seed, None)
+    except Exception as exc:  # noqa: BLE001 - one failed run is reported, the benchmark goes on
+        return JobResult(job.arm.name, job.seed, None, error=f"{type(exc).__name__}: {exc}")
+    return JobResult(job.arm.name, job.seed, result.summary.to_dict(), tracker.run_id, job.resume_run_id is not None)
+
+
+def run_jobs(
+    todo: Sequence[Job], bench_id: str, params: Path | None, *, workers: int, threads: int,
+    on_result: Callable[[JobResult], None] = lambda r: None,
+) -> list[JobResult]:  # fmt: skip
+    """Run ``todo`` in ``workers`` spawned processes. Ctrl-C stops every run at its next loop event (it
+    ends KILLED and resumable), starts nothing new, and re-raises KeyboardInterrupt once all have stopped.
+    Create the MLflow store and experiment before calling (two processes creating one SQLite file clash)."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    results: list[JobResult] = []
+    interrupted = False
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads, params, bench_id, stop)) as pool:  # fmt: skip
+        pending: set[Future] = {pool.submit(_run_job, job) for job in todo}
+        while pending:
+            try:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                stop.set()
+                interrupted = True
+                continue
+            for future in finished:
+                results.append(future.result())
+                on_result(results[-1])
+    if interrupted:
+        raise KeyboardInterrupt
+    return results
+
+
+def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, out: Path, *, uri: str,
+                 experiment: str, wall_seconds: float) -> tuple[Path, Path, str]:  # fmt: skip
+    """``bench.json`` and ``bench.png`` in ``out``, both logged to an MLflow run tagged ``dpops.role=benchmark``
+    (the headline ratios are its metrics). Returns the two paths and that run's id."""
+    from dp_ops.runner import write_json
+    from dp_ops.records.tracking import log_report_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"bench": bp.bench_id, "seeds": list(bp.seeds), "base_overrides": list(bp.base),
+              "rows": [json_ready(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
+              "wall_seconds_this_invocation": wall_seconds}  # fmt: skip
+    write_json(out / "bench.json", report)
+    plot(rows, out / "bench.png")
+    metrics: dict[str, float] = {}
+    if h is not None:
+        metrics = {k: v for k, v in asdict(h).items() if isinstance(v, float)}
+    run_id = log_report_run(uri, experiment, role="benchmark", run_name=f"bench-{bp.bench_id}", metrics=metrics,
+                            params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)),
+                                    "overrides": " ".join(bp.base)},
+                            files=(out / "bench.json", out / "bench.png"))  # fmt: skip
+    return out / "bench.json", out / "bench.png", run_id

@@ -1,0 +1,197 @@
+"""Scaling laws from the run registry: read finished experiments, fit, report, log the report.
+
+Points come from MLflow (finished runs tagged ``dpops.role=experiment``, filtered by experiment, study,
+strategy or any MLflow filter string) or from the ``metrics.json`` files of DVC stages (the pipeline's
+``scaling`` stage, which must not depend on a database's history). The fitting itself is
+:mod:`dp_ops.studies.scaling`; this module chooses the points and writes ``scaling.json`` and ``scaling.png``.
+
+Headline numbers, both read against ``static``:
+
+* **data multiplier** = samples static needs to reach the accuracy of DP's best run (best by validation
+  accuracy) ÷ samples that DP run used
+  (static's need from its fitted law, and from its points interpolated without a fit);
+* **iteration multiplier** = iterations the first static run to get there needed to reach that DP run's
+  final validation accuracy ÷ iterations DP needed (from the validation curves; ∞ if no static run
+  got there within its budget).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dp_ops.errors import DataError, FitError
+from dp_ops.studies.scaling import MIN_POINTS, PowerLawFit, data_multiplier, fit_power_law, plot_scaling
+
+Metric = Literal["final_test_acc", "final_val_acc"]
+Axis = Literal["pool_size", "generated_samples"]
+
+
+@dataclass(frozen=True)
+class RunPoint:
+    """One finished experiment as the scaling report sees it."""
+
+    source: str  # MLflow run id or metrics file
+    strategy: str
+    pool_size: int
+    generated_samples: int
+    iterations: int
+    final_val_acc: float
+    final_test_acc: float
+    curve: tuple[tuple[int, float], ...] = field(default=(), repr=False)  # (iteration, val acc)
+
+
+@dataclass(frozen=True)
+class ScalingReport:
+    metric: str
+    x: str
+    points: dict[str, list[tuple[float, float]]]
+    fits: dict[str, PowerLawFit]
+    unfitted: dict[str, str]  # strategy -> why it has no fit
+    targets: dict[str, dict[str, float]]  # strategy -> {target accuracy: samples needed (fit)}
+    headline: dict[str, Any]  # data/iteration multipliers against static; empty without dp and static
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric, "x": self.x,
+            "points": {k: [list(p) for p in v] for k, v in self.points.items()},
+            "fits": {k: f.to_dict() for k, f in self.fits.items()},
+            "unfitted": self.unfitted,
+            "samples_for_target": {k: {t: _finite(n) for t, n in v.items()} for k, v in self.targets.items()},
+            "headline": {k: _finite(v) if isinstance(v, float) else v for k, v in self.headline.items()},
+        }  # fmt: skip
+
+
+# ---- sources -------------------------------------------------------------------------------------
+def points_from_mlflow(
+    tracking_uri: str, experiments: Sequence[str], *, study: str | None = None,
+    strategies: Sequence[str] = (), filter_string: str = "", with_curves: bool = True,
+) -> list[RunPoint]:  # fmt: skip
+    """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    ids = []
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise DataError(f"--experiment {name}: no such MLflow experiment in {tracking_uri}")
+        ids.append(exp.experiment_id)
+    query = ["tags.`dpops.role` = 'experiment'", "attributes.status = 'FINISHED'"]
+    if study:
+        query.append(f"tags.`dpops.study` = '{study}'")
+    if filter_string:
+        query.append(filter_string)
+    runs = client.search_runs(ids, filter_string=" and ".join(query), max_results=50_000)
+    out = []
+    for run in runs:
+        m, strategy = run.data.metrics, run.data.tags.get("dpops.strategy", "?")
+        if (strategies and strategy not in strategies) or "final_test_acc" not in m:
+            continue
+        curve = ()
+        if with_curves:
+            curve = tuple((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val_acc"))
+        out.append(RunPoint(run.info.run_id, strategy, int(m["pool_size"]), int(m["generated_samples"]),
+                            int(m["iterations"]), m["final_val_acc"], m["final_test_acc"], curve))  # fmt: skip
+    return out
+
+
+def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
+    """``metrics.json`` files of runs (with the validation curve from a ``rounds.json`` beside them); a
+    folder stands for every ``metrics.json`` below it."""
+    out = []
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("metrics.json")) if p.is_dir() else [p])]
+    for path in files:
+        try:
+            m = json.loads(path.read_text())
+            rounds = path.with_name("rounds.json")
+            curve = json.loads(rounds.read_text())["curve"] if rounds.is_file() else []
+            out.append(RunPoint(str(path), m["strategy"], int(m["pool_size"]), int(m["generated_samples"]),
+                                int(m["iterations"]), float(m["final_val_acc"]), float(m["final_test_acc"]),
+                                tuple((int(c["iteration"]), float(c["val_acc"])) for c in curve)))  # fmt: skip
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"--metrics {path}: not a dp_ops metrics.json ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+# ---- the report ----------------------------------------------------------------------------------
+def scaling_report(
+    runs: Sequence[RunPoint], *, metric: Metric = "final_test_acc", x: Axis = "pool_size",
+    targets: Sequence[float] = (), n_boot: int = 200, seed: int = 0,
+) -> ScalingReport:  # fmt: skip
+    """Fit error = a·n^(−α) + c per strategy; refuse when no strategy has enough points to fit."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in sorted(runs, key=lambda r: (r.strategy, getattr(r, x))):
+        points.setdefault(r.strategy, []).append((float(getattr(r, x)), float(getattr(r, metric))))
+    fits, unfitted = {}, {}
+    for strategy, pts in points.items():
+        try:
+            fits[strategy] = fit_power_law([p[0] for p in pts], [1 - p[1] for p in pts], n_boot=n_boot, seed=seed,
+                                           label=strategy)  # fmt: skip
+        except FitError as exc:
+            unfitted[strategy] = str(exc)
+    if not fits:
+        counts = ", ".join(f"{s}: {len(p)}" for s, p in points.items()) or "no finished experiment runs"
+        raise FitError(f"too few points to fit a scaling law (need >= {MIN_POINTS} per strategy at >= 3 "
+                       f"distinct sizes; have {counts})")  # fmt: skip
+    need = {s: {f"{t:g}": f.samples_for_accuracy(t) for t in targets} for s, f in fits.items()}
+    return ScalingReport(metric, x, points, fits, unfitted, need, _headline(runs, points, fits, metric, x))
+
+
+def _headline(runs: Sequence[RunPoint], points: dict, fits: dict, metric: str, x: str) -> dict[str, Any]:
+    dp = [r for r in runs if r.strategy == "dp"]
+    static = [r for r in runs if r.strategy == "static"]
+    if not dp or not static:
+        return {}
+    # DP's best run is chosen on validation accuracy (then fewer samples), never on the test split
+    best = max(dp, key=lambda r: (r.final_val_acc, -getattr(r, x)))
+    acc, used = float(getattr(best, metric)), float(getattr(best, x))
+    out: dict[str, Any] = {"dp_run": best.source, "dp_accuracy": acc, "dp_samples": used}
+    out["data_multiplier_points"] = data_multiplier(points["static"], used, acc)
+    if "static" in fits:
+        out["static_samples_needed_fit"] = fits["static"].samples_for_accuracy(acc)
+        out["data_multiplier_fit"] = data_multiplier(fits["static"], used, acc)
+        out["fit_extrapolated"] = out["static_samples_needed_fit"] > max(n for n, _ in points["static"])
+    target = best.final_val_acc
+    dp_iters = _first_reaching(best.curve, target)
+    static_iters = min((_first_reaching(r.curve, target) for r in static), default=math.inf)
+    out.update(dp_val_acc=target, dp_iterations_to_val=dp_iters, static_iterations_to_val=static_iters)
+    out["iteration_multiplier"] = static_iters / dp_iters if math.isfinite(dp_iters) and dp_iters > 0 else math.nan
+    return out
+
+
+def _first_reaching(curve: Sequence[tuple[int, float]], target: float) -> float:
+    return next((float(i) for i, a in curve if a >= target), math.inf)
+
+
+def write_report(report: ScalingReport, out_dir: str | Path, title: str | None = None) -> tuple[Path, Path]:
+    from dp_ops.runner import write_json
+
+    out_dir = Path(out_dir)
+    write_json(out_dir / "scaling.json", report.to_dict())
+    dp_acc = report.headline.get("dp_accuracy")
+    png = plot_scaling(report.points, report.fits, out_dir / "scaling.png",
+                       targets=[dp_acc] if dp_acc is not None else None, title=title)  # fmt: skip
+    return out_dir / "scaling.json", png
+
+
+def log_report(report: ScalingReport, files: Sequence[Path], tracking_uri: str, experiment: str,
+               params: dict[str, str]) -> str:  # fmt: skip
+    """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts."""
+    from dp_ops.records.tracking import log_report_run
+
+    metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
+    metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
+    return log_report_run(tracking_uri, experiment, role="scaling", run_name="scaling-report", metrics=metrics,
+                          params=params, files=files)
+
+
+def _finite(v: float) -> float | None | str:
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return None if isinstance(v, float) and math.isnan(v) else v
+

@@ -1,0 +1,434 @@
+"""Optuna sweeps: each trial is one tracked DP experiment; any number of workers share one study.
+
+The space comes from the ``sweep:`` section of params.yaml (overridable with ``-S sweep.omega.high=0.3``)
+and trial parameters are named exactly like params.yaml keys (``dp.omega``), so a trial replays with
+``dpops run -S dp.omega=…`` or ``dvc exp run -S dp.omega=…``. ``strategy="static"`` is a grid over
+``dp.initial_size`` instead (the baseline for scaling laws), enqueued once when the study is created.
+
+Workers cooperate through the storage only: an SQLAlchemy URL (PostgreSQL for many workers) or an
+Optuna journal file. Three rules make that safe:
+
+* **Global budget.** ``n_trials`` counts the study's trials, not this worker's. Trial numbers are
+  handed out by the storage in order, so a worker that asked for a trial beyond the budget (another
+  worker took the last slot meanwhile) sees it and gives it back as FAIL marked ``dpops.over_budget``.
+* **Heartbeats.** A running trial refreshes ``dpops.heartbeat`` from the loop's own callbacks. A
+  RUNNING trial silent for ``stale_after`` seconds belonged to a killed worker: the next worker marks it
+  FAIL and re-enqueues its parameters (``dpops.retry_of``); the retry resumes the killed MLflow run from
+  its last completed round when it has a checkpoint. (Optuna's own heartbeat exists only for RDB
+  storage; the journal file is the scale-out path here, so the lease is kept in user attributes.)
+* **Failures are data.** A trial that raises is FAIL with its one-line error in ``dpops.error`` and
+  the sweep goes on; Ctrl-C marks the running trial FAIL, re-enqueues it and stops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dp_ops.config import Config, apply_overrides, build_config, to_tree, validate
+from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.errors import ConfigError
+from dp_ops.engine.loop import Observer, RunResult
+
+OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
+DIRECTIONS = {"final_val_acc": "maximize", "generated_samples": "minimize"}
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FloatRange(_Model):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} must be <= high={self.high:g}")
+        return self
+
+
+class IntRange(_Model):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} must be <= high={self.high}")
+        return self
+
+
+class SweepConfig(_Model):
+    """The ``sweep:`` section of params.yaml."""
+
+    study: str = Field("dp-ops-sweep", min_length=1, description="Optuna study; the static grid adds '-static'")
+    storage: str = Field("sqlite:///optuna.db", min_length=1, description="SQLAlchemy URL or journal file path")
+    n_trials: int = Field(12, ge=1, description="global budget: trials of the study, over all workers")
+    objective: Literal["accuracy", "pareto"] = "accuracy"
+    prune: bool = Field(False, description="median pruning on per-evaluation validation accuracy")
+    sampler_seed: int | None = Field(None, description="TPE seed (one worker only: workers must differ)")
+    omega: FloatRange = FloatRange(low=0.01, high=0.5)
+    patience: IntRange = IntRange(low=1, high=8)
+    round_size: IntRange = IntRange(low=100, high=500, step=50)
+    static_sizes: tuple[int, ...] = Field((500, 1000, 2000, 4000), min_length=1)
+    experiment: str = Field("", description="MLflow experiment of the trials; empty: the study name")
+    stale_after: float = Field(300.0, gt=0, description="seconds without heartbeat before a RUNNING trial is dead")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepConfig:
+        if self.prune and self.objective == "pareto":
+            raise ValueError("sweep.prune=true needs sweep.objective=accuracy (Optuna cannot prune multi-objective)")
+        if any(n < 1 for n in self.static_sizes):
+            raise ValueError(f"sweep.static_sizes={list(self.static_sizes)}: sizes must be >= 1")
+        return self
+
+
+def sweep_config(tree: dict[str, Any]) -> SweepConfig:
+    """Validate the ``sweep`` section of a parameter tree (see :func:`dp_ops.config.load_tree`)."""
+    section = tree.get("sweep") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"sweep={section!r}: must be a section of keys (study, storage, n_trials, …)")
+    return validate(SweepConfig, section, prefix="sweep.")
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL
+    params: dict[str, Any]
+    values: tuple[float, ...] | None
+    mlflow_run_id: str | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    study: str
+    storage: str
+    budget: int
+    ran: tuple[TrialOutcome, ...]  # trials this worker ran
+    counted: int  # trials of the study that count against the budget, all workers
+    best: tuple[FrozenTrial, ...] = field(default=())  # best trial, or the Pareto front
+
+
+RunTrial = Callable[[Config, dict[str, str], Sequence[Observer], str | None], tuple[RunResult, str]]
+"""(config, MLflow tags, extra observers, MLflow run id to resume or None) -> (result, MLflow run id)."""
+
+
+# ---- storage and study ---------------------------------------------------------------------------
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql://…``) or a journal file path."""
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    if ":" in url:
+        raise ConfigError(f"sweep.storage={url!r}: neither an SQLAlchemy URL (sqlite:///…) nor a file path")
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(url))
+
+
+def check_separate_stores(storage: str, tracking_uri: str) -> None:
+    """Optuna and MLflow both keep Alembic's default version table: one database breaks the other."""
+    if "://" in storage and _db_path(storage) == _db_path(tracking_uri):
+        raise ConfigError(f"sweep.storage={storage!r}: is MLflow's database; give Optuna its own (e.g. sqlite:///optuna.db)")
+
+
+def _db_path(url: str) -> str:
+    return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else url
+
+
+def open_study(sc: SweepConfig, name: str, strategy: str, sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:  # fmt: skip
+    """Create the study, or load it if it exists (re-running a sweep continues it). Creating is atomic
+    in the storage, so exactly one of several simultaneous workers enqueues a static grid."""
+    storage = make_storage(sc.storage)
+    directions = [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        _wait_until_ready(study, name)
+        _check_compatible(study, sc, name, strategy, directions)
+        return study
+    study.set_user_attr("dpops.strategy", strategy)
+    study.set_user_attr("dpops.objective", list(OBJECTIVES[sc.objective]) if strategy != "static" else ["final_val_acc"])
+    if strategy == "static":
+        study.set_user_attr("dpops.grid", list(sc.static_sizes))
+        for n in sc.static_sizes:
+            study.enqueue_trial({"dp.initial_size": n})
+    study.set_user_attr("dpops.ready", True)  # last: a worker that loads the study waits for it
+    return study
+
+
+def _wait_until_ready(study: optuna.Study, name: str, timeout: float = 60.0) -> None:
+    """Creating a study and describing it (attributes, the enqueued grid) are separate writes: a worker
+    that loads a study another worker is still setting up waits, rather than asking for trials early."""
+    deadline = time.monotonic() + timeout
+    while not study.user_attrs.get("dpops.ready"):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--study-name {name}: the study was never fully set up (its creator stopped "
+                              "midway?); delete it or use another name")  # fmt: skip
+        time.sleep(0.2)
+
+
+def _check_compatible(study: optuna.Study, sc: SweepConfig, name: str, strategy: str, directions: list[str]) -> None:
+    have = study.user_attrs.get("dpops.strategy")
+    if have != strategy:
+        raise ConfigError(f"--study-name {name}: the study sweeps strategy {have!r}, not {strategy!r}; use another name")
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(
+            f"sweep.objective={sc.objective}: study {name} was created with objective "
+            f"{study.user_attrs.get('dpops.objective')}; use another --study-name"
+        )
+    if strategy == "static" and study.user_attrs.get("dpops.grid") != list(sc.static_sizes):
+        raise ConfigError(
+            f"sweep.static_sizes={list(sc.static_sizes)}: study {name} holds the grid "
+            f"{study.user_attrs.get('dpops.grid')}; use another --study-name"
+        )
+
+
+# ---- budget and leases ---------------------------------------------------------------------------
+def counted_trials(trials: Sequence[FrozenTrial], before: int | None = None) -> list[FrozenTrial]:
+    """Trials that use up budget: finished or running, except given-back and superseded (re-queued) ones;
+    with ``before``, only those numbered lower."""
+    retried = {t.user_attrs["dpops.retry_of"] for t in trials if "dpops.retry_of" in t.user_attrs}
+    return [
+        t for t in trials
+        if t.state in COUNTED and not t.user_attrs.get("dpops.over_budget") and t.number not in retried
+        and (before is None or t.number < before)
+    ]  # fmt: skip
+
+
+def requeue_stale(
+    study: optuna.Study, stale_after: float, find_run: Callable[[int], str | None] = lambda n: None
+) -> list[int]:
+    """Mark RUNNING trials whose heartbeat is older than ``stale_after`` seconds FAIL and enqueue their
+    parameters again, with the MLflow run to resume (``find_run(number)``) when there is one. Returns the
+    numbers this worker re-queued (another worker may have got there first)."""
+    requeued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if time.time() - last_heartbeat(t) < stale_after:
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another worker finished or re-queued it meanwhile
+            continue
+        requeue(study, t.number, t.params, find_run(t.number))
+        requeued.append(t.number)
+    return requeued
+
+
+def requeue(study: optuna.Study, number: int, params: dict[str, Any], run_id: str | None) -> None:
+    attrs: dict[str, Any] = {"dpops.retry_of": number}
+    if run_id:
+        attrs["dpops.resume_run_id"] = run_id
+    study.enqueue_trial(params, user_attrs=attrs)
+
+
+def last_heartbeat(t: FrozenTrial) -> float:
+    beat = t.user_attrs.get("dpops.heartbeat")
+    if beat is not None:
+        return float(beat)
+    return t.datetime_start.timestamp() if t.datetime_start else time.time()
+
+
+class TrialObserver(Observer):
+    """Keeps the trial's lease alive from the loop's callbacks, and reports validation accuracy for pruning."""
+
+    def __init__(self, trial: Trial, beat_every: float, prune: bool) -> None:
+        self.trial, self.beat_every, self.prune = trial, beat_every, prune
+        self._last = 0.0
+        self.beat()
+
+    def beat(self) -> None:
+        now = time.time()
+        if now - self._last >= self.beat_every:
+            self.trial.set_user_attr("dpops.heartbeat", now)
+            self._last = now
+
+    def on_progress(self, task: str, completed: int, total: int) -> None:
+        self.beat()
+
+    def on_eval(self, iteration: int, val_acc: float) -> None:
+        self.beat()
+        if self.prune:
+            self.trial.report(val_acc, step=iteration)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at iteration {iteration}")
+
+
+# ---- the worker ----------------------------------------------------------------------------------
+class Sweep:
+    """One worker of a study. ``run()`` asks trials until the study's budget or ``timeout`` is reached."""
+
+    def __init__(self, cfg: Config, sc: SweepConfig, *, strategy: str, study_name: str,
+                 base_overrides: Sequence[str] = ()) -> None:  # fmt: skip
+        """Validates the strategy and opens (or creates) the study: run it before any expensive work."""
+        if strategy not in ("dp", "static"):
+            raise ConfigError(f"--strategy {strategy}: allowed dp (TPE over ω, patience, round size) or static (grid)")
+        self.cfg, self.sc, self.strategy, self.name = cfg, sc, strategy, study_name
+        self.base_overrides = [*base_overrides, f"dp.strategy={strategy}", f"tracking.experiment={self.experiment}"]
+        sampler = optuna.samplers.TPESampler(seed=sc.sampler_seed, multivariate=True)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.train.iterations // 4) \
+            if sc.prune else optuna.pruners.NopPruner()  # fmt: skip
+        self.study = open_study(sc, study_name, strategy, sampler, pruner)
+        self.budget = len(sc.static_sizes) if strategy == "static" else sc.n_trials
+
+    @property
+    def experiment(self) -> str:
+        return self.sc.experiment or self.name
+
+    def run(
+        self, run_trial: RunTrial, *, timeout: float | None = None,
+        observers: Callable[[int], Sequence[Observer]] = lambda n: (),
+        on_trial: Callable[[TrialOutcome], None] = lambda o: None,
+    ) -> SweepOutcome:  # fmt: skip
+        """``observers(n)``: extra loop observers for trial ``n``; ``on_trial`` after each trial this worker ran."""
+        start, ran = time.monotonic(), []
+        while timeout is None or time.monotonic() - start < timeout:
+            requeue_stale(self.study, self.sc.stale_after, self._run_of)
+            if len(counted_trials(self.study.get_trials(deepcopy=False))) >= self.budget:
+                break
+            trial = self.study.ask()
+            if self._over_budget(trial):
+                trial.set_user_attr("dpops.over_budget", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                break
+            outcome = self._run_one(trial, run_trial, observers(trial.number))
+            ran.append(outcome)
+            on_trial(outcome)
+        trials = self.study.get_trials(deepcopy=False)
+        return SweepOutcome(self.name, self.sc.storage, self.budget, tuple(ran), len(counted_trials(trials)),
+                            tuple(best_trials(self.study)))  # fmt: skip
+
+    def _over_budget(self, trial: Trial) -> bool:
+        return len(counted_trials(self.study.get_trials(deepcopy=False), before=trial.number)) >= self.budget
+
+    def _run_one(self, trial: Trial, run_trial: RunTrial, observers: Sequence[Observer]) -> TrialOutcome:
+        params = self._suggest(trial)
+        overrides = [*self.base_overrides, *(f"{k}={v}" for k, v in params.items())]
+        trial.set_user_attr("dpops.overrides", overrides)
+        cfg = trial_config(self.cfg, overrides, trial.number, self.name)
+        tags = {"dpops.study": self.name, "dpops.trial": str(trial.number)}
+        watch = TrialObserver(trial, self.sc.stale_after / 10, self.sc.prune)
+        resume = trial.user_attrs.get("dpops.resume_run_id")
+        if resume and not checkpoint_path(cfg.output.checkpoints, resume).is_file():
+            resume = None  # killed before its first round completed (or on another machine): start afresh
+        try:
+            result, run_id = run_trial(cfg, tags, [watch, *observers], resume)
+        except optuna.TrialPruned:
+            return self._finish(trial, params, TrialState.PRUNED)
+        except KeyboardInterrupt:  # the run is KILLED with its checkpoint: the retry resumes it
+            self.study.tell(trial, state=TrialState.FAIL)
+            requeue(self.study, trial.number, params, self._run_of(trial.number))
+            raise
+        except Exception as exc:  # a failed trial is a result; the sweep goes on
+            trial.set_user_attr("dpops.error", f"{type(exc).__name__}: {exc}"[:500])
+            return self._finish(trial, params, TrialState.FAIL, error=f"{type(exc).__name__}: {exc}")
+        trial.set_user_attr("dpops.mlflow_run_id", run_id)
+        s = result.summary
+        for key in ("pool_size", "generated_samples", "iterations", "rounds"):
+            trial.set_user_attr(f"dpops.{key}", getattr(s, key))
+        values = tuple(float(getattr(s, m)) for m in self._objective)
+        self.study.tell(trial, list(values))
+        return TrialOutcome(trial.number, "COMPLETE", params, values, run_id)
+
+    def _run_of(self, number: int) -> str | None:
+        """The MLflow run of a trial that returned none (raised, pruned, killed), found by its tags."""
+        from mlflow import MlflowClient
+
+        from dp_ops.records.tracking import tracking_uri
+
+        client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return None
+        tags = f"tags.`dpops.study` = '{self.name}' and tags.`dpops.trial` = '{number}'"
+        runs = client.search_runs([exp.experiment_id], filter_string=tags, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    @property
+    def _objective(self) -> tuple[str, ...]:
+        return ("final_val_acc",) if self.strategy == "static" else OBJECTIVES[self.sc.objective]
+
+    def _suggest(self, trial: Trial) -> dict[str, Any]:
+        sc = self.sc
+        if self.strategy == "static":
+            return {"dp.initial_size": trial.suggest_categorical("dp.initial_size", list(sc.static_sizes))}
+        return {
+            "dp.omega": trial.suggest_float("dp.omega", sc.omega.low, sc.omega.high, log=sc.omega.log),
+            "dp.patience": trial.suggest_int("dp.patience", sc.patience.low, sc.patience.high, step=sc.patience.step),
+            "dp.round_size": trial.suggest_int(
+                "dp.round_size", sc.round_size.low, sc.round_size.high, step=sc.round_size.step
+            ),
+        }
+
+    def _finish(self, trial: Trial, params: dict[str, Any], state: TrialState, error: str | None = None) -> TrialOutcome:
+        run_id = self._run_of(trial.number)
+        if run_id:
+            trial.set_user_attr("dpops.mlflow_run_id", run_id)
+            if state == TrialState.PRUNED:
+                _mark_pruned(self.cfg, run_id)
+        self.study.tell(trial, state=state)
+        return TrialOutcome(trial.number, state.name, params, None, run_id, error)
+
+
+def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str) -> Config:
+    """The sweep's base config with the trial's overrides; its metrics files go to
+    ``<folder of output.metrics>/sweeps/<study>/trial_<n>/``."""
+    out = Path(cfg.output.metrics).parent / "sweeps" / study / f"trial_{number:04d}"
+    files = [f"output.metrics={out}/metrics.json", f"output.rounds={out}/rounds.json"]
+    return build_config(apply_overrides(to_tree(cfg), [*overrides, *files]))
+
+
+def tracked_runner(generator: Any, real: Any) -> RunTrial:
+    """Run trials with :func:`dp_ops.runner.run_tracked`, one generator and dataset for all of them."""
+    from dp_ops.runner import run_tracked
+
+    def run(cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None) -> tuple[RunResult, str]:
+        result, tracker, _ = run_tracked(cfg, generator, real, observers, resume_run_id=resume, tags=tags)
+        return result, tracker.run_id
+
+    return run
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (one objective) or the Pareto front (two); empty before any trial completes."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]
+
+
+def replay_command(trial: FrozenTrial, tool: Literal["dpops", "dvc"] = "dpops") -> str:
+    """The command that replays a trial (its overrides are params.yaml keys)."""
+    head = "dpops run" if tool == "dpops" else "dvc exp run"
+    return " ".join([head, *(f"-S {o}" for o in trial.user_attrs.get("dpops.overrides", []))])
+
+
+
+
+def _mark_pruned(cfg: Config, run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    from dp_ops.records.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client.set_tag(run_id, "dpops.pruned", "true")
+    client.set_terminated(run_id, "KILLED")
+
+
+def fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) and not math.isnan(v) else f"{k}={v}" for k, v in params.items())

@@ -1,0 +1,267 @@
+"""The text-to-image world on tiny random Stable Diffusion components (built, saved with save_pretrained,
+loaded back with from_pretrained), an image folder made here, and a timm learner; all on the CPU."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from dp_ops.engine.backends import sd as sd_module
+from dp_ops.cli import app
+from dp_ops.config import LearnerConfig, TrainConfig, build_config, flatten, from_flat, load_config
+from dp_ops.engine.data import LabelledImages, Pool, quantize
+from dp_ops.errors import ConfigError, GeneratorError
+from dp_ops.runner import preflight, restore_run_data
+from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+from dp_ops.engine.backends.sd_random import random_components, save_pipeline
+from dp_ops.records.tracking import round_runs
+from dp_ops.records.versioning import md5_file, read_shard, shard_data, shard_images
+
+from conftest import make_image_folder
+
+NAMES = ("cat", "dog", "red fox")
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    save_pipeline(random_components("tiny", seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd(sd_path):
+    return StableDiffusion.load(str(sd_path), NAMES, SDSettings(output_resolution=24, learner_resolution=16))
+
+
+def _fixed_learner(x):
+    """Logits that depend on the image (so guidance has a gradient), no training needed."""
+    return x.flatten(1)[:, : len(NAMES)] * 5
+
+
+def test_pipeline_round_trips_through_save_pretrained(sd_path, sd):
+    assert sorted(p.name for p in sd_path.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # fmt: skip
+    assert sd.resolution == 32 and sd.vae_factor == 2  # 16² latents, the model's own size
+    assert sd.cond.shape == (3, 77, 16) and sd.uncond.shape == (1, 77, 16)
+    assert not torch.allclose(sd.cond[0], sd.cond[2])  # prompts differ by class
+    templated = StableDiffusion.load(str(sd_path), NAMES, SDSettings(prompt="a photo of a {name}"))
+    assert templated.prompts[2] == "a photo of a red fox" and not torch.allclose(templated.cond, sd.cond)
+    with pytest.raises(GeneratorError, match="generator.resolution=18: must be a multiple of 4"):
+        StableDiffusion.load(str(sd_path), NAMES, SDSettings(resolution=18))
+    with pytest.raises(GeneratorError, match="cannot load a Stable Diffusion pipeline"):
+        StableDiffusion.load(str(sd_path / "unet"), NAMES, SDSettings())
+
+
+def test_seeded_sampling_is_reproducible_and_guidance_moves_the_latents(sd):
+    labels, seeds = torch.tensor([0, 1, 2, 0]), np.array([11, 12, 13, 14])
+    kw = dict(steps=4, cfg_scale=4.0, learner=_fixed_learner, guide_every=1)
+    plain = sd.sample_latents(labels, seeds, omega=0.0, **kw)
+    assert torch.equal(plain, sd.sample_latents(labels, seeds, omega=0.0, **kw))  # same seeds, same latents
+    alone = sd.sample_latents(labels[2:3], seeds[2:3], omega=0.0, **kw)
+    assert torch.allclose(alone[0], plain[2], atol=1e-4)  # a sample does not depend on its batch
+    guided = sd.sample_latents(labels, seeds, omega=0.1, **kw)
+    assert guided.shape == plain.shape == (4, 4, 16, 16)
+    assert ((guided - plain).flatten(1).norm(dim=1) > 1e-2 * plain.flatten(1).norm(dim=1)).all()
+
+
+def test_guidance_is_the_shared_function_every_kth_step(sd, monkeypatch):
+    calls = []
+    real = sd_module.entropy_guidance
+
+    def spy(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs["to_learner"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sd_module, "entropy_guidance", spy)
+    out = sd.sample(torch.tensor([0, 1, 2]), np.arange(3), steps=6, cfg_scale=4.0, learner=_fixed_learner, omega=0.05,
+                    guide_every=2, batch_size=2)  # fmt: skip
+    assert len(calls) == 2 * 3  # two batches, steps 0, 2, 4 each
+    assert all(fn == sd.to_learner for fn in calls)  # x̂0 -> VAE decode -> the learner's input size
+    assert out.images.shape == (3, 3, 24, 24) and out.unet_evals == 6 * 3 * 2  # CFG: two UNet halves per step
+
+
+def test_guided_samples_have_higher_learner_entropy(sd):
+    """The current learner (trained on unguided samples) finds guided samples harder than unguided ones
+    drawn from the same seeds."""
+    labels = torch.arange(90) % 3
+    pool_samples = sd.sample(labels, np.arange(90), steps=4, cfg_scale=4.0, learner=_fixed_learner, batch_size=90)
+    recipe = TrainConfig(iterations=200, eval_every=200, batch_size=16, lr=0.01, warmup_fraction=0, cooldown_fraction=0)
+    trainer = Trainer(build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 3, 3, 0), recipe, 0,
+                      input_size=16)  # fmt: skip
+    pool = Pool()
+    pool.add(LabelledImages(quantize(pool_samples.images), labels))
+    trainer.train(pool, recipe.iterations)
+    new_labels, new_seeds = torch.arange(24) % 3, np.arange(1000, 1024)
+    kw = dict(steps=4, cfg_scale=4.0, learner=trainer.classify, guide_every=1, batch_size=24)
+    unguided = sd.sample(new_labels, new_seeds, omega=0.0, **kw)
+    guided = sd.sample(new_labels, new_seeds, omega=0.1, **kw)
+    assert guided.entropy.mean() > unguided.entropy.mean() + 0.1, (guided.entropy.mean(), unguided.entropy.mean())
+    assert torch.allclose(unguided.entropy, trainer.entropy(unguided.images), atol=1e-5)  # scored as trained on
+
+
+def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
+    """Random-resized-crop/flip, Mixup/CutMix and EMA: same seed, same weights; a checkpoint continues
+    exactly; the EMA is what is evaluated; stored images larger than the input are cropped to it."""
+    recipe = TrainConfig(iterations=8, eval_every=8, batch_size=8, augment="crop_flip", mixup=0.5, cutmix=1.0,
+                         ema_decay=0.5, label_smoothing=0.11)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    pool = Pool()
+    pool.add(LabelledImages(quantize(torch.rand(32, 3, 24, 24, generator=gen) * 2 - 1), torch.arange(32) % 3))
+
+    def trainer():
+        model = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.1), 3, 3, 0)
+        return Trainer(model, recipe, 0, input_size=16)
+
+    a, b = trainer(), trainer()
+    np.random.seed(123)  # the Mixup stream is private: the global NumPy state must not matter ...
+    a.train(pool, 4)
+    np.random.seed(456)
+    b.train(pool, 4)
+    assert np.random.randint(1000) == np.random.RandomState(456).randint(1000)  # ... nor be consumed
+    state = copy.deepcopy(a.state_dict())  # (a checkpoint is a copy: torch.save)
+    a.train(pool, 4)
+    c = trainer()
+    c.load_state_dict(state)
+    c.train(pool, 4)
+    b.train(pool, 4)
+    for x, y, z in zip(a.model.parameters(), b.model.parameters(), c.model.parameters()):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert a.eval_model is a.ema.module and not torch.equal(a.eval_model.head.weight, a.model.head.weight)
+    assert a.classify(pool.as_tensors().images[:2]).shape == (2, 3)  # 24² stored -> 16² input
+
+
+# ---- dpops run, end to end ------------------------------------------------------------------------------
+def _sh(*args, cwd):
+    subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+def _sd_tree(tmp_path, sd_path):
+    make_image_folder(tmp_path / "images" / "val", per_class=6)
+    make_image_folder(tmp_path / "images" / "test", per_class=4, seed=1)
+    return {
+        "seed": 0, "device": "cpu",
+        "data": {"name": "folder", "val_root": str(tmp_path / "images" / "val"),
+                 "test_root": str(tmp_path / "images" / "test"), "resolution": 16, "shard_resolution": 24},
+        "generator": {"backend": "sd", "model": str(sd_path), "steps": 4, "guide_every": 2, "batch_size": 32},
+        "dp": {"initial_size": 30, "round_size": 12, "patience": 1, "incremental_patience": False, "omega": 0.05,
+               "max_rounds": 2},
+        "learner": {"model": "dpops_convnet_tiny", "drop_rate": 0.0},
+        "train": {"iterations": 60, "eval_every": 10, "batch_size": 16, "augment": "crop_flip", "mixup": 0.5,
+                  "cutmix": 1.0, "ema_decay": 0.9, "label_smoothing": 0.11},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "output": {"metrics": "out/metrics.json", "rounds": "out/rounds.json", "shards": "data/runs",
+                   "checkpoints": "out/checkpoints"},
+    }  # fmt: skip
+
+
+def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _sh("git", "init", "-q", cwd=ws)
+    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=ws)
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    tree = _sd_tree(tmp_path, sd_path)
+    (ws / "params.yaml").write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["run", "-S", "generator.backend=sd", "-S", f"generator.model={sd_path}"])
+    print(result.output)
+    assert result.exit_code == 0, result.output
+    assert "MLflow run" in result.output and "each round added to DVC" in result.output
+    rounds = json.loads((ws / "out" / "rounds.json").read_text())["rounds"]
+    assert len(rounds) >= 2 and rounds[1]["val_acc_at_trigger"] is not None  # a round was triggered
+
+    client = MlflowClient(tree["tracking"]["uri"])
+    experiment_id = client.get_experiment_by_name("dp-ops").experiment_id
+    (run,) = client.search_runs([experiment_id], "tags.`dpops.role` = 'experiment'")
+    assert run.info.status == "FINISHED" and run.data.params["generator.backend"] == "sd"
+    assert run.data.params["train.mixup"] == "0.5" and run.data.params["data.shard_resolution"] == "24"
+    children = round_runs(client, run.info.run_id)
+    assert len(children) == len(rounds)
+    for child, record in zip(children, rounds):
+        shard_file = ws / child.data.tags["dpops.shard_path"]
+        shard = read_shard(shard_file)
+        assert "png" in shard and "images" not in shard  # encoded, not a float/uint8 array
+        assert shard_images(shard).shape == (record["n_new"], 3, 24, 24)  # the configured resolution
+        assert md5_file(shard_file) == child.data.tags["dpops.shard_md5"]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert f"samples_round{record['round']}.png" in artifacts
+
+    # every increment comes back byte for byte from the DVC cache with only the registry's md5s
+    restored = restore_run_data(run.info.run_id, tmp_path / "restored", tracking_uri=tree["tracking"]["uri"])
+    for path, child in zip(restored, children):
+        assert md5_file(path) == child.data.tags["dpops.shard_md5"]
+        data = shard_data(read_shard(path))
+        assert data.images.shape[1:] == (3, 24, 24) and data.images.abs().max() <= 1
+    assert from_flat(run.data.params) == build_config(tree)  # the run can be rebuilt (resumed) from MLflow
+
+
+def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """safetensors writes metadata from a hash map whose order changes between processes; shards sort it
+    so that the same round always has the same md5 (and deduplicates in the DVC cache)."""
+    from dp_ops.engine.backends.pixel import Samples
+    from dp_ops.records.versioning import _canonical_header, write_shard
+
+    samples = Samples(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), np.arange(2), torch.zeros(2), 1)
+    path = tmp_path / "round.safetensors"
+    write_shard(path, samples, 3, 0.05, "png")
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    shuffled = {"__metadata__": dict(sorted(header.pop("__metadata__").items(), reverse=True)), **header}
+    text = json.dumps(shuffled, separators=(",", ":")).encode().ljust(size, b" ")
+    path.write_bytes(raw[:8] + text + raw[8 + size :])  # what another process may have written
+    assert path.read_bytes() != raw
+    _canonical_header(path)
+    assert path.read_bytes() == raw
+    assert shard_images(read_shard(path)).shape == (2, 3, 8, 8)
+
+
+def test_cuda_only_options_fail_in_one_line_before_work(tmp_path, sd_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tree = _sd_tree(tmp_path, sd_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    for override, expected in (
+        ("device=cuda", "device='cuda': no CUDA device on this machine; use device=auto or cpu"),
+        ("generator.dtype=bfloat16", "generator.dtype='bfloat16': needs a CUDA device, but device='cpu'"),
+    ):
+        result = CliRunner().invoke(app, ["run", "--params", str(params), "-S", override])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+    auto = build_config({**tree, "device": "auto", "generator": {**tree["generator"], "dtype": "float16"}})
+    with pytest.raises(ConfigError, match="generator.dtype='float16': needs a CUDA device, but device='auto'"):
+        preflight(auto)
+    with pytest.raises(ConfigError, match="device='gpu': must be auto, cpu, cuda or cuda:N"):
+        build_config({**tree, "device": "gpu"})
+
+
+def test_sd_defaults_and_config_checks():
+    base = {"data": {"name": "folder", "val_root": "v", "test_root": "t"}}
+    g = build_config({**base, "generator": {"backend": "sd", "model": "m"}}).generator
+    assert (g.steps, g.cfg_scale, g.guide_every, g.batch_size, g.prompt) == (30, 4.0, 5, 8, "{name}")  # paper
+    assert build_config({}).generator.steps == 6  # the pixel world's defaults are untouched
+    example = load_config(Path(__file__).parents[1] / "examples" / "params-sd.yaml")
+    assert (example.generator.backend, example.data.stored_resolution, example.train.mixup) == ("sd", 256, 0.5)
+    flat = flatten(build_config({**base, "generator": {"backend": "sd", "model": "m", "prompt": "{name}"}}))
+    assert from_flat({k: str(v) for k, v in flat.items()}).generator.prompt == "{name}"  # survives YAML
+    for tree, expected in (
+        ({"generator": {"backend": "sd", "model": "m"}}, "generator.backend='sd': needs real images from folders"),
+        ({**base, "generator": {"backend": "sd"}}, "generator.model='': generator.backend='sd' needs"),
+        ({"generator": {"dtype": "float16"}}, "generator.dtype='float16': only for generator.backend='sd'"),
+        ({**base, "generator": {"backend": "sd", "model": "m", "prompt": "a {label}"}}, "generator.prompt='a {label}'"),
+        ({"train": {"mixup": 0.5, "batch_size": 15}}, "train.batch_size=15: must be even"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            build_config(tree)
+        assert str(info.value).startswith(expected), str(info.value)

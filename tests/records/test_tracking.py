@@ -1,0 +1,64 @@
+"""Real MLflow on a temporary SQLite store."""
+
+import pytest
+from mlflow import MlflowClient
+
+from dp_ops.config import build_config
+from dp_ops.engine.loop import run_experiment
+from dp_ops.records.tracking import PARENT_ID_TAG, MlflowTracker, artifact_root
+
+from conftest import tiny_tree
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return build_config(tiny_tree(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"}))
+
+
+def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_generator, real, tmp_path):
+    tracker = MlflowTracker(cfg)
+    with tracker.lifecycle():
+        result = run_experiment(cfg, tiny_generator, real, [tracker])
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(tracker.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert parent.data.tags["dpops.role"] == "experiment" and parent.data.tags["dpops.strategy"] == "dp"
+    assert parent.info.run_name == "dp-ω0.1-seed0"
+    assert parent.data.params["dp.omega"] == "0.1" and parent.data.params["train.iterations"] == "60"
+    assert parent.data.metrics["final_test_acc"] == pytest.approx(result.summary.final_test_acc)
+    assert parent.data.metrics["pool_size"] == result.summary.pool_size
+    history = client.get_metric_history(tracker.run_id, "val_acc")
+    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "round_pool_size")] == list(
+        range(len(result.records))
+    )
+
+    exp = client.get_experiment_by_name("t")
+    children = client.search_runs([exp.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{tracker.run_id}'")
+    assert len(children) == len(result.records) == len(tracker.round_run_ids)
+    by_round = {int(r.data.tags["dpops.round"]): r for r in children}
+    for record in result.records:
+        child = by_round[record.round]
+        assert child.info.status == "FINISHED" and child.data.tags["dpops.role"] == "round"
+        assert child.data.metrics["pool_size"] == record.pool_size
+        assert child.data.metrics["iterations"] == record.iteration and child.data.metrics["round"] == record.round
+        assert child.data.metrics["entropy_mean"] == pytest.approx(record.entropy_mean)
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert names == {f"samples_round{record.round}.png", f"entropy_round{record.round}.png"}
+        # no grandchildren: nesting stays at one level
+        assert not client.search_runs([exp.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{child.info.run_id}'")
+
+
+@pytest.mark.parametrize(("exc", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_crash_and_interrupt_do_not_leave_runs_running(cfg, exc, status):
+    tracker = MlflowTracker(cfg)
+    with pytest.raises(type(exc)):
+        with tracker.lifecycle():
+            raise exc
+    assert MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).info.status == status
+
+
+def test_artifact_root_is_next_to_a_sqlite_store(tmp_path):
+    assert artifact_root(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_root("http://127.0.0.1:5000") == ""

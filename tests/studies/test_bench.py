@@ -1,0 +1,165 @@
+"""`dpops bench`: the plan, the headline arithmetic, and real runs in worker processes on a temporary MLflow
+store, interrupted with Ctrl-C and resumed."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from dp_ops.studies.bench_stats import headline, headline_lines, summarise
+from dp_ops.studies.bench import Arm, jobs, plan
+from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.errors import ConfigError
+
+from conftest import tiny_tree
+
+
+def _row(strategy, setting, per_seed):
+    """An ArmStats from {seed: (generated, test acc, unet evals, gen seconds)}."""
+    seeds = {s: {"generated_samples": g, "pool_size": g, "iterations": 100, "gen_seconds": sec, "unet_evals": u,
+                 "final_val_acc": a, "final_test_acc": a} for s, (g, a, u, sec) in per_seed.items()}  # fmt: skip
+    runs = {(f"{strategy} {setting}", s): m for s, m in seeds.items()}
+    return summarise(runs, [Arm(strategy, setting, ())], list(per_seed))[0]
+
+
+STATIC = [_row("static", f"N={n}", {0: (n, a, 10 * n, n / 10), 1: (n, a, 10 * n, n / 10)})
+          for n, a in ((250, 0.90), (500, 0.94), (1000, 0.97), (2000, 0.98))]  # fmt: skip
+
+
+def test_headline_reads_static_curve_pairs_seeds_and_picks_the_cheapest_oversample_at_dp_accuracy():
+    dp = _row("dp", "ω=0.05", {0: (500, 0.965, 10_000, 100.0), 1: (500, 0.975, 10_000, 100.0)})
+    dp0 = _row("dp", "ω=0", {0: (500, 0.95, 5_000, 50.0), 1: (500, 0.96, 5_000, 50.0)})
+    over = [_row("oversample", "r=2", {0: (1000, 0.96, 20_000, 80.0), 1: (1000, 0.96, 20_000, 80.0)}),
+            _row("oversample", "r=4", {0: (2000, 0.97, 40_000, 160.0), 1: (2000, 0.97, 40_000, 160.0)}),
+            _row("oversample", "r=8", {0: (4000, 0.98, 80_000, 320.0), 1: (4000, 0.98, 80_000, 320.0)})]  # fmt: skip
+    h = headline([*STATIC, dp, dp0, *over], "dp ω=0.05", "dp ω=0")
+    assert h.dp_test_acc == pytest.approx(0.97) and h.dp_samples == 500
+    assert h.static_reached and h.static_samples_needed == pytest.approx(1000)  # static N=1000 has exactly 0.97
+    assert h.data_multiplier == pytest.approx(2.0)
+    # seed 0 (0.965) lies 5/6 of the way from 0.94 @ 500 to 0.97 @ 1000: log-interpolated n = 500·2^(5/6)
+    assert h.data_multiplier_per_seed[0] == pytest.approx(2 ** (5 / 6) * 500 / 500)
+    assert h.data_multiplier_per_seed[1] == pytest.approx(1000 * 2 ** 0.5 / 500)
+    assert h.guidance_effect == pytest.approx(0.015) and h.guidance_effect_sd == pytest.approx(0.0)
+    assert h.oversample_arm == "oversample r=4" and h.oversample_reached  # r=2 falls short, r=8 costs more
+    assert h.compute_multiplier == pytest.approx(4.0) and h.seconds_multiplier == pytest.approx(1.6)
+    text = "\n".join(headline_lines(h))
+    assert "2.00×" in text and "oversample r=4" in text and "+0.0150" in text
+
+
+def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
+    dp = _row("dp", "ω=0.05", {0: (800, 0.99, 10_000, 100.0)})
+    over = [_row("oversample", "r=2", {0: (1600, 0.95, 20_000, 80.0)}),
+            _row("oversample", "r=4", {0: (3200, 0.96, 40_000, 160.0)})]  # fmt: skip
+    h = headline([*STATIC, dp, *over], "dp ω=0.05", "dp ω=0")
+    assert not h.static_reached and math.isinf(h.static_samples_needed)
+    assert h.data_multiplier == pytest.approx(2000 / 800)  # the largest static size: a lower bound
+    assert h.guidance_effect is None
+    assert h.oversample_arm == "oversample r=4" and not h.oversample_reached
+    assert "more than 2.50×" in headline_lines(h)[0]
+    assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
+    assert headline(STATIC[:1] + [dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
+
+
+@pytest.fixture
+def params_file(tmp_path, tiny_generator):
+    tree = tiny_tree(train={"iterations": 200, "eval_every": 10})
+    tree["generator"]["path"] = str(tmp_path / "gen")
+    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    tree["output"] = {"shards": str(tmp_path / "runs"), "checkpoints": str(tmp_path / "checkpoints")}
+    tree["sweep"] = {"static_sizes": [30, 60]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    tiny_generator.save(tmp_path / "gen")
+    return path
+
+
+def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_file, tmp_path):
+    bp, cfg = plan(params_file, [], static_sizes=(60, 30, 90), seeds=range(3), experiment="e")  # sizes are sorted
+    assert [a.name for a in bp.arms] == ["static N=30", "static N=60", "static N=90", "dp ω=0.1", "dp ω=0",
+                                         "oversample r=2", "oversample r=4", "oversample r=8"]  # fmt: skip
+    assert (bp.dp_arm, bp.dp0_arm, bp.seeds) == ("dp ω=0.1", "dp ω=0", (0, 1, 2))
+    assert cfg.tracking.experiment == "e" and bp.bench_id.startswith("full-")
+    todo = jobs(bp, {("static N=30", 0): {}}, {("dp ω=0", 2): "abc"}, tmp_path / "out")
+    assert len(todo) == 8 * 3 - 1
+    assert todo[0].arm.name == "oversample r=8" and todo[-1].arm.strategy == "dp"  # the most generation first
+    assert next(j for j in todo if j.arm.name == "dp ω=0" and j.seed == 2).resume_run_id == "abc"
+    assert "dp.omega=0" in next(j for j in todo if j.arm.name == "dp ω=0").overrides
+    # the same config is the same benchmark; another config is another one
+    assert plan(params_file, [], static_sizes=(30, 60), seeds=[0], experiment="e")[0].bench_id == bp.bench_id
+    assert plan(params_file, ["seed=0", "dp.round_size=30"], static_sizes=(30, 60), seeds=[0],
+                experiment="e")[0].bench_id != bp.bench_id  # fmt: skip
+    quick, _ = plan(params_file, [], static_sizes=(90, 30, 60), seeds=range(3), experiment="e", quick=True)
+    assert [a.name for a in quick.arms] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=4"]
+    assert quick.seeds == (0,) and "train.iterations=66" in quick.base
+    for overrides, kw, message in (
+        (["dp.omega=0"], {}, "dp.omega=0: the benchmark compares"),
+        (["dp.omegaa=1"], {}, "dp.omegaa: unknown key"),
+        ([], {"ratios": (1, 4)}, "--ratio 1"),
+        ([], {"static_sizes": (30,)}, "needs >= 2 static sizes"),
+        ([], {"seeds": []}, "--seeds"),
+    ):
+        args = {"static_sizes": (30, 60), "seeds": [0], "experiment": "e", **kw}
+        with pytest.raises(ConfigError, match=message):
+            plan(params_file, overrides, **args)
+
+
+def _bench(params_file, *args, **kw):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "dp_ops", "bench", "--params", str(params_file), "--seeds", "2", "--ratio", "2",
+           "--workers", "2", "--out", str(params_file.parent / "out"), *args]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=params_file.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kw)  # fmt: skip
+
+
+def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_reports(params_file, tmp_path):
+    first = _bench(params_file)
+    deadline = time.time() + 300
+    while not list((tmp_path / "checkpoints").glob("*/state.pt")) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "finished before it could be interrupted: " + first.stdout.read()
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group gets SIGINT
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 130, out
+    assert "interrupted" in out and "run the same command again" in out
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dp-ops-bench")
+    runs = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
+    killed = {r.info.run_id for r in runs if r.info.status == "KILLED"}
+    assert killed and all(r.info.status in ("KILLED", "FINISHED") for r in runs)  # nothing left RUNNING
+    # a run killed after its first completed round has a checkpoint; one killed before it has nothing to resume
+    resumable = {rid for rid in killed if checkpoint_path(tmp_path / "checkpoints", rid).is_file()}
+    assert resumable
+
+    second = _bench(params_file)
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out
+    assert "(resumed)" in out and "to resume" in out
+    runs = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment' and attributes.status = 'FINISHED'")
+    keys = [(r.data.tags["dpops.arm"], r.data.params["seed"]) for r in runs]
+    assert len(keys) == len(set(keys)) == 5 * 2  # 2 static, 2 dp, 1 oversample arm; 2 seeds; each run once
+    finished = {r.info.run_id for r in runs}
+    assert resumable <= finished  # the checkpointed runs themselves finished: resumed, not redone
+    assert not (killed - resumable) & finished  # the others were made again as new runs
+    assert all(r.data.tags["dpops.bench"].startswith("full-") for r in runs)
+
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["arm"] for r in report["rows"]] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=2"]
+    assert all(r["seeds"] == 2 for r in report["rows"]) and report["headline"]["dp_arm"] == "dp ω=0.1"
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
+    assert "data multiplier" in out and "mean ± sd over 2 seed(s)" in out
+    (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'benchmark'")
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.json", "bench.png"}
+
+    third = _bench(params_file)  # nothing left to do: every run is reused
+    out = third.communicate(timeout=300)[0]
+    assert third.returncode == 0, out
+    assert "10 run(s) finished earlier, 0 to resume, 0 to run" in out

@@ -1,0 +1,114 @@
+"""`dpops scaling`: points from a real MLflow SQLite registry (or metrics files), fits, report, logged run."""
+
+import json
+import time
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from typer.testing import CliRunner
+
+from dp_ops.cli import app
+from dp_ops.errors import FitError
+from dp_ops.studies.scaling_report import points_from_files, points_from_mlflow, scaling_report
+
+from conftest import tiny_tree
+
+runner = CliRunner()
+
+
+def law(n, multiplier=1.0):
+    """accuracy of a pool of n samples worth ``multiplier`` times as much as static's."""
+    return 1 - (2.0 * (multiplier * n) ** -0.5 + 0.01)
+
+
+def _log_run(client, exp_id, strategy, n, acc, reach_at, role="experiment", status="FINISHED"):
+    """A finished experiment run as dp_ops logs it; val accuracy reaches ``acc`` at iteration ``reach_at``."""
+    run = client.create_run(exp_id, tags={"dpops.role": role, "dpops.strategy": strategy})
+    now = int(time.time() * 1000)
+    summary = {"final_val_acc": acc, "final_test_acc": acc, "pool_size": n, "generated_samples": n, "iterations": 1000}
+    curve = [Metric("val_acc", acc - 0.05 if i < reach_at else acc, now, i) for i in range(100, 1001, 100)]
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()] + curve)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture
+def registry(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
+    for n in (200, 400, 800, 1600, 3200, 6400):
+        _log_run(client, exp_id, "static", n, law(n), reach_at=900)
+    best = None
+    for n in (300, 500, 700, 900):
+        best = _log_run(client, exp_id, "dp", n, law(n, multiplier=3.0), reach_at=300)
+    _log_run(client, exp_id, "static", 100, 0.99, 100, role="round")  # not an experiment: ignored
+    _log_run(client, exp_id, "static", 100, 0.99, 100, status="KILLED")  # unfinished: ignored
+    tree = tiny_tree()
+    tree["tracking"] = {"uri": uri, "experiment": "bench"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    return tmp_path, uri, best
+
+
+def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(registry):
+    tmp, uri, best = registry
+    out = tmp / "report"
+    result = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(out),
+                                 "--target", "0.95"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "scaling.json").read_text())
+    static = report["fits"]["static"]
+    assert static["n_points"] == 6 and static["alpha"] == pytest.approx(0.5, abs=0.02)
+    assert static["alpha_ci"][0] - 1e-6 <= 0.5 <= static["alpha_ci"][1] + 1e-6  # exact points: a tight interval
+    h = report["headline"]
+    assert h["dp_run"] == best and h["dp_samples"] == 900
+    assert h["data_multiplier_fit"] == pytest.approx(3.0, rel=0.05)  # DP's pool is worth 3x the samples
+    assert 2.5 < h["data_multiplier_points"] < 3.5
+    assert h["iteration_multiplier"] == pytest.approx(3.0)  # static reached DP's accuracy at 900, DP at 300
+    need = report["samples_for_target"]["static"]["0.95"]
+    assert need == pytest.approx(2500, rel=0.05)  # 2/sqrt(n) + 0.01 = 0.05 at n = 2500
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data multiplier: static needs" in result.output and "iteration multiplier" in result.output
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench")
+    (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'scaling'")
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"scaling.json", "scaling.png"}
+    assert logged.data.metrics["data_multiplier_fit"] == pytest.approx(h["data_multiplier_fit"])
+    # the logged report is not read back as a point
+    assert len(points_from_mlflow(uri, ["bench"], with_curves=False)) == 10
+
+
+def test_filters_and_too_few_points_refuse_in_one_line(registry):
+    tmp, uri, _ = registry
+    assert {p.strategy for p in points_from_mlflow(uri, ["bench"], strategies=["dp"])} == {"dp"}
+    result = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "r"),
+                                 "--filter", "metrics.pool_size < 500"])  # fmt: skip
+    assert result.exit_code == 1
+    assert "too few points to fit a scaling law" in result.output and "have dp: 1, static: 2)" in result.output
+    missing = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--experiment", "nope"])
+    assert missing.exit_code == 1 and "--experiment nope: no such MLflow experiment" in missing.output
+    bad = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--metric", "final_test_loss"])
+    assert bad.exit_code == 1 and "--metric final_test_loss" in bad.output
+
+
+def test_points_from_metrics_files_feed_the_same_report(tmp_path):
+    paths = []
+    for strategy, n, mult in [("static", n, 1.0) for n in (200, 400, 800, 1600)] + [("dp", 600, 3.0)]:
+        folder = tmp_path / f"{strategy}{n}"
+        folder.mkdir()
+        acc = law(n, mult)
+        summary = {"strategy": strategy, "final_val_acc": acc, "final_test_acc": acc, "pool_size": n,
+                   "generated_samples": n, "iterations": 500}  # fmt: skip
+        (folder / "metrics.json").write_text(json.dumps(summary))
+        (folder / "rounds.json").write_text(json.dumps({"curve": [{"iteration": 100, "val_acc": acc}]}))
+        paths.append(folder / "metrics.json")
+    runs = points_from_files(paths)
+    assert [r.curve for r in runs][0] == ((100, law(200)),)
+    report = scaling_report(runs, n_boot=50)
+    assert set(report.fits) == {"static"} and "dp" in report.unfitted  # one dp point: no fit, still a multiplier
+    assert report.headline["data_multiplier_fit"] == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(FitError, match="too few points"):
+        scaling_report(runs[:2])

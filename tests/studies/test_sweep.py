@@ -1,0 +1,230 @@
+"""`dpops sweep` on real Optuna storages (SQLite, journal file) and a real MLflow SQLite store."""
+
+import os
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from dp_ops.cli import app
+from dp_ops.config import build_config, flatten, load_config, load_tree
+from dp_ops.errors import ConfigError
+from dp_ops.engine.loop import Observer
+from dp_ops.studies.sweep import Sweep, TrialObserver, counted_trials, replay_command, sweep_config, tracked_runner
+
+from conftest import tiny_tree
+
+runner = CliRunner()
+SPACE = {"omega": {"low": 0.05, "high": 0.5}, "patience": {"low": 1, "high": 3},
+         "round_size": {"low": 10, "high": 30, "step": 10}, "static_sizes": [30, 50]}  # fmt: skip
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_generator):
+    """params.yaml with tiny sections, a saved tiny generator, stores in tmp_path."""
+    tree = tiny_tree()
+    tree["generator"]["path"] = str(tmp_path / "gen")
+    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = tmp_path / "out"
+    tree["output"] = {"metrics": str(out / "metrics.json"), "rounds": str(out / "rounds.json"),
+                      "shards": str(out / "runs"), "checkpoints": str(out / "checkpoints")}  # fmt: skip
+    tree["sweep"] = {**SPACE, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "sampler_seed": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    tiny_generator.save(tmp_path / "gen")
+    return tmp_path
+
+
+def _worker(ws, tiny_generator, real, *overrides, strategy="dp", name="s"):
+    tree = load_tree(ws / "params.yaml", list(overrides))
+    worker = Sweep(build_config(tree), sweep_config(tree), strategy=strategy, study_name=name)
+    return worker, tracked_runner(tiny_generator, real)
+
+
+def _experiment_runs(ws, experiment):
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
+
+
+def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
+    args = ["sweep", "--params", str(ws / "params.yaml"), "--n-trials", "3", "--study-name", "s1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{ws / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert set(trials[0].params) == {"dp.omega", "dp.patience", "dp.round_size"}
+    runs = {r.info.run_id: r for r in _experiment_runs(ws, "s1")}  # one experiment per study
+    assert {t.user_attrs["dpops.mlflow_run_id"] for t in trials} == set(runs)
+    for t in trials:
+        run = runs[t.user_attrs["dpops.mlflow_run_id"]]
+        assert run.data.tags["dpops.study"] == "s1" and run.data.tags["dpops.trial"] == str(t.number)
+        assert float(run.data.params["dp.omega"]) == pytest.approx(t.params["dp.omega"])
+        assert run.data.metrics["final_val_acc"] == pytest.approx(t.value)
+    assert "replay the best: dpops run" in result.output and "dvc exp run -S" in result.output
+    assert "the study has 3/3" in result.output
+
+    # the printed replay command rebuilds the best trial's exact config
+    best = study.best_trial
+    overrides = [o for o in replay_command(best).split(" -S ")[1:]]
+    replay = flatten(load_config(ws / "params.yaml", overrides))
+    logged = runs[best.user_attrs["dpops.mlflow_run_id"]].data.params
+    assert {k: str(v) for k, v in replay.items() if not k.startswith("output.")} == {
+        k: v for k, v in logged.items() if not k.startswith("output.")
+    }
+
+    again = runner.invoke(app, [*args[:-4], "--n-trials", "4", "--study-name", "s1"])
+    assert again.exit_code == 0, again.output
+    assert "this worker ran 1 trial(s); the study has 4/4" in again.output
+    assert len(optuna.load_study(study_name="s1", storage=f"sqlite:///{ws / 'optuna.db'}").trials) == 4
+    done = runner.invoke(app, [*args[:-4], "--n-trials", "4", "--study-name", "s1"])
+    assert "this worker ran 0 trial(s)" in done.output
+
+
+class Boom(Observer):
+    def on_round(self, record, increment):
+        if record.round == 1:
+            raise RuntimeError("disk full")
+
+
+def test_a_trial_that_raises_is_failed_and_the_sweep_goes_on(ws, tiny_generator, real):
+    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=3")
+    outcome = worker.run(run_trial, observers=lambda n: [Boom()] if n == 1 else [])
+    states = [t.state for t in worker.study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    failed = worker.study.trials[1]
+    assert failed.user_attrs["dpops.error"] == "RuntimeError: disk full"
+    assert [o.state for o in outcome.ran] == ["COMPLETE", "FAIL", "COMPLETE"]
+    run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(failed.user_attrs["dpops.mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["dpops.trial"] == "1"
+
+
+def test_a_stale_running_trial_is_requeued_with_its_params(ws, tiny_generator, real):
+    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=2", "sweep.stale_after=0.5")
+    dead = worker.study.ask()  # a worker that died: RUNNING, and no heartbeat ever since
+    omega, patience = dead.suggest_float("dp.omega", 0.05, 0.5, log=True), dead.suggest_int("dp.patience", 1, 3)
+    dead.suggest_int("dp.round_size", 10, 30, step=10)
+    time.sleep(0.6)
+    worker.run(run_trial)
+    trials = worker.study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    retry = next(t for t in trials if t.user_attrs.get("dpops.retry_of") == 0)
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params["dp.omega"] == pytest.approx(omega) and retry.params["dp.patience"] == patience
+    assert len(counted_trials(trials)) == 2  # the dead trial's retry takes its place in the budget
+
+
+def test_pruned_trial_is_pruned_in_optuna_and_killed_in_mlflow(ws, tiny_generator, real):
+    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=1", "sweep.prune=true")
+    worker.study.pruner = optuna.pruners.ThresholdPruner(lower=2.0)  # every accuracy is below: prune at once
+    outcome = worker.run(run_trial)
+    assert outcome.ran[0].state == "PRUNED"
+    t = worker.study.trials[0]
+    assert t.state == TrialState.PRUNED and t.intermediate_values  # reported per evaluation
+    run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(t.user_attrs["dpops.mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["dpops.pruned"] == "true"
+
+
+def test_heartbeat_observer_reports_and_prunes():
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=0.9))
+    trial = study.ask()
+    watch = TrialObserver(trial, beat_every=0.0, prune=True)
+    first = study.trials[0].user_attrs["dpops.heartbeat"]
+    watch.on_eval(10, 0.95)
+    assert study.trials[0].user_attrs["dpops.heartbeat"] >= first
+    with pytest.raises(optuna.TrialPruned):
+        watch.on_eval(20, 0.5)
+
+
+def test_static_grid_runs_each_size_once_and_pareto_objective_has_two_values(ws, tiny_generator, real):
+    grid, run_trial = _worker(ws, tiny_generator, real, strategy="static", name="g")
+    grid.run(run_trial)
+    sizes = sorted(t.params["dp.initial_size"] for t in grid.study.trials)
+    assert sizes == [30, 50] and all(t.state == TrialState.COMPLETE for t in grid.study.trials)
+    assert {r.data.tags["dpops.strategy"] for r in _experiment_runs(ws, "g")} == {"static"}
+
+    pareto, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=2", "sweep.objective=pareto", name="p")
+    outcome = pareto.run(run_trial)
+    assert all(len(o.values) == 2 for o in outcome.ran) and outcome.best
+    assert [d.name for d in pareto.study.directions] == ["MAXIMIZE", "MINIMIZE"]
+
+
+def test_bad_sweep_input_fails_in_one_line_before_work(ws):
+    base = ["sweep", "--params", str(ws / "params.yaml")]
+    cases = {
+        ("-S", "sweep.objective=pareto", "-S", "sweep.prune=true"): "sweep.prune=true needs sweep.objective=accuracy",
+        ("--storage", f"sqlite:///{ws / 'mlflow.db'}"): "is MLflow's database",
+        ("--strategy", "random"): "--strategy random: allowed dp",
+        ("-S", "sweep.omega.low=2", "-S", "sweep.omega.high=1"): "low=2 must be <= high=1",
+    }
+    for args, message in cases.items():
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+    _worker(ws, None, None, strategy="static", name="s")
+    with pytest.raises(ConfigError, match="study s holds the grid"):
+        _worker(ws, None, None, "sweep.static_sizes=[10,20]", strategy="static", name="s")
+
+
+def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
+    journal = ws / "sweep.journal"
+    MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()  # create the MLflow store first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "dp_ops", "sweep", "--params", str(ws / "params.yaml"), "--storage", str(journal),
+           "--n-trials", "4", "--study-name", "shared", "-S", "sweep.sampler_seed=null", "-S", "train.iterations=100"]
+    workers = [subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]  # fmt: skip
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(outputs)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and len(counted_trials(trials)) == 4
+    assert all(t.user_attrs.get("dpops.over_budget") for t in trials if t.state != TrialState.COMPLETE)
+    run_ids = [t.user_attrs["dpops.mlflow_run_id"] for t in complete]
+    assert len(set(run_ids)) == 4
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # no duplicated configuration
+    assert sorted(r.info.run_id for r in _experiment_runs(ws, "shared")) == sorted(run_ids)
+    ran = [int(o.split("this worker ran ")[1].split(" ")[0]) for o in outputs]
+    assert sum(ran) == 4, outputs
+
+
+def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_run(ws):
+    MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    cmd = [sys.executable, "-m", "dp_ops", "sweep", "--params", str(ws / "params.yaml"), "--n-trials", "1",
+           "--study-name", "k", "-S", "train.iterations=160", "-S", "dp.max_rounds=4"]  # fmt: skip
+    victim = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((ws / "out" / "checkpoints").glob("*/state.pt")) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the trial finished before it could be killed: " + victim.stdout.read()
+    victim.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in Optuna and in MLflow
+    victim.wait(timeout=60)
+    (killed_run,) = list((ws / "out" / "checkpoints").iterdir())
+    time.sleep(1.1)
+
+    again = runner.invoke(app, [*cmd[3:], "-S", "sweep.stale_after=1"])
+    assert again.exit_code == 0, again.output
+    trials = optuna.load_study(study_name="k", storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], (again.output, trials[-1].user_attrs)
+    assert trials[1].user_attrs["dpops.retry_of"] == 0 and trials[1].params == trials[0].params
+    assert trials[1].user_attrs["dpops.mlflow_run_id"] == killed_run.name  # resumed, not started over
+    run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed_run.name)
+    assert run.info.status == "FINISHED" and run.data.tags["dpops.trial"] == "1"
+
+
+def test_a_study_another_worker_is_still_setting_up_is_waited_for(ws):
+    from dp_ops.studies.sweep import _wait_until_ready
+
+    storage = f"sqlite:///{ws / 'optuna.db'}"
+    study = optuna.create_study(study_name="half", storage=storage)  # created, not yet described
+    with pytest.raises(ConfigError, match="never fully set up"):
+        _wait_until_ready(study, "half", timeout=0.3)
+    study.set_user_attr("dpops.ready", True)
+    _wait_until_ready(study, "half", timeout=0.3)
