@@ -11,7 +11,7 @@ from rich.table import Table
 from dp_ops.studies.bench_stats import ArmStats
 from dp_ops.studies.bench import JobResult
 from dp_ops.config import Config
-from dp_ops.engine.backends.pixel import Samples
+from dp_ops.engine.sampling import Samples
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 
 

@@ -20,7 +20,8 @@ from dp_ops.config import Config, from_flat
 from dp_ops.engine.data import RealData, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices, resolve_device
 from dp_ops.errors import ConfigError, DataError
-from dp_ops.engine.backends.pixel import META_FILE, Generator, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.engine.sampling import Generator
 from dp_ops.engine.learner import known_models
 from dp_ops.engine.loop import DPLoop, Observer, RunResult
 from dp_ops.engine.quality import Quality, measure_quality

@@ -30,7 +30,7 @@ import torch
 from dp_ops.config import Config
 from dp_ops.engine.data import LabelledImages, Pool, RealData, balanced_labels, quantize
 from dp_ops.engine.devices import resolve_device
-from dp_ops.engine.backends.pixel import Generator, Samples
+from dp_ops.engine.sampling import Generator, Samples
 from dp_ops.engine.learner import Trainer, build_learner
 
 

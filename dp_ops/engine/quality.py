@@ -14,7 +14,8 @@ import torch
 
 from dp_ops.config import GeneratorConfig, LearnerConfig, TrainConfig
 from dp_ops.engine.data import Pool, RealData, balanced_labels
-from dp_ops.engine.backends.pixel import PixelDiffusion, Progress
+from dp_ops.engine.backends.pixel import PixelDiffusion
+from dp_ops.engine.sampling import Progress
 from dp_ops.engine.learner import Trainer, build_learner
 
 JUDGE_RECIPE = TrainConfig(iterations=800, eval_every=800, batch_size=128, lr=2e-3, label_smoothing=0.0)

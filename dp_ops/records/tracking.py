@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from dp_ops.config import Config, flatten
 from dp_ops.engine.data import to_uint8
-from dp_ops.engine.backends.pixel import Samples
+from dp_ops.engine.sampling import Samples
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.records.versioning import DvcVersioner, ShardInfo
 

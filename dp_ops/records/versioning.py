@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 from dp_ops.engine.data import LabelledImages, from_uint8, to_uint8
 from dp_ops.errors import DataError
-from dp_ops.engine.backends.pixel import Samples
+from dp_ops.engine.sampling import Samples
 from dp_ops.engine.loop import Observer, RoundRecord
 
 

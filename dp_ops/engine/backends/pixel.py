@@ -19,7 +19,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,8 +29,8 @@ from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
 from dp_ops.errors import GeneratorError
 from dp_ops.engine.guidance import entropy, entropy_guidance
+from dp_ops.engine.sampling import Progress, Samples
 
-Progress = Callable[[int, int], None]  # (completed, total)
 META_FILE = "dpops_generator.json"
 
 
@@ -45,35 +44,6 @@ class GeneratorMeta:
     data: str
     train_iterations: int
     quality: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Generated images in [-1, 1] with their labels, per-sample seeds and learner entropy (nats)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    seeds: np.ndarray
-    entropy: torch.Tensor
-    unet_evals: int
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def select(self, idx: torch.Tensor) -> Samples:
-        return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
-
-
-class Generator(Protocol):
-    """What the loop needs from a generator backend (``pixel``: :class:`PixelDiffusion`, ``sd``:
-    :class:`dp_ops.engine.backends.sd.StableDiffusion`): one image per label from per-sample seeds, on the CPU, in [-1, 1],
-    scored (and, with ω > 0, entropy-guided) by ``learner``."""
-
-    def sample(
-        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
-        batch_size: int = 256, progress: Progress | None = None,
-    ) -> Samples: ...  # fmt: skip
 
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:

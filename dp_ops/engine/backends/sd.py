@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from dp_ops.errors import GeneratorError
-from dp_ops.engine.backends.pixel import Progress, Samples
+from dp_ops.engine.sampling import Progress, Samples
 from dp_ops.engine.guidance import entropy, entropy_guidance
 
 Tensor = torch.Tensor

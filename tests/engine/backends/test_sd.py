@@ -208,7 +208,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
 def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     """safetensors writes metadata from a hash map whose order changes between processes; shards sort it
     so that the same round always has the same md5 (and deduplicates in the DVC cache)."""
-    from dp_ops.engine.backends.pixel import Samples
+    from dp_ops.engine.sampling import Samples
     from dp_ops.records.versioning import _canonical_header, write_shard
 
     samples = Samples(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), np.arange(2), torch.zeros(2), 1)
@@ -251,7 +251,7 @@ def test_sd_defaults_and_config_checks():
     g = build_config({**base, "generator": {"backend": "sd", "model": "m"}}).generator
     assert (g.steps, g.cfg_scale, g.guide_every, g.batch_size, g.prompt) == (30, 4.0, 5, 8, "{name}")  # paper
     assert build_config({}).generator.steps == 6  # the pixel world's defaults are untouched
-    example = load_config(Path(__file__).parents[1] / "examples" / "params-sd.yaml")
+    example = load_config(Path(__file__).parents[3] / "examples" / "params-sd.yaml")
     assert (example.generator.backend, example.data.stored_resolution, example.train.mixup) == ("sd", 256, 0.5)
     flat = flatten(build_config({**base, "generator": {"backend": "sd", "model": "m", "prompt": "{name}"}}))
     assert from_flat({k: str(v) for k, v in flat.items()}).generator.prompt == "{name}"  # survives YAML
