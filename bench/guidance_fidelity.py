@@ -64,13 +64,15 @@ def main() -> None:
             recognised = (judge.logits(s.images).argmax(-1) == labels).float().mean().item()
             learner_acc = (learner.logits(s.images).argmax(-1) == labels).float().mean().item()
             table.add_row(f"{scale:g}", f"{omega:g}", f"{recognised:.3f}", f"{learner_acc:.3f}",
-                          f"{s.entropy.mean().item():.3f}", f"{diversity(s.images, labels):.2f}", f"{ARGS.n / seconds:.0f}")
+                          f"{s.entropy.mean().item():.3f}", f"{diversity(s.images, labels):.2f}",
+                          f"{ARGS.n / seconds:.0f}")
         table.add_section()
     console = Console(width=140)
     console.print(table)
-    console.print(f"real validation digits: diversity {diversity(real.val.images, real.val.labels):.2f}; judge accuracy "
-                  f"on them {judge.accuracy(real.val):.3f}; guiding learners trained {ARGS.learner_iterations} iterations "
-                  f"on {ARGS.pool} unguided samples of their CFG scale", soft_wrap=True)  # fmt: skip
+    console.print(f"real validation digits: diversity {diversity(real.val.images, real.val.labels):.2f}; "
+                  f"judge accuracy on them {judge.accuracy(real.val):.3f}; guiding learners trained "
+                  f"{ARGS.learner_iterations} iterations on {ARGS.pool} unguided samples of their CFG scale",
+                  soft_wrap=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from dp_ops.config import LearnerConfig, TrainConfig
-from dp_ops.engine.devices import DTYPES, resolve_device
-from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components
+from dp_ops.engine.devices import DTYPES, resolve_device
+from dp_ops.engine.learner import Trainer, build_learner
 
 PAPER_RATIO = 1.82
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before timm)
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class MixCut:
 
         self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
                          num_classes=num_classes)  # fmt: skip
-        self.np_state = np.random.RandomState(seed).get_state()
+        self.np_state: Any = np.random.RandomState(seed).get_state()  # ("MT19937", keys, pos, has_gauss, cached)
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         outside = np.random.get_state()
@@ -67,7 +68,7 @@ class MixCut:
             np.random.set_state(outside)
 
     def state_dict(self) -> dict:
-        name, keys, pos, has_gauss, cached = self.np_state
+        _, keys, pos, has_gauss, cached = self.np_state
         return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                 "cached": float(cached)}  # fmt: skip
 

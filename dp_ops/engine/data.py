@@ -9,6 +9,7 @@ scikit-learn's bundled digits (1,797 8×8 images, 10 classes, no download) are s
 
 Images are float tensors in [-1, 1] of shape (n, 1, R, R), upsampled bilinearly to the resolution R
 the generator works at. (The text-to-image world reads image folders instead: :mod:`dp_ops.engine.folders`.)
+:func:`resize` is the one way the engine resizes square image tensors.
 """
 
 from __future__ import annotations
@@ -62,16 +63,20 @@ def load_digits_data(cfg: DataConfig) -> RealData:
 
     def part(ix: np.ndarray) -> LabelledImages:
         images = torch.from_numpy(x[np.sort(ix)]).unsqueeze(1)
-        return LabelledImages(to_model_range(upsample(images, cfg.resolution)), torch.from_numpy(y[np.sort(ix)]))
+        # Upsampling needs no antialiasing; without it the digits stay bit-identical to those earlier runs used.
+        images = resize(images, cfg.resolution, antialias=False).clamp(0, 1)
+        return LabelledImages(to_model_range(images), torch.from_numpy(y[np.sort(ix)]))
 
     names = tuple(str(i) for i in range(NUM_CLASSES))
     return RealData(part(gen_idx), part(val_idx), part(test_idx), NUM_CLASSES, cfg.resolution, class_names=names)
 
 
-def upsample(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    if images.shape[-1] == resolution:
+def resize(images: torch.Tensor, size: int, *, antialias: bool = True) -> torch.Tensor:
+    """Square images (n, C, R, R) bilinearly resized to ``size``×``size``, differentiably; antialiased so
+    that shrinking averages instead of skipping pixels. The same tensor if already that size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def to_model_range(images01: torch.Tensor) -> torch.Tensor:

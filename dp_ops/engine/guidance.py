@@ -1,6 +1,6 @@
 """Entropy guidance: steer a diffusion sample toward what the current learner finds hard.
 
-Notation (DESIGN.md §2, the paper's):
+Notation (the paper's, Askari-Hemmat et al., ICML 2025):
     x_t        noisy sample (pixels here; a latent z_t for latent backends)
     ε̂          ε_θ(x_t, t, y), the (classifier-free guided) noise prediction
     ᾱ_t        cumulative product of the noise schedule's alphas at t
@@ -12,7 +12,8 @@ At a guided step the sample moves *up* the entropy gradient g = ∇_{x_t} H(f_φ
 printed Eq. 7 has the sign backwards for its stated intent), with the step normalised per sample,
 ω·‖x_t‖·g/‖g‖, so that ω is scale-free (as in the authors' released code for their earlier work).
 The backend only supplies ``to_learner``: how x̂0 becomes an image the learner can read (identity for
-the pixel model, VAE decoding for a latent model).
+the pixel model, VAE decoding for a latent model); the sampler that calls this is
+:func:`dp_ops.engine.sampling.ddim`.
 """
 
 from __future__ import annotations

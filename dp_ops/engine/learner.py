@@ -1,14 +1,16 @@
 """The learner f_φ: a timm model built by name, trained from scratch on the synthetic pool.
 
-Recipe (DESIGN.md §2, step 4): AdamW, label smoothing, mini-batches drawn uniformly from the whole pool,
-and a warm-up / stable / decay ("WSD") learning rate: linear warm-up over the first ``warmup_fraction``
-of the budget, constant afterwards (not reset when data arrives), cosine cool-down over the last
-``cooldown_fraction``, during which the loop adds no data.
+Recipe (the paper's, Askari-Hemmat et al., ICML 2025; step 4 of :mod:`dp_ops.engine.loop`): AdamW, label
+smoothing, mini-batches drawn uniformly from the whole pool, and a warm-up / stable / decay ("WSD")
+learning rate: linear warm-up over the first ``warmup_fraction`` of the budget, constant afterwards (not
+reset when data arrives), cosine cool-down over the last ``cooldown_fraction``, during which the loop
+adds no data.
 
 The text-to-image world adds the paper's ImageNet extras, all off by default (``train.*``): random-resized-
 crop/flip, Mixup and CutMix (:mod:`dp_ops.engine.augment`), and an EMA of the weights (timm's ``ModelEmaV3``),
 which is then what is evaluated and what guidance back-propagates through. Pool images may be stored
-larger than the learner's input (``data.shard_resolution``); batches are cropped or resized to it.
+larger than the learner's input (``data.shard_resolution``); batches are cropped or resized
+(:func:`dp_ops.engine.data.resize`) to it.
 
 ``dpops_convnet`` is registered with timm so it is built by name like any timm model: a small VGG-style
 network that suits 16×16 grey images (timm's ImageNet models downsample 32× and waste such inputs).
@@ -29,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
 from dp_ops.config import LearnerConfig, TrainConfig
-from dp_ops.engine.data import LabelledImages, Pool
+from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
+from dp_ops.engine.data import LabelledImages, Pool, resize
 from dp_ops.engine.guidance import entropy
 
 
@@ -85,8 +87,8 @@ def known_models() -> list[str]:
 
 def wsd_factor(iteration: int, total: int, warmup_fraction: float, cooldown_fraction: float) -> float:
     """Learning-rate multiplier at ``iteration`` (0-based) of ``total``: warm-up, stable, cosine decay."""
-    warmup = int(round(warmup_fraction * total))
-    cooldown = int(round(cooldown_fraction * total))
+    warmup = round(warmup_fraction * total)
+    cooldown = round(cooldown_fraction * total)
     if iteration < warmup:
         return (iteration + 1) / warmup
     decay_start = total - cooldown
@@ -153,7 +155,7 @@ class Trainer:
         if self.cfg.augment != "none":
             return crop_flip(images, size, self.augment_rng, crop=self.cfg.augment == "crop_flip",
                              min_scale=self.cfg.crop_min_scale)  # fmt: skip
-        return self._fit(images)
+        return self._to_input(images)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.mixcut is None:
@@ -161,12 +163,9 @@ class Trainer:
         images, targets = self.mixcut(images, labels)  # label smoothing is inside the soft targets
         return soft_target_loss(self.model(images), targets)
 
-    def _fit(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize to the input size (antialiased) when stored at another size; a no-op otherwise."""
-        if self.input_size is None or images.shape[-1] == self.input_size:
-            return images
-        size = (self.input_size, self.input_size)
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    def _to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the model reads them: resized to ``input_size`` when stored at another size."""
+        return images if self.input_size is None else resize(images, self.input_size)
 
     @contextmanager
     def _dropout_rng(self) -> Iterator[None]:
@@ -182,7 +181,7 @@ class Trainer:
         """Eval-mode logits on the CPU, in chunks (images may live anywhere)."""
         model = self.eval_model.eval()
         chunks = (images[i : i + batch_size].to(self.device) for i in range(0, len(images), batch_size))
-        return torch.cat([model(self._fit(x)).cpu() for x in chunks])
+        return torch.cat([model(self._to_input(x)).cpu() for x in chunks])
 
     def accuracy(self, data: LabelledImages) -> float:
         return float((self.logits(data.images).argmax(-1) == data.labels).float().mean())
@@ -193,7 +192,7 @@ class Trainer:
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable logits in eval mode (on the learner's device): what entropy guidance
         back-propagates through."""
-        return self.eval_model.eval()(self._fit(images.to(self.device)))
+        return self.eval_model.eval()(self._to_input(images.to(self.device)))
 
     def state_dict(self) -> dict[str, Any]:
         state = {

@@ -1,8 +1,9 @@
 """How good is the generator? A judge trained on *real* digits reads its unguided samples.
 
 The recognition rate (judge accuracy on samples, labelled by the class they were generated for) is the
-quality figure DESIGN.md §3 quotes; the judge's own accuracy on the real test split is reported next to
-it, so a weak judge cannot hide a weak generator.
+generator's quality figure: how often a classifier of real digits reads a sample as the digit it was asked
+for. The judge's own accuracy on the real test split is reported next to it, so a weak judge cannot hide
+a weak generator.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import numpy as np
 import torch
 
 from dp_ops.config import GeneratorConfig, LearnerConfig, TrainConfig
-from dp_ops.engine.data import Pool, RealData, balanced_labels
 from dp_ops.engine.backends.pixel import PixelDiffusion
-from dp_ops.engine.sampling import Progress
+from dp_ops.engine.data import Pool, RealData, balanced_labels
 from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine.sampling import Progress
 
 JUDGE_RECIPE = TrainConfig(iterations=800, eval_every=800, batch_size=128, lr=2e-3, label_smoothing=0.0)
 

@@ -1,19 +1,35 @@
 """What every generator backend shares: the :class:`Generator` contract the loop calls, the
-:class:`Samples` it returns, and the progress callback type.
+:class:`Samples` it returns, the progress callback type, and the one DDIM sampler both backends run.
 
-Notation as in :mod:`dp_ops.engine.guidance`.
+Notation (the paper's, Askari-Hemmat et al., ICML 2025):
+    x_t     the sample being denoised at timestep t: pixels, or a latent z_t for a latent backend
+    ε̂       ε_θ(x_t, t, y) with classifier-free guidance, ε_u + s·(ε_c − ε_u)
+    s       the classifier-free guidance scale (diffusers' convention: s = 1 is the conditional model alone)
+    ᾱ_t     cumulative product of the noise schedule's alphas at t
+    x̂0      the DDIM estimate of the clean sample from x_t and ε̂
+    ω       entropy-guidance strength (:mod:`dp_ops.engine.guidance`); ω = 0 samples plainly
+
+A backend (:class:`Backend`) supplies only what differs between models: its noise schedule, its ε̂, its
+initial noise and its decoding of x̂0. :func:`ddim` runs the denoising loop (DDIM, η = 0) and
+:func:`sample_and_score` the batches, final decode and learner entropy; so sampling, guidance and the
+cost count are the same code for every backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from dp_ops.engine.data import resize
+from dp_ops.engine.guidance import entropy, entropy_guidance
+
+Tensor = torch.Tensor
 Progress = Callable[[int, int], None]  # (completed, total)
+Learner = Callable[[Tensor], Tensor]  # images in [-1, 1] at the learner's input size -> logits
 
 
 @dataclass(frozen=True)
@@ -34,12 +50,102 @@ class Samples:
 
 
 class Generator(Protocol):
-    """What the loop needs from a generator backend (``pixel``: :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``:
-    :class:`dp_ops.engine.backends.sd.StableDiffusion`): one image per label from per-sample seeds, on the CPU, in [-1, 1],
-    scored (and, with ω > 0, entropy-guided) by ``learner``."""
+    """What the loop needs from a generator backend (``pixel``:
+    :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``: :class:`dp_ops.engine.backends.sd.StableDiffusion`):
+    one image per label from per-sample seeds, on the CPU, in [-1, 1], scored (and, with ω > 0,
+    entropy-guided) by ``learner``; both backends do it with :func:`sample_and_score`."""
 
     def sample(
         self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
         learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
         batch_size: int = 256, progress: Progress | None = None,
     ) -> Samples: ...  # fmt: skip
+
+
+class Backend(Protocol):
+    """The model-specific pieces :func:`ddim` and :func:`sample_and_score` need."""
+
+    @property
+    def scheduler(self) -> Any:
+        """A diffusers DDIM scheduler holding the model's noise schedule; never stepped itself."""
+        ...
+
+    @property
+    def learner_resolution(self) -> int:
+        """Side of the learner's input: the returned images are resized to it to be scored."""
+        ...
+
+    def noise(self, seeds: np.ndarray) -> Tensor:
+        """x_T on the model's device (use :func:`seeded_noise`)."""
+        ...
+
+    def eps(self, x_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
+        """ε̂ at x_t (already scaled by the scheduler's ``scale_model_input``) for ``labels``."""
+        ...
+
+    def to_learner(self, x0: Tensor) -> Tensor:
+        """x̂0 as the learner's input, differentiably: what entropy guidance back-propagates through."""
+        ...
+
+    def to_images(self, x0: Tensor) -> Tensor:
+        """The final x_0 as the images to return (before the final clamp to [-1, 1])."""
+        ...
+
+
+def seeded_noise(seeds: np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """Standard normal noise of ``shape`` per seed, drawn on the CPU with one ``torch.Generator`` per seed,
+    so that a sample is the same alone or in any batch, on any device."""
+    x = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(x).to(device)
+
+
+def unet_evals(n: int, steps: int, cfg_scale: float) -> int:
+    """UNet forward passes for ``n`` samples: one per step, two with classifier-free guidance (s ≠ 1).
+    Guided steps reuse the ε̂ they differentiate, so guidance adds backward passes, not evaluations."""
+    return steps * n * (1 if cfg_scale == 1.0 else 2)
+
+
+def ddim(
+    backend: Backend, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float, learner: Learner,
+    omega: float = 0.0, guide_every: int = 1,
+) -> Tensor:  # fmt: skip
+    """The final x_0 of one batch: DDIM (η = 0) from seeded noise, entropy-guided at every ``guide_every``-th
+    step when ω > 0. Written out step by step so that guidance can move x_t before each ``scheduler.step``."""
+    scheduler = type(backend.scheduler).from_config(backend.scheduler.config)  # a private copy: set_timesteps mutates
+    scheduler.set_timesteps(steps)
+    x = backend.noise(seeds) * scheduler.init_noise_sigma
+    labels = labels.to(x.device)
+    for i, t in enumerate(scheduler.timesteps):
+
+        def eps_fn(x_t: Tensor, t: Tensor = t) -> Tensor:
+            return backend.eps(scheduler.scale_model_input(x_t, t), t, labels, cfg_scale)
+
+        if omega > 0 and i % guide_every == 0:
+            step = entropy_guidance(x, eps_fn, scheduler.alphas_cumprod[t], learner, omega, backend.to_learner)
+            x, eps = step.x_t, step.eps  # x_t moved up the entropy gradient; ε̂ from before the move
+        else:
+            with torch.no_grad():
+                eps = eps_fn(x)
+        x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep, guided or not
+    return x
+
+
+def sample_and_score(
+    backend: Backend, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float, learner: Learner,
+    omega: float = 0.0, guide_every: int = 1, batch_size: int, progress: Progress | None = None,
+) -> Samples:  # fmt: skip
+    """One image per label, from per-sample seeds, in batches of ``batch_size``: on the CPU, in [-1, 1],
+    with the learner's entropy on exactly the returned images (at its input size)."""
+    images, ents = [], []
+    for start in range(0, len(labels), batch_size):
+        sl = slice(start, start + batch_size)
+        x0 = ddim(backend, labels[sl], seeds[sl], steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
+                  guide_every=guide_every)  # fmt: skip
+        with torch.no_grad():
+            x = backend.to_images(x0).clamp(-1, 1)
+            ents.append(entropy(learner(resize(x, backend.learner_resolution))).cpu())  # (learner may be elsewhere)
+        images.append(x.cpu())
+        if progress:
+            progress(min(start + batch_size, len(labels)), len(labels))
+    evals = unet_evals(len(labels), steps, cfg_scale)
+    return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import torch
 
+from dp_ops.config import LearnerConfig
 from dp_ops.engine.guidance import entropy, entropy_guidance, normalise_step, predict_x0
 from dp_ops.engine.learner import build_learner
-from dp_ops.config import LearnerConfig
 
 
 def test_entropy_of_uniform_softmax_is_log_k():
@@ -37,7 +37,7 @@ def test_step_is_omega_times_norm_of_x_per_sample():
 def test_guided_step_moves_up_the_entropy_gradient():
     learner = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 10, 1, seed=0).eval()
     x_t = torch.randn(16, 1, 8, 8)
-    eps_fn = lambda x: 0.5 * x  # a smooth stand-in for ε_θ(x_t, t, y)  # noqa: E731
+    eps_fn = lambda x: 0.5 * x  # a smooth stand-in for ε_θ(x_t, t, y)
     step = entropy_guidance(x_t, eps_fn, 0.5, learner, omega=0.02)
     with torch.no_grad():
         before = entropy(learner(predict_x0(x_t, eps_fn(x_t), 0.5)))

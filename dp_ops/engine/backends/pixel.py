@@ -2,8 +2,8 @@
 
 A ``UNet2DModel`` with a class embedding predicts ε; one extra class index (``num_classes``) is the
 *null* class, learned by label dropout, so sampling can use classifier-free guidance
-ε̂ = ε_u + s·(ε_c − ε_u). Sampling is DDIM (η = 0), written out step by step so that entropy guidance
-(:mod:`dp_ops.engine.guidance`) can move x_t before each ``scheduler.step``.
+ε̂ = ε_u + s·(ε_c − ε_u). Sampling is the shared DDIM sampler (:mod:`dp_ops.engine.sampling`), entropy-guided
+(:mod:`dp_ops.engine.guidance`) when ω > 0; this module supplies ε̂, the initial noise, and x̂0 as is.
 
 Saved with diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
 ``<path>/dpops_generator.json`` (what it was trained on, its measured quality).
@@ -15,7 +15,6 @@ import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
+from dp_ops.engine.sampling import Progress, Samples, sample_and_score, seeded_noise
 from dp_ops.errors import GeneratorError
-from dp_ops.engine.guidance import entropy, entropy_guidance
-from dp_ops.engine.sampling import Progress, Samples
+from dp_ops.files import atomic_path, write_json
 
 META_FILE = "dpops_generator.json"
 
@@ -83,16 +82,11 @@ class PixelDiffusion:
 
     # ---- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write atomically: a crash mid-save never leaves a half-written generator at ``path``."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.unet.save_pretrained(tmp / "unet")
-        self.scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        """Write atomically: a crash mid-save leaves the old generator at ``path`` (or none), never half of one."""
+        with atomic_path(path, folder=True) as tmp:
+            self.unet.save_pretrained(tmp / "unet")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            write_json(tmp / META_FILE, asdict(self.meta))
 
     @classmethod
     def load(cls, path: str | Path) -> PixelDiffusion:
@@ -117,10 +111,20 @@ class PixelDiffusion:
                     "retrain it (dpops generator train) or point generator.path elsewhere"
                 )
 
-    # ---- sampling ----------------------------------------------------------------------------------
+    # ---- the pieces of a denoising step (what the shared sampler, dp_ops.engine.sampling, calls) ----
+    @property
+    def learner_resolution(self) -> int:
+        """The learner reads samples as they are generated (a Trainer resizes to its own input if it must)."""
+        return self.meta.resolution
+
+    def noise(self, seeds: np.ndarray) -> torch.Tensor:
+        res = self.meta.resolution
+        return seeded_noise(seeds, (self.unet.config.in_channels, res, res), self.unet.device)
+
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """ε̂ with classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' convention for s)."""
-        n, labels = x_t.shape[0], labels.to(x_t.device)
+        """ε̂ with classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' convention for s), the
+        unconditional half from the null class, in one batched UNet call."""
+        n = x_t.shape[0]
         if cfg_scale == 1.0:
             return self.unet(x_t, t.expand(n), class_labels=labels).sample
         null = torch.full_like(labels, self.null_class)
@@ -128,57 +132,27 @@ class PixelDiffusion:
         eps_c, eps_u = out[:n], out[n:]
         return eps_u + cfg_scale * (eps_c - eps_u)
 
+    def to_learner(self, x0: torch.Tensor) -> torch.Tensor:
+        """Pixels are what the learner reads: x̂0 itself."""
+        return x0
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """Pixels are the images: the final x_0 itself."""
+        return x0
+
+    # ---- sampling ----------------------------------------------------------------------------------
     def sample(
-        self,
-        labels: torch.Tensor,
-        seeds: np.ndarray,
-        *,
-        steps: int,
-        cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor],
-        omega: float = 0.0,
-        guide_every: int = 1,
-        batch_size: int = 256,
-        progress: Progress | None = None,
-    ) -> Samples:
+        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
+        batch_size: int = 256, progress: Progress | None = None,
+    ) -> Samples:  # fmt: skip
         """Generate one image per label, from per-sample seeds (sample i is reproducible alone).
 
         ``learner`` maps images in [-1, 1] to logits: it steers guided steps (ω > 0) and scores the
         entropy of the final samples either way.
         """
-        images, ents = [], []
-        evals_per_step = 1 if cfg_scale == 1.0 else 2
-        unet_evals = 0
-        for start in range(0, len(labels), batch_size):
-            sl = slice(start, start + batch_size)
-            x, n_eval = self._sample_batch(labels[sl], seeds[sl], steps, cfg_scale, learner, omega, guide_every)
-            images.append(x)
-            with torch.no_grad():
-                ents.append(entropy(learner(x)).cpu())  # (the learner may run on another device)
-            unet_evals += n_eval * evals_per_step
-            if progress:
-                progress(min(start + batch_size, len(labels)), len(labels))
-        return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), unet_evals)
-
-    def _sample_batch(self, labels, seeds, steps, cfg_scale, learner, omega, guide_every) -> tuple[torch.Tensor, int]:
-        res = self.meta.resolution
-        x = torch.stack([torch.randn(1, res, res, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        x = x.to(self.unet.device)  # noise drawn on the CPU: the same on every device
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)  # a private copy: set_timesteps mutates
-        scheduler.set_timesteps(steps)
-        for i, t in enumerate(scheduler.timesteps):
-
-            def eps_fn(x_t: torch.Tensor, t: torch.Tensor = t) -> torch.Tensor:
-                return self.eps(x_t, t, labels, cfg_scale)
-
-            if omega > 0 and i % guide_every == 0:
-                step = entropy_guidance(x, eps_fn, scheduler.alphas_cumprod[t], learner, omega)
-                x, eps = step.x_t, step.eps
-            else:
-                with torch.no_grad():
-                    eps = eps_fn(x)
-            x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep
-        return x.clamp(-1, 1).cpu(), len(scheduler.timesteps) * x.shape[0]
+        return sample_and_score(self, labels, seeds, steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
+                                guide_every=guide_every, batch_size=batch_size, progress=progress)  # fmt: skip
 
 
 def train_generator(
@@ -186,7 +160,8 @@ def train_generator(
 ) -> PixelDiffusion:
     """Train the UNet with the standard ε-prediction loss; labels are dropped to the null class with
     probability ``cfg.label_dropout`` so one network is both conditional and unconditional (CFG).
-    Weights are an exponential moving average (decay 0.995, a ~200-step horizon) of the trained ones, which samples cleaner.
+    Weights are an exponential moving average (decay 0.995, a ~200-step horizon) of the trained ones,
+    which samples cleaner.
     """
     rng = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):

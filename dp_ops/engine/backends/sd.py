@@ -1,16 +1,14 @@
 """The text-to-image world's generator: a diffusers Stable Diffusion pipeline prompted with class names.
 
-Notation (as in :mod:`dp_ops.engine.guidance`):
+Notation (as in :mod:`dp_ops.engine.sampling`):
     z_t     the latent being denoised, (n, 4, H/f, W/f) for a VAE with downsampling factor f
     ε̂       ε_θ(z_t, t, c) with classifier-free guidance, ε_u + s·(ε_c − ε_u), s in diffusers' convention
     x̂0      the DDIM estimate of the clean *latent* from z_t and ε̂
     D(·)    the VAE decoder, applied to x̂0 / scaling_factor; gives an image in [-1, 1]
 
-Entropy guidance is :func:`dp_ops.engine.guidance.entropy_guidance` itself, the same function the pixel backend
-uses; the latent backend only supplies ``to_learner`` = D with gradient, resized to the learner's
-input. DDIM (η = 0) is written out step by step, like the pixel backend, so guidance moves z_t before
-each ``scheduler.step``. Noise comes from one CPU ``torch.Generator`` per sample seed: a sample is
-reproducible alone, on any device, whatever batch it was drawn in.
+Sampling and entropy guidance are the shared DDIM sampler (:mod:`dp_ops.engine.sampling`), the same code
+the pixel backend runs; this backend supplies ε̂ from the text embeddings, seeded latent noise, and
+``to_learner`` = D with gradient, resized to the learner's input.
 
 The pipeline is loaded component by component with ``from_pretrained`` from a local folder in diffusers'
 ``save_pretrained`` layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a hub
@@ -28,12 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from dp_ops.engine.data import resize
+from dp_ops.engine.sampling import Progress, Samples, sample_and_score, seeded_noise
 from dp_ops.errors import GeneratorError
-from dp_ops.engine.sampling import Progress, Samples
-from dp_ops.engine.guidance import entropy, entropy_guidance
 
 Tensor = torch.Tensor
 
@@ -70,13 +67,6 @@ def quiet_hub_libraries() -> Iterator[None]:
             (m.enable_progress_bar if bar else m.disable_progress_bar)()
 
 
-def fit(images: Tensor, size: int) -> Tensor:
-    """Square images resized to ``size`` (antialiased; differentiable). Unchanged if already that size."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 class StableDiffusion:
     """UNet, VAE, text encoder and tokenizer of an SD pipeline; samples class-conditionally by prompt,
     optionally entropy-guided. Same ``sample`` contract as :class:`dp_ops.engine.backends.pixel.PixelDiffusion`."""
@@ -84,12 +74,14 @@ class StableDiffusion:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, class_names, settings: SDSettings):
         s = settings
         self.device, self.dtype = torch.device(s.device), s.dtype
-        with quiet_hub_libraries():  # diffusers warns about casting with .to(); SD-1.5 has nothing to keep
+        # diffusers warns about casting with .to() (SD-1.5 has nothing to keep) and about the saved sampler's
+        # own options when DDIM takes its schedule (SD-1.5's PNDM skip_prk_steps: DDIM has no use for them).
+        with quiet_hub_libraries():
             self.unet, self.vae, self.text_encoder = (
                 m.to(self.device, self.dtype).eval().requires_grad_(False) for m in (unet, vae, text_encoder)
             )
+            self.scheduler = DDIMScheduler.from_config(scheduler_config)  # the saved schedule, sampled with DDIM
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config
         self.class_names = tuple(class_names)
         if s.vae_slicing:
             self.vae.enable_slicing()
@@ -134,7 +126,7 @@ class StableDiffusion:
         ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return self.text_encoder(ids.input_ids.to(self.device))[0]
 
-    # ---- the pieces of a denoising step ---------------------------------------------------------
+    # ---- the pieces of a denoising step (what the shared sampler, dp_ops.engine.sampling, calls) ----
     def eps(self, z_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
         """ε̂ with classifier-free guidance (one batched UNet call for both halves), in float32."""
         n, cond = z_t.shape[0], self.cond[labels]
@@ -153,37 +145,17 @@ class StableDiffusion:
 
     def to_learner(self, z0: Tensor) -> Tensor:
         """How x̂0 becomes the learner's input: decode with gradient, resize to the learner's side."""
-        return fit(self.decode(z0), self.learner_resolution)
+        return resize(self.decode(z0), self.learner_resolution)
+
+    def to_images(self, z0: Tensor) -> Tensor:
+        """The final latents as stored images: decoded, clamped (the VAE overshoots [-1, 1] a little), resized."""
+        return resize(self.decode(z0).clamp(-1, 1), self.output_resolution)
 
     def noise(self, seeds: np.ndarray) -> Tensor:
-        shape = (self.unet.config.in_channels, self.resolution // self.vae_factor, self.resolution // self.vae_factor)
-        z = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(z).to(self.device)
+        side = self.resolution // self.vae_factor
+        return seeded_noise(seeds, (self.unet.config.in_channels, side, side), self.device)
 
     # ---- sampling ----------------------------------------------------------------------------------
-    def sample_latents(
-        self, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
-        learner: Callable[[Tensor], Tensor], omega: float = 0.0, guide_every: int = 1,
-    ) -> Tensor:  # fmt: skip
-        """Final latents z_0 of one batch (DDIM, entropy-guided at every ``guide_every``-th step if ω > 0)."""
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)  # a private copy: set_timesteps mutates
-        scheduler.set_timesteps(steps)
-        z = self.noise(seeds) * scheduler.init_noise_sigma
-        labels = labels.to(self.device)
-        for i, t in enumerate(scheduler.timesteps):
-
-            def eps_fn(z_t: Tensor, t: Tensor = t) -> Tensor:
-                return self.eps(scheduler.scale_model_input(z_t, t), t, labels, cfg_scale)
-
-            if omega > 0 and i % guide_every == 0:
-                step = entropy_guidance(z, eps_fn, scheduler.alphas_cumprod[t], learner, omega, self.to_learner)
-                z, eps = step.x_t, step.eps
-            else:
-                with torch.no_grad():
-                    eps = eps_fn(z)
-            z = scheduler.step(eps, t, z).prev_sample  # exactly once per timestep
-        return z
-
     def sample(
         self, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
         learner: Callable[[Tensor], Tensor], omega: float = 0.0, guide_every: int = 1, batch_size: int = 8,
@@ -192,16 +164,5 @@ class StableDiffusion:
         """One image per label (prompt of its class) from per-sample seeds, at ``output_resolution`` on the
         CPU; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps and scores
         the entropy of the returned images either way."""
-        images, ents = [], []
-        for start in range(0, len(labels), batch_size):
-            sl = slice(start, start + batch_size)
-            z = self.sample_latents(labels[sl], seeds[sl], steps=steps, cfg_scale=cfg_scale, learner=learner,
-                                    omega=omega, guide_every=guide_every)  # fmt: skip
-            with torch.no_grad():
-                x = fit(self.decode(z).clamp(-1, 1), self.output_resolution).clamp(-1, 1)
-                ents.append(entropy(learner(fit(x, self.learner_resolution))).cpu())
-            images.append(x.cpu())
-            if progress:
-                progress(min(start + batch_size, len(labels)), len(labels))
-        evals = steps * len(labels) * (1 if cfg_scale == 1.0 else 2)
-        return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)
+        return sample_and_score(self, labels, seeds, steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
+                                guide_every=guide_every, batch_size=batch_size, progress=progress)  # fmt: skip

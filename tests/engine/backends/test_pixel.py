@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dp_ops.config import DataConfig
-from dp_ops.errors import GeneratorError
 from dp_ops.engine.backends.pixel import META_FILE, PixelDiffusion
 from dp_ops.engine.learner import build_learner
+from dp_ops.errors import GeneratorError
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,8 @@ def learner(tiny_cfg):
 def _sample(gen, learner, n=12, seeds=None, **kw):
     labels = torch.arange(n) % 10
     seeds = np.arange(100, 100 + n) if seeds is None else seeds
-    return gen.sample(labels, seeds, steps=kw.pop("steps", 4), cfg_scale=kw.pop("cfg_scale", 2.0), learner=learner, **kw)
+    steps, cfg_scale = kw.pop("steps", 4), kw.pop("cfg_scale", 2.0)
+    return gen.sample(labels, seeds, steps=steps, cfg_scale=cfg_scale, learner=learner, **kw)
 
 
 def test_ddim_sampler_shapes_range_and_bookkeeping(tiny_generator, learner):
@@ -41,9 +42,27 @@ def test_sampler_is_deterministic_and_per_sample_reproducible(tiny_generator, le
     assert not torch.allclose(other.images, a.images)
 
 
+def test_guidance_runs_through_the_shared_sampler_every_kth_step(tiny_generator, learner, monkeypatch):
+    from dp_ops.engine import sampling
+
+    calls = []
+    real = sampling.entropy_guidance
+
+    def spy(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs["to_learner"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "entropy_guidance", spy)
+    _sample(tiny_generator, learner, n=5, steps=5, omega=0.1, guide_every=2, batch_size=3)
+    assert len(calls) == 2 * 3  # two batches, steps 0, 2, 4 each
+    assert all(fn == tiny_generator.to_learner for fn in calls)  # x̂0 is read by the learner as is
+
+
 def test_save_load_roundtrip_and_split_check(tiny_generator, learner, tmp_path):
     path = tmp_path / "gen"
     tiny_generator.save(path)
+    tiny_generator.save(path)  # replaces the saved one in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen"]  # no temporary or old folder left beside it
     assert json.loads((path / META_FILE).read_text())["resolution"] == 8
     loaded = PixelDiffusion.load(path)
     assert torch.equal(_sample(loaded, learner).images, _sample(tiny_generator, learner).images)
@@ -65,9 +84,10 @@ def test_trained_generator_beats_its_initialisation(tiny_generator, real):
     g = torch.Generator().manual_seed(0)
     noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (128,), generator=g)
     x_t = tiny_generator.scheduler.add_noise(x0, noise, t)
+    y = real.val.labels[:128]
     with torch.no_grad():
-        trained_loss = torch.nn.functional.mse_loss(tiny_generator.unet(x_t, t, class_labels=real.val.labels[:128]).sample, noise)
-        fresh_loss = torch.nn.functional.mse_loss(fresh(x_t, t, class_labels=real.val.labels[:128]).sample, noise)
+        trained_loss = torch.nn.functional.mse_loss(tiny_generator.unet(x_t, t, class_labels=y).sample, noise)
+        fresh_loss = torch.nn.functional.mse_loss(fresh(x_t, t, class_labels=y).sample, noise)
     assert trained_loss < 0.8 * fresh_loss
 
 

@@ -14,17 +14,17 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from dp_ops.engine.backends import sd as sd_module
 from dp_ops.cli import app
 from dp_ops.config import LearnerConfig, TrainConfig, build_config, flatten, from_flat, load_config
-from dp_ops.engine.data import LabelledImages, Pool, quantize
-from dp_ops.errors import ConfigError, GeneratorError
-from dp_ops.runner import preflight, restore_run_data
-from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine import sampling
 from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components, save_pipeline
+from dp_ops.engine.data import LabelledImages, Pool, quantize
+from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.errors import ConfigError, GeneratorError
 from dp_ops.records.tracking import round_runs
 from dp_ops.records.versioning import md5_file, read_shard, shard_data, shard_images
+from dp_ops.runner import preflight, restore_run_data
 
 from conftest import make_image_folder
 
@@ -56,7 +56,7 @@ def test_pipeline_round_trips_through_save_pretrained(sd_path, sd):
     assert not torch.allclose(sd.cond[0], sd.cond[2])  # prompts differ by class
     templated = StableDiffusion.load(str(sd_path), NAMES, SDSettings(prompt="a photo of a {name}"))
     assert templated.prompts[2] == "a photo of a red fox" and not torch.allclose(templated.cond, sd.cond)
-    with pytest.raises(GeneratorError, match="generator.resolution=18: must be a multiple of 4"):
+    with pytest.raises(GeneratorError, match=r"generator\.resolution=18: must be a multiple of 4"):
         StableDiffusion.load(str(sd_path), NAMES, SDSettings(resolution=18))
     with pytest.raises(GeneratorError, match="cannot load a Stable Diffusion pipeline"):
         StableDiffusion.load(str(sd_path / "unet"), NAMES, SDSettings())
@@ -65,24 +65,24 @@ def test_pipeline_round_trips_through_save_pretrained(sd_path, sd):
 def test_seeded_sampling_is_reproducible_and_guidance_moves_the_latents(sd):
     labels, seeds = torch.tensor([0, 1, 2, 0]), np.array([11, 12, 13, 14])
     kw = dict(steps=4, cfg_scale=4.0, learner=_fixed_learner, guide_every=1)
-    plain = sd.sample_latents(labels, seeds, omega=0.0, **kw)
-    assert torch.equal(plain, sd.sample_latents(labels, seeds, omega=0.0, **kw))  # same seeds, same latents
-    alone = sd.sample_latents(labels[2:3], seeds[2:3], omega=0.0, **kw)
+    plain = sampling.ddim(sd, labels, seeds, omega=0.0, **kw)
+    assert torch.equal(plain, sampling.ddim(sd, labels, seeds, omega=0.0, **kw))  # same seeds, same latents
+    alone = sampling.ddim(sd, labels[2:3], seeds[2:3], omega=0.0, **kw)
     assert torch.allclose(alone[0], plain[2], atol=1e-4)  # a sample does not depend on its batch
-    guided = sd.sample_latents(labels, seeds, omega=0.1, **kw)
+    guided = sampling.ddim(sd, labels, seeds, omega=0.1, **kw)
     assert guided.shape == plain.shape == (4, 4, 16, 16)
     assert ((guided - plain).flatten(1).norm(dim=1) > 1e-2 * plain.flatten(1).norm(dim=1)).all()
 
 
 def test_guidance_is_the_shared_function_every_kth_step(sd, monkeypatch):
     calls = []
-    real = sd_module.entropy_guidance
+    real = sampling.entropy_guidance
 
     def spy(*args, **kwargs):
         calls.append(args[5] if len(args) > 5 else kwargs["to_learner"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sd_module, "entropy_guidance", spy)
+    monkeypatch.setattr(sampling, "entropy_guidance", spy)
     out = sd.sample(torch.tensor([0, 1, 2]), np.arange(3), steps=6, cfg_scale=4.0, learner=_fixed_learner, omega=0.05,
                     guide_every=2, batch_size=2)  # fmt: skip
     assert len(calls) == 2 * 3  # two batches, steps 0, 2, 4 each
@@ -134,7 +134,7 @@ def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
     c.load_state_dict(state)
     c.train(pool, 4)
     b.train(pool, 4)
-    for x, y, z in zip(a.model.parameters(), b.model.parameters(), c.model.parameters()):
+    for x, y, z in zip(a.model.parameters(), b.model.parameters(), c.model.parameters(), strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
     assert a.eval_model is a.ema.module and not torch.equal(a.eval_model.head.weight, a.model.head.weight)
     assert a.classify(pool.as_tensors().images[:2]).shape == (2, 3)  # 24² stored -> 16² input
@@ -174,7 +174,6 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
     tree = _sd_tree(tmp_path, sd_path)
     (ws / "params.yaml").write_text(yaml.safe_dump(tree))
     result = CliRunner().invoke(app, ["run", "-S", "generator.backend=sd", "-S", f"generator.model={sd_path}"])
-    print(result.output)
     assert result.exit_code == 0, result.output
     assert "MLflow run" in result.output and "each round added to DVC" in result.output
     rounds = json.loads((ws / "out" / "rounds.json").read_text())["rounds"]
@@ -187,7 +186,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
     assert run.data.params["train.mixup"] == "0.5" and run.data.params["data.shard_resolution"] == "24"
     children = round_runs(client, run.info.run_id)
     assert len(children) == len(rounds)
-    for child, record in zip(children, rounds):
+    for child, record in zip(children, rounds, strict=True):
         shard_file = ws / child.data.tags["dpops.shard_path"]
         shard = read_shard(shard_file)
         assert "png" in shard and "images" not in shard  # encoded, not a float/uint8 array
@@ -198,7 +197,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
 
     # every increment comes back byte for byte from the DVC cache with only the registry's md5s
     restored = restore_run_data(run.info.run_id, tmp_path / "restored", tracking_uri=tree["tracking"]["uri"])
-    for path, child in zip(restored, children):
+    for path, child in zip(restored, children, strict=True):
         assert md5_file(path) == child.data.tags["dpops.shard_md5"]
         data = shard_data(read_shard(path))
         assert data.images.shape[1:] == (3, 24, 24) and data.images.abs().max() <= 1
@@ -240,7 +239,7 @@ def test_cuda_only_options_fail_in_one_line_before_work(tmp_path, sd_path, monke
         assert "Traceback" not in result.output
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
     auto = build_config({**tree, "device": "auto", "generator": {**tree["generator"], "dtype": "float16"}})
-    with pytest.raises(ConfigError, match="generator.dtype='float16': needs a CUDA device, but device='auto'"):
+    with pytest.raises(ConfigError, match=r"generator\.dtype='float16': needs a CUDA device, but device='auto'"):
         preflight(auto)
     with pytest.raises(ConfigError, match="device='gpu': must be auto, cpu, cuda or cuda:N"):
         build_config({**tree, "device": "gpu"})
