@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from dp_ops.config import flatten, load_config
 from dp_ops.errors import ConfigError
@@ -15,8 +16,12 @@ def test_params_file_and_overrides(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config(None, [])
-    with pytest.raises(Exception):
+    # pydantic refuses the assignment itself (not a ConfigError: no user input is being validated)
+    with pytest.raises(ValidationError, match=r"omega\n  Instance is frozen"):
         cfg.dp.omega = 1.0  # type: ignore[misc]
+    with pytest.raises(ValidationError, match=r"seed\n  Instance is frozen"):
+        cfg.seed = 3  # type: ignore[misc]
+    assert cfg.dp.omega == load_config(None, []).dp.omega and cfg.seed == load_config(None, []).seed
 
 
 def test_flatten_uses_dotted_params_names():

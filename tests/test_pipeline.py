@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -23,7 +24,8 @@ def _run(args, cwd, env):
     return out.stdout + out.stderr
 
 
-def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, mlflow_store):
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
@@ -35,6 +37,7 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path):
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace, already migrated
     _run(["git", "init", "-q"], ws, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], ws, env)
 
