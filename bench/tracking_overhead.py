@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from dp_ops import runner
-from dp_ops.records.checkpoint import Checkpointer
 from dp_ops.config import load_config
 from dp_ops.engine.loop import DPLoop, Observer
-from dp_ops.records.tracking import MlflowTracker
+from dp_ops.records.checkpoint import Checkpointer
+from dp_ops.records.tracking import MlflowTracker, Registry
 from dp_ops.records.versioning import DvcVersioner
 
 DEFAULTS = ["dp.round_size=100", "dp.patience=1", "dp.incremental_patience=false", "train.eval_every=50"]
@@ -66,10 +66,9 @@ def main() -> None:
         subprocess.run(["git", "init", "-q", tmp], check=True)
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True, env=env, cwd=tmp)
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp}/mlflow.db"})})
-        tracker = MlflowTracker(cfg)
-        versioner = DvcVersioner(Path(tmp) / "data" / tracker.run_id, cfg.dp.omega)
-        tracker.shards = versioner
-        edges = [Timed(o, ledger) for o in (versioner, tracker, Checkpointer(Path(tmp) / "ckpt" / "state.pt"))]
+        tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+        records = runner.RunRecords(tracker, DvcVersioner(Path(tmp) / "data" / tracker.run_id))  # as run_tracked wires them
+        edges = [Timed(o, ledger) for o in (records, Checkpointer(Path(tmp) / "ckpt" / "state.pt"))]
         with tracker.lifecycle():
             result = DPLoop(cfg, generator, real, edges).run()
     print(f"# {len(result.records)} rounds, P={cfg.dp.round_size}, {cfg.train.iterations} iterations; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dp_ops.config import Config, flatten, load_config
+from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.errors import ConfigError, DpOpsError
+from dp_ops.files import write_json
 
 app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
 generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
@@ -58,10 +60,16 @@ def _friendly_errors(fn: F) -> F:
 
 
 def _config(params: Path | None, overrides: list[str] | None) -> Config:
-    # MLflow announces database creation and migrations at INFO; the CLI keeps the user's screen for
-    # what dp_ops has to say (MLflow's warnings and errors still show).
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _quiet_libraries()
     return load_config(params, overrides or ())
+
+
+def _quiet_libraries() -> None:
+    """MLflow announces database creation and migrations at INFO, Optuna every trial: the CLI keeps the
+    user's screen for what dp_ops has to say (their warnings and errors still show). By logger name, so
+    that commands which never touch MLflow do not import it."""
+    for name in ("mlflow", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _progress() -> Progress:
@@ -95,23 +103,24 @@ def run(
     """Run one experiment (dp, static or oversample), tracked and versioned: the embedded digits world, or
     the text-to-image world with generator.backend=sd."""
     from dp_ops import runner
+    from dp_ops.records.tracking import Registry
     from dp_ops.render import RichObserver, print_run
-    from dp_ops.records.tracking import tracking_uri
 
     cfg = _config(params, set_)
-    if resume:  # the run's own config, from the registry; -S/--params only choose where to look
-        cfg = runner.resume_config(resume, tracking_uri(cfg))
+    registry = Registry.from_config(cfg)
+    if resume:  # the run's own config, from MLflow; -S/--params only choose where to look
+        cfg = runner.resume_config(resume, registry)
     runner.preflight(cfg)
     real = runner.load_real_data(cfg)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
-        result, tracker, versioner = runner.run_tracked(
-            cfg, generator, real, [RichObserver(progress)], resume_run_id=resume
-        )
-    print_run(console, cfg, result)
+        run = runner.run_tracked(cfg, generator, real, [RichObserver(progress)], resume_run_id=resume,
+                                 registry=registry)  # fmt: skip
+    print_run(console, cfg, run.result)
+    versioner = run.versioner
     console.print(
-        f"MLflow run [bold]{tracker.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
-        f"'{cfg.tracking.experiment}' at {tracker.uri}\n  browse: mlflow ui --backend-store-uri {tracker.uri}\n"
+        f"MLflow run [bold]{run.run_id}[/] ({len(run.tracker.round_run_ids)} round runs) in experiment "
+        f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: mlflow ui --backend-store-uri {registry.uri}\n"
         f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
     )
@@ -134,9 +143,9 @@ def data_restore(
     params: ParamsOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the MLflow registry."""
-    from dp_ops.runner import restore_run_data
+    """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the md5s in MLflow."""
     from dp_ops.records.tracking import tracking_uri
+    from dp_ops.runner import restore_run_data
 
     cfg = _config(params, set_)
     dest = to or Path("restored") / run_id
@@ -207,7 +216,6 @@ def theory(
     seed: int = 0,
 ) -> None:
     """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
-    from dp_ops.runner import write_json
     from dp_ops.studies.theory import kept_size_curve, oversampling_curve, plot_theory
 
     kept = kept_size_curve(d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam,
@@ -240,31 +248,27 @@ def sweep(
 ) -> None:
     """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
     from dp_ops import runner
-    from dp_ops.config import build_config, load_tree
+    from dp_ops.records.tracking import Registry
     from dp_ops.render import RichObserver
-    from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, sweep_config, tracked_runner
-    from dp_ops.records.tracking import get_or_create_experiment, tracking_uri
+    from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, tracked_runner
 
     cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
     tree = load_tree(params, [*(set_ or ()), *cli])
     sc, cfg = sweep_config(tree), build_config(tree)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("optuna").setLevel(logging.WARNING)  # the CLI reports trials itself
+    _quiet_libraries()  # the CLI reports trials itself
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
-    check_separate_stores(sc.storage, tracking_uri(cfg))
+    registry = Registry.from_config(cfg)
+    check_separate_stores(sc.storage, registry.uri)
     runner.preflight(cfg)
     base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
-    worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base)
-    from mlflow import MlflowClient  # both stores exist before any trial (or another worker) writes
-
-    get_or_create_experiment(MlflowClient(tracking_uri(cfg)), worker.experiment, tracking_uri(cfg))
+    worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base, registry=registry)
     real = runner.load_real_data(cfg)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
         console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
-        outcome = worker.run(tracked_runner(generator, real), timeout=timeout,
+        outcome = worker.run(tracked_runner(generator, real, registry), timeout=timeout,
                              observers=lambda n: [RichObserver(progress)], on_trial=lambda o: _trial_done(progress, o))
-    _print_sweep(outcome, worker.experiment, tracking_uri(cfg), fmt_params)
+    _print_sweep(outcome, worker.experiment, registry.uri, fmt_params)
 
 
 @app.command()
@@ -283,12 +287,12 @@ def bench(
     Re-run the same command to reuse finished runs and resume interrupted ones."""
     import time
 
-    from dp_ops.studies import bench as bm
     from dp_ops import runner
-    from dp_ops.studies.bench_stats import headline_lines
     from dp_ops.render import bench_table, print_bench_result
+    from dp_ops.studies import bench as bm
+    from dp_ops.studies.bench_stats import headline_lines
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _quiet_libraries()
     p = bm.prepare(params, set_ or (), seeds=seeds, ratios=ratio or bm.RATIOS, quick=quick, experiment=experiment,
                    out=out, workers=workers)  # fmt: skip
     console.print(f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
@@ -396,18 +400,18 @@ def scaling(
     log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
 ) -> None:
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
+    from dp_ops.records.tracking import Registry
     from dp_ops.studies.scaling_report import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
-    from dp_ops.records.tracking import tracking_uri
 
     if metric not in ("final_test_acc", "final_val_acc") or x not in ("pool_size", "generated_samples"):
         bad = f"--metric {metric}" if metric not in ("final_test_acc", "final_val_acc") else f"--x {x}"
         raise ConfigError(f"{bad}: allowed --metric final_test_acc|final_val_acc, --x pool_size|generated_samples")
     cfg = _config(params, set_)
-    uri, experiments = tracking_uri(cfg), experiment or [cfg.tracking.experiment]
+    registry, experiments = Registry.from_config(cfg), experiment or [cfg.tracking.experiment]
     if metrics:
         runs = points_from_files(metrics)
     else:
-        runs = points_from_mlflow(uri, experiments, study=study, strategies=strategy or (), filter_string=filter_)
+        runs = points_from_mlflow(registry, experiments, study=study, strategies=strategy or (), filter_string=filter_)
     targets = target or [0.97, 0.98, 0.99]
     report = scaling_report(runs, metric=metric, x=x, targets=targets)  # type: ignore[arg-type]
     files = write_report(report, out)
@@ -419,10 +423,10 @@ def scaling(
     if log:
         source = {"metrics_files": ",".join(map(str, metrics))} if metrics else {
             "experiments": ",".join(experiments), "study": study or "", "filter": filter_}  # fmt: skip
-        run_id = log_report(report, files, uri, cfg.tracking.experiment,
+        run_id = log_report(report, files, registry, cfg.tracking.experiment,
                             {**source, "metric": metric, "x": x, "runs": str(len(runs))})  # fmt: skip
-        console.print(f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at {uri}",
-                      soft_wrap=True)  # fmt: skip
+        console.print(f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at "
+                      f"{registry.uri}", soft_wrap=True)  # fmt: skip
 
 
 def _scaling_table(report: Any) -> Table:
@@ -431,7 +435,7 @@ def _scaling_table(report: Any) -> Table:
                   title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}", title_justify="left")
     for s, f in report.fits.items():
         ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"  # noqa: E731
-        need = [("∞" if n == float("inf") else f"{n:,.0f}") for n in report.targets[s].values()]
+        need = [("∞" if _unreachable(n) else f"{n:,.0f}") for n in report.targets[s].values()]
         table.add_row(s, str(f.n_points), ci(f.a, f.a_ci), ci(f.alpha, f.alpha_ci), ci(f.c, f.c_ci), *need)
     return table
 
@@ -453,8 +457,13 @@ def _print_headline(h: dict) -> None:
     )
 
 
-def _times(v: float) -> str:
-    return "∞× (never reached)" if v == float("inf") else f"{v:.2f}×"
+def _unreachable(v: float | None) -> bool:
+    """∞ in memory, ``null`` once written to JSON: either way never reached."""
+    return v is None or math.isinf(v)
+
+
+def _times(v: float | None) -> str:
+    return "∞× (never reached)" if _unreachable(v) else f"{v:.2f}×"
 
 
 def main() -> None:

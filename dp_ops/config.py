@@ -1,9 +1,12 @@
-"""The one typed, frozen configuration tree (house style §3).
+"""The one typed, frozen configuration tree, and the schema of the ``sweep:`` section beside it.
 
 Its single source is ``params.yaml`` (the file DVC tracks); the CLI overrides single values with the
 same dotted names DVC uses (``-S dp.omega=0.1``). Everything is validated before any work starts and
 any problem becomes one :class:`~dp_ops.errors.ConfigError` line naming the key, the value and what is
 allowed. :func:`flatten` gives the dotted ``key -> value`` view that trackers log as params.
+
+The ``sweep:`` section (:class:`SweepConfig`, read with :func:`sweep_config`) is not part of a run's
+config: sweeps and the benchmark read it, and it lives here so that they can without importing Optuna.
 """
 
 from __future__ import annotations
@@ -272,6 +275,63 @@ FOREIGN_SECTIONS = ("sweep",)
 def build_config(tree: dict[str, Any]) -> Config:
     """Validate a nested mapping into a :class:`Config`, turning the first problem into one line."""
     return validate(Config, {k: v for k, v in tree.items() if k not in FOREIGN_SECTIONS})
+
+
+class FloatRange(_Section):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if self.low > self.high:
+            raise ValueError(f"low={self.low:g} must be <= high={self.high:g}")
+        return self
+
+
+class IntRange(_Section):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} must be <= high={self.high}")
+        return self
+
+
+class SweepConfig(_Section):
+    """The ``sweep:`` section of params.yaml: the Optuna study, its space, and the static baseline sizes."""
+
+    study: str = Field("dp-ops-sweep", min_length=1, description="Optuna study; the static grid adds '-static'")
+    storage: str = Field("sqlite:///optuna.db", min_length=1, description="SQLAlchemy URL or journal file path")
+    n_trials: int = Field(12, ge=1, description="global budget: trials of the study, over all workers")
+    objective: Literal["accuracy", "pareto"] = "accuracy"
+    prune: bool = Field(False, description="median pruning on per-evaluation validation accuracy")
+    sampler_seed: int | None = Field(None, description="TPE seed (one worker only: workers must differ)")
+    omega: FloatRange = FloatRange(low=0.01, high=0.5)
+    patience: IntRange = IntRange(low=1, high=8)
+    round_size: IntRange = IntRange(low=100, high=500, step=50)
+    static_sizes: tuple[int, ...] = Field((500, 1000, 2000, 4000), min_length=1)
+    experiment: str = Field("", description="MLflow experiment of the trials; empty: the study name")
+    stale_after: float = Field(300.0, gt=0, description="seconds without heartbeat before a RUNNING trial is dead")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        if self.prune and self.objective == "pareto":
+            raise ValueError("sweep.prune=true needs sweep.objective=accuracy (Optuna cannot prune multi-objective)")
+        if any(n < 1 for n in self.static_sizes):
+            raise ValueError(f"sweep.static_sizes={list(self.static_sizes)}: sizes must be >= 1")
+        return self
+
+
+def sweep_config(tree: dict[str, Any]) -> SweepConfig:
+    """Validate the ``sweep`` section of a parameter tree (see :func:`load_tree`)."""
+    section = tree.get("sweep") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"sweep={section!r}: must be a section of keys (study, storage, n_trials, …)")
+    return validate(SweepConfig, section, prefix="sweep.")
 
 
 M = TypeVar("M", bound=BaseModel)

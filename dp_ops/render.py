@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from dp_ops.studies.bench_stats import ArmStats
-from dp_ops.studies.bench import JobResult
 from dp_ops.config import Config
-from dp_ops.engine.sampling import Samples
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
+from dp_ops.engine.sampling import Samples
+
+if TYPE_CHECKING:  # types only: `dpops run` imports this module and must not import scipy or the studies
+    from dp_ops.studies.bench import JobResult
+    from dp_ops.studies.bench_stats import ArmStats
 
 
 class RichObserver(Observer):

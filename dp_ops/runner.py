@@ -2,31 +2,36 @@
 sweeps call. Checks everything that can be checked before work starts (model names, devices, generator
 folder, image-folder layout), loads or trains the generator, runs the loop, writes the metrics files.
 
-Generator backends are chosen by name (``generator.backend``, :data:`BACKENDS`): ``pixel`` is trained
-here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
+Generator backends are chosen by name (``generator.backend``, see :func:`load_generator`): ``pixel`` is
+trained here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
 ``generator.model``, never trained here.
+
+A tracked run's records (:class:`RunRecords`): per round, the shard is written and DVC-versioned first,
+then the round's MLflow run is logged with exactly that shard, then (a separate, later loop event) the
+loop state is checkpointed.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dp_ops.config import Config, from_flat
+from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices, resolve_device
-from dp_ops.errors import ConfigError, DataError
-from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
-from dp_ops.engine.sampling import Generator
 from dp_ops.engine.learner import known_models
-from dp_ops.engine.loop import DPLoop, Observer, RunResult
+from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
 from dp_ops.engine.quality import Quality, measure_quality
-from dp_ops.records.tracking import MlflowTracker, round_runs, shard_md5s
-from dp_ops.records.versioning import DvcVersioner
+from dp_ops.engine.sampling import Generator, Samples
+from dp_ops.errors import ConfigError, DataError
+from dp_ops.files import write_json
+from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
+from dp_ops.records.tracking import MlflowTracker, Registry
+from dp_ops.records.versioning import (
+    DvcVersioner, ShardInfo, dvc_root, md5_file, read_shard, restore_shard, shard_data, shard_name,
+)  # fmt: skip
 
 Progress = Callable[[int, int], None]
 
@@ -103,37 +108,36 @@ def train_and_save_generator(
     return generator, quality
 
 
-def load_pixel(cfg: Config, real: RealData | None = None) -> PixelDiffusion:
+def load_pixel(cfg: Config) -> PixelDiffusion:
+    """The trained pixel generator at ``generator.path``, checked against the configured data."""
     generator = PixelDiffusion.load(cfg.generator.path)
     generator.check_matches(cfg.data)
     return generator
 
 
-def load_sd(cfg: Config, real: RealData | None = None) -> Generator:
-    """The pipeline at ``generator.model`` on ``device``, prompting with the real data's class names."""
+def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
+    """The pipeline at ``generator.model`` on ``device``, prompting with ``class_names`` (default: the
+    class folders of ``data``)."""
     from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
 
-    if real is not None:
-        names = real.class_names
-    else:
+    if class_names is None:
         from dp_ops.engine.folders import scan_folders
 
-        names = scan_folders(cfg.data).names
+        class_names = scan_folders(cfg.data).names
     g, d = cfg.generator, cfg.data
     settings = SDSettings(
         prompt=g.prompt, resolution=g.resolution, output_resolution=d.stored_resolution,
         learner_resolution=d.resolution, device=str(resolve_device(cfg.device)), dtype=DTYPES[g.dtype],
         vae_slicing=g.vae_slicing, attention_slicing=g.attention_slicing,
     )  # fmt: skip
-    return StableDiffusion.load(g.model, names, settings)
-
-
-BACKENDS: dict[str, Callable[[Config, RealData | None], Generator]] = {"pixel": load_pixel, "sd": load_sd}
+    return StableDiffusion.load(g.model, class_names, settings)
 
 
 def load_generator(cfg: Config, real: RealData | None = None) -> Generator:
-    """The generator of ``generator.backend``, ready to sample (``real`` saves re-reading class names)."""
-    return BACKENDS[cfg.generator.backend](cfg, real)
+    """The generator of ``generator.backend``, ready to sample (``real`` saves ``sd`` re-reading class names)."""
+    if cfg.generator.backend == "sd":
+        return load_sd(cfg, None if real is None else real.class_names)
+    return load_pixel(cfg)
 
 
 def shard_format(cfg: Config) -> str:
@@ -143,58 +147,82 @@ def shard_format(cfg: Config) -> str:
     return "png" if cfg.generator.backend == "sd" else "raw"
 
 
+class RunRecords(Observer):
+    """An experiment's MLflow and DVC records as one observer, so their order is fixed here rather than by
+    the observer list: each round's shard is written and versioned, then its round run logged with it."""
+
+    def __init__(self, tracker: MlflowTracker, versioner: DvcVersioner) -> None:
+        self.tracker, self.versioner = tracker, versioner
+        self.shards: dict[int, ShardInfo] = {}  # round -> the shard its round run links
+
+    def on_eval(self, iteration: int, val_acc: float) -> None:
+        self.tracker.on_eval(iteration, val_acc)
+
+    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+        shard = self.versioner.write(record, increment)
+        self.shards[record.round] = shard
+        self.tracker.log_round(record, increment, shard)
+
+    def on_finish(self, result: RunResult) -> None:
+        self.tracker.on_finish(result)
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A finished tracked experiment: its result and where its records are."""
+
+    result: RunResult
+    tracker: MlflowTracker
+    versioner: DvcVersioner
+    shards: dict[int, ShardInfo]  # round -> its shard (resumed rounds: versioned_by="resumed")
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+
 def run_tracked(
     cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (),
-    resume_run_id: str | None = None, tags: dict[str, str] | None = None,
-) -> tuple[RunResult, MlflowTracker, DvcVersioner]:
-    """An experiment as a first-class record: MLflow parent + round runs, DVC-versioned shards, and a
-    checkpoint after every round; ``tags`` go on the MLflow run (e.g. a sweep's study and trial). With
-    ``resume_run_id`` continue that interrupted run where its last completed round left off (``cfg`` must
-    be the run's own, see :func:`resume_config`)."""
-    from dp_ops.records.checkpoint import Checkpointer, checkpoint_path
-
-    tracker = MlflowTracker(cfg, run_id=resume_run_id, tags=tags)
+    resume_run_id: str | None = None, tags: dict[str, str] | None = None, registry: Registry | None = None,
+) -> TrackedRun:  # fmt: skip
+    """An experiment as a first-class record: MLflow parent + round runs (in ``registry``, default the
+    config's store), DVC-versioned shards, and a checkpoint after every round; ``tags`` go on the MLflow
+    run (e.g. a sweep's study and trial). With ``resume_run_id`` continue that interrupted run where its
+    last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
+    tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
     with tracker.lifecycle():
-        round_omega = cfg.dp.omega if cfg.dp.strategy == "dp" else 0.0
-        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id, round_omega, shard_format(cfg))
-        tracker.shards = versioner
+        records = RunRecords(tracker, DvcVersioner(Path(cfg.output.shards) / tracker.run_id, shard_format(cfg)))
         ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
-        loop = DPLoop(cfg, generator, real, [*observers, versioner, tracker, Checkpointer(ckpt)])
+        loop = DPLoop(cfg, generator, real, [*observers, records, Checkpointer(ckpt)])
         if resume_run_id is not None:
-            _restore_loop(loop, tracker, versioner, ckpt)
+            _restore_loop(loop, records, ckpt)
         result = loop.run()
         report = result.to_dict()
         write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
         write_json(cfg.output.rounds, report)  # round records and the validation curve
-    return result, tracker, versioner
+    return TrackedRun(result, tracker, records.versioner, dict(records.shards))
 
 
-def resume_config(run_id: str, tracking_uri: str) -> Config:
+def resume_config(run_id: str, registry: Registry) -> Config:
     """The config an interrupted run was started with (its MLflow params), after checking it can resume."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     try:
-        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-    except MlflowException:
-        raise DataError(f"--resume {run_id}: no such run in {tracking_uri}") from None
-    if run.data.tags.get("dpops.role") != "experiment":
+        run = registry.run(run_id)
+    except DataError:
+        raise DataError(f"--resume {run_id}: no such run in {registry.uri}") from None
+    if run.tags.get("dpops.role") != "experiment":
         raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
-    if run.info.status == "FINISHED":
+    if run.status == "FINISHED":
         raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
-    return from_flat(run.data.params)
+    return from_flat(dict(run.params))
 
 
-def _restore_loop(loop: DPLoop, tracker: MlflowTracker, versioner: DvcVersioner, ckpt: Path) -> None:
-    from dp_ops.records.checkpoint import load_checkpoint
-    from dp_ops.records.versioning import md5_file, read_shard, restore_shard, shard_data
-
+def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
     state = load_checkpoint(ckpt)
     last = state["records"][-1]["round"]
-    md5s = shard_md5s(tracker.drop_rounds_after(last))
-    increments = []
+    md5s = records.tracker.keep_rounds_through(last)
+    versioner, increments = records.versioner, []
     for k in range(last + 1):
         path, want = versioner.shard_path(k), md5s.get(k)
         have = md5_file(path) if path.is_file() else None
@@ -202,8 +230,12 @@ def _restore_loop(loop: DPLoop, tracker: MlflowTracker, versioner: DvcVersioner,
             have = md5_file(restore_shard(versioner.root, want, path))  # the workspace copy is gone or damaged
         if want and have != want:
             raise DataError(f"{path}: md5 {have} differs from the registry's {want}")
+        if have is None:
+            raise DataError(f"{path}: missing, and its round run records no md5 to restore it from")
         increments.append(shard_data(read_shard(path)))
-        versioner.record(k, path, have, "resumed")
+        records.shards[k] = versioner.info(k, path, have, "resumed")
+    for r in state["records"]:  # checkpoints written before round records carried their ω
+        r.setdefault("omega", loop.cfg.dp.omega if r["round"] and loop.cfg.dp.strategy == "dp" else 0.0)
     loop.load_state_dict(state, increments)
 
 
@@ -216,20 +248,10 @@ def restore_run_data(
     No ``round_index``: every round (the final pool). ``round_index`` alone: that round's increment.
     With ``pool``: rounds 0..round_index, the pool as it stood after that round.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from dp_ops.records.versioning import dvc_root, restore_shard, shard_name
-
     root = root or dvc_root(Path.cwd())
     if root is None:
         raise DataError(f"{Path.cwd()}: not inside a DVC workspace (no .dvc/ here or above)")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        rounds = round_runs(client, run_id)
-    except MlflowException:
-        raise DataError(f"run {run_id!r}: not found in {tracking_uri}") from None
-    shards = shard_md5s(rounds)
+    shards = Registry(tracking_uri).shard_md5s(run_id)
     if round_index is not None and round_index not in shards:
         raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
     wanted = sorted(shards) if round_index is None else (
@@ -240,17 +262,6 @@ def restore_run_data(
             raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
         restored.append(restore_shard(root, shards[k], dest / shard_name(k)))
     return restored
-
-
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write-then-rename, so a reader (DVC, a dashboard) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def _with_quality(meta: GeneratorMeta, quality: Quality) -> GeneratorMeta:

@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from dp_ops.config import build_config, to_tree
-from dp_ops.records.tracking import round_runs
+from dp_ops.records.tracking import Registry
 
 from conftest import tiny_tree
 
@@ -25,9 +25,10 @@ def _strip(rounds):
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_generator):
+def workspace(tmp_path, tiny_generator, mlflow_store):
     ws = tmp_path / "ws"
     ws.mkdir()
+    mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace, already migrated
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_STAGE", None)
@@ -44,6 +45,7 @@ def _dpops(ws, env, *args, **kw):
                             text=True, **kw)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     ws, env = workspace
     ref = _dpops(ws, env, "run", "-S", "output.metrics=ref/metrics.json", "-S", "output.rounds=ref/rounds.json",
@@ -76,11 +78,13 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     assert {k: v for k, v in got_m.items() if k not in TIMINGS} == {k: v for k, v in ref_m.items() if k not in TIMINGS}
 
     assert client.get_run(run_id).info.status == "FINISHED"
-    children = round_runs(client, run_id)
-    assert [int(c.data.tags["dpops.round"]) for c in children] == list(range(len(ref_rounds["rounds"])))
-    assert all(c.info.status == "FINISHED" for c in children)
+    children = Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)
+    assert [c.round for c in children] == list(range(len(ref_rounds["rounds"])))
+    assert all(c.status == "FINISHED" for c in children)
+    assert [r["omega"] for r in got_rounds["rounds"]] == [0.0] + [0.1] * (len(children) - 1)  # the records' ω
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_finished_run(workspace):
     ws, env = workspace
     done = _dpops(ws, env, "run")

@@ -42,6 +42,7 @@ class RoundRecord:
     pool_size: int  # after insertion
     n_new: int  # samples inserted
     n_generated: int  # samples generated (> n_new for oversample)
+    omega: float  # ω the samples were generated with (0: unguided, as round 0, oversample and static are)
     entropy_mean: float  # learner entropy (nats) of the inserted samples at insertion
     entropy_median: float
     entropy_p90: float
@@ -217,7 +218,7 @@ class DPLoop:
             samples = samples.select(torch.argsort(samples.entropy, descending=True, stable=True)[:keep])
         self.pool.add(LabelledImages(quantize(samples.images), samples.labels))
         self.plateau.reset(patience_for(self.cfg, len(self.pool)))
-        record = _record(k, self.pool, samples, n, trigger, self.trainer.iteration, self.plateau.patience,
+        record = _record(k, self.pool, samples, n, omega, trigger, self.trainer.iteration, self.plateau.patience,
                          time.perf_counter() - t0, self._train_seconds)  # fmt: skip
         self._train_seconds = 0.0
         self.records.append(record)
@@ -271,10 +272,10 @@ class DPLoop:
             getattr(obs, hook)(*args)
 
 
-def _record(k, pool, samples, n_generated, trigger, iteration, patience, gen_s, train_s) -> RoundRecord:
+def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, gen_s, train_s) -> RoundRecord:
     ent = samples.entropy.double().numpy()
     return RoundRecord(
-        round=k, pool_size=len(pool), n_new=len(samples), n_generated=n_generated,
+        round=k, pool_size=len(pool), n_new=len(samples), n_generated=n_generated, omega=float(omega),
         entropy_mean=float(ent.mean()), entropy_median=float(np.median(ent)),
         entropy_p90=float(np.quantile(ent, 0.9)), val_acc_at_trigger=trigger, iteration=iteration,
         patience=patience, gen_seconds=gen_s, train_seconds=train_s, unet_evals=samples.unet_evals,

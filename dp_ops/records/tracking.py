@@ -1,13 +1,21 @@
-"""MLflow tracking of experiments, at the edge of the engine (an :class:`~dp_ops.engine.loop.Observer`).
+"""MLflow, in one place: the only module of dp_ops that imports mlflow.
 
-Layout in the registry (DESIGN.md §4), one level of nesting only:
+:class:`Registry` is the tracking store, built once from a URI (or a config): it owns the client, the
+URI resolution (``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``) and the
+artifact root. Everything else asks it, and gets facts back (:class:`RunFacts`, ids, plain dicts), never
+MLflow entities: experiment get-or-create, run lookup and search, round runs and their shard md5s,
+metric histories, report runs.
 
-- one **parent run** per experiment: tags ``dpops.role=experiment``, ``dpops.strategy``, the git commit
-  and DVC experiment variables when present; the whole config as flat params (the ``params.yaml``
-  names); the validation curve (``val_acc`` at step = iteration) and per-round curves (step = round);
-  summary metrics at the end;
+The layout of an experiment in the store, one level of nesting only:
+
+- one **parent run** per experiment (:class:`MlflowTracker`): tags ``dpops.role=experiment``,
+  ``dpops.strategy``, the git commit and DVC experiment variables when present; the whole config as
+  flat params (the ``params.yaml`` names); the validation curve (``val_acc`` at step = iteration) and
+  per-round curves (``round_*`` at step = round); summary metrics at the end;
 - one **child run** per round (``mlflow.parentRunId``, ``dpops.role=round``, ``dpops.round=k``): its
-  metrics, a grid of the new samples grouped by class and an entropy histogram.
+  metrics, a grid of the new samples grouped by class, an entropy histogram, and its shard linked with
+  ``log_input`` (the dataset digest is the shard's DVC md5, also in the ``dpops.shard_md5`` tag, which
+  is all a restore needs).
 
 Library code uses an explicit :class:`mlflow.MlflowClient` and run ids, never the fluent global state.
 A run that raises ends FAILED, Ctrl-C ends KILLED: nothing stays RUNNING after the process ends.
@@ -15,39 +23,51 @@ A run that raises ends FAILED, Ctrl-C ends KILLED: nothing stays RUNNING after t
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 
 from dp_ops.config import Config, flatten
-from dp_ops.engine.data import to_uint8
-from dp_ops.engine.sampling import Samples
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
-from dp_ops.records.versioning import DvcVersioner, ShardInfo
+from dp_ops.engine.sampling import Samples
+from dp_ops.errors import DataError
+from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ID_TAG = "mlflow.parentRunId"
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
 ROUND_METRICS = ("pool_size", "n_new", "n_generated", "entropy_mean", "entropy_median", "entropy_p90",
                  "iteration", "gen_seconds", "train_seconds")  # fmt: skip
+MAX_RESULTS = 50_000  # more runs than any search here expects (MLflow pages at 1,000 by default)
+
+
+def resolve_uri(uri: str = "") -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def tracking_uri(cfg: Config) -> str:
-    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The store a config's runs go to (``tracking.uri`` resolved as :func:`resolve_uri` does)."""
+    return resolve_uri(cfg.tracking.uri)
+
+
+def quiet_logs() -> None:
+    """MLflow announces database creation and migrations at INFO; keep its warnings and errors only."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def artifact_root(uri: str) -> str:
@@ -58,17 +78,131 @@ def artifact_root(uri: str) -> str:
     return ""  # a tracking server decides
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(uri) or None)
-    except MlflowException:  # another process (a second sweep worker) created it in the meantime
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+@dataclass(frozen=True)
+class RunFacts:
+    """What dp_ops reads of a run: its id, experiment, status and data, as plain values."""
+
+    run_id: str
+    experiment_id: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    tags: Mapping[str, str] = field(repr=False)
+    params: Mapping[str, str] = field(repr=False)
+    metrics: Mapping[str, float] = field(repr=False)
+
+    @property
+    def round(self) -> int:
+        """A round run's index (``dpops.round``); -1 for any other run."""
+        return int(self.tags.get("dpops.round", -1))
+
+    @classmethod
+    def of(cls, run: Run) -> RunFacts:
+        return cls(run.info.run_id, run.info.experiment_id, run.info.status, dict(run.data.tags),
+                   dict(run.data.params), dict(run.data.metrics))  # fmt: skip
+
+
+class Registry:
+    """One tracking store: ``Registry(uri)`` or :meth:`from_config`. Thread it through rather than
+    building clients where they are needed, so the URI is resolved once and every lookup reads alike."""
+
+    def __init__(self, uri: str = "") -> None:
+        self.uri = resolve_uri(uri)
+        self.artifact_root = artifact_root(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)  # for MlflowTracker and round_runs in this module
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Registry:
+        return cls(tracking_uri(cfg))
+
+    def __repr__(self) -> str:
+        return f"Registry({self.uri!r})"
+
+    # ---- experiments ---------------------------------------------------------------------------
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the experiment called ``name``, or None."""
+        exp = self.client.get_experiment_by_name(name)
+        return None if exp is None else exp.experiment_id
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create the experiment ``name`` (artifacts under :attr:`artifact_root`). Safe when several
+        processes (sweep or benchmark workers) create it at the same moment: one wins, all get its id."""
+        found = self.find_experiment(name)
+        if found is not None:
+            return found
+        try:
+            return self.client.create_experiment(name, artifact_location=self.artifact_root or None)
+        except MlflowException:  # another process created it in the meantime
+            found = self.find_experiment(name)
+            if found is None:
+                raise
+            return found
+
+    # ---- reading runs --------------------------------------------------------------------------
+    def run(self, run_id: str) -> RunFacts:
+        """The run ``run_id``; :class:`DataError` if the store has no such run."""
+        try:
+            return RunFacts.of(self.client.get_run(run_id))
+        except MlflowException:
+            raise DataError(f"run {run_id!r}: no such run in {self.uri}") from None
+
+    def search(
+        self, experiment_ids: Sequence[str], filter_string: str = "", *, order_by: Sequence[str] = (),
+        max_results: int = MAX_RESULTS,
+    ) -> list[RunFacts]:  # fmt: skip
+        """Runs of these experiments matching an MLflow filter string."""
+        runs = self.client.search_runs(list(experiment_ids), filter_string, max_results=max_results,
+                                       order_by=list(order_by) or None)  # fmt: skip
+        return [RunFacts.of(r) for r in runs]
+
+    def find_run(self, experiment: str, tags: Mapping[str, str]) -> str | None:
+        """The id of a run of the experiment named ``experiment`` that has all these tags, or None."""
+        exp_id = self.find_experiment(experiment)
+        if exp_id is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.search([exp_id], query, max_results=1)
+        return runs[0].run_id if runs else None
+
+    def round_runs(self, run_id: str) -> list[RunFacts]:
+        """The round (child) runs of the experiment run ``run_id``, ordered by round; :class:`DataError`
+        if there is no such run."""
+        try:
+            return [RunFacts.of(r) for r in round_runs(self.client, run_id)]
+        except MlflowException:
+            raise DataError(f"run {run_id!r}: no such run in {self.uri}") from None
+
+    def shard_md5s(self, run_id: str) -> dict[int, str | None]:
+        """``round -> shard md5`` as the round runs of ``run_id`` record it (None: made without versioning)."""
+        return shard_md5s(self.round_runs(run_id))
+
+    def history(self, run_id: str, key: str) -> tuple[tuple[int, float], ...]:
+        """Every ``(step, value)`` logged for the metric ``key`` of a run."""
+        return tuple((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+    # ---- writing runs --------------------------------------------------------------------------
+    def end_run(self, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> None:
+        """Set ``tags`` on a run, then end it with ``status`` (FINISHED, FAILED or KILLED)."""
+        for key, value in (tags or {}).items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_terminated(run_id, status)
+
+    def log_report_run(
+        self, experiment: str, *, role: str, run_name: str, metrics: Mapping[str, float | None],
+        params: Mapping[str, str], files: Sequence[Path] = (),
+    ) -> str:  # fmt: skip
+        """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its
+        finite numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                     tags={"dpops.role": role, **_git_tags()})  # fmt: skip
+        run_id = run.info.run_id
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, v, _now(), 0) for k, v in finite.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True,
+        )  # fmt: skip
+        for path in files:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return run_id
 
 
 def run_name(cfg: Config) -> str:
@@ -77,21 +211,32 @@ def run_name(cfg: Config) -> str:
     return f"{dp.strategy}-{detail[dp.strategy]}-seed{cfg.seed}"
 
 
+class Shard(Protocol):
+    """The facts about a round's versioned shard that its round run records (the versioner's ShardInfo)."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def md5(self) -> str: ...
+    @property
+    def versioned_by(self) -> str: ...
+
+
 class MlflowTracker(Observer):
-    """Creates the parent run at construction; child runs as rounds complete; ends them all."""
+    """One experiment's parent run, created (or re-opened) at construction; a child run per round;
+    summary metrics at the end. As an :class:`Observer` it tracks rounds without shards; with versioning,
+    call :meth:`log_round` with each round's shard instead of letting the loop call :meth:`on_round`."""
 
     def __init__(
-        self, cfg: Config, client: MlflowClient | None = None, run_id: str | None = None,
-        tags: dict[str, str] | None = None,
+        self, registry: Registry, cfg: Config, *, run_id: str | None = None, tags: Mapping[str, str] | None = None,
     ):  # fmt: skip
-        """Start a new parent run (with extra ``tags``, e.g. a sweep's ``dpops.study``), or with ``run_id``
-        re-open an interrupted one (to resume it)."""
-        self.cfg = cfg
-        # Set before rounds complete (it needs this run's id) to link each round's shard with log_input.
-        self.shards: DvcVersioner | None = None
-        self.uri = tracking_uri(cfg)
-        self.client = client or MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = get_or_create_experiment(self.client, cfg.tracking.experiment, self.uri)
+        """Start a new parent run in ``tracking.experiment`` (with extra ``tags``, e.g. a sweep's
+        ``dpops.study``), or with ``run_id`` re-open an interrupted one (to resume it)."""
+        self.cfg, self.registry = cfg, registry
+        self.client = registry.client
+        self.experiment_id = registry.experiment_id(cfg.tracking.experiment)
         self.round_run_ids: list[str] = []
         if run_id is not None:
             self.run_id = run_id
@@ -106,24 +251,33 @@ class MlflowTracker(Observer):
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
 
-    def drop_rounds_after(self, last_round: int) -> list:
-        """Delete round runs past the last checkpointed round (logged, but their state never landed);
-        returns the round runs that stay."""
+    @property
+    def uri(self) -> str:
+        return self.registry.uri
+
+    def keep_rounds_through(self, last_round: int) -> dict[int, str | None]:
+        """Delete round runs past ``last_round`` (the last checkpointed round: logged, but their state never
+        landed); returns ``round -> shard md5`` of the round runs that stay."""
         kept = []
-        for run in round_runs(self.client, self.run_id):
-            if int(run.data.tags["dpops.round"]) > last_round:
-                self.client.delete_run(run.info.run_id)
+        for run in self.registry.round_runs(self.run_id):
+            if run.round > last_round:
+                self.client.delete_run(run.run_id)
             else:
                 kept.append(run)
-                self.round_run_ids.append(run.info.run_id)
-        return kept
+                self.round_run_ids.append(run.run_id)
+        return shard_md5s(kept)
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.client.log_metric(self.run_id, "val_acc", val_acc, step=iteration)
 
     def on_round(self, record: RoundRecord, increment: Samples) -> None:
-        now = int(time.time() * 1000)
+        self.log_round(record, increment, None)
+
+    def log_round(self, record: RoundRecord, increment: Samples, shard: Shard | None) -> None:
+        """The round's child run (metrics, pictures, its ``shard`` linked when versioned) and the same
+        numbers on the parent as curves over rounds, so experiments compare side by side."""
+        now = _now()
         values = {k: float(getattr(record, k)) for k in ROUND_METRICS}
         values["iterations"] = values.pop("iteration")  # iterations trained before this round
         values["round"] = float(record.round)
@@ -136,8 +290,8 @@ class MlflowTracker(Observer):
         )  # fmt: skip
         child_id = child.info.run_id
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
-        if self.shards is not None and record.round in self.shards.shards:
-            self._link_shard(child_id, self.shards.shards[record.round])
+        if shard is not None:
+            self._link_shard(child_id, shard)
         with tempfile.TemporaryDirectory() as tmp:
             grid = Path(tmp) / f"samples_round{record.round}.png"
             hist = Path(tmp) / f"entropy_round{record.round}.png"
@@ -147,11 +301,10 @@ class MlflowTracker(Observer):
             self.client.log_artifact(child_id, str(hist))
         self.client.set_terminated(child_id, RunStatus.to_string(RunStatus.FINISHED))
         self.round_run_ids.append(child_id)
-        # the same numbers on the parent as curves over rounds, so experiments compare side by side
         curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
         self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
 
-    def _link_shard(self, child_id: str, shard: ShardInfo) -> None:
+    def _link_shard(self, child_id: str, shard: Shard) -> None:
         """``log_input`` a MetaDataset whose digest is the DVC md5 (fits MLflow's 36-character column)."""
         source = LocalArtifactDatasetSource(str(shard.path))
         dataset = MetaDataset(source, name=f"{self.run_id}/round-{shard.round}", digest=shard.md5)
@@ -162,12 +315,12 @@ class MlflowTracker(Observer):
             self.client.set_tag(child_id, key, value)
 
     def on_finish(self, result: RunResult) -> None:
-        now = int(time.time() * 1000)
         s = result.summary
         summary = {"final_val_acc": s.final_val_acc, "final_test_acc": s.final_test_acc, "best_val_acc": s.best_val_acc,
                    "pool_size": s.pool_size, "generated_samples": s.generated_samples, "iterations": s.iterations,
                    "rounds": s.rounds, "gen_seconds": s.gen_seconds, "train_seconds": s.train_seconds,
                    "unet_evals": s.unet_evals}  # fmt: skip
+        now = _now()
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True
         )
@@ -190,39 +343,23 @@ class MlflowTracker(Observer):
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
 
-def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: int = 3, max_cell: int = 64) -> None:
-    """PNG grid: one row per class, up to ``per_class`` of its new samples (grey or RGB); cells larger
-    than ``max_cell`` are downsized, small ones nearest-neighbour upscaled (at most ``scale``×)."""
-    from PIL import Image
-
-    labels = samples.labels.numpy()
-    classes = sorted(set(labels.tolist()))
-    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-    images = samples.images[torch.from_numpy(keep)]
-    if images.shape[-1] > max_cell:
-        images = F.interpolate(images, size=(max_cell, max_cell), mode="bilinear", antialias=True)
-    images = to_uint8(images).numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
-    res, channels = images.shape[1], images.shape[-1]
-    canvas = np.full((len(classes) * (res + 1), per_class * (res + 1), channels), 255, dtype=np.uint8)
-    for row, c in enumerate(classes):
-        for col, img in enumerate(images[labels[keep] == c]):
-            canvas[row * (res + 1) : row * (res + 1) + res, col * (res + 1) : col * (res + 1) + res] = img
-    scale = max(1, min(scale, max_cell // res))
-    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
-    grid.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+def round_runs(client: MlflowClient, run_id: str) -> list[Run]:
+    """The child (round) runs of an experiment run as MLflow entities, ordered by round (for inspection
+    and tests; library code asks :meth:`Registry.round_runs` for facts)."""
+    parent = client.get_run(run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{run_id}'", max_results=MAX_RESULTS
+    )
+    return sorted(children, key=lambda r: int(r.data.tags.get("dpops.round", -1)))
 
 
-def save_entropy_histogram(samples: Samples, path: Path, round_index: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def shard_md5s(rounds: Sequence[RunFacts]) -> dict[int, str | None]:
+    """``round -> shard md5`` as these round runs record it (None for a run made without versioning)."""
+    return {r.round: r.tags.get("dpops.shard_md5") for r in rounds}
 
-    fig = Figure(figsize=(4, 3), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.hist(samples.entropy.numpy(), bins=30, color="tab:blue")
-    ax.set(xlabel="learner entropy (nats)", ylabel="samples", title=f"round {round_index}: new samples")
-    fig.tight_layout()
-    fig.savefig(path)
+
+def _now() -> int:
+    return int(time.time() * 1000)
 
 
 def _git_tags() -> dict[str, str]:
@@ -235,37 +372,3 @@ def _git_tags() -> dict[str, str]:
 
 def _dvc_tags() -> dict[str, str]:
     return {f"dpops.{k.lower()}": os.environ[k] for k in DVC_ENV_TAGS if os.environ.get(k)}
-
-
-def log_report_run(
-    uri: str, experiment: str, *, role: str, run_name: str, metrics: dict[str, float], params: dict[str, str],
-    files: Sequence[Path] = (),
-) -> str:  # fmt: skip
-    """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its finite
-    numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(get_or_create_experiment(client, experiment, uri), run_name=run_name,
-                            tags={"dpops.role": role, **_git_tags()})  # fmt: skip
-    finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-    client.log_batch(
-        run.info.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True,
-    )  # fmt: skip
-    for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return run.info.run_id
-
-
-def round_runs(client: MlflowClient, run_id: str) -> list:
-    """The child (round) runs of an experiment run, ordered by round."""
-    parent = client.get_run(run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{run_id}'", max_results=10_000
-    )
-    return sorted(children, key=lambda r: int(r.data.tags.get("dpops.round", -1)))
-
-
-def shard_md5s(rounds: list) -> dict[int, str | None]:
-    """``round -> shard md5`` as the round runs record it (None for a run made without versioning)."""
-    return {int(r.data.tags["dpops.round"]): r.data.tags.get("dpops.shard_md5") for r in rounds}

@@ -29,13 +29,16 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dp_ops.engine.data import LabelledImages, from_uint8, to_uint8
-from dp_ops.errors import DataError
+from dp_ops.engine.loop import RoundRecord
 from dp_ops.engine.sampling import Samples
-from dp_ops.engine.loop import Observer, RoundRecord
+from dp_ops.errors import DataError
+from dp_ops.files import atomic_path
 
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """A written shard as its round run records it: where, which bytes, and who versioned them."""
+
     round: int
     path: Path  # relative to the DVC root when inside it
     md5: str
@@ -60,7 +63,6 @@ SHARD_FORMATS = ("raw", "png")
 
 def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fmt: str = "raw") -> None:
     """Write-then-rename: a crash never leaves a truncated shard under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = to_uint8(samples.images).numpy()
     tensors = encode_png(images) if fmt == "png" else {"images": images}
     tensors.update({
@@ -71,10 +73,9 @@ def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fm
     metadata = {"round": str(round_index), "omega": repr(float(omega))}
     if fmt == "png":  # (raw shards keep their original two keys)
         metadata.update(format="png", resolution=str(images.shape[-1]))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    _canonical_header(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
 
 
 def _canonical_header(path: Path) -> None:
@@ -144,20 +145,18 @@ def cache_path(root: Path, md5: str) -> Path:
     return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
-class DvcVersioner(Observer):
-    """Writes and versions one shard per round; ``shards[k]`` tells the tracker what to link."""
+class DvcVersioner:
+    """Writes and versions one shard per round and says what it wrote (a :class:`ShardInfo`), so that
+    the round's MLflow run can link exactly those bytes."""
 
-    def __init__(self, data_dir: str | Path, round_omega: float = 0.0, shard_format: str = "raw") -> None:
-        """``round_omega``: ω of rounds after round 0 (round 0 is always unguided); ``shard_format``: raw
-        or png (see :func:`write_shard`)."""
+    def __init__(self, data_dir: str | Path, shard_format: str = "raw") -> None:
+        """``data_dir``: the run's shard folder; ``shard_format``: raw or png (see :func:`write_shard`)."""
         if shard_format not in SHARD_FORMATS:
             raise ValueError(f"shard_format={shard_format!r}: allowed {SHARD_FORMATS}")
         self.shard_format = shard_format
         self.data_dir = Path(data_dir)
         self.root = dvc_root(self.data_dir)
         self.in_stage = bool(os.environ.get("DVC_STAGE"))
-        self.round_omega = round_omega
-        self.shards: dict[int, ShardInfo] = {}
 
     @property
     def mode(self) -> str:
@@ -169,16 +168,18 @@ class DvcVersioner(Observer):
     def shard_path(self, round_index: int) -> Path:
         return self.data_dir / shard_name(round_index)
 
-    def record(self, round_index: int, path: Path, md5: str, versioned_by: str) -> None:
+    def info(self, round_index: int, path: Path, md5: str, versioned_by: str) -> ShardInfo:
+        """The facts about a shard at ``path`` (made relative to the DVC root when inside it)."""
         rel = path.resolve().relative_to(self.root) if self.root is not None else path
-        self.shards[round_index] = ShardInfo(round_index, rel, md5, versioned_by)
+        return ShardInfo(round_index, rel, md5, versioned_by)
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+    def write(self, record: RoundRecord, increment: Samples) -> ShardInfo:
+        """Write the round's increment (with the ω it was generated with) and version it."""
         path = self.shard_path(record.round)
-        write_shard(path, increment, record.round, self.round_omega if record.round else 0.0, self.shard_format)
+        write_shard(path, increment, record.round, record.omega, self.shard_format)
         if self.mode == "dvc add":
             _dvc_add(self.root, path)
-        self.record(record.round, path, md5_file(path), self.mode)
+        return self.info(record.round, path, md5_file(path), self.mode)
 
 
 def _dvc_add(root: Path, path: Path) -> None:
@@ -200,14 +201,11 @@ def restore_shard(root: Path, md5: str, dest: Path) -> Path:
         _fetch_object(root, md5)
     if not src.is_file():
         raise DataError(f"md5 {md5}: not in the DVC cache at {src.parent.parent} and no remote has it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    got = md5_file(tmp)
-    if got != md5:
-        tmp.unlink()
-        raise DataError(f"{dest}: restored bytes have md5 {got}, the registry says {md5} (corrupt cache?)")
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+        got = md5_file(tmp)
+        if got != md5:
+            raise DataError(f"{dest}: restored bytes have md5 {got}, the registry says {md5} (corrupt cache?)")
     return dest
 
 

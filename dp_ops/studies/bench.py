@@ -23,35 +23,27 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dp_ops.studies.bench_stats import ArmStats, Headline, headline, plot, summarise
-from dp_ops.config import Config, flatten, load_config
-from dp_ops.errors import ConfigError
+from dp_ops import runner
+from dp_ops.config import Config, flatten, load_config, load_tree, sweep_config
+from dp_ops.engine.devices import resolve_device
 from dp_ops.engine.loop import Observer
-from dp_ops.studies.scaling import json_ready
+from dp_ops.errors import ConfigError
+from dp_ops.files import write_json
+from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.records.tracking import Registry, quiet_logs
+from dp_ops.studies.bench_stats import Arm, ArmStats, Headline, headline, plot, summarise
 
 RATIOS = (2, 4, 8)
 # --quick, a smoke check of the whole benchmark in minutes: one seed, the two smallest static sizes, r = 4,
 # a third of the iteration budget
 QUICK_RATIOS = (4,)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One strategy at one setting, e.g. ``dp ω=0.05``; ``overrides`` are params.yaml keys."""
-
-    strategy: str
-    setting: str
-    overrides: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.strategy} {self.setting}"
 
 
 @dataclass(frozen=True)
@@ -129,20 +121,18 @@ def jobs(bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[
     return sorted(todo, key=lambda j: (rank[j.arm.strategy], -position[j.arm.name], j.seed))
 
 
-def registry_state(client: Any, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
+def registry_state(registry: Registry, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
     """From MLflow: FINISHED runs' metrics, and interrupted runs that have a checkpoint, by (arm, seed)."""
-    from dp_ops.records.checkpoint import checkpoint_path
-
-    runs = client.search_runs([experiment_id], f"tags.`dpops.bench` = '{bench_id}'", max_results=10_000,
-                              order_by=["attributes.start_time DESC"])  # fmt: skip
+    runs = registry.search([experiment_id], f"tags.`dpops.bench` = '{bench_id}'",
+                           order_by=["attributes.start_time DESC"])  # fmt: skip
     done: dict[tuple[str, int], dict[str, float]] = {}
     resumable: dict[tuple[str, int], str] = {}
     for r in runs:
-        key = (r.data.tags["dpops.arm"], int(r.data.params["seed"]))
-        if r.info.status == "FINISHED":
-            done.setdefault(key, r.data.metrics)
-        elif checkpoint_path(r.data.params["output.checkpoints"], r.info.run_id).is_file():
-            resumable.setdefault(key, r.info.run_id)
+        key = (r.tags["dpops.arm"], int(r.params["seed"]))
+        if r.status == "FINISHED":
+            done.setdefault(key, dict(r.metrics))
+        elif checkpoint_path(r.params["output.checkpoints"], r.run_id).is_file():
+            resumable.setdefault(key, r.run_id)
     return done, {k: v for k, v in resumable.items() if k not in done}
 
 
@@ -152,12 +142,16 @@ class Prepared:
 
     plan: BenchPlan
     cfg: Config
-    uri: str
+    registry: Registry  # the MLflow store of the runs and the report
     experiment_id: str
     finished: int  # runs of this benchmark that FINISHED earlier
     todo: tuple[Job, ...]
     workers: int
     threads: int
+
+    @property
+    def uri(self) -> str:
+        return self.registry.uri
 
     @property
     def resuming(self) -> int:
@@ -171,29 +165,18 @@ def prepare(
     """Plan and check everything before work starts; create the MLflow store and experiment (before any
     worker could race to create them); find what earlier invocations finished or left interrupted.
     ``workers`` 0: one per CPU core with one torch thread each, or 1 when the learner runs on CUDA."""
-    import os
-
-    from mlflow import MlflowClient
-
-    from dp_ops.config import load_tree
-    from dp_ops.engine.devices import resolve_device
-    from dp_ops.runner import preflight
-    from dp_ops.studies.sweep import sweep_config
-    from dp_ops.records.tracking import get_or_create_experiment, tracking_uri
-
     sizes = sweep_config(load_tree(params, overrides)).static_sizes
     bp, cfg = plan(params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick,
                    ratios=ratios)  # fmt: skip
-    preflight(cfg)
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    exp_id = get_or_create_experiment(client, experiment, uri)
-    done, resumable = registry_state(client, exp_id, bp.bench_id)
+    runner.preflight(cfg)
+    registry = Registry.from_config(cfg)
+    exp_id = registry.experiment_id(experiment)
+    done, resumable = registry_state(registry, exp_id, bp.bench_id)
     todo = jobs(bp, done, resumable, out)
     cores = os.cpu_count() or 1
     n = workers or (1 if resolve_device(cfg.device).type == "cuda" else cores)
     n = max(1, min(n, len(todo) or 1))
-    return Prepared(bp, cfg, uri, exp_id, len(done), tuple(todo), n, max(1, cores // n))
+    return Prepared(bp, cfg, registry, exp_id, len(done), tuple(todo), n, max(1, cores // n))
 
 
 @dataclass(frozen=True)
@@ -207,13 +190,11 @@ class BenchReport:
 
 def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
-    from mlflow import MlflowClient
-
-    done, _ = registry_state(MlflowClient(p.uri), p.experiment_id, p.plan.bench_id)
+    done, _ = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
     rows = summarise(done, p.plan.arms, p.plan.seeds)
     h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
-    json_path, png, run_id = write_report(p.plan, rows, h, out, uri=p.uri, experiment=p.cfg.tracking.experiment,
-                                          wall_seconds=wall_seconds)  # fmt: skip
+    json_path, png, run_id = write_report(p.plan, rows, h, out, registry=p.registry,
+                                          experiment=p.cfg.tracking.experiment, wall_seconds=wall_seconds)  # fmt: skip
     return BenchReport(tuple(rows), h, json_path, png, run_id)
 
 
@@ -240,21 +221,18 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(threads: int, params: Path | None, bench_id: str, stop: Any) -> None:
-    import logging
     import signal
 
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
     torch.set_num_threads(threads)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    quiet_logs()
     _WORKER.update(params=params, bench_id=bench_id, stop=stop)
 
 
 def _run_job(job: Job) -> JobResult:
     """One benchmark run in a worker (which loads the generator and the real data once)."""
-    from dp_ops import runner
-
     w = _WORKER
     if w["stop"].is_set():
         return JobResult(job.arm.name, job.seed, None)
@@ -264,13 +242,13 @@ def _run_job(job: Job) -> JobResult:
             w["real"] = runner.load_real_data(cfg)
             w["generator"] = runner.load_generator(cfg, w["real"])
         tags = {"dpops.bench": w["bench_id"], "dpops.arm": job.arm.name}
-        result, tracker, _ = runner.run_tracked(cfg, w["generator"], w["real"], [_Stop(w["stop"])],
-                                                    resume_run_id=job.resume_run_id, tags=tags)  # fmt: skip
+        run = runner.run_tracked(cfg, w["generator"], w["real"], [_Stop(w["stop"])],
+                                 resume_run_id=job.resume_run_id, tags=tags)  # fmt: skip
     except KeyboardInterrupt:
         return JobResult(job.arm.name, job.seed, None)
     except Exception as exc:  # noqa: BLE001 - one failed run is reported, the benchmark goes on
         return JobResult(job.arm.name, job.seed, None, error=f"{type(exc).__name__}: {exc}")
-    return JobResult(job.arm.name, job.seed, result.summary.to_dict(), tracker.run_id, job.resume_run_id is not None)
+    return JobResult(job.arm.name, job.seed, run.result.summary.to_dict(), run.run_id, job.resume_run_id is not None)
 
 
 def run_jobs(
@@ -302,24 +280,21 @@ def run_jobs(
     return results
 
 
-def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, out: Path, *, uri: str,
+def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, out: Path, *, registry: Registry,
                  experiment: str, wall_seconds: float) -> tuple[Path, Path, str]:  # fmt: skip
     """``bench.json`` and ``bench.png`` in ``out``, both logged to an MLflow run tagged ``dpops.role=benchmark``
     (the headline ratios are its metrics). Returns the two paths and that run's id."""
-    from dp_ops.runner import write_json
-    from dp_ops.records.tracking import log_report_run
-
     out.mkdir(parents=True, exist_ok=True)
     report = {"bench": bp.bench_id, "seeds": list(bp.seeds), "base_overrides": list(bp.base),
-              "rows": [json_ready(asdict(r)) for r in rows], "headline": h.to_dict() if h else None,
+              "rows": [asdict(r) for r in rows], "headline": h.to_dict() if h else None,
               "wall_seconds_this_invocation": wall_seconds}  # fmt: skip
     write_json(out / "bench.json", report)
     plot(rows, out / "bench.png")
     metrics: dict[str, float] = {}
     if h is not None:
         metrics = {k: v for k, v in asdict(h).items() if isinstance(v, float)}
-    run_id = log_report_run(uri, experiment, role="benchmark", run_name=f"bench-{bp.bench_id}", metrics=metrics,
-                            params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)),
-                                    "overrides": " ".join(bp.base)},
-                            files=(out / "bench.json", out / "bench.png"))  # fmt: skip
+    run_id = registry.log_report_run(experiment, role="benchmark", run_name=f"bench-{bp.bench_id}", metrics=metrics,
+                                     params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)),
+                                             "overrides": " ".join(bp.base)},
+                                     files=(out / "bench.json", out / "bench.png"))  # fmt: skip
     return out / "bench.json", out / "bench.png", run_id

@@ -18,16 +18,28 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dp_ops.studies.scaling import data_multiplier, interpolate_samples_for_accuracy, json_ready
-
-if TYPE_CHECKING:
-    from dp_ops.studies.bench import Arm
+from dp_ops.files import json_ready
+from dp_ops.studies.scaling import data_multiplier, interpolate_samples_for_accuracy
 
 # the runs' summary metrics that a row averages
 FIELDS = ("generated_samples", "pool_size", "iterations", "gen_seconds", "unet_evals", "final_val_acc",
           "final_test_acc")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One strategy at one setting, e.g. ``dp ω=0.05``; ``overrides`` are params.yaml keys. (Here, not in
+    :mod:`dp_ops.studies.bench`, so that the statistics need nothing of how runs are made.)"""
+
+    strategy: str
+    setting: str
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy} {self.setting}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from dp_ops.errors import FitError
+from dp_ops.files import json_ready
 
 __all__ = [
     "PowerLawFit",
@@ -430,14 +431,3 @@ def _bad(values: np.ndarray, mask: np.ndarray) -> str:
     shown = ", ".join(f"{v:g}" for v in values[mask][:3])
     more = int(mask.sum()) - 3
     return shown + (f" (and {more} more)" if more > 0 else "")
-
-
-def json_ready(node: Any) -> Any:
-    """``node`` with every non-finite float as ``None`` (JSON has no inf/NaN), dict keys as strings."""
-    if isinstance(node, dict):
-        return {str(k): json_ready(v) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return [json_ready(v) for v in node]
-    if isinstance(node, float | np.floating):
-        return float(node) if math.isfinite(node) else None
-    return node

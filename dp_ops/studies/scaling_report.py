@@ -1,4 +1,4 @@
-"""Scaling laws from the run registry: read finished experiments, fit, report, log the report.
+"""Scaling laws from the MLflow store: read finished experiments, fit, report, log the report.
 
 Points come from MLflow (finished runs tagged ``dpops.role=experiment``, filtered by experiment, study,
 strategy or any MLflow filter string) or from the ``metrics.json`` files of DVC stages (the pipeline's
@@ -13,6 +13,9 @@ Headline numbers, both read against ``static``:
 * **iteration multiplier** = iterations the first static run to get there needed to reach that DP run's
   final validation accuracy ÷ iterations DP needed (from the validation curves; ∞ if no static run
   got there within its budget).
+
+In ``scaling.json`` (the one JSON convention, :func:`dp_ops.files.write_json`) every non-finite number
+is ``null``: an unreachable target, a multiplier static never reaches.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dp_ops.errors import DataError, FitError
+from dp_ops.files import json_ready, write_json
 from dp_ops.studies.scaling import MIN_POINTS, PowerLawFit, data_multiplier, fit_power_law, plot_scaling
+
+if TYPE_CHECKING:
+    from dp_ops.records.tracking import Registry
 
 Metric = Literal["final_test_acc", "final_val_acc"]
 Axis = Literal["pool_size", "generated_samples"]
@@ -56,46 +63,41 @@ class ScalingReport:
     headline: dict[str, Any]  # data/iteration multipliers against static; empty without dp and static
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready (non-finite numbers as ``None``)."""
+        return json_ready({
             "metric": self.metric, "x": self.x,
             "points": {k: [list(p) for p in v] for k, v in self.points.items()},
             "fits": {k: f.to_dict() for k, f in self.fits.items()},
             "unfitted": self.unfitted,
-            "samples_for_target": {k: {t: _finite(n) for t, n in v.items()} for k, v in self.targets.items()},
-            "headline": {k: _finite(v) if isinstance(v, float) else v for k, v in self.headline.items()},
-        }  # fmt: skip
+            "samples_for_target": self.targets,
+            "headline": self.headline,
+        })  # fmt: skip
 
 
 # ---- sources -------------------------------------------------------------------------------------
 def points_from_mlflow(
-    tracking_uri: str, experiments: Sequence[str], *, study: str | None = None,
+    registry: Registry, experiments: Sequence[str], *, study: str | None = None,
     strategies: Sequence[str] = (), filter_string: str = "", with_curves: bool = True,
 ) -> list[RunPoint]:  # fmt: skip
     """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
     ids = []
     for name in experiments:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise DataError(f"--experiment {name}: no such MLflow experiment in {tracking_uri}")
-        ids.append(exp.experiment_id)
+        exp_id = registry.find_experiment(name)
+        if exp_id is None:
+            raise DataError(f"--experiment {name}: no such MLflow experiment in {registry.uri}")
+        ids.append(exp_id)
     query = ["tags.`dpops.role` = 'experiment'", "attributes.status = 'FINISHED'"]
     if study:
         query.append(f"tags.`dpops.study` = '{study}'")
     if filter_string:
         query.append(filter_string)
-    runs = client.search_runs(ids, filter_string=" and ".join(query), max_results=50_000)
     out = []
-    for run in runs:
-        m, strategy = run.data.metrics, run.data.tags.get("dpops.strategy", "?")
+    for run in registry.search(ids, " and ".join(query)):
+        m, strategy = run.metrics, run.tags.get("dpops.strategy", "?")
         if (strategies and strategy not in strategies) or "final_test_acc" not in m:
             continue
-        curve = ()
-        if with_curves:
-            curve = tuple((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val_acc"))
-        out.append(RunPoint(run.info.run_id, strategy, int(m["pool_size"]), int(m["generated_samples"]),
+        curve = registry.history(run.run_id, "val_acc") if with_curves else ()
+        out.append(RunPoint(run.run_id, strategy, int(m["pool_size"]), int(m["generated_samples"]),
                             int(m["iterations"]), m["final_val_acc"], m["final_test_acc"], curve))  # fmt: skip
     return out
 
@@ -169,8 +171,6 @@ def _first_reaching(curve: Sequence[tuple[int, float]], target: float) -> float:
 
 
 def write_report(report: ScalingReport, out_dir: str | Path, title: str | None = None) -> tuple[Path, Path]:
-    from dp_ops.runner import write_json
-
     out_dir = Path(out_dir)
     write_json(out_dir / "scaling.json", report.to_dict())
     dp_acc = report.headline.get("dp_accuracy")
@@ -179,19 +179,11 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
     return out_dir / "scaling.json", png
 
 
-def log_report(report: ScalingReport, files: Sequence[Path], tracking_uri: str, experiment: str,
+def log_report(report: ScalingReport, files: Sequence[Path], registry: Registry, experiment: str,
                params: dict[str, str]) -> str:  # fmt: skip
     """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts."""
-    from dp_ops.records.tracking import log_report_run
-
     metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
     metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
-    return log_report_run(tracking_uri, experiment, role="scaling", run_name="scaling-report", metrics=metrics,
-                          params=params, files=files)
-
-
-def _finite(v: float) -> float | None | str:
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return None if isinstance(v, float) and math.isnan(v) else v
+    return registry.log_report_run(experiment, role="scaling", run_name="scaling-report", metrics=metrics,
+                                   params=params, files=files)
 

@@ -1,7 +1,7 @@
 """Optuna sweeps: each trial is one tracked DP experiment; any number of workers share one study.
 
-The space comes from the ``sweep:`` section of params.yaml (overridable with ``-S sweep.omega.high=0.3``)
-and trial parameters are named exactly like params.yaml keys (``dp.omega``), so a trial replays with
+The space comes from the ``sweep:`` section of params.yaml (:class:`dp_ops.config.SweepConfig`,
+overridable with ``-S sweep.omega.high=0.3``) and trial parameters are named exactly like params.yaml keys (``dp.omega``), so a trial replays with
 ``dpops run -S dp.omega=…`` or ``dvc exp run -S dp.omega=…``. ``strategy="static"`` is a grid over
 ``dp.initial_size`` instead (the baseline for scaling laws), enqueued once when the study is created.
 
@@ -31,77 +31,17 @@ from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dp_ops.config import Config, apply_overrides, build_config, to_tree, validate
-from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.errors import ConfigError
+from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, to_tree
 from dp_ops.engine.loop import Observer, RunResult
+from dp_ops.errors import ConfigError
+from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.records.tracking import Registry
+from dp_ops.runner import run_tracked
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
 DIRECTIONS = {"final_val_acc": "maximize", "generated_samples": "minimize"}
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class FloatRange(_Model):
-    low: float = Field(gt=0)
-    high: float = Field(gt=0)
-    log: bool = True
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
-        if self.low > self.high:
-            raise ValueError(f"low={self.low:g} must be <= high={self.high:g}")
-        return self
-
-
-class IntRange(_Model):
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
-    step: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError(f"low={self.low} must be <= high={self.high}")
-        return self
-
-
-class SweepConfig(_Model):
-    """The ``sweep:`` section of params.yaml."""
-
-    study: str = Field("dp-ops-sweep", min_length=1, description="Optuna study; the static grid adds '-static'")
-    storage: str = Field("sqlite:///optuna.db", min_length=1, description="SQLAlchemy URL or journal file path")
-    n_trials: int = Field(12, ge=1, description="global budget: trials of the study, over all workers")
-    objective: Literal["accuracy", "pareto"] = "accuracy"
-    prune: bool = Field(False, description="median pruning on per-evaluation validation accuracy")
-    sampler_seed: int | None = Field(None, description="TPE seed (one worker only: workers must differ)")
-    omega: FloatRange = FloatRange(low=0.01, high=0.5)
-    patience: IntRange = IntRange(low=1, high=8)
-    round_size: IntRange = IntRange(low=100, high=500, step=50)
-    static_sizes: tuple[int, ...] = Field((500, 1000, 2000, 4000), min_length=1)
-    experiment: str = Field("", description="MLflow experiment of the trials; empty: the study name")
-    stale_after: float = Field(300.0, gt=0, description="seconds without heartbeat before a RUNNING trial is dead")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SweepConfig:
-        if self.prune and self.objective == "pareto":
-            raise ValueError("sweep.prune=true needs sweep.objective=accuracy (Optuna cannot prune multi-objective)")
-        if any(n < 1 for n in self.static_sizes):
-            raise ValueError(f"sweep.static_sizes={list(self.static_sizes)}: sizes must be >= 1")
-        return self
-
-
-def sweep_config(tree: dict[str, Any]) -> SweepConfig:
-    """Validate the ``sweep`` section of a parameter tree (see :func:`dp_ops.config.load_tree`)."""
-    section = tree.get("sweep") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"sweep={section!r}: must be a section of keys (study, storage, n_trials, …)")
-    return validate(SweepConfig, section, prefix="sweep.")
 
 
 @dataclass(frozen=True)
@@ -275,16 +215,20 @@ class Sweep:
     """One worker of a study. ``run()`` asks trials until the study's budget or ``timeout`` is reached."""
 
     def __init__(self, cfg: Config, sc: SweepConfig, *, strategy: str, study_name: str,
-                 base_overrides: Sequence[str] = ()) -> None:  # fmt: skip
-        """Validates the strategy and opens (or creates) the study: run it before any expensive work."""
+                 base_overrides: Sequence[str] = (), registry: Registry | None = None) -> None:  # fmt: skip
+        """Validates the strategy, opens (or creates) the study and creates the trials' MLflow experiment
+        (both stores exist before any trial, or another worker, writes): run it before any expensive work.
+        ``registry``: the MLflow store (default: the config's)."""
         if strategy not in ("dp", "static"):
             raise ConfigError(f"--strategy {strategy}: allowed dp (TPE over ω, patience, round size) or static (grid)")
         self.cfg, self.sc, self.strategy, self.name = cfg, sc, strategy, study_name
+        self.registry = registry or Registry.from_config(cfg)
         self.base_overrides = [*base_overrides, f"dp.strategy={strategy}", f"tracking.experiment={self.experiment}"]
         sampler = optuna.samplers.TPESampler(seed=sc.sampler_seed, multivariate=True)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.train.iterations // 4) \
             if sc.prune else optuna.pruners.NopPruner()  # fmt: skip
         self.study = open_study(sc, study_name, strategy, sampler, pruner)
+        self.registry.experiment_id(self.experiment)
         self.budget = len(sc.static_sizes) if strategy == "static" else sc.n_trials
 
     @property
@@ -348,17 +292,7 @@ class Sweep:
 
     def _run_of(self, number: int) -> str | None:
         """The MLflow run of a trial that returned none (raised, pruned, killed), found by its tags."""
-        from mlflow import MlflowClient
-
-        from dp_ops.records.tracking import tracking_uri
-
-        client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            return None
-        tags = f"tags.`dpops.study` = '{self.name}' and tags.`dpops.trial` = '{number}'"
-        runs = client.search_runs([exp.experiment_id], filter_string=tags, max_results=1)
-        return runs[0].info.run_id if runs else None
+        return self.registry.find_run(self.experiment, {"dpops.study": self.name, "dpops.trial": str(number)})
 
     @property
     def _objective(self) -> tuple[str, ...]:
@@ -380,8 +314,8 @@ class Sweep:
         run_id = self._run_of(trial.number)
         if run_id:
             trial.set_user_attr("dpops.mlflow_run_id", run_id)
-            if state == TrialState.PRUNED:
-                _mark_pruned(self.cfg, run_id)
+            if state == TrialState.PRUNED:  # the run ended FAILED when the loop raised TrialPruned
+                self.registry.end_run(run_id, "KILLED", tags={"dpops.pruned": "true"})
         self.study.tell(trial, state=state)
         return TrialOutcome(trial.number, state.name, params, None, run_id, error)
 
@@ -394,13 +328,13 @@ def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str)
     return build_config(apply_overrides(to_tree(cfg), [*overrides, *files]))
 
 
-def tracked_runner(generator: Any, real: Any) -> RunTrial:
-    """Run trials with :func:`dp_ops.runner.run_tracked`, one generator and dataset for all of them."""
-    from dp_ops.runner import run_tracked
+def tracked_runner(generator: Any, real: Any, registry: Registry | None = None) -> RunTrial:
+    """Run trials with :func:`dp_ops.runner.run_tracked`, one generator, dataset and MLflow store (default:
+    each trial config's) for all of them."""
 
     def run(cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None) -> tuple[RunResult, str]:
-        result, tracker, _ = run_tracked(cfg, generator, real, observers, resume_run_id=resume, tags=tags)
-        return result, tracker.run_id
+        tracked = run_tracked(cfg, generator, real, observers, resume_run_id=resume, tags=tags, registry=registry)
+        return tracked.result, tracked.run_id
 
     return run
 
@@ -417,17 +351,6 @@ def replay_command(trial: FrozenTrial, tool: Literal["dpops", "dvc"] = "dpops") 
     head = "dpops run" if tool == "dpops" else "dvc exp run"
     return " ".join([head, *(f"-S {o}" for o in trial.user_attrs.get("dpops.overrides", []))])
 
-
-
-
-def _mark_pruned(cfg: Config, run_id: str) -> None:
-    from mlflow import MlflowClient
-
-    from dp_ops.records.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    client.set_tag(run_id, "dpops.pruned", "true")
-    client.set_terminated(run_id, "KILLED")
 
 
 def fmt_params(params: dict[str, Any]) -> str:

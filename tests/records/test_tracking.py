@@ -5,18 +5,19 @@ from mlflow import MlflowClient
 
 from dp_ops.config import build_config
 from dp_ops.engine.loop import run_experiment
-from dp_ops.records.tracking import PARENT_ID_TAG, MlflowTracker, artifact_root
+from dp_ops.errors import DataError
+from dp_ops.records.tracking import DEFAULT_URI, PARENT_ID_TAG, MlflowTracker, Registry, artifact_root, resolve_uri
 
 from conftest import tiny_tree
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    return build_config(tiny_tree(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"}))
+def cfg(mlflow_uri):
+    return build_config(tiny_tree(tracking={"uri": mlflow_uri, "experiment": "t"}))
 
 
 def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_generator, real, tmp_path):
-    tracker = MlflowTracker(cfg)
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
     with tracker.lifecycle():
         result = run_experiment(cfg, tiny_generator, real, [tracker])
     client = MlflowClient(cfg.tracking.uri)
@@ -52,7 +53,7 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
 
 @pytest.mark.parametrize(("exc", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_crash_and_interrupt_do_not_leave_runs_running(cfg, exc, status):
-    tracker = MlflowTracker(cfg)
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
     with pytest.raises(type(exc)):
         with tracker.lifecycle():
             raise exc
@@ -62,3 +63,27 @@ def test_crash_and_interrupt_do_not_leave_runs_running(cfg, exc, status):
 def test_artifact_root_is_next_to_a_sqlite_store(tmp_path):
     assert artifact_root(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()
     assert artifact_root("http://127.0.0.1:5000") == ""
+
+
+def test_the_registry_answers_with_facts_and_data_errors(cfg, tiny_generator, real, monkeypatch):
+    registry = Registry.from_config(cfg)
+    tracker = MlflowTracker(registry, cfg, tags={"dpops.study": "s"})
+    with tracker.lifecycle():
+        result = run_experiment(cfg, tiny_generator, real, [tracker])
+    run = registry.run(tracker.run_id)
+    assert run.status == "FINISHED" and run.params["dp.omega"] == "0.1" and run.tags["dpops.study"] == "s"
+    assert run.experiment_id == registry.experiment_id("t") == registry.find_experiment("t")
+    assert [r.round for r in registry.round_runs(tracker.run_id)] == [r.round for r in result.records]
+    assert registry.shard_md5s(tracker.run_id) == {r.round: None for r in result.records}  # no versioning here
+    assert [step for step, _ in registry.history(tracker.run_id, "val_acc")] == [10, 20, 30, 40, 50, 60]
+    assert registry.find_run("t", {"dpops.study": "s"}) == tracker.run_id
+    assert registry.find_run("t", {"dpops.study": "other"}) is None and registry.find_run("nope", {"a": "b"}) is None
+    assert registry.find_experiment("nope") is None
+    with pytest.raises(DataError, match="'nope': no such run in sqlite:///"):
+        registry.run("nope")
+    with pytest.raises(DataError, match="no such run"):
+        registry.round_runs("nope")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri("") == "http://127.0.0.1:5000" and resolve_uri("sqlite:///a.db") == "sqlite:///a.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_uri() == DEFAULT_URI

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.studies.bench_stats import headline, headline_lines, summarise
-from dp_ops.studies.bench import Arm, jobs, plan
-from dp_ops.records.checkpoint import checkpoint_path
 from dp_ops.errors import ConfigError
+from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.studies.bench import jobs, plan
+from dp_ops.studies.bench_stats import Arm, headline, headline_lines, summarise
 
 from conftest import tiny_tree
 
@@ -68,10 +68,10 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
 
 
 @pytest.fixture
-def params_file(tmp_path, tiny_generator):
+def params_file(tmp_path, tiny_generator, mlflow_uri):
     tree = tiny_tree(train={"iterations": 200, "eval_every": 10})
     tree["generator"]["path"] = str(tmp_path / "gen")
-    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    tree["tracking"] = {"uri": mlflow_uri}
     tree["output"] = {"shards": str(tmp_path / "runs"), "checkpoints": str(tmp_path / "checkpoints")}
     tree["sweep"] = {"static_sizes": [30, 60]}
     path = tmp_path / "params.yaml"
@@ -119,6 +119,7 @@ def _bench(params_file, *args, **kw):
                             text=True, start_new_session=True, **kw)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_reports(params_file, tmp_path):
     first = _bench(params_file)
     deadline = time.time() + 300

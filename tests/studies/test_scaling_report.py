@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.errors import FitError
+from dp_ops.records.tracking import Registry
 from dp_ops.studies.scaling_report import points_from_files, points_from_mlflow, scaling_report
 
 from conftest import tiny_tree
@@ -35,8 +36,8 @@ def _log_run(client, exp_id, strategy, n, acc, reach_at, role="experiment", stat
 
 
 @pytest.fixture
-def registry(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def registry(tmp_path, mlflow_uri):
+    uri = mlflow_uri
     client = MlflowClient(uri)
     exp_id = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
     for n in (200, 400, 800, 1600, 3200, 6400):
@@ -78,12 +79,12 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"scaling.json", "scaling.png"}
     assert logged.data.metrics["data_multiplier_fit"] == pytest.approx(h["data_multiplier_fit"])
     # the logged report is not read back as a point
-    assert len(points_from_mlflow(uri, ["bench"], with_curves=False)) == 10
+    assert len(points_from_mlflow(Registry(uri), ["bench"], with_curves=False)) == 10
 
 
 def test_filters_and_too_few_points_refuse_in_one_line(registry):
     tmp, uri, _ = registry
-    assert {p.strategy for p in points_from_mlflow(uri, ["bench"], strategies=["dp"])} == {"dp"}
+    assert {p.strategy for p in points_from_mlflow(Registry(uri), ["bench"], strategies=["dp"])} == {"dp"}
     result = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "r"),
                                  "--filter", "metrics.pool_size < 500"])  # fmt: skip
     assert result.exit_code == 1
@@ -107,8 +108,10 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
         paths.append(folder / "metrics.json")
     runs = points_from_files(paths)
     assert [r.curve for r in runs][0] == ((100, law(200)),)
-    report = scaling_report(runs, n_boot=50)
+    report = scaling_report(runs, n_boot=50, targets=[0.9999])
     assert set(report.fits) == {"static"} and "dp" in report.unfitted  # one dp point: no fit, still a multiplier
+    assert report.targets["static"]["0.9999"] == float("inf")  # beyond 1 - c: unreachable
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["samples_for_target"]["static"]["0.9999"] is None
     assert report.headline["data_multiplier_fit"] == pytest.approx(3.0, rel=0.1)
     with pytest.raises(FitError, match="too few points"):
         scaling_report(runs[:2])

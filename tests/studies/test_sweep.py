@@ -13,10 +13,10 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from dp_ops.cli import app
-from dp_ops.config import build_config, flatten, load_config, load_tree
-from dp_ops.errors import ConfigError
+from dp_ops.config import build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.loop import Observer
-from dp_ops.studies.sweep import Sweep, TrialObserver, counted_trials, replay_command, sweep_config, tracked_runner
+from dp_ops.errors import ConfigError
+from dp_ops.studies.sweep import Sweep, TrialObserver, counted_trials, replay_command, tracked_runner
 
 from conftest import tiny_tree
 
@@ -26,11 +26,11 @@ SPACE = {"omega": {"low": 0.05, "high": 0.5}, "patience": {"low": 1, "high": 3},
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_generator):
+def ws(tmp_path, tiny_generator, mlflow_uri):
     """params.yaml with tiny sections, a saved tiny generator, stores in tmp_path."""
     tree = tiny_tree()
     tree["generator"]["path"] = str(tmp_path / "gen")
-    tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    tree["tracking"] = {"uri": mlflow_uri}
     out = tmp_path / "out"
     tree["output"] = {"metrics": str(out / "metrics.json"), "rounds": str(out / "rounds.json"),
                       "shards": str(out / "runs"), "checkpoints": str(out / "checkpoints")}  # fmt: skip
@@ -52,6 +52,7 @@ def _experiment_runs(ws, experiment):
     return client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
 
 
+@pytest.mark.slow
 def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
     args = ["sweep", "--params", str(ws / "params.yaml"), "--n-trials", "3", "--study-name", "s1"]
     result = runner.invoke(app, args)
@@ -171,6 +172,7 @@ def test_bad_sweep_input_fails_in_one_line_before_work(ws):
         _worker(ws, None, None, "sweep.static_sizes=[10,20]", strategy="static", name="s")
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
     journal = ws / "sweep.journal"
     MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()  # create the MLflow store first
@@ -194,6 +196,7 @@ def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
     assert sum(ran) == 4, outputs
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_run(ws):
     MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
