@@ -17,14 +17,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dp_ops"
 
 # Lowest first. A module not named here is an error of the test itself (a new module must be given a layer).
 LAYERS: dict[str, int] = {
-    "dp_ops": 0, "dp_ops.config": 0, "dp_ops.errors": 0, "dp_ops.files": 0,
+    "dp_ops": 0,
+    "dp_ops.config": 0,
+    "dp_ops.errors": 0,
+    "dp_ops.files": 0,
     "dp_ops.engine": 1,
     "dp_ops.records": 2,
     "dp_ops.runner": 3,
     "dp_ops.studies": 4,
-    "dp_ops.render": 5, "dp_ops.cli": 5,
+    "dp_ops.render": 5,
+    "dp_ops.cli": 5,
     "dp_ops.__main__": 6,
-}  # fmt: skip
+}
 LAYER_NAMES = ["foundation", "engine", "records", "runner", "studies", "render/cli", "__main__"]
 
 
@@ -99,11 +103,23 @@ def test_the_import_scan_sees_every_form_of_an_upward_import():
         "    from dp_ops.render import RichObserver\n"
     )
     imports = imports_in(code, "dp_ops.engine.data")
-    assert {"dp_ops.runner", "dp_ops.studies.sweep", "dp_ops.cli", "dp_ops.records.tracking", "dp_ops.render",
-            "dp_ops.engine.loop"} <= imports  # fmt: skip
+    assert {
+        "dp_ops.runner",
+        "dp_ops.studies.sweep",
+        "dp_ops.cli",
+        "dp_ops.records.tracking",
+        "dp_ops.render",
+        "dp_ops.engine.loop",
+    } <= imports
     targets = {edge.split(" -> ")[1].split()[0] for edge in upward_edges("dp_ops.engine.data", imports)}
-    assert targets == {"dp_ops.runner", "dp_ops.studies.sweep", "dp_ops.cli", "dp_ops.records",
-                       "dp_ops.records.tracking", "dp_ops.render"}  # fmt: skip
+    assert targets == {
+        "dp_ops.runner",
+        "dp_ops.studies.sweep",
+        "dp_ops.cli",
+        "dp_ops.records",
+        "dp_ops.records.tracking",
+        "dp_ops.render",
+    }
 
 
 def test_no_module_imports_a_higher_layer():
