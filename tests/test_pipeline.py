@@ -66,6 +66,9 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, m
     rounds = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'round'")
     assert {r.data.tags["dpops.shard_versioned_by"] for r in rounds} == {"dvc stage outs"}
 
+    lock_before, runs_before = (ws / "dvc.lock").read_text(), len(client.search_runs([exp.experiment_id]))
     second = _run([sys.executable, "-m", "dvc", "repro"], ws, env)
     assert "Running stage" not in second
     assert "up to date" in second
+    assert (ws / "dvc.lock").read_text() == lock_before  # nothing re-recorded ...
+    assert len(client.search_runs([exp.experiment_id])) == runs_before  # ... and nothing re-run or re-tracked
