@@ -46,7 +46,7 @@ class DataConfig(_Section):
     shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
 
     @model_validator(mode="after")
-    def _world(self) -> "DataConfig":
+    def _world(self) -> DataConfig:
         if self.name == "digits" and self.resolution > 64:
             raise ValueError(f"data.resolution={self.resolution}: must be <= 64 for data.name='digits' (8x8 images)")
         if self.name == "folder":
@@ -113,7 +113,7 @@ class GeneratorConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _sd_keys(self) -> "GeneratorConfig":
+    def _sd_keys(self) -> GeneratorConfig:
         if self.backend == "sd" and not self.model:
             raise ValueError("generator.model='': generator.backend='sd' needs a pipeline folder or hub id")
         if self.backend == "pixel":
@@ -209,7 +209,7 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         t = self.train
         if t.warmup_fraction + t.cooldown_fraction >= 1:
             raise ValueError(
@@ -224,7 +224,7 @@ class Config(_Section):
             )
         return self._world_matches()
 
-    def _world_matches(self) -> "Config":
+    def _world_matches(self) -> Config:
         backend, data = self.generator.backend, self.data
         if backend == "sd" and data.name != "folder":
             raise ValueError(
@@ -283,7 +283,7 @@ class FloatRange(_Section):
     log: bool = True
 
     @model_validator(mode="after")
-    def _ordered(self) -> "FloatRange":
+    def _ordered(self) -> FloatRange:
         if self.low > self.high:
             raise ValueError(f"low={self.low:g} must be <= high={self.high:g}")
         return self
@@ -295,7 +295,7 @@ class IntRange(_Section):
     step: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "IntRange":
+    def _ordered(self) -> IntRange:
         if self.low > self.high:
             raise ValueError(f"low={self.low} must be <= high={self.high}")
         return self
@@ -318,7 +318,7 @@ class SweepConfig(_Section):
     stale_after: float = Field(300.0, gt=0, description="seconds without heartbeat before a RUNNING trial is dead")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SweepConfig":
+    def _consistent(self) -> SweepConfig:
         if self.prune and self.objective == "pareto":
             raise ValueError("sweep.prune=true needs sweep.objective=accuracy (Optuna cannot prune multi-objective)")
         if any(n < 1 for n in self.static_sizes):

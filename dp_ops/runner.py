@@ -30,8 +30,15 @@ from dp_ops.files import write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.tracking import MlflowTracker, Registry
 from dp_ops.records.versioning import (
-    DvcVersioner, ShardInfo, dvc_root, md5_file, read_shard, restore_shard, shard_data, shard_name,
-)  # fmt: skip
+    DvcVersioner,
+    ShardInfo,
+    dvc_root,
+    md5_file,
+    read_shard,
+    restore_shard,
+    shard_data,
+    shard_name,
+)
 
 Progress = Callable[[int, int], None]
 

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def decode_png(shard: dict[str, np.ndarray]) -> np.ndarray:
 
     data, offsets = shard["png"].tobytes(), shard["png_offsets"]
     images = []
-    for a, b in zip(offsets[:-1], offsets[1:]):
+    for a, b in pairwise(offsets):
         img = np.asarray(Image.open(io.BytesIO(data[a:b])))
         images.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
     return np.stack(images)

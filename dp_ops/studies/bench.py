@@ -246,7 +246,7 @@ def _run_job(job: Job) -> JobResult:
                                  resume_run_id=job.resume_run_id, tags=tags)  # fmt: skip
     except KeyboardInterrupt:
         return JobResult(job.arm.name, job.seed, None)
-    except Exception as exc:  # noqa: BLE001 - one failed run is reported, the benchmark goes on
+    except Exception as exc:  # one failed run is reported, the benchmark goes on
         return JobResult(job.arm.name, job.seed, None, error=f"{type(exc).__name__}: {exc}")
     return JobResult(job.arm.name, job.seed, run.result.summary.to_dict(), run.run_id, job.resume_run_id is not None)
 

@@ -101,7 +101,7 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
         return None
     curve = [(r.mean["generated_samples"], r.mean["final_test_acc"]) for r in static]
     acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
-    need = interpolate_samples_for_accuracy(*zip(*curve), acc)
+    need = interpolate_samples_for_accuracy(*zip(*curve, strict=True), acc)
     reached = math.isfinite(need)
     effect, effect_sd = _paired_difference(dp, by.get(dp0_arm))
     over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
