@@ -30,6 +30,23 @@ app.add_typer(generator_app, name="generator")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dp_ops import __version__
+
+        typer.echo(f"dpops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Deliberate Practice for synthetic training data."""
+
 # Piped or logged output gets 120 columns instead of rich's 80, so the rounds table stays readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)

@@ -1,4 +1,4 @@
-"""One exception hierarchy for dp_ops (house style §7).
+"""One exception hierarchy for dp_ops.
 
 Every error a user can cause derives from :class:`DpOpsError`; the CLI turns it into one line on
 stderr and a non-zero exit code, without a traceback.
