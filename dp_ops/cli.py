@@ -124,11 +124,13 @@ def run(
     from dp_ops.render import RichObserver, print_run
 
     cfg = _config(params, set_)
-    registry = Registry.from_config(cfg)
+    registry = None
     if resume:  # the run's own config, from MLflow; -S/--params only choose where to look
+        registry = Registry.from_config(cfg)
         cfg = runner.resume_config(resume, registry)
     runner.preflight(cfg)
     real = runner.load_real_data(cfg)
+    registry = registry or Registry.from_config(cfg)  # (opened only now: a refused run leaves no store behind)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
         run = runner.run_tracked(cfg, generator, real, [RichObserver(progress)], resume_run_id=resume,
@@ -265,7 +267,7 @@ def sweep(
 ) -> None:
     """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
     from dp_ops import runner
-    from dp_ops.records.tracking import Registry
+    from dp_ops.records.tracking import Registry, tracking_uri
     from dp_ops.render import RichObserver
     from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, tracked_runner
 
@@ -274,12 +276,12 @@ def sweep(
     sc, cfg = sweep_config(tree), build_config(tree)
     _quiet_libraries()  # the CLI reports trials itself
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
-    registry = Registry.from_config(cfg)
-    check_separate_stores(sc.storage, registry.uri)
+    check_separate_stores(sc.storage, tracking_uri(cfg))
     runner.preflight(cfg)
+    real = runner.load_real_data(cfg)
+    registry = Registry.from_config(cfg)  # (opened only now: a refused sweep leaves no store behind)
     base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
     worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base, registry=registry)
-    real = runner.load_real_data(cfg)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
         console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")

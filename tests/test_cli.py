@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -23,13 +24,32 @@ def _params(tmp_path, **sections):
 
 
 def test_help_lists_commands():
+    from typer.main import get_command
+
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "generator", "config"):
-        assert command in result.output
+    # the first column of the Commands panel (its other rows continue a description), not a substring anywhere
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "─ Commands " in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("╰"))
+    listed = [line.strip("│ ").split()[0] for line in lines[start + 1 : end] if not line.startswith("│  ")]
+    expected = ["run", "theory", "sweep", "bench", "scaling", "generator", "config", "data"]
+    assert listed == list(get_command(app).commands) == expected, result.output
 
 
-def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path):
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    from dp_ops import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"dpops {__version__}\n"
+    assert version("dp_ops") == __version__  # the package metadata reads the same one source
+
+
+@pytest.mark.slow
+def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path, mlflow_store):
+    mlflow_store(tmp_path)  # the store _params names, already migrated
     params = _params(tmp_path)
     result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=0.2"])
     assert result.exit_code == 0, result.output

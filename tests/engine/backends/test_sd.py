@@ -164,7 +164,9 @@ def _sd_tree(tmp_path, sd_path):
     }  # fmt: skip
 
 
-def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch):
+@pytest.mark.slow
+def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch, mlflow_store):
+    mlflow_store(tmp_path)  # the store _sd_tree names, already migrated
     ws = tmp_path / "ws"
     ws.mkdir()
     _sh("git", "init", "-q", cwd=ws)
