@@ -46,33 +46,63 @@ def main() -> None:
     k = real.num_classes
     labels = balanced_labels(ARGS.n, k, torch.Generator().manual_seed(0))
     seeds = np.random.SeedSequence([0, 1]).generate_state(ARGS.n)
-    table = Table("CFG", "ω", "recognised", "learner acc", "learner H", "diversity", "img/s",
-                  title=f"entropy guidance vs ω ({g.steps} DDIM steps, guided every {g.guide_every}; {ARGS.n} samples)",
-                  title_justify="left")  # fmt: skip
+    table = Table(
+        "CFG",
+        "ω",
+        "recognised",
+        "learner acc",
+        "learner H",
+        "diversity",
+        "img/s",
+        title=f"entropy guidance vs ω ({g.steps} DDIM steps, guided every {g.guide_every}; {ARGS.n} samples)",
+        title_justify="left",
+    )
     for scale in ARGS.cfg:
-        warm = generator.sample(torch.arange(ARGS.pool) % k, np.random.SeedSequence([0, 2]).generate_state(ARGS.pool),
-                                steps=g.steps, cfg_scale=scale, learner=judge.classify, batch_size=g.batch_size)
+        warm = generator.sample(
+            torch.arange(ARGS.pool) % k,
+            np.random.SeedSequence([0, 2]).generate_state(ARGS.pool),
+            steps=g.steps,
+            cfg_scale=scale,
+            learner=judge.classify,
+            batch_size=g.batch_size,
+        )
         pool = Pool()
         pool.add(LabelledImages(quantize(warm.images), warm.labels))
         learner = Trainer(build_learner(cfg.learner, k, real.val.images.shape[1], cfg.seed), cfg.train, cfg.seed)
         learner.train(pool, ARGS.learner_iterations)
         for omega in ARGS.omega:
             t0 = time.perf_counter()
-            s = generator.sample(labels, seeds, steps=g.steps, cfg_scale=scale, learner=learner.classify, omega=omega,
-                                 guide_every=g.guide_every, batch_size=g.batch_size)  # fmt: skip
+            s = generator.sample(
+                labels,
+                seeds,
+                steps=g.steps,
+                cfg_scale=scale,
+                learner=learner.classify,
+                omega=omega,
+                guide_every=g.guide_every,
+                batch_size=g.batch_size,
+            )
             seconds = time.perf_counter() - t0
             recognised = (judge.logits(s.images).argmax(-1) == labels).float().mean().item()
             learner_acc = (learner.logits(s.images).argmax(-1) == labels).float().mean().item()
-            table.add_row(f"{scale:g}", f"{omega:g}", f"{recognised:.3f}", f"{learner_acc:.3f}",
-                          f"{s.entropy.mean().item():.3f}", f"{diversity(s.images, labels):.2f}",
-                          f"{ARGS.n / seconds:.0f}")
+            table.add_row(
+                f"{scale:g}",
+                f"{omega:g}",
+                f"{recognised:.3f}",
+                f"{learner_acc:.3f}",
+                f"{s.entropy.mean().item():.3f}",
+                f"{diversity(s.images, labels):.2f}",
+                f"{ARGS.n / seconds:.0f}",
+            )
         table.add_section()
     console = Console(width=140)
     console.print(table)
-    console.print(f"real validation digits: diversity {diversity(real.val.images, real.val.labels):.2f}; "
-                  f"judge accuracy on them {judge.accuracy(real.val):.3f}; guiding learners trained "
-                  f"{ARGS.learner_iterations} iterations on {ARGS.pool} unguided samples of their CFG scale",
-                  soft_wrap=True)  # fmt: skip
+    console.print(
+        f"real validation digits: diversity {diversity(real.val.images, real.val.labels):.2f}; "
+        f"judge accuracy on them {judge.accuracy(real.val):.3f}; guiding learners trained "
+        f"{ARGS.learner_iterations} iterations on {ARGS.pool} unguided samples of their CFG scale",
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,16 @@ def main() -> None:
 
     def seconds(omega: float, every: int, n: int = args.n) -> float:
         t0 = time.perf_counter()
-        generator.sample(labels[:n], seeds[:n], steps=g.steps, cfg_scale=g.cfg_scale, learner=learner.classify,
-                         omega=omega, guide_every=every, batch_size=g.batch_size)  # fmt: skip
+        generator.sample(
+            labels[:n],
+            seeds[:n],
+            steps=g.steps,
+            cfg_scale=g.cfg_scale,
+            learner=learner.classify,
+            omega=omega,
+            guide_every=every,
+            batch_size=g.batch_size,
+        )
         return time.perf_counter() - t0
 
     omega = cfg.dp.omega or 0.05
@@ -52,8 +60,10 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits every mode alike
         for name, w, k in modes:
             best[name] = min(best[name], seconds(w, k))
-    print(f"# {g.steps} DDIM steps, CFG {g.cfg_scale:g}, batch {g.batch_size}, {args.n} images, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved repeats, ω={omega:g}")  # fmt: skip
+    print(
+        f"# {g.steps} DDIM steps, CFG {g.cfg_scale:g}, batch {g.batch_size}, {args.n} images, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved repeats, ω={omega:g}"
+    )
     print(f"{'mode':<28}{'img/s':>10}{'cost ratio':>12}")
     for name, _, _ in modes:
         print(f"{name:<28}{args.n / best[name]:>10.1f}{best[name] / best['unguided']:>12.2f}")

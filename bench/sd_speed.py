@@ -63,11 +63,22 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     parts = random_components("tiny" if args.tiny else "sd15", seed=0)
     names = [f"class {i}" for i in range(args.classes)]
     settings = SDSettings(
-        resolution=args.resolution, learner_resolution=args.learner_size, device=str(device), dtype=dtype,
-        vae_slicing=args.vae_slicing, attention_slicing=args.attention_slicing,
-    )  # fmt: skip
-    sd = StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                         parts["scheduler"].config, names, settings)  # fmt: skip
+        resolution=args.resolution,
+        learner_resolution=args.learner_size,
+        device=str(device),
+        dtype=dtype,
+        vae_slicing=args.vae_slicing,
+        attention_slicing=args.attention_slicing,
+    )
+    sd = StableDiffusion(
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        parts["tokenizer"],
+        parts["scheduler"].config,
+        names,
+        settings,
+    )
     model = build_learner(LearnerConfig(model=args.learner, drop_rate=0.0), args.classes, 3, seed=0)
     return sd, Trainer(model, TrainConfig(), 0, input_size=args.learner_size, device=device)
 
@@ -87,8 +98,16 @@ def main() -> None:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        sd.sample(labels[:n], seeds[:n], steps=args.steps, cfg_scale=args.cfg_scale, learner=learner.classify,
-                  omega=omega, guide_every=every, batch_size=args.batch_size)  # fmt: skip
+        sd.sample(
+            labels[:n],
+            seeds[:n],
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            learner=learner.classify,
+            omega=omega,
+            guide_every=every,
+            batch_size=args.batch_size,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -108,15 +127,24 @@ def main() -> None:
 def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, best: dict) -> None:
     base = best["unguided"][0]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# {'tiny random SD' if args.tiny else 'SD-1.5-shaped random weights'} on {gpu}, {dtype}, "
-          f"{args.resolution}², {args.steps} DDIM steps, CFG {args.cfg_scale:g}, batch {args.batch_size}, "
-          f"{args.n} images, learner {args.learner} at {args.learner_size}², ω={args.omega:g}, "
-          f"best of {args.repeats} interleaved repeats")  # fmt: skip
+    print(
+        f"# {'tiny random SD' if args.tiny else 'SD-1.5-shaped random weights'} on {gpu}, {dtype}, "
+        f"{args.resolution}², {args.steps} DDIM steps, CFG {args.cfg_scale:g}, batch {args.batch_size}, "
+        f"{args.n} images, learner {args.learner} at {args.learner_size}², ω={args.omega:g}, "
+        f"best of {args.repeats} interleaved repeats"
+    )
     print(f"{'mode':<20}{'img/s':>10}{'s/img':>10}{'cost ratio':>12}{'peak GiB':>10}")
     rows = []
     for name, (s, peak) in best.items():
-        rows.append({"mode": name, "images_per_s": args.n / s, "seconds_per_image": s / args.n,
-                     "cost_ratio": s / base, "peak_gib": peak})  # fmt: skip
+        rows.append(
+            {
+                "mode": name,
+                "images_per_s": args.n / s,
+                "seconds_per_image": s / args.n,
+                "cost_ratio": s / base,
+                "peak_gib": peak,
+            }
+        )
         mem = f"{peak:>10.1f}" if device.type == "cuda" else f"{'n/a':>10}"
         print(f"{name:<20}{args.n / s:>10.2f}{s / args.n:>10.3f}{s / base:>12.2f}{mem}")
     print(f"{'paper (H100)':<20}{'':>10}{'':>10}{PAPER_RATIO:>12.2f}{'':>10}")

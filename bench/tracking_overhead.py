@@ -59,7 +59,9 @@ def main() -> None:
     repo = Path.cwd()
     cfg = load_config(repo / "params.yaml" if (repo / "params.yaml").exists() else None, [*DEFAULTS, *args.set])
     real = runner.load_real_data(cfg)
-    generator = runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
+    generator = (
+        runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
+    )
     ledger: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -67,18 +69,24 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True, env=env, cwd=tmp)
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp}/mlflow.db"})})
         tracker = MlflowTracker(Registry.from_config(cfg), cfg)
-        records = runner.RunRecords(tracker, DvcVersioner(Path(tmp) / "data" / tracker.run_id))  # as run_tracked wires them
+        records = runner.RunRecords(
+            tracker, DvcVersioner(Path(tmp) / "data" / tracker.run_id)
+        )  # as run_tracked wires them
         edges = [Timed(o, ledger) for o in (records, Checkpointer(Path(tmp) / "ckpt" / "state.pt"))]
         with tracker.lifecycle():
             result = DPLoop(cfg, generator, real, edges).run()
-    print(f"# {len(result.records)} rounds, P={cfg.dp.round_size}, {cfg.train.iterations} iterations; "
-          "round wall = generation + training since the previous round + tracking/versioning")  # fmt: skip
+    print(
+        f"# {len(result.records)} rounds, P={cfg.dp.round_size}, {cfg.train.iterations} iterations; "
+        "round wall = generation + training since the previous round + tracking/versioning"
+    )
     print(f"{'round':>5}{'pool':>7}{'gen s':>8}{'train s':>9}{'track+ver s':>13}{'share':>8}")
     for r in result.records:
         overhead = ledger.get(r.round, 0.0)
         wall = r.gen_seconds + r.train_seconds + overhead
-        print(f"{r.round:>5}{r.pool_size:>7}{r.gen_seconds:>8.2f}{r.train_seconds:>9.2f}{overhead:>13.2f}"
-              f"{overhead / wall:>8.1%}")  # fmt: skip
+        print(
+            f"{r.round:>5}{r.pool_size:>7}{r.gen_seconds:>8.2f}{r.train_seconds:>9.2f}{overhead:>13.2f}"
+            f"{overhead / wall:>8.1%}"
+        )
     total = sum(ledger.values())
     wall = result.summary.gen_seconds + result.summary.train_seconds + total
     print(f"total: tracking+versioning {total:.1f} s of {wall:.1f} s = {total / wall:.1%}")

@@ -15,7 +15,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
@@ -46,6 +54,7 @@ def _options(
     ] = False,
 ) -> None:
     """Deliberate Practice for synthetic training data."""
+
 
 # Piped or logged output gets 120 columns instead of rich's 80, so the rounds table stays readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -91,14 +100,19 @@ def _quiet_libraries() -> None:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def _bar(progress: Progress, description: str) -> Callable[[int, int], None]:
     """A progress callback whose bar appears (and starts its clock) at the first update."""
-    tasks = []
+    tasks: list[TaskID] = []
 
     def update(completed: int, total: int) -> None:
         if not tasks:
@@ -133,8 +147,9 @@ def run(
     registry = registry or Registry.from_config(cfg)  # (opened only now: a refused run leaves no store behind)
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
-        run = runner.run_tracked(cfg, generator, real, [RichObserver(progress)], resume_run_id=resume,
-                                 registry=registry)  # fmt: skip
+        run = runner.run_tracked(
+            cfg, generator, real, [RichObserver(progress)], resume_run_id=resume, registry=registry
+        )
     print_run(console, cfg, run.result)
     versioner = run.versioner
     console.print(
@@ -202,13 +217,17 @@ def generator_quality(params: ParamsOpt = None, set_: SetOpt = None, samples: in
 
     cfg = _config(params, set_)
     if cfg.generator.backend != "pixel":
-        raise ConfigError(f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
-                          "generator only (the judge trains on the digits generator-train split)")  # fmt: skip
+        raise ConfigError(
+            f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
+            "generator only (the judge trains on the digits generator-train split)"
+        )
     real = runner.load_real_data(cfg)
-    generator = runner.load_generator(cfg)
+    generator = runner.load_pixel(cfg)
     with _progress() as progress:
         q = measure_quality(generator, real, cfg.generator, n_samples=samples, progress=_bar(progress, "judge samples"))
-    console.print(f"recognised {q.recognition:.1%} of {q.n_samples} samples; judge real test accuracy {q.judge_test_acc:.1%}")
+    console.print(
+        f"recognised {q.recognition:.1%} of {q.n_samples} samples; judge real test accuracy {q.judge_test_acc:.1%}"
+    )
 
 
 @config_app.command("show")
@@ -237,15 +256,18 @@ def theory(
     """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
     from dp_ops.studies.theory import kept_size_curve, oversampling_curve, plot_theory
 
-    kept = kept_size_curve(d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam,
-                           mc_reps=mc_reps, seed=seed)  # fmt: skip
+    kept = kept_size_curve(
+        d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam, mc_reps=mc_reps, seed=seed
+    )
     ratios = oversampling_curve(d=d, n=n, ratios=[1, 2, 4, 8, 16, 32], rho=rho, lam=lam, mc_reps=mc_reps, seed=seed)
     table = Table("curve", "keep", "n (kept)", "pool", "theory acc", "Monte Carlo acc", box=None)
     for q in (*kept, *ratios):
         mc = "—" if q.mc is None else f"{1 - q.mc.mean:.4f} ± {q.mc.sd:.4f}"
         table.add_row(q.curve, q.keep, str(q.n), str(q.pool_size), f"{q.theory_accuracy:.4f}", mc)
     console.print(table)
-    write_json(out / "theory.json", {"kept_size": [q.to_dict() for q in kept], "oversampling": [q.to_dict() for q in ratios]})
+    write_json(
+        out / "theory.json", {"kept_size": [q.to_dict() for q in kept], "oversampling": [q.to_dict() for q in ratios]}
+    )
     plot_theory(kept, ratios, out / "theory.png")
     console.print(f"d={d}, ρ={rho:g}, λ={lam:g}: wrote {out / 'theory.json'} and {out / 'theory.png'}")
 
@@ -256,13 +278,18 @@ def sweep(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     strategy: Annotated[
-        str, typer.Option(help="dp: TPE over dp.omega, dp.patience, dp.round_size; static: grid over sweep.static_sizes")
+        str,
+        typer.Option(help="dp: TPE over dp.omega, dp.patience, dp.round_size; static: grid over sweep.static_sizes"),
     ] = "dp",
-    study_name: Annotated[str | None, typer.Option(help="Optuna study (default: sweep.study, '-static' for the grid)")] = None,
+    study_name: Annotated[
+        str | None, typer.Option(help="Optuna study (default: sweep.study, '-static' for the grid)")
+    ] = None,
     storage: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL or journal file shared by workers (default: sweep.storage)")
     ] = None,
-    n_trials: Annotated[int | None, typer.Option(help="the study's trial budget over all workers (sweep.n_trials)")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option(help="the study's trial budget over all workers (sweep.n_trials)")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds after which this worker starts no new trial")] = None,
 ) -> None:
     """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
@@ -285,8 +312,12 @@ def sweep(
     with _progress() as progress:
         generator = _generator(cfg, real, progress)
         console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
-        outcome = worker.run(tracked_runner(generator, real, registry), timeout=timeout,
-                             observers=lambda n: [RichObserver(progress)], on_trial=lambda o: _trial_done(progress, o))
+        outcome = worker.run(
+            tracked_runner(generator, real, registry),
+            timeout=timeout,
+            observers=lambda n: [RichObserver(progress)],
+            on_trial=lambda o: _trial_done(progress, o),
+        )
     _print_sweep(outcome, worker.experiment, registry.uri, fmt_params)
 
 
@@ -295,12 +326,18 @@ def sweep(
 def bench(
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    quick: Annotated[bool, typer.Option(help="smoke check: 1 seed, 2 static sizes, r=4, a third of the budget")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="smoke check: 1 seed, 2 static sizes, r=4, a third of the budget")
+    ] = False,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1 for every arm")] = 3,
     ratio: Annotated[list[int] | None, typer.Option(help="oversampling ratios (default 2, 4, 8); repeatable")] = None,
-    workers: Annotated[int, typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each; 1 on CUDA)")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each; 1 on CUDA)")
+    ] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the benchmark runs")] = "dp-ops-bench",
-    out: Annotated[Path, typer.Option(help="folder for bench.json, bench.png and the runs' metrics")] = Path("results/bench"),
+    out: Annotated[Path, typer.Option(help="folder for bench.json, bench.png and the runs' metrics")] = Path(
+        "results/bench"
+    ),
 ) -> None:
     """DP vs static vs oversample-then-prune, same seeds and budget: one table, two headline ratios, a plot.
     Re-run the same command to reuse finished runs and resume interrupted ones."""
@@ -312,11 +349,22 @@ def bench(
     from dp_ops.studies.bench_stats import headline_lines
 
     _quiet_libraries()
-    p = bm.prepare(params, set_ or (), seeds=seeds, ratios=ratio or bm.RATIOS, quick=quick, experiment=experiment,
-                   out=out, workers=workers)  # fmt: skip
-    console.print(f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
-                  f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run "
-                  f"in {p.workers} worker(s) × {p.threads} thread(s)", soft_wrap=True)  # fmt: skip
+    p = bm.prepare(
+        params,
+        set_ or (),
+        seeds=seeds,
+        ratios=ratio or bm.RATIOS,
+        quick=quick,
+        experiment=experiment,
+        out=out,
+        workers=workers,
+    )
+    console.print(
+        f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
+        f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run "
+        f"in {p.workers} worker(s) × {p.threads} thread(s)",
+        soft_wrap=True,
+    )
     failed: list[bm.JobResult] = []
     t0 = time.perf_counter()
     with _progress() as progress:
@@ -334,8 +382,11 @@ def bench(
             if p.todo:
                 bm.run_jobs(p.todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: the running runs ended KILLED at their last completed round; "
-                              "run the same command again to resume them", soft_wrap=True)  # fmt: skip
+            err_console.print(
+                "[yellow]interrupted[/]: the running runs ended KILLED at their last completed round; "
+                "run the same command again to resume them",
+                soft_wrap=True,
+            )
             raise typer.Exit(130) from None
     wall = time.perf_counter() - t0
     report = bm.finish(p, out, wall)
@@ -346,11 +397,15 @@ def bench(
     console.print(
         f"wall {wall / 60:.1f} min for the {len(p.todo)} run(s) made now; wrote {report.json_path} and "
         f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
-        f"'{experiment}' — mlflow ui --backend-store-uri {p.uri}\nscaling laws from these runs: {bm.scaling_command(p)}",
-        soft_wrap=True, highlight=False,
-    )  # fmt: skip
+        f"'{experiment}' — mlflow ui --backend-store-uri {p.uri}\n"
+        f"scaling laws from these runs: {bm.scaling_command(p)}",
+        soft_wrap=True,
+        highlight=False,
+    )
     if failed:
-        raise DpOpsError(f"{len(failed)} run(s) failed (first: {failed[0].arm} seed {failed[0].seed}: {failed[0].error})")
+        raise DpOpsError(
+            f"{len(failed)} run(s) failed (first: {failed[0].arm} seed {failed[0].seed}: {failed[0].error})"
+        )
 
 
 def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
@@ -373,8 +428,11 @@ def _trial_done(progress: Progress, o: Any) -> None:
         progress.remove_task(task)
     value = "" if o.values is None else " → " + ", ".join(f"{v:.4g}" for v in o.values)
     error = f" ({o.error})" if o.error else ""
-    console.print(f"trial {o.number} {o.state}: {fmt_params(o.params)}{value}  run {o.mlflow_run_id}{error}",
-                  soft_wrap=True, highlight=False)  # fmt: skip
+    console.print(
+        f"trial {o.number} {o.state}: {fmt_params(o.params)}{value}  run {o.mlflow_run_id}{error}",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Callable[[dict], str]) -> None:
@@ -386,15 +444,30 @@ def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Calla
     )
     if not outcome.best:
         console.print("no trial has completed yet")
-    table = Table("trial", "params", "objective", "MLflow run", box=None, title="best" if len(outcome.best) == 1
-                  else "Pareto front (final_val_acc ↑, generated_samples ↓)", title_justify="left")  # fmt: skip
+    table = Table(
+        "trial",
+        "params",
+        "objective",
+        "MLflow run",
+        box=None,
+        title="best" if len(outcome.best) == 1 else "Pareto front (final_val_acc ↑, generated_samples ↓)",
+        title_justify="left",
+    )
     for t in outcome.best:
-        table.add_row(str(t.number), fmt_params(t.params), ", ".join(f"{v:.4g}" for v in t.values),
-                      str(t.user_attrs.get("dpops.mlflow_run_id")))  # fmt: skip
+        table.add_row(
+            str(t.number),
+            fmt_params(t.params),
+            ", ".join(f"{v:.4g}" for v in t.values),
+            str(t.user_attrs.get("dpops.mlflow_run_id")),
+        )
     if outcome.best:
         console.print(table)
-        console.print(f"replay the best: {replay_command(outcome.best[0])}\n"
-                      f"   or with DVC: {replay_command(outcome.best[0], 'dvc')}", soft_wrap=True, highlight=False)
+        console.print(
+            f"replay the best: {replay_command(outcome.best[0])}\n"
+            f"   or with DVC: {replay_command(outcome.best[0], 'dvc')}",
+            soft_wrap=True,
+            highlight=False,
+        )
     console.print(f"runs: experiment '{experiment_name}' — mlflow ui --backend-store-uri {uri}", soft_wrap=True)
 
 
@@ -414,13 +487,21 @@ def scaling(
     ] = None,
     metric: Annotated[str, typer.Option(help="final_test_acc (held-out) or final_val_acc")] = "final_test_acc",
     x: Annotated[str, typer.Option(help="pool_size or generated_samples")] = "pool_size",
-    target: Annotated[list[float] | None, typer.Option(help="accuracy to report samples needed for; repeatable")] = None,
+    target: Annotated[
+        list[float] | None, typer.Option(help="accuracy to report samples needed for; repeatable")
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for scaling.json and scaling.png")] = Path("results/scaling"),
     log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
 ) -> None:
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
     from dp_ops.records.tracking import Registry
-    from dp_ops.studies.scaling_report import log_report, points_from_files, points_from_mlflow, scaling_report, write_report
+    from dp_ops.studies.scaling_report import (
+        log_report,
+        points_from_files,
+        points_from_mlflow,
+        scaling_report,
+        write_report,
+    )
 
     if metric not in ("final_test_acc", "final_val_acc") or x not in ("pool_size", "generated_samples"):
         bad = f"--metric {metric}" if metric not in ("final_test_acc", "final_val_acc") else f"--x {x}"
@@ -440,20 +521,38 @@ def scaling(
     _print_headline(report.headline)
     console.print(f"wrote {files[0]} and {files[1]}")
     if log:
-        source = {"metrics_files": ",".join(map(str, metrics))} if metrics else {
-            "experiments": ",".join(experiments), "study": study or "", "filter": filter_}  # fmt: skip
-        run_id = log_report(report, files, registry, cfg.tracking.experiment,
-                            {**source, "metric": metric, "x": x, "runs": str(len(runs))})  # fmt: skip
-        console.print(f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at "
-                      f"{registry.uri}", soft_wrap=True)  # fmt: skip
+        source = (
+            {"metrics_files": ",".join(map(str, metrics))}
+            if metrics
+            else {"experiments": ",".join(experiments), "study": study or "", "filter": filter_}
+        )
+        run_id = log_report(
+            report,
+            files,
+            registry,
+            cfg.tracking.experiment,
+            {**source, "metric": metric, "x": x, "runs": str(len(runs))},
+        )
+        console.print(
+            f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at {registry.uri}",
+            soft_wrap=True,
+        )
 
 
 def _scaling_table(report: Any) -> Table:
-    targets = next(iter(report.targets.values()), {})
-    table = Table("strategy", "points", "a [95% CI]", "α [95% CI]", "c [95% CI]", *(f"n for {t}" for t in targets),
-                  title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}", title_justify="left")
+    targets: dict[float, float | None] = next(iter(report.targets.values()), {})
+    table = Table(
+        "strategy",
+        "points",
+        "a [95% CI]",
+        "α [95% CI]",
+        "c [95% CI]",
+        *(f"n for {t}" for t in targets),
+        title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}",
+        title_justify="left",
+    )
     for s, f in report.fits.items():
-        ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"  # noqa: E731
+        ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"
         need = [("∞" if _unreachable(n) else f"{n:,.0f}") for n in report.targets[s].values()]
         table.add_row(s, str(f.n_points), ci(f.a, f.a_ci), ci(f.alpha, f.alpha_ci), ci(f.c, f.c_ci), *need)
     return table
@@ -468,8 +567,12 @@ def _print_headline(h: dict) -> None:
         f"DP's best run (by validation accuracy): accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} "
         f"samples (run {h['dp_run']})\n"
         f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
-        + ("" if fit is None else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
-           + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")"))
+        + (
+            ""
+            if fit is None
+            else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
+            + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")")
+        )
         + f"\niteration multiplier: static needs {_times(h['iteration_multiplier'])} the iterations to reach val "
         f"{h['dp_val_acc']:.4f} ({h['static_iterations_to_val']:.0f} vs {h['dp_iterations_to_val']:.0f})",
         soft_wrap=True,

@@ -12,6 +12,7 @@ config: sweeps and the benchmark read it, and it lives here so that they can wit
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -251,7 +252,7 @@ def load_config(params: str | Path | None = None, overrides: list[str] | tuple[s
     return build_config(load_tree(params, overrides))
 
 
-def load_tree(params: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def load_tree(params: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The raw parameter tree, foreign sections included, with ``-S`` overrides applied (not validated)."""
     tree: dict[str, Any] = {}
     path = Path(params) if params is not None else DEFAULT_PARAMS
@@ -260,7 +261,7 @@ def load_tree(params: str | Path | None = None, overrides: list[str] | tuple[str
     return apply_overrides(tree, overrides)
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set ``KEY=VALUE`` items (dotted keys, values parsed as YAML like ``dvc exp run -S``) in ``tree``."""
     for item in overrides:
         key, value = _parse_override(item)

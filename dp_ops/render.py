@@ -49,17 +49,27 @@ class RichObserver(Observer):
 
 
 def rounds_table(result: RunResult) -> Table:
-    table = Table(title="rounds (trigger: val acc that triggered it; H: learner entropy of new samples, nats)",
-                  title_justify="left")
+    table = Table(
+        title="rounds (trigger: val acc that triggered it; H: learner entropy of new samples, nats)",
+        title_justify="left",
+    )
     for col in ("round", "iter", "trigger", "new", "gen'd", "pool", "H mean", "H p90", "T_max", "gen s", "train s"):
         table.add_column(col, justify="right")
     for r in result.records:
         trigger = "—" if r.val_acc_at_trigger is None else f"{r.val_acc_at_trigger:.3f}"
         table.add_row(
-            str(r.round), str(r.iteration), trigger, str(r.n_new), str(r.n_generated), str(r.pool_size),
-            f"{r.entropy_mean:.3f}", f"{r.entropy_p90:.3f}", str(r.patience), f"{r.gen_seconds:.1f}",
+            str(r.round),
+            str(r.iteration),
+            trigger,
+            str(r.n_new),
+            str(r.n_generated),
+            str(r.pool_size),
+            f"{r.entropy_mean:.3f}",
+            f"{r.entropy_p90:.3f}",
+            str(r.patience),
+            f"{r.gen_seconds:.1f}",
             f"{r.train_seconds:.1f}",
-        )  # fmt: skip
+        )
     return table
 
 
@@ -80,15 +90,32 @@ def print_run(console: Console, cfg: Config, result: RunResult) -> None:
 def bench_table(rows: Sequence[ArmStats]) -> Table:
     """The benchmark's one table: an arm per row, mean ± sd over its seeds."""
     seeds = sorted({r.seeds for r in rows})
-    table = Table("strategy", "ω / r / N", "generated", "kept pool", "iters", "gen s", "UNet evals", "val acc",
-                  "test acc", title="DP vs static vs oversample-then-prune: mean ± sd over "
-                  f"{'/'.join(map(str, seeds))} seed(s)", title_justify="left")  # fmt: skip
+    table = Table(
+        "strategy",
+        "ω / r / N",
+        "generated",
+        "kept pool",
+        "iters",
+        "gen s",
+        "UNet evals",
+        "val acc",
+        "test acc",
+        title=f"DP vs static vs oversample-then-prune: mean ± sd over {'/'.join(map(str, seeds))} seed(s)",
+        title_justify="left",
+    )
     for r in rows:
         m, sd = r.mean, r.sd
-        table.add_row(r.strategy, r.setting, f"{m['generated_samples']:,.0f}", f"{m['pool_size']:,.0f}",
-                      f"{m['iterations']:,.0f}", f"{m['gen_seconds']:.1f}", f"{m['unet_evals']:.3g}",
-                      f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
-                      f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}")  # fmt: skip
+        table.add_row(
+            r.strategy,
+            r.setting,
+            f"{m['generated_samples']:,.0f}",
+            f"{m['pool_size']:,.0f}",
+            f"{m['iterations']:,.0f}",
+            f"{m['gen_seconds']:.1f}",
+            f"{m['unet_evals']:.3g}",
+            f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
+            f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}",
+        )
     return table
 
 
@@ -96,8 +123,12 @@ def print_bench_result(console: Console, r: JobResult) -> None:
     """One line per benchmark run as it ends."""
     if r.metrics is not None:
         m = r.metrics
-        console.print(f"{r.arm} seed {r.seed}: val {m['final_val_acc']:.4f} test {m['final_test_acc']:.4f} "
-                      f"pool {m['pool_size']} generated {m['generated_samples']}  run {r.run_id}"
-                      + (" (resumed)" if r.resumed else ""), soft_wrap=True, highlight=False)  # fmt: skip
+        console.print(
+            f"{r.arm} seed {r.seed}: val {m['final_val_acc']:.4f} test {m['final_test_acc']:.4f} "
+            f"pool {m['pool_size']} generated {m['generated_samples']}  run {r.run_id}"
+            + (" (resumed)" if r.resumed else ""),
+            soft_wrap=True,
+            highlight=False,
+        )
     elif r.error:
         console.print(f"[red]{r.arm} seed {r.seed} FAILED[/]: {r.error}", soft_wrap=True, highlight=False)

@@ -105,9 +105,12 @@ def train_and_save_generator(
             "trained here; only the pixel generator is"
         )
     meta = GeneratorMeta(
-        resolution=cfg.data.resolution, num_classes=real.num_classes, split_seed=cfg.data.split_seed,
-        data=cfg.data.name, train_iterations=cfg.generator.train_iterations,
-    )  # fmt: skip
+        resolution=cfg.data.resolution,
+        num_classes=real.num_classes,
+        split_seed=cfg.data.split_seed,
+        data=cfg.data.name,
+        train_iterations=cfg.generator.train_iterations,
+    )
     generator = train_generator(cfg.generator, real.gen_train, meta=meta, seed=cfg.data.split_seed, progress=progress)
     quality = measure_quality(generator, real, cfg.generator, seed=cfg.data.split_seed, progress=quality_progress)
     generator = PixelDiffusion(generator.unet, generator.scheduler, _with_quality(meta, quality))
@@ -133,10 +136,15 @@ def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
         class_names = scan_folders(cfg.data).names
     g, d = cfg.generator, cfg.data
     settings = SDSettings(
-        prompt=g.prompt, resolution=g.resolution, output_resolution=d.stored_resolution,
-        learner_resolution=d.resolution, device=str(resolve_device(cfg.device)), dtype=DTYPES[g.dtype],
-        vae_slicing=g.vae_slicing, attention_slicing=g.attention_slicing,
-    )  # fmt: skip
+        prompt=g.prompt,
+        resolution=g.resolution,
+        output_resolution=d.stored_resolution,
+        learner_resolution=d.resolution,
+        device=str(resolve_device(cfg.device)),
+        dtype=DTYPES[g.dtype],
+        vae_slicing=g.vae_slicing,
+        attention_slicing=g.attention_slicing,
+    )
     return StableDiffusion.load(g.model, class_names, settings)
 
 
@@ -189,9 +197,14 @@ class TrackedRun:
 
 
 def run_tracked(
-    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (),
-    resume_run_id: str | None = None, tags: dict[str, str] | None = None, registry: Registry | None = None,
-) -> TrackedRun:  # fmt: skip
+    cfg: Config,
+    generator: Generator,
+    real: RealData,
+    observers: Sequence[Observer] = (),
+    resume_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    registry: Registry | None = None,
+) -> TrackedRun:
     """An experiment as a first-class record: MLflow parent + round runs (in ``registry``, default the
     config's store), DVC-versioned shards, and a checkpoint after every round; ``tags`` go on the MLflow
     run (e.g. a sweep's study and trial). With ``resume_run_id`` continue that interrupted run where its
@@ -247,7 +260,12 @@ def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
 
 
 def restore_run_data(
-    run_id: str, dest: Path, *, tracking_uri: str, round_index: int | None = None, pool: bool = False,
+    run_id: str,
+    dest: Path,
+    *,
+    tracking_uri: str,
+    round_index: int | None = None,
+    pool: bool = False,
     root: Path | None = None,
 ) -> list[Path]:
     """Rebuild shards of an MLflow run from the DVC cache (or remote) with only the registry's md5s.
@@ -261,13 +279,17 @@ def restore_run_data(
     shards = Registry(tracking_uri).shard_md5s(run_id)
     if round_index is not None and round_index not in shards:
         raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
-    wanted = sorted(shards) if round_index is None else (
-        [k for k in sorted(shards) if k <= round_index] if pool else [round_index])  # fmt: skip
+    wanted = (
+        sorted(shards)
+        if round_index is None
+        else ([k for k in sorted(shards) if k <= round_index] if pool else [round_index])
+    )
     restored = []
     for k in wanted:
-        if not shards[k]:
+        md5 = shards[k]
+        if not md5:
             raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
-        restored.append(restore_shard(root, shards[k], dest / shard_name(k)))
+        restored.append(restore_shard(root, md5, dest / shard_name(k)))
     return restored
 
 

@@ -26,14 +26,27 @@ TINY = {
     "seed": 0,
     "data": {"resolution": 8},
     "generator": {
-        "steps": 4, "cfg_scale": 2.0, "guide_every": 1, "batch_size": 64, "channels": [8, 16],
-        "train_iterations": 30, "train_batch_size": 32, "train_lr": 0.002,
+        "steps": 4,
+        "cfg_scale": 2.0,
+        "guide_every": 1,
+        "batch_size": 64,
+        "channels": [8, 16],
+        "train_iterations": 30,
+        "train_batch_size": 32,
+        "train_lr": 0.002,
     },
-    "dp": {"strategy": "dp", "initial_size": 40, "round_size": 20, "patience": 1, "incremental_patience": False,
-           "omega": 0.1, "oversample_ratio": 3},
+    "dp": {
+        "strategy": "dp",
+        "initial_size": 40,
+        "round_size": 20,
+        "patience": 1,
+        "incremental_patience": False,
+        "omega": 0.1,
+        "oversample_ratio": 3,
+    },
     "learner": {"model": "dpops_convnet_tiny", "drop_rate": 0.0},
     "train": {"iterations": 60, "eval_every": 10, "batch_size": 16},
-}  # fmt: skip
+}
 
 
 def tiny_tree(**sections: dict) -> dict:
@@ -60,9 +73,12 @@ def real(tiny_cfg: Config) -> RealData:
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
     meta = GeneratorMeta(
-        resolution=tiny_cfg.data.resolution, num_classes=real.num_classes, split_seed=tiny_cfg.data.split_seed,
-        data=tiny_cfg.data.name, train_iterations=tiny_cfg.generator.train_iterations,
-    )  # fmt: skip
+        resolution=tiny_cfg.data.resolution,
+        num_classes=real.num_classes,
+        split_seed=tiny_cfg.data.split_seed,
+        data=tiny_cfg.data.name,
+        train_iterations=tiny_cfg.generator.train_iterations,
+    )
     return train_generator(tiny_cfg.generator, real.gen_train, meta=meta, seed=0)
 
 

@@ -16,8 +16,12 @@ def _params(tmp_path, **sections):
     tree["generator"]["path"] = str(tmp_path / "gen")
     tree["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     out = tmp_path / "out"
-    tree["output"] = {"metrics": str(out / "metrics.json"), "rounds": str(out / "rounds.json"),
-                      "shards": str(out / "runs"), "checkpoints": str(out / "checkpoints")}
+    tree["output"] = {
+        "metrics": str(out / "metrics.json"),
+        "rounds": str(out / "rounds.json"),
+        "shards": str(out / "runs"),
+        "checkpoints": str(out / "checkpoints"),
+    }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path

@@ -33,9 +33,15 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, m
     tree = to_tree(build_config(tiny_tree(dp={"max_rounds": 1})))  # DVC needs every declared param present
     tree["sweep"] = {"static_sizes": [20, 40, 60, 80]}
     (ws / "params.yaml").write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace, already migrated
     _run(["git", "init", "-q"], ws, env)
@@ -55,8 +61,13 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, m
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dp-ops")
     parents = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment'")
-    assert sorted(r.data.tags["dpops.dvc_stage"] for r in parents) == ["dp", "static@20", "static@40", "static@60",
-                                                                       "static@80"]
+    assert sorted(r.data.tags["dpops.dvc_stage"] for r in parents) == [
+        "dp",
+        "static@20",
+        "static@40",
+        "static@60",
+        "static@80",
+    ]
     report = json.loads((ws / "results" / "scaling" / "scaling.json").read_text())
     assert report["fits"]["static"]["n_points"] == 4 and "data_multiplier_points" in report["headline"]
     assert (ws / "results" / "scaling" / "scaling.png").is_file()

@@ -41,15 +41,27 @@ def workspace(tmp_path, tiny_generator, mlflow_store):
 
 
 def _dpops(ws, env, *args, **kw):
-    return subprocess.Popen([*DPOPS, *args], cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [*DPOPS, *args], cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
 
 
 @pytest.mark.slow
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     ws, env = workspace
-    ref = _dpops(ws, env, "run", "-S", "output.metrics=ref/metrics.json", "-S", "output.rounds=ref/rounds.json",
-                 "-S", "output.shards=ref/runs", "-S", "output.checkpoints=ref/checkpoints")
+    ref = _dpops(
+        ws,
+        env,
+        "run",
+        "-S",
+        "output.metrics=ref/metrics.json",
+        "-S",
+        "output.rounds=ref/rounds.json",
+        "-S",
+        "output.shards=ref/runs",
+        "-S",
+        "output.checkpoints=ref/checkpoints",
+    )
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
 
     victim = _dpops(ws, env, "run")
@@ -62,7 +74,9 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     victim.wait(timeout=60)
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dp-ops")
-    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.`dpops.role` = 'experiment'")
+    running = client.search_runs(
+        [exp.experiment_id], "attributes.status = 'RUNNING' and tags.`dpops.role` = 'experiment'"
+    )
     (run,) = running  # SIGKILL leaves the parent RUNNING: exactly the run to resume
     run_id = run.info.run_id
 
@@ -90,7 +104,9 @@ def test_resume_refuses_a_finished_run(workspace):
     done = _dpops(ws, env, "run")
     assert done.wait(timeout=600) == 0
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("dp-ops").experiment_id], "tags.`dpops.role` = 'experiment'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("dp-ops").experiment_id], "tags.`dpops.role` = 'experiment'"
+    )
     again = _dpops(ws, env, "run", "--resume", run.info.run_id)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 1 and "already FINISHED; nothing to resume" in out

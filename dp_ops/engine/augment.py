@@ -54,8 +54,9 @@ class MixCut:
     def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int, seed: int) -> None:
         from timm.data import Mixup
 
-        self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                         num_classes=num_classes)  # fmt: skip
+        self.mix = Mixup(
+            mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
+        )
         self.np_state: Any = np.random.RandomState(seed).get_state()  # ("MT19937", keys, pos, has_gauss, cached)
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,8 +70,12 @@ class MixCut:
 
     def state_dict(self) -> dict:
         _, keys, pos, has_gauss, cached = self.np_state
-        return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                "cached": float(cached)}  # fmt: skip
+        return {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         keys = state["keys"].numpy().astype(np.uint32)

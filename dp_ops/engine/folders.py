@@ -119,12 +119,12 @@ def read_image(path: Path, resolution: int, key: str = "val_root") -> np.ndarray
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             w, h = im.size
             scale = resolution / min(w, h)
             size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-            im = im.resize(size, Image.BICUBIC)
+            im = im.resize(size, Image.Resampling.BICUBIC)
             left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
             im = im.crop((left, top, left + resolution, top + resolution))
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -48,10 +48,16 @@ class ConvNet(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU())
 
         self.features = nn.Sequential(
-            block(in_chans, w), block(w, w), nn.MaxPool2d(2),
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
-            block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+            block(in_chans, w),
+            block(w, w),
+            nn.MaxPool2d(2),
+            block(w, 2 * w),
+            block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            block(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.num_classes = num_classes
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(4 * w, num_classes)
@@ -102,9 +108,14 @@ class Trainer:
     """Holds f_φ, its optimiser and schedule, and the RNG of mini-batch draws; steps and evaluates."""
 
     def __init__(
-        self, model: nn.Module, cfg: TrainConfig, seed: int, *, input_size: int | None = None,
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        seed: int,
+        *,
+        input_size: int | None = None,
         device: torch.device | str = "cpu",
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``input_size``: side the model reads (batches of another size are resized); None = as stored."""
         from timm.utils import ModelEmaV3
 
@@ -153,8 +164,9 @@ class Trainer:
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         size = self.input_size or images.shape[-1]
         if self.cfg.augment != "none":
-            return crop_flip(images, size, self.augment_rng, crop=self.cfg.augment == "crop_flip",
-                             min_scale=self.cfg.crop_min_scale)  # fmt: skip
+            return crop_flip(
+                images, size, self.augment_rng, crop=self.cfg.augment == "crop_flip", min_scale=self.cfg.crop_min_scale
+            )
         return self._to_input(images)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

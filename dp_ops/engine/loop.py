@@ -30,8 +30,8 @@ import torch
 from dp_ops.config import Config
 from dp_ops.engine.data import LabelledImages, Pool, RealData, balanced_labels, quantize
 from dp_ops.engine.devices import resolve_device
-from dp_ops.engine.sampling import Generator, Samples
 from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine.sampling import Generator, Samples
 
 
 @dataclass(frozen=True)
@@ -210,16 +210,32 @@ class DPLoop:
         t0 = time.perf_counter()
         g = self.cfg.generator
         samples = self.generator.sample(
-            round_labels(self.cfg.seed, k, n, self.real.num_classes), round_seeds(self.cfg.seed, k, n), steps=g.steps, cfg_scale=g.cfg_scale,
-            learner=self.trainer.classify, omega=omega, guide_every=g.guide_every, batch_size=g.batch_size,
+            round_labels(self.cfg.seed, k, n, self.real.num_classes),
+            round_seeds(self.cfg.seed, k, n),
+            steps=g.steps,
+            cfg_scale=g.cfg_scale,
+            learner=self.trainer.classify,
+            omega=omega,
+            guide_every=g.guide_every,
+            batch_size=g.batch_size,
             progress=lambda done, total: self._emit("on_progress", "generate", done, total),
         )
         if keep < n:
             samples = samples.select(torch.argsort(samples.entropy, descending=True, stable=True)[:keep])
         self.pool.add(LabelledImages(quantize(samples.images), samples.labels))
         self.plateau.reset(patience_for(self.cfg, len(self.pool)))
-        record = _record(k, self.pool, samples, n, omega, trigger, self.trainer.iteration, self.plateau.patience,
-                         time.perf_counter() - t0, self._train_seconds)  # fmt: skip
+        record = _record(
+            k,
+            self.pool,
+            samples,
+            n,
+            omega,
+            trigger,
+            self.trainer.iteration,
+            self.plateau.patience,
+            time.perf_counter() - t0,
+            self._train_seconds,
+        )
         self._train_seconds = 0.0
         self.records.append(record)
         self._emit("on_round", record, samples)
@@ -275,16 +291,23 @@ class DPLoop:
 def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, gen_s, train_s) -> RoundRecord:
     ent = samples.entropy.double().numpy()
     return RoundRecord(
-        round=k, pool_size=len(pool), n_new=len(samples), n_generated=n_generated, omega=float(omega),
-        entropy_mean=float(ent.mean()), entropy_median=float(np.median(ent)),
-        entropy_p90=float(np.quantile(ent, 0.9)), val_acc_at_trigger=trigger, iteration=iteration,
-        patience=patience, gen_seconds=gen_s, train_seconds=train_s, unet_evals=samples.unet_evals,
-    )  # fmt: skip
+        round=k,
+        pool_size=len(pool),
+        n_new=len(samples),
+        n_generated=n_generated,
+        omega=float(omega),
+        entropy_mean=float(ent.mean()),
+        entropy_median=float(np.median(ent)),
+        entropy_p90=float(np.quantile(ent, 0.9)),
+        val_acc_at_trigger=trigger,
+        iteration=iteration,
+        patience=patience,
+        gen_seconds=gen_s,
+        train_seconds=train_s,
+        unet_evals=samples.unet_evals,
+    )
 
 
-def run_experiment(
-    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()
-) -> RunResult:
+def run_experiment(cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()) -> RunResult:
     """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records."""
     return DPLoop(cfg, generator, real, observers).run()
-

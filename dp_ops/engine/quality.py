@@ -42,15 +42,25 @@ def train_judge(real: RealData, seed: int) -> Trainer:
 
 
 def measure_quality(
-    generator: PixelDiffusion, real: RealData, cfg: GeneratorConfig, *, n_samples: int = 1000, seed: int = 0,
+    generator: PixelDiffusion,
+    real: RealData,
+    cfg: GeneratorConfig,
+    *,
+    n_samples: int = 1000,
+    seed: int = 0,
     progress: Progress | None = None,
 ) -> Quality:
     judge = train_judge(real, seed)
     labels = balanced_labels(n_samples, real.num_classes, torch.Generator().manual_seed(seed))
     seeds = np.random.SeedSequence([seed, 7919]).generate_state(n_samples)
     samples = generator.sample(
-        labels, seeds, steps=cfg.steps, cfg_scale=cfg.cfg_scale, learner=judge.classify,
-        batch_size=cfg.batch_size, progress=progress,
+        labels,
+        seeds,
+        steps=cfg.steps,
+        cfg_scale=cfg.cfg_scale,
+        learner=judge.classify,
+        batch_size=cfg.batch_size,
+        progress=progress,
     )
     recognised = float((judge.logits(samples.images).argmax(-1) == samples.labels).float().mean())
     return Quality(recognised, judge.accuracy(real.test), n_samples)

@@ -56,10 +56,18 @@ class Generator(Protocol):
     entropy-guided) by ``learner``; both backends do it with :func:`sample_and_score`."""
 
     def sample(
-        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
-        batch_size: int = 256, progress: Progress | None = None,
-    ) -> Samples: ...  # fmt: skip
+        self,
+        labels: torch.Tensor,
+        seeds: np.ndarray,
+        *,
+        steps: int,
+        cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor],
+        omega: float = 0.0,
+        guide_every: int = 1,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> Samples: ...
 
 
 class Backend(Protocol):
@@ -106,9 +114,16 @@ def unet_evals(n: int, steps: int, cfg_scale: float) -> int:
 
 
 def ddim(
-    backend: Backend, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float, learner: Learner,
-    omega: float = 0.0, guide_every: int = 1,
-) -> Tensor:  # fmt: skip
+    backend: Backend,
+    labels: Tensor,
+    seeds: np.ndarray,
+    *,
+    steps: int,
+    cfg_scale: float,
+    learner: Learner,
+    omega: float = 0.0,
+    guide_every: int = 1,
+) -> Tensor:
     """The final x_0 of one batch: DDIM (η = 0) from seeded noise, entropy-guided at every ``guide_every``-th
     step when ω > 0. Written out step by step so that guidance can move x_t before each ``scheduler.step``."""
     scheduler = type(backend.scheduler).from_config(backend.scheduler.config)  # a private copy: set_timesteps mutates
@@ -131,16 +146,33 @@ def ddim(
 
 
 def sample_and_score(
-    backend: Backend, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float, learner: Learner,
-    omega: float = 0.0, guide_every: int = 1, batch_size: int, progress: Progress | None = None,
-) -> Samples:  # fmt: skip
+    backend: Backend,
+    labels: Tensor,
+    seeds: np.ndarray,
+    *,
+    steps: int,
+    cfg_scale: float,
+    learner: Learner,
+    omega: float = 0.0,
+    guide_every: int = 1,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> Samples:
     """One image per label, from per-sample seeds, in batches of ``batch_size``: on the CPU, in [-1, 1],
     with the learner's entropy on exactly the returned images (at its input size)."""
     images, ents = [], []
     for start in range(0, len(labels), batch_size):
         sl = slice(start, start + batch_size)
-        x0 = ddim(backend, labels[sl], seeds[sl], steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
-                  guide_every=guide_every)  # fmt: skip
+        x0 = ddim(
+            backend,
+            labels[sl],
+            seeds[sl],
+            steps=steps,
+            cfg_scale=cfg_scale,
+            learner=learner,
+            omega=omega,
+            guide_every=guide_every,
+        )
         with torch.no_grad():
             x = backend.to_images(x0).clamp(-1, 1)
             ents.append(entropy(learner(resize(x, backend.learner_resolution))).cpu())  # (learner may be elsewhere)

@@ -27,15 +27,15 @@ def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: i
     images = samples.images[torch.from_numpy(keep)]
     if images.shape[-1] > max_cell:
         images = F.interpolate(images, size=(max_cell, max_cell), mode="bilinear", antialias=True)
-    images = to_uint8(images).numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
-    res, channels = images.shape[1], images.shape[-1]
+    cells = to_uint8(images).numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
+    res, channels = cells.shape[1], cells.shape[-1]
     canvas = np.full((len(classes) * (res + 1), per_class * (res + 1), channels), 255, dtype=np.uint8)
     for row, c in enumerate(classes):
-        for col, img in enumerate(images[labels[keep] == c]):
+        for col, img in enumerate(cells[labels[keep] == c]):
             canvas[row * (res + 1) : row * (res + 1) + res, col * (res + 1) : col * (res + 1) + res] = img
     scale = max(1, min(scale, max_cell // res))
     grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
-    grid.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    grid.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST).save(path)
 
 
 def save_entropy_histogram(samples: Samples, path: Path, round_index: int) -> None:

@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # (re-exported at run time)
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -50,8 +50,17 @@ from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ID_TAG = "mlflow.parentRunId"
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
-ROUND_METRICS = ("pool_size", "n_new", "n_generated", "entropy_mean", "entropy_median", "entropy_p90",
-                 "iteration", "gen_seconds", "train_seconds")  # fmt: skip
+ROUND_METRICS = (
+    "pool_size",
+    "n_new",
+    "n_generated",
+    "entropy_mean",
+    "entropy_median",
+    "entropy_p90",
+    "iteration",
+    "gen_seconds",
+    "train_seconds",
+)
 MAX_RESULTS = 50_000  # more runs than any search here expects (MLflow pages at 1,000 by default)
 
 
@@ -96,8 +105,14 @@ class RunFacts:
 
     @classmethod
     def of(cls, run: Run) -> RunFacts:
-        return cls(run.info.run_id, run.info.experiment_id, run.info.status, dict(run.data.tags),
-                   dict(run.data.params), dict(run.data.metrics))  # fmt: skip
+        return cls(
+            run.info.run_id,
+            run.info.experiment_id,
+            run.info.status,
+            dict(run.data.tags),
+            dict(run.data.params),
+            dict(run.data.metrics),
+        )
 
 
 class Registry:
@@ -145,12 +160,17 @@ class Registry:
             raise DataError(f"run {run_id!r}: no such run in {self.uri}") from None
 
     def search(
-        self, experiment_ids: Sequence[str], filter_string: str = "", *, order_by: Sequence[str] = (),
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        order_by: Sequence[str] = (),
         max_results: int = MAX_RESULTS,
-    ) -> list[RunFacts]:  # fmt: skip
+    ) -> list[RunFacts]:
         """Runs of these experiments matching an MLflow filter string."""
-        runs = self.client.search_runs(list(experiment_ids), filter_string, max_results=max_results,
-                                       order_by=list(order_by) or None)  # fmt: skip
+        runs = self.client.search_runs(
+            list(experiment_ids), filter_string, max_results=max_results, order_by=list(order_by) or None
+        )
         return [RunFacts.of(r) for r in runs]
 
     def find_run(self, experiment: str, tags: Mapping[str, str]) -> str | None:
@@ -186,19 +206,28 @@ class Registry:
         self.client.set_terminated(run_id, status)
 
     def log_report_run(
-        self, experiment: str, *, role: str, run_name: str, metrics: Mapping[str, float | None],
-        params: Mapping[str, str], files: Sequence[Path] = (),
-    ) -> str:  # fmt: skip
+        self,
+        experiment: str,
+        *,
+        role: str,
+        run_name: str,
+        metrics: Mapping[str, float | None],
+        params: Mapping[str, str],
+        files: Sequence[Path] = (),
+    ) -> str:
         """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its
         finite numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
-                                     tags={"dpops.role": role, **_git_tags()})  # fmt: skip
+        run = self.client.create_run(
+            self.experiment_id(experiment), run_name=run_name, tags={"dpops.role": role, **_git_tags()}
+        )
         run_id = run.info.run_id
         finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         self.client.log_batch(
-            run_id, metrics=[Metric(k, v, _now(), 0) for k, v in finite.items()],
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()], synchronous=True,
-        )  # fmt: skip
+            run_id,
+            metrics=[Metric(k, v, _now(), 0) for k, v in finite.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            synchronous=True,
+        )
         for path in files:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -230,8 +259,13 @@ class MlflowTracker(Observer):
     call :meth:`log_round` with each round's shard instead of letting the loop call :meth:`on_round`."""
 
     def __init__(
-        self, registry: Registry, cfg: Config, *, run_id: str | None = None, tags: Mapping[str, str] | None = None,
-    ):  # fmt: skip
+        self,
+        registry: Registry,
+        cfg: Config,
+        *,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ):
         """Start a new parent run in ``tracking.experiment`` (with extra ``tags``, e.g. a sweep's
         ``dpops.study``), or with ``run_id`` re-open an interrupted one (to resume it)."""
         self.cfg, self.registry = cfg, registry
@@ -244,7 +278,13 @@ class MlflowTracker(Observer):
             for key, value in (tags or {}).items():  # e.g. the sweep trial that resumes it
                 self.client.set_tag(run_id, key, value)
             return
-        tags = {"dpops.role": "experiment", "dpops.strategy": cfg.dp.strategy, **_git_tags(), **_dvc_tags(), **(tags or {})}
+        tags = {
+            "dpops.role": "experiment",
+            "dpops.strategy": cfg.dp.strategy,
+            **_git_tags(),
+            **_dvc_tags(),
+            **(tags or {}),
+        }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
         self.run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
@@ -284,10 +324,15 @@ class MlflowTracker(Observer):
         if record.val_acc_at_trigger is not None:
             values["val_acc_at_trigger"] = record.val_acc_at_trigger
         child = self.client.create_run(
-            self.experiment_id, run_name=f"round-{record.round}",
-            tags={PARENT_ID_TAG: self.run_id, "dpops.role": "round", "dpops.round": str(record.round),
-                  "dpops.strategy": self.cfg.dp.strategy},
-        )  # fmt: skip
+            self.experiment_id,
+            run_name=f"round-{record.round}",
+            tags={
+                PARENT_ID_TAG: self.run_id,
+                "dpops.role": "round",
+                "dpops.round": str(record.round),
+                "dpops.strategy": self.cfg.dp.strategy,
+            },
+        )
         child_id = child.info.run_id
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
         if shard is not None:
@@ -307,19 +352,30 @@ class MlflowTracker(Observer):
     def _link_shard(self, child_id: str, shard: Shard) -> None:
         """``log_input`` a MetaDataset whose digest is the DVC md5 (fits MLflow's 36-character column)."""
         source = LocalArtifactDatasetSource(str(shard.path))
-        dataset = MetaDataset(source, name=f"{self.run_id}/round-{shard.round}", digest=shard.md5)
+        dataset = MetaDataset(source, name=f"{self.run_id}/round-{shard.round}", digest=shard.md5)  # type: ignore[abstract]
         context = InputTag(key="mlflow.data.context", value="training")
         self.client.log_inputs(child_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
-        for key, value in (("dpops.shard_md5", shard.md5), ("dpops.shard_path", str(shard.path)),
-                           ("dpops.shard_versioned_by", shard.versioned_by)):  # fmt: skip
+        for key, value in (
+            ("dpops.shard_md5", shard.md5),
+            ("dpops.shard_path", str(shard.path)),
+            ("dpops.shard_versioned_by", shard.versioned_by),
+        ):
             self.client.set_tag(child_id, key, value)
 
     def on_finish(self, result: RunResult) -> None:
         s = result.summary
-        summary = {"final_val_acc": s.final_val_acc, "final_test_acc": s.final_test_acc, "best_val_acc": s.best_val_acc,
-                   "pool_size": s.pool_size, "generated_samples": s.generated_samples, "iterations": s.iterations,
-                   "rounds": s.rounds, "gen_seconds": s.gen_seconds, "train_seconds": s.train_seconds,
-                   "unet_evals": s.unet_evals}  # fmt: skip
+        summary = {
+            "final_val_acc": s.final_val_acc,
+            "final_test_acc": s.final_test_acc,
+            "best_val_acc": s.best_val_acc,
+            "pool_size": s.pool_size,
+            "generated_samples": s.generated_samples,
+            "iterations": s.iterations,
+            "rounds": s.rounds,
+            "gen_seconds": s.gen_seconds,
+            "train_seconds": s.train_seconds,
+            "unet_evals": s.unet_evals,
+        }
         now = _now()
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True

@@ -66,11 +66,13 @@ def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fm
     """Write-then-rename: a crash never leaves a truncated shard under the final name."""
     images = to_uint8(samples.images).numpy()
     tensors = encode_png(images) if fmt == "png" else {"images": images}
-    tensors.update({
-        "labels": samples.labels.numpy().astype(np.int64),
-        "entropy": samples.entropy.numpy().astype(np.float32),
-        "seeds": np.asarray(samples.seeds, dtype=np.int64),
-    })  # fmt: skip
+    tensors.update(
+        {
+            "labels": samples.labels.numpy().astype(np.int64),
+            "entropy": samples.entropy.numpy().astype(np.float32),
+            "seeds": np.asarray(samples.seeds, dtype=np.int64),
+        }
+    )
     metadata = {"round": str(round_index), "omega": repr(float(omega))}
     if fmt == "png":  # (raw shards keep their original two keys)
         metadata.update(format="png", resolution=str(images.shape[-1]))
@@ -178,7 +180,7 @@ class DvcVersioner:
         """Write the round's increment (with the ω it was generated with) and version it."""
         path = self.shard_path(record.round)
         write_shard(path, increment, record.round, record.omega, self.shard_format)
-        if self.mode == "dvc add":
+        if self.mode == "dvc add" and self.root is not None:
             _dvc_add(self.root, path)
         return self.info(record.round, path, md5_file(path), self.mode)
 

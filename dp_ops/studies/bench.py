@@ -75,9 +75,15 @@ class JobResult:
 
 
 def plan(
-    params: Path | None, overrides: Sequence[str], *, static_sizes: Sequence[int], seeds: Sequence[int],
-    experiment: str, quick: bool = False, ratios: Sequence[int] = RATIOS,
-) -> tuple[BenchPlan, Config]:  # fmt: skip
+    params: Path | None,
+    overrides: Sequence[str],
+    *,
+    static_sizes: Sequence[int],
+    seeds: Sequence[int],
+    experiment: str,
+    quick: bool = False,
+    ratios: Sequence[int] = RATIOS,
+) -> tuple[BenchPlan, Config]:
     """The arms and seeds of a benchmark, every arm's config validated before any work starts."""
     if not seeds:
         raise ConfigError("--seeds: need at least one seed")
@@ -96,8 +102,11 @@ def plan(
     dp = Arm("dp", f"ω={cfg.dp.omega:g}", ("dp.strategy=dp",))
     dp0 = Arm("dp", "ω=0", ("dp.strategy=dp", "dp.omega=0"))
     arms = [Arm("static", f"N={n}", ("dp.strategy=static", f"dp.initial_size={n}")) for n in sorted(static_sizes)]
-    arms += [dp, dp0, *(Arm("oversample", f"r={r}", ("dp.strategy=oversample", f"dp.oversample_ratio={r}"))
-                        for r in sorted(ratios))]  # fmt: skip
+    arms += [
+        dp,
+        dp0,
+        *(Arm("oversample", f"r={r}", ("dp.strategy=oversample", f"dp.oversample_ratio={r}")) for r in sorted(ratios)),
+    ]
     for arm in arms:
         load_config(params, [*base, *arm.overrides])
     digest = hashlib.md5(repr(sorted(flatten(cfg).items())).encode()).hexdigest()[:8]
@@ -105,7 +114,9 @@ def plan(
     return BenchPlan(bench_id, tuple(base), tuple(arms), tuple(seeds), dp.name, dp0.name), cfg
 
 
-def jobs(bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[str, int], str], out: Path) -> list[Job]:
+def jobs(
+    bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[str, int], str], out: Path
+) -> list[Job]:
     """The runs still to make (interrupted ones resume), the most generation first so workers end together."""
     todo = []
     for arm in bp.arms:
@@ -113,8 +124,13 @@ def jobs(bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[
             if (arm.name, seed) in done:
                 continue
             run_dir = out / "runs" / f"{arm.strategy}-{arm.setting.replace('=', '')}-seed{seed}"
-            overrides = (*bp.base, *arm.overrides, f"seed={seed}", f"output.metrics={run_dir / 'metrics.json'}",
-                         f"output.rounds={run_dir / 'rounds.json'}")  # fmt: skip
+            overrides = (
+                *bp.base,
+                *arm.overrides,
+                f"seed={seed}",
+                f"output.metrics={run_dir / 'metrics.json'}",
+                f"output.rounds={run_dir / 'rounds.json'}",
+            )
             todo.append(Job(arm, seed, overrides, resumable.get((arm.name, seed))))
     position = {arm.name: i for i, arm in enumerate(bp.arms)}
     rank = {"oversample": 0, "static": 1, "dp": 2}
@@ -123,8 +139,9 @@ def jobs(bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[
 
 def registry_state(registry: Registry, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
     """From MLflow: FINISHED runs' metrics, and interrupted runs that have a checkpoint, by (arm, seed)."""
-    runs = registry.search([experiment_id], f"tags.`dpops.bench` = '{bench_id}'",
-                           order_by=["attributes.start_time DESC"])  # fmt: skip
+    runs = registry.search(
+        [experiment_id], f"tags.`dpops.bench` = '{bench_id}'", order_by=["attributes.start_time DESC"]
+    )
     done: dict[tuple[str, int], dict[str, float]] = {}
     resumable: dict[tuple[str, int], str] = {}
     for r in runs:
@@ -159,15 +176,23 @@ class Prepared:
 
 
 def prepare(
-    params: Path | None, overrides: Sequence[str], *, seeds: int, ratios: Sequence[int], quick: bool,
-    experiment: str, out: Path, workers: int = 0,
-) -> Prepared:  # fmt: skip
+    params: Path | None,
+    overrides: Sequence[str],
+    *,
+    seeds: int,
+    ratios: Sequence[int],
+    quick: bool,
+    experiment: str,
+    out: Path,
+    workers: int = 0,
+) -> Prepared:
     """Plan and check everything before work starts; create the MLflow store and experiment (before any
     worker could race to create them); find what earlier invocations finished or left interrupted.
     ``workers`` 0: one per CPU core with one torch thread each, or 1 when the learner runs on CUDA."""
     sizes = sweep_config(load_tree(params, overrides)).static_sizes
-    bp, cfg = plan(params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick,
-                   ratios=ratios)  # fmt: skip
+    bp, cfg = plan(
+        params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick, ratios=ratios
+    )
     runner.preflight(cfg)
     registry = Registry.from_config(cfg)
     exp_id = registry.experiment_id(experiment)
@@ -193,15 +218,18 @@ def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     done, _ = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
     rows = summarise(done, p.plan.arms, p.plan.seeds)
     h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
-    json_path, png, run_id = write_report(p.plan, rows, h, out, registry=p.registry,
-                                          experiment=p.cfg.tracking.experiment, wall_seconds=wall_seconds)  # fmt: skip
+    json_path, png, run_id = write_report(
+        p.plan, rows, h, out, registry=p.registry, experiment=p.cfg.tracking.experiment, wall_seconds=wall_seconds
+    )
     return BenchReport(tuple(rows), h, json_path, png, run_id)
 
 
 def scaling_command(p: Prepared) -> str:
     """``dpops scaling`` over this benchmark's runs (DP at ω = 0 left out: it is not the dp strategy's law)."""
-    return (f"dpops scaling --experiment {p.cfg.tracking.experiment} --x generated_samples --filter "
-            f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\"")  # fmt: skip
+    return (
+        f"dpops scaling --experiment {p.cfg.tracking.experiment} --x generated_samples --filter "
+        f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\""
+    )
 
 
 # ---- running in worker processes ---------------------------------------------------------------------
@@ -242,8 +270,9 @@ def _run_job(job: Job) -> JobResult:
             w["real"] = runner.load_real_data(cfg)
             w["generator"] = runner.load_generator(cfg, w["real"])
         tags = {"dpops.bench": w["bench_id"], "dpops.arm": job.arm.name}
-        run = runner.run_tracked(cfg, w["generator"], w["real"], [_Stop(w["stop"])],
-                                 resume_run_id=job.resume_run_id, tags=tags)  # fmt: skip
+        run = runner.run_tracked(
+            cfg, w["generator"], w["real"], [_Stop(w["stop"])], resume_run_id=job.resume_run_id, tags=tags
+        )
     except KeyboardInterrupt:
         return JobResult(job.arm.name, job.seed, None)
     except Exception as exc:  # one failed run is reported, the benchmark goes on
@@ -252,9 +281,14 @@ def _run_job(job: Job) -> JobResult:
 
 
 def run_jobs(
-    todo: Sequence[Job], bench_id: str, params: Path | None, *, workers: int, threads: int,
+    todo: Sequence[Job],
+    bench_id: str,
+    params: Path | None,
+    *,
+    workers: int,
+    threads: int,
     on_result: Callable[[JobResult], None] = lambda r: None,
-) -> list[JobResult]:  # fmt: skip
+) -> list[JobResult]:
     """Run ``todo`` in ``workers`` spawned processes. Ctrl-C stops every run at its next loop event (it
     ends KILLED and resumable), starts nothing new, and re-raises KeyboardInterrupt once all have stopped.
     Create the MLflow store and experiment before calling (two processes creating one SQLite file clash)."""
@@ -262,8 +296,9 @@ def run_jobs(
     stop = ctx.Event()
     results: list[JobResult] = []
     interrupted = False
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads, params, bench_id, stop)) as pool:  # fmt: skip
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, params, bench_id, stop)
+    ) as pool:
         pending: set[Future] = {pool.submit(_run_job, job) for job in todo}
         while pending:
             try:
@@ -280,21 +315,38 @@ def run_jobs(
     return results
 
 
-def write_report(bp: BenchPlan, rows: Sequence[ArmStats], h: Headline | None, out: Path, *, registry: Registry,
-                 experiment: str, wall_seconds: float) -> tuple[Path, Path, str]:  # fmt: skip
+def write_report(
+    bp: BenchPlan,
+    rows: Sequence[ArmStats],
+    h: Headline | None,
+    out: Path,
+    *,
+    registry: Registry,
+    experiment: str,
+    wall_seconds: float,
+) -> tuple[Path, Path, str]:
     """``bench.json`` and ``bench.png`` in ``out``, both logged to an MLflow run tagged ``dpops.role=benchmark``
     (the headline ratios are its metrics). Returns the two paths and that run's id."""
     out.mkdir(parents=True, exist_ok=True)
-    report = {"bench": bp.bench_id, "seeds": list(bp.seeds), "base_overrides": list(bp.base),
-              "rows": [asdict(r) for r in rows], "headline": h.to_dict() if h else None,
-              "wall_seconds_this_invocation": wall_seconds}  # fmt: skip
+    report = {
+        "bench": bp.bench_id,
+        "seeds": list(bp.seeds),
+        "base_overrides": list(bp.base),
+        "rows": [asdict(r) for r in rows],
+        "headline": h.to_dict() if h else None,
+        "wall_seconds_this_invocation": wall_seconds,
+    }
     write_json(out / "bench.json", report)
     plot(rows, out / "bench.png")
     metrics: dict[str, float] = {}
     if h is not None:
         metrics = {k: v for k, v in asdict(h).items() if isinstance(v, float)}
-    run_id = registry.log_report_run(experiment, role="benchmark", run_name=f"bench-{bp.bench_id}", metrics=metrics,
-                                     params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)),
-                                             "overrides": " ".join(bp.base)},
-                                     files=(out / "bench.json", out / "bench.png"))  # fmt: skip
+    run_id = registry.log_report_run(
+        experiment,
+        role="benchmark",
+        run_name=f"bench-{bp.bench_id}",
+        metrics=metrics,
+        params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)), "overrides": " ".join(bp.base)},
+        files=(out / "bench.json", out / "bench.png"),
+    )
     return out / "bench.json", out / "bench.png", run_id

@@ -24,8 +24,15 @@ from dp_ops.files import json_ready
 from dp_ops.studies.scaling import data_multiplier, interpolate_samples_for_accuracy
 
 # the runs' summary metrics that a row averages
-FIELDS = ("generated_samples", "pool_size", "iterations", "gen_seconds", "unet_evals", "final_val_acc",
-          "final_test_acc")  # fmt: skip
+FIELDS = (
+    "generated_samples",
+    "pool_size",
+    "iterations",
+    "gen_seconds",
+    "unet_evals",
+    "final_val_acc",
+    "final_test_acc",
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ class Headline:
         return json_ready(asdict(self))
 
 
-def summarise(runs: dict[tuple[str, int], dict[str, float]], arms: Sequence[Arm], seeds: Sequence[int]) -> list[ArmStats]:
+def summarise(
+    runs: dict[tuple[str, int], dict[str, float]], arms: Sequence[Arm], seeds: Sequence[int]
+) -> list[ArmStats]:
     """One row per arm that has finished runs (``runs`` by (arm name, seed)), in the order of ``arms``."""
     rows = []
     for arm in arms:
@@ -83,12 +92,17 @@ def summarise(runs: dict[tuple[str, int], dict[str, float]], arms: Sequence[Arm]
         if not per_seed:
             continue
         values = {f: [float(m[f]) for m in per_seed.values()] for f in FIELDS}
-        rows.append(ArmStats(
-            arm.name, arm.strategy, arm.setting, len(per_seed),
-            mean={f: statistics.fmean(v) for f, v in values.items()},
-            sd={f: statistics.stdev(v) if len(v) > 1 else 0.0 for f, v in values.items()},
-            per_seed={s: {f: float(m[f]) for f in FIELDS} for s, m in per_seed.items()},
-        ))  # fmt: skip
+        rows.append(
+            ArmStats(
+                arm.name,
+                arm.strategy,
+                arm.setting,
+                len(per_seed),
+                mean={f: statistics.fmean(v) for f, v in values.items()},
+                sd={f: statistics.stdev(v) if len(v) > 1 else 0.0 for f, v in values.items()},
+                per_seed={s: {f: float(m[f]) for f in FIELDS} for s, m in per_seed.items()},
+            )
+        )
     return rows
 
 
@@ -101,24 +115,35 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
         return None
     curve = [(r.mean["generated_samples"], r.mean["final_test_acc"]) for r in static]
     acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
-    need = interpolate_samples_for_accuracy(*zip(*curve, strict=True), acc)
+    need = interpolate_samples_for_accuracy([n for n, _ in curve], [a for _, a in curve], acc)
     reached = math.isfinite(need)
     effect, effect_sd = _paired_difference(dp, by.get(dp0_arm))
     over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
     return Headline(
-        dp_arm=dp.arm, dp_test_acc=acc, dp_samples=samples, static_samples_needed=need,
-        data_multiplier=(need if reached else curve[-1][0]) / samples, static_reached=reached,
-        data_multiplier_per_seed={s: data_multiplier(curve, m["generated_samples"], m["final_test_acc"])
-                                  for s, m in dp.per_seed.items()},
-        guidance_effect=effect, guidance_effect_sd=effect_sd, oversample_arm=over_arm,
-        oversample_reached=over_reached, compute_multiplier=compute, seconds_multiplier=seconds,
-    )  # fmt: skip
+        dp_arm=dp.arm,
+        dp_test_acc=acc,
+        dp_samples=samples,
+        static_samples_needed=need,
+        data_multiplier=(need if reached else curve[-1][0]) / samples,
+        static_reached=reached,
+        data_multiplier_per_seed={
+            s: data_multiplier(curve, m["generated_samples"], m["final_test_acc"]) for s, m in dp.per_seed.items()
+        },
+        guidance_effect=effect,
+        guidance_effect_sd=effect_sd,
+        oversample_arm=over_arm,
+        oversample_reached=over_reached,
+        compute_multiplier=compute,
+        seconds_multiplier=seconds,
+    )
 
 
 def _paired_difference(dp: ArmStats, dp0: ArmStats | None) -> tuple[float | None, float | None]:
     if dp0 is None:
         return None, None
-    diffs = [dp.per_seed[s]["final_test_acc"] - dp0.per_seed[s]["final_test_acc"] for s in dp.per_seed if s in dp0.per_seed]
+    diffs = [
+        dp.per_seed[s]["final_test_acc"] - dp0.per_seed[s]["final_test_acc"] for s in dp.per_seed if s in dp0.per_seed
+    ]
     if not diffs:
         return None, None
     return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
@@ -128,34 +153,52 @@ def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | No
     if not over:
         return None, False, None, None
     reaching = [r for r in over if r.mean["final_test_acc"] >= dp.mean["final_test_acc"]]
-    pick = min(reaching, key=lambda r: r.mean["unet_evals"]) if reaching else max(over, key=lambda r: r.mean["final_test_acc"])
-    return (pick.arm, bool(reaching), pick.mean["unet_evals"] / dp.mean["unet_evals"],
-            pick.mean["gen_seconds"] / dp.mean["gen_seconds"])  # fmt: skip
+    pick = (
+        min(reaching, key=lambda r: r.mean["unet_evals"])
+        if reaching
+        else max(over, key=lambda r: r.mean["final_test_acc"])
+    )
+    return (
+        pick.arm,
+        bool(reaching),
+        pick.mean["unet_evals"] / dp.mean["unet_evals"],
+        pick.mean["gen_seconds"] / dp.mean["gen_seconds"],
+    )
 
 
 def headline_lines(h: Headline) -> list[str]:
     """The headline in words, one sentence per ratio."""
     seeds = ", ".join(_times(v) for _, v in sorted(h.data_multiplier_per_seed.items()))
     if h.static_reached:
-        data = (f"data multiplier: static needs {_times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
-                f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
-                f"static's mean accuracies interpolated in log n; per DP seed: {seeds})")  # fmt: skip
+        data = (
+            f"data multiplier: static needs {_times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
+            f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
+            f"static's mean accuracies interpolated in log n; per DP seed: {seeds})"
+        )
     else:
-        data = (f"data multiplier: more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s test "
-                f"accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples (per DP seed: {seeds})")  # fmt: skip
+        data = (
+            f"data multiplier: more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s test "
+            f"accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples (per DP seed: {seeds})"
+        )
     lines = [data]
     if h.guidance_effect is not None:
-        lines.append(f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
-                     f"(sd {h.guidance_effect_sd:.4f} over paired seeds)")  # fmt: skip
+        lines.append(
+            f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
+            f"(sd {h.guidance_effect_sd:.4f} over paired seeds)"
+        )
     if h.oversample_arm is not None:
         if h.oversample_reached:
-            lines.append(f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                         f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                         f"{_times(h.seconds_multiplier)} its generation seconds")  # fmt: skip
+            lines.append(
+                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
+                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations and "
+                f"{_times(h.seconds_multiplier)} its generation seconds"
+            )
         else:
-            lines.append(f"generation compute vs oversample: no ratio reached DP's test accuracy; the most accurate, "
-                         f"{h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                         f"{_times(h.seconds_multiplier)} its generation seconds")  # fmt: skip
+            lines.append(
+                f"generation compute vs oversample: no ratio reached DP's test accuracy; the most accurate, "
+                f"{h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations and "
+                f"{_times(h.seconds_multiplier)} its generation seconds"
+            )
     return lines
 
 
@@ -172,20 +215,44 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
     for i, strategy in enumerate(("static", "dp", "oversample")):
         rs = sorted((r for r in rows if r.strategy == strategy), key=lambda r: r.mean["generated_samples"])
         for r in rs:
-            ax.scatter([m["generated_samples"] for m in r.per_seed.values()],
-                       [m["final_test_acc"] for m in r.per_seed.values()], s=9, color=f"C{i}", alpha=0.3, lw=0)
+            ax.scatter(
+                [m["generated_samples"] for m in r.per_seed.values()],
+                [m["final_test_acc"] for m in r.per_seed.values()],
+                s=9,
+                color=f"C{i}",
+                alpha=0.3,
+                lw=0,
+            )
             unguided = strategy == "dp" and r.setting == "ω=0"  # hollow: DP's schedule without guidance
             label = "dp, ω=0" if unguided else strategy
-            ax.errorbar(r.mean["generated_samples"], r.mean["final_test_acc"], yerr=r.sd["final_test_acc"],
-                        fmt=markers.get(strategy, "o"), color=f"C{i}", capsize=3, ms=5,
-                        mfc="white" if unguided else f"C{i}", label=None if label in labelled else label)  # fmt: skip
+            ax.errorbar(
+                r.mean["generated_samples"],
+                r.mean["final_test_acc"],
+                yerr=r.sd["final_test_acc"],
+                fmt=markers.get(strategy, "o"),
+                color=f"C{i}",
+                capsize=3,
+                ms=5,
+                mfc="white" if unguided else f"C{i}",
+                label=None if label in labelled else label,
+            )
             labelled.add(label)
             if strategy != "static":
-                ax.annotate(r.setting, (r.mean["generated_samples"], r.mean["final_test_acc"]), fontsize=7,
-                            xytext=(5, -10 if r.setting.endswith("=0") else 5), textcoords="offset points")
+                ax.annotate(
+                    r.setting,
+                    (r.mean["generated_samples"], r.mean["final_test_acc"]),
+                    fontsize=7,
+                    xytext=(5, -10 if r.setting.endswith("=0") else 5),
+                    textcoords="offset points",
+                )
         if strategy == "static" and rs:
-            ax.plot([r.mean["generated_samples"] for r in rs], [r.mean["final_test_acc"] for r in rs], "-",
-                    color=f"C{i}", lw=1)  # fmt: skip
+            ax.plot(
+                [r.mean["generated_samples"] for r in rs],
+                [r.mean["final_test_acc"] for r in rs],
+                "-",
+                color=f"C{i}",
+                lw=1,
+            )
     ax.set_xscale("log")
     ax.margins(x=0.08)
     ax.set_xlabel("generated samples")
@@ -199,4 +266,3 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
 
 def _times(v: float | None) -> str:
     return "—" if v is None else ("∞×" if math.isinf(v) else f"{v:.2f}×")
-

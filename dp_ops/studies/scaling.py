@@ -163,9 +163,17 @@ def fit_power_law(
         a_ci = alpha_ci = c_ci = (math.nan, math.nan)
 
     return PowerLawFit(
-        a=a, alpha=alpha, c=c, a_ci=a_ci, alpha_ci=alpha_ci, c_ci=c_ci,
-        n_points=int(n_arr.size), rmse=rmse, boot=tuple(boot), label=label,
-    )  # fmt: skip
+        a=a,
+        alpha=alpha,
+        c=c,
+        a_ci=a_ci,
+        alpha_ci=alpha_ci,
+        c_ci=c_ci,
+        n_points=int(n_arr.size),
+        rmse=rmse,
+        boot=tuple(boot),
+        label=label,
+    )
 
 
 def fit_strategies(points: Mapping[str, Sequence[tuple[float, float]]], **kw: Any) -> dict[str, PowerLawFit]:
@@ -262,9 +270,7 @@ def plot_scaling(
         color = colors[i % len(colors)]
         fit = fits.get(label)
         pts = points.get(label, ())
-        name = label
-        if fit is not None:
-            name = f"{label}: α={fit.alpha:.2f}, c={fit.c:.3f}"
+        name: str | None = label if fit is None else f"{label}: α={fit.alpha:.2f}, c={fit.c:.3f}"
         if len(pts):
             n, acc = _as_columns(pts, label)
             ax.scatter(n, acc, color=color, s=22, zorder=3, label=name)
@@ -277,14 +283,23 @@ def plot_scaling(
             grid = np.geomspace(lo_n / 1.2, hi_n * 3.0, 200)
             if fit.boot:
                 band_lo, band_hi = fit.band(grid)
-                ax.fill_between(grid, np.clip(band_lo, 0, 1), np.clip(band_hi, 0, 1), color=color, alpha=0.18,
-                                linewidth=0)  # fmt: skip
+                ax.fill_between(
+                    grid, np.clip(band_lo, 0, 1), np.clip(band_hi, 0, 1), color=color, alpha=0.18, linewidth=0
+                )
             ax.plot(grid, fit.accuracy(grid), color=color, linewidth=1.6, label=name)
 
     for t in targets or ():
         ax.axhline(t, color="0.4", linestyle=":", linewidth=1.0)
-        ax.annotate(f"{t:.3f}", xy=(1.0, t), xycoords=("axes fraction", "data"), xytext=(2, 0),
-                    textcoords="offset points", va="center", fontsize=8, color="0.3")  # fmt: skip
+        ax.annotate(
+            f"{t:.3f}",
+            xy=(1.0, t),
+            xycoords=("axes fraction", "data"),
+            xytext=(2, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+            color="0.3",
+        )
 
     accs = [p[1] for pts in points.values() for p in pts] + list(targets or ())
     if accs:  # frame the measured accuracies; a wide band must not squash them into a line
@@ -352,9 +367,14 @@ def _best_fit(dx: np.ndarray, err: np.ndarray, starts: list[np.ndarray], f_scale
     for theta0 in starts:
         try:
             res = least_squares(
-                lambda th: _model(th, dx) - err, theta0, jac=lambda th: _jac(th, dx, err),
-                bounds=(_LOWER, _UPPER), loss="soft_l1", f_scale=f_scale, x_scale="jac",
-            )  # fmt: skip
+                lambda th: _model(th, dx) - err,
+                theta0,
+                jac=lambda th: _jac(th, dx, err),
+                bounds=(_LOWER, _UPPER),
+                loss="soft_l1",
+                f_scale=f_scale,
+                x_scale="jac",
+            )
         except (ValueError, FloatingPointError):
             continue
         if np.all(np.isfinite(res.x)) and res.cost < best_cost:

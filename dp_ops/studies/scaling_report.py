@@ -64,21 +64,29 @@ class ScalingReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``None``)."""
-        return json_ready({
-            "metric": self.metric, "x": self.x,
-            "points": {k: [list(p) for p in v] for k, v in self.points.items()},
-            "fits": {k: f.to_dict() for k, f in self.fits.items()},
-            "unfitted": self.unfitted,
-            "samples_for_target": self.targets,
-            "headline": self.headline,
-        })  # fmt: skip
+        return json_ready(
+            {
+                "metric": self.metric,
+                "x": self.x,
+                "points": {k: [list(p) for p in v] for k, v in self.points.items()},
+                "fits": {k: f.to_dict() for k, f in self.fits.items()},
+                "unfitted": self.unfitted,
+                "samples_for_target": self.targets,
+                "headline": self.headline,
+            }
+        )
 
 
 # ---- sources -------------------------------------------------------------------------------------
 def points_from_mlflow(
-    registry: Registry, experiments: Sequence[str], *, study: str | None = None,
-    strategies: Sequence[str] = (), filter_string: str = "", with_curves: bool = True,
-) -> list[RunPoint]:  # fmt: skip
+    registry: Registry,
+    experiments: Sequence[str],
+    *,
+    study: str | None = None,
+    strategies: Sequence[str] = (),
+    filter_string: str = "",
+    with_curves: bool = True,
+) -> list[RunPoint]:
     """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments."""
     ids = []
     for name in experiments:
@@ -97,8 +105,18 @@ def points_from_mlflow(
         if (strategies and strategy not in strategies) or "final_test_acc" not in m:
             continue
         curve = registry.history(run.run_id, "val_acc") if with_curves else ()
-        out.append(RunPoint(run.run_id, strategy, int(m["pool_size"]), int(m["generated_samples"]),
-                            int(m["iterations"]), m["final_val_acc"], m["final_test_acc"], curve))  # fmt: skip
+        out.append(
+            RunPoint(
+                run.run_id,
+                strategy,
+                int(m["pool_size"]),
+                int(m["generated_samples"]),
+                int(m["iterations"]),
+                m["final_val_acc"],
+                m["final_test_acc"],
+                curve,
+            )
+        )
     return out
 
 
@@ -112,9 +130,18 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
             m = json.loads(path.read_text())
             rounds = path.with_name("rounds.json")
             curve = json.loads(rounds.read_text())["curve"] if rounds.is_file() else []
-            out.append(RunPoint(str(path), m["strategy"], int(m["pool_size"]), int(m["generated_samples"]),
-                                int(m["iterations"]), float(m["final_val_acc"]), float(m["final_test_acc"]),
-                                tuple((int(c["iteration"]), float(c["val_acc"])) for c in curve)))  # fmt: skip
+            out.append(
+                RunPoint(
+                    str(path),
+                    m["strategy"],
+                    int(m["pool_size"]),
+                    int(m["generated_samples"]),
+                    int(m["iterations"]),
+                    float(m["final_val_acc"]),
+                    float(m["final_test_acc"]),
+                    tuple((int(c["iteration"]), float(c["val_acc"])) for c in curve),
+                )
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"--metrics {path}: not a dp_ops metrics.json ({type(exc).__name__}: {exc})") from None
     return out
@@ -122,9 +149,14 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
 
 # ---- the report ----------------------------------------------------------------------------------
 def scaling_report(
-    runs: Sequence[RunPoint], *, metric: Metric = "final_test_acc", x: Axis = "pool_size",
-    targets: Sequence[float] = (), n_boot: int = 200, seed: int = 0,
-) -> ScalingReport:  # fmt: skip
+    runs: Sequence[RunPoint],
+    *,
+    metric: Metric = "final_test_acc",
+    x: Axis = "pool_size",
+    targets: Sequence[float] = (),
+    n_boot: int = 200,
+    seed: int = 0,
+) -> ScalingReport:
     """Fit error = a·n^(−α) + c per strategy; refuse when no strategy has enough points to fit."""
     points: dict[str, list[tuple[float, float]]] = {}
     for r in sorted(runs, key=lambda r: (r.strategy, getattr(r, x))):
@@ -132,14 +164,17 @@ def scaling_report(
     fits, unfitted = {}, {}
     for strategy, pts in points.items():
         try:
-            fits[strategy] = fit_power_law([p[0] for p in pts], [1 - p[1] for p in pts], n_boot=n_boot, seed=seed,
-                                           label=strategy)  # fmt: skip
+            fits[strategy] = fit_power_law(
+                [p[0] for p in pts], [1 - p[1] for p in pts], n_boot=n_boot, seed=seed, label=strategy
+            )
         except FitError as exc:
             unfitted[strategy] = str(exc)
     if not fits:
         counts = ", ".join(f"{s}: {len(p)}" for s, p in points.items()) or "no finished experiment runs"
-        raise FitError(f"too few points to fit a scaling law (need >= {MIN_POINTS} per strategy at >= 3 "
-                       f"distinct sizes; have {counts})")  # fmt: skip
+        raise FitError(
+            f"too few points to fit a scaling law (need >= {MIN_POINTS} per strategy at >= 3 "
+            f"distinct sizes; have {counts})"
+        )
     need = {s: {f"{t:g}": f.samples_for_accuracy(t) for t in targets} for s, f in fits.items()}
     return ScalingReport(metric, x, points, fits, unfitted, need, _headline(runs, points, fits, metric, x))
 
@@ -174,16 +209,22 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
     out_dir = Path(out_dir)
     write_json(out_dir / "scaling.json", report.to_dict())
     dp_acc = report.headline.get("dp_accuracy")
-    png = plot_scaling(report.points, report.fits, out_dir / "scaling.png",
-                       targets=[dp_acc] if dp_acc is not None else None, title=title)  # fmt: skip
+    png = plot_scaling(
+        report.points,
+        report.fits,
+        out_dir / "scaling.png",
+        targets=[dp_acc] if dp_acc is not None else None,
+        title=title,
+    )
     return out_dir / "scaling.json", png
 
 
-def log_report(report: ScalingReport, files: Sequence[Path], registry: Registry, experiment: str,
-               params: dict[str, str]) -> str:  # fmt: skip
+def log_report(
+    report: ScalingReport, files: Sequence[Path], registry: Registry, experiment: str, params: dict[str, str]
+) -> str:
     """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts."""
     metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
     metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
-    return registry.log_report_run(experiment, role="scaling", run_name="scaling-report", metrics=metrics,
-                                   params=params, files=files)
-
+    return registry.log_report_run(
+        experiment, role="scaling", run_name="scaling-report", metrics=metrics, params=params, files=files
+    )

@@ -1,7 +1,8 @@
 """Optuna sweeps: each trial is one tracked DP experiment; any number of workers share one study.
 
 The space comes from the ``sweep:`` section of params.yaml (:class:`dp_ops.config.SweepConfig`,
-overridable with ``-S sweep.omega.high=0.3``) and trial parameters are named exactly like params.yaml keys (``dp.omega``), so a trial replays with
+overridable with ``-S sweep.omega.high=0.3``) and trial parameters are named exactly like params.yaml keys
+(``dp.omega``), so a trial replays with
 ``dpops run -S dp.omega=…`` or ``dvc exp run -S dp.omega=…``. ``strategy="static"`` is a grid over
 ``dp.initial_size`` instead (the baseline for scaling laws), enqueued once when the study is created.
 
@@ -40,7 +41,7 @@ from dp_ops.records.tracking import Registry
 from dp_ops.runner import run_tracked
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
-DIRECTIONS = {"final_val_acc": "maximize", "generated_samples": "minimize"}
+DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"final_val_acc": "maximize", "generated_samples": "minimize"}
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
@@ -83,28 +84,41 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 def check_separate_stores(storage: str, tracking_uri: str) -> None:
     """Optuna and MLflow both keep Alembic's default version table: one database breaks the other."""
     if "://" in storage and _db_path(storage) == _db_path(tracking_uri):
-        raise ConfigError(f"sweep.storage={storage!r}: is MLflow's database; give Optuna its own (e.g. sqlite:///optuna.db)")
+        raise ConfigError(
+            f"sweep.storage={storage!r}: is MLflow's database; give Optuna its own (e.g. sqlite:///optuna.db)"
+        )
 
 
 def _db_path(url: str) -> str:
     return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else url
 
 
-def open_study(sc: SweepConfig, name: str, strategy: str, sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:  # fmt: skip
+def open_study(
+    sc: SweepConfig,
+    name: str,
+    strategy: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
     """Create the study, or load it if it exists (re-running a sweep continues it). Creating is atomic
     in the storage, so exactly one of several simultaneous workers enqueues a static grid."""
     storage = make_storage(sc.storage)
-    directions = [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
+    directions: list[Literal["minimize", "maximize"]] = (
+        [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
+    )
     try:
-        study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner)
+        study = optuna.create_study(
+            study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner
+        )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         _wait_until_ready(study, name)
         _check_compatible(study, sc, name, strategy, directions)
         return study
     study.set_user_attr("dpops.strategy", strategy)
-    study.set_user_attr("dpops.objective", list(OBJECTIVES[sc.objective]) if strategy != "static" else ["final_val_acc"])
+    study.set_user_attr(
+        "dpops.objective", list(OBJECTIVES[sc.objective]) if strategy != "static" else ["final_val_acc"]
+    )
     if strategy == "static":
         study.set_user_attr("dpops.grid", list(sc.static_sizes))
         for n in sc.static_sizes:
@@ -119,15 +133,21 @@ def _wait_until_ready(study: optuna.Study, name: str, timeout: float = 60.0) -> 
     deadline = time.monotonic() + timeout
     while not study.user_attrs.get("dpops.ready"):
         if time.monotonic() > deadline:
-            raise ConfigError(f"--study-name {name}: the study was never fully set up (its creator stopped "
-                              "midway?); delete it or use another name")  # fmt: skip
+            raise ConfigError(
+                f"--study-name {name}: the study was never fully set up (its creator stopped "
+                "midway?); delete it or use another name"
+            )
         time.sleep(0.2)
 
 
-def _check_compatible(study: optuna.Study, sc: SweepConfig, name: str, strategy: str, directions: list[str]) -> None:
+def _check_compatible(
+    study: optuna.Study, sc: SweepConfig, name: str, strategy: str, directions: Sequence[str]
+) -> None:
     have = study.user_attrs.get("dpops.strategy")
     if have != strategy:
-        raise ConfigError(f"--study-name {name}: the study sweeps strategy {have!r}, not {strategy!r}; use another name")
+        raise ConfigError(
+            f"--study-name {name}: the study sweeps strategy {have!r}, not {strategy!r}; use another name"
+        )
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(
             f"sweep.objective={sc.objective}: study {name} was created with objective "
@@ -146,10 +166,13 @@ def counted_trials(trials: Sequence[FrozenTrial], before: int | None = None) -> 
     with ``before``, only those numbered lower."""
     retried = {t.user_attrs["dpops.retry_of"] for t in trials if "dpops.retry_of" in t.user_attrs}
     return [
-        t for t in trials
-        if t.state in COUNTED and not t.user_attrs.get("dpops.over_budget") and t.number not in retried
+        t
+        for t in trials
+        if t.state in COUNTED
+        and not t.user_attrs.get("dpops.over_budget")
+        and t.number not in retried
         and (before is None or t.number < before)
-    ]  # fmt: skip
+    ]
 
 
 def requeue_stale(
@@ -214,8 +237,16 @@ class TrialObserver(Observer):
 class Sweep:
     """One worker of a study. ``run()`` asks trials until the study's budget or ``timeout`` is reached."""
 
-    def __init__(self, cfg: Config, sc: SweepConfig, *, strategy: str, study_name: str,
-                 base_overrides: Sequence[str] = (), registry: Registry | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        sc: SweepConfig,
+        *,
+        strategy: str,
+        study_name: str,
+        base_overrides: Sequence[str] = (),
+        registry: Registry | None = None,
+    ) -> None:
         """Validates the strategy, opens (or creates) the study and creates the trials' MLflow experiment
         (both stores exist before any trial, or another worker, writes): run it before any expensive work.
         ``registry``: the MLflow store (default: the config's)."""
@@ -225,8 +256,11 @@ class Sweep:
         self.registry = registry or Registry.from_config(cfg)
         self.base_overrides = [*base_overrides, f"dp.strategy={strategy}", f"tracking.experiment={self.experiment}"]
         sampler = optuna.samplers.TPESampler(seed=sc.sampler_seed, multivariate=True)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.train.iterations // 4) \
-            if sc.prune else optuna.pruners.NopPruner()  # fmt: skip
+        pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=cfg.train.iterations // 4)
+            if sc.prune
+            else optuna.pruners.NopPruner()
+        )
         self.study = open_study(sc, study_name, strategy, sampler, pruner)
         self.registry.experiment_id(self.experiment)
         self.budget = len(sc.static_sizes) if strategy == "static" else sc.n_trials
@@ -236,10 +270,13 @@ class Sweep:
         return self.sc.experiment or self.name
 
     def run(
-        self, run_trial: RunTrial, *, timeout: float | None = None,
+        self,
+        run_trial: RunTrial,
+        *,
+        timeout: float | None = None,
         observers: Callable[[int], Sequence[Observer]] = lambda n: (),
         on_trial: Callable[[TrialOutcome], None] = lambda o: None,
-    ) -> SweepOutcome:  # fmt: skip
+    ) -> SweepOutcome:
         """``observers(n)``: extra loop observers for trial ``n``; ``on_trial`` after each trial this worker ran."""
         start, ran = time.monotonic(), []
         while timeout is None or time.monotonic() - start < timeout:
@@ -255,8 +292,14 @@ class Sweep:
             ran.append(outcome)
             on_trial(outcome)
         trials = self.study.get_trials(deepcopy=False)
-        return SweepOutcome(self.name, self.sc.storage, self.budget, tuple(ran), len(counted_trials(trials)),
-                            tuple(best_trials(self.study)))  # fmt: skip
+        return SweepOutcome(
+            self.name,
+            self.sc.storage,
+            self.budget,
+            tuple(ran),
+            len(counted_trials(trials)),
+            tuple(best_trials(self.study)),
+        )
 
     def _over_budget(self, trial: Trial) -> bool:
         return len(counted_trials(self.study.get_trials(deepcopy=False), before=trial.number)) >= self.budget
@@ -310,7 +353,9 @@ class Sweep:
             ),
         }
 
-    def _finish(self, trial: Trial, params: dict[str, Any], state: TrialState, error: str | None = None) -> TrialOutcome:
+    def _finish(
+        self, trial: Trial, params: dict[str, Any], state: TrialState, error: str | None = None
+    ) -> TrialOutcome:
         run_id = self._run_of(trial.number)
         if run_id:
             trial.set_user_attr("dpops.mlflow_run_id", run_id)
@@ -332,7 +377,9 @@ def tracked_runner(generator: Any, real: Any, registry: Registry | None = None) 
     """Run trials with :func:`dp_ops.runner.run_tracked`, one generator, dataset and MLflow store (default:
     each trial config's) for all of them."""
 
-    def run(cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None) -> tuple[RunResult, str]:
+    def run(
+        cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None
+    ) -> tuple[RunResult, str]:
         tracked = run_tracked(cfg, generator, real, observers, resume_run_id=resume, tags=tags, registry=registry)
         return tracked.result, tracked.run_id
 
@@ -352,6 +399,7 @@ def replay_command(trial: FrozenTrial, tool: Literal["dpops", "dvc"] = "dpops") 
     return " ".join([head, *(f"-S {o}" for o in trial.user_attrs.get("dpops.overrides", []))])
 
 
-
 def fmt_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) and not math.isnan(v) else f"{k}={v}" for k, v in params.items())
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) and not math.isnan(v) else f"{k}={v}" for k, v in params.items()
+    )

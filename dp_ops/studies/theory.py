@@ -74,9 +74,10 @@ Everything is pure numpy/scipy, deterministic given ``seed``, and silent (no log
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, cast
 
 import numpy as np
 from scipy import integrate, special
@@ -248,10 +249,10 @@ def _check_phi(phi: Any) -> float:
     return v
 
 
-def _check_keep(keep: Any) -> str:
+def _check_keep(keep: Any) -> Keep:
     if keep not in _KEEPS:
         raise ConfigError(f"keep={keep!r} is not allowed: must be one of 'hard', 'easy', 'all'")
-    return str(keep)
+    return cast(Keep, keep)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -264,7 +265,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _pool_size(n: int, p: float) -> int:
     # ceil(n/p) robust to float noise (512/0.2 = 2560.0000000000005 must give 2560)
-    return max(n, int(math.ceil(n / p - 1e-9 * (n / p))))
+    return max(n, math.ceil(n / p - 1e-9 * (n / p)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +339,7 @@ def selection_moments(*, p: float, rho: float, keep: Keep = "hard") -> Selection
     elif rho == 0.0:
         half_a = 0.0
     else:
+
         def integrand(s: float) -> float:
             return s * math.erf(rho * s / (sigma * math.sqrt(2.0))) * _INV_SQRT_2PI * math.exp(-s * s / 2.0)
 
@@ -417,10 +419,8 @@ def _one_draw(
     z = rng.standard_normal((pool, 2))  # coordinates along w_s = e1 and u = e2
     if pool > n:
         score = np.abs(z[:, 0])
-        if keep == "hard":
-            idx = np.argpartition(score, n - 1)[:n]
-        else:
-            idx = np.argpartition(score, pool - n)[pool - n :]
+        # keep-hard: the n smallest margins |t|; keep-easy: the n largest
+        idx = np.argpartition(score, n - 1)[:n] if keep == "hard" else np.argpartition(score, pool - n)[pool - n :]
         z = z[idx]
     x = np.empty((n, d))
     x[:, :2] = z
@@ -540,7 +540,7 @@ def oversampling_curve(
         rs.append(v)
     gens = _child_seeds(seed, len(rs))
     out: list[TheoryPoint] = []
-    for r, gen in zip(rs, gens):
+    for r, gen in zip(rs, gens, strict=True):
         p = 1.0 / r
         th = theory_error(phi=d / n, p=p, rho=rho, lam=lam, keep="hard")
         mc = None
@@ -586,13 +586,21 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
         ax1.plot(
             grid,
             [acc(q0, g, q0.p) for g in grid],
-            "-", color=color, label=f"{label}, theory",
+            "-",
+            color=color,
+            label=f"{label}, theory",
         )
         mc = mc_of(pts)
         if mc:
             ax1.errorbar(
-                [q.n for q, _ in mc], [1.0 - r.mean for _, r in mc], yerr=[r.sd for _, r in mc],
-                fmt="o", color=color, ms=4, capsize=2, label=f"{label}, Monte Carlo (±1 sd)",
+                [q.n for q, _ in mc],
+                [1.0 - r.mean for _, r in mc],
+                yerr=[r.sd for _, r in mc],
+                fmt="o",
+                color=color,
+                ms=4,
+                capsize=2,
+                label=f"{label}, Monte Carlo (±1 sd)",
             )
     ax1.set_xscale("log")
     ax1.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
@@ -611,13 +619,21 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
         ax2.plot(
             grid,
             [acc(q0, q0.n, 1.0 / g) for g in grid],
-            "-", color="tab:red", label="keep hard, theory",
+            "-",
+            color="tab:red",
+            label="keep hard, theory",
         )
         mc = mc_of(pts)
         if mc:
             ax2.errorbar(
-                [q.ratio for q, _ in mc], [1.0 - r.mean for _, r in mc], yerr=[r.sd for _, r in mc],
-                fmt="o", color="tab:red", ms=4, capsize=2, label="keep hard, Monte Carlo (±1 sd)",
+                [q.ratio for q, _ in mc],
+                [1.0 - r.mean for _, r in mc],
+                yerr=[r.sd for _, r in mc],
+                fmt="o",
+                color="tab:red",
+                ms=4,
+                capsize=2,
+                label="keep hard, Monte Carlo (±1 sd)",
             )
         ax2.set_title(f"keep the n hardest of ratio·n (n={q0.n}, d={q0.d}, ρ={q0.rho:g}, λ={q0.lam:g})", fontsize=9)
         ax2.legend(fontsize=7)

@@ -10,16 +10,21 @@ from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.config import build_config, load_config
+from dp_ops.engine.folders import load_folder_data, read_image
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.runner import load_real_data, preflight
-from dp_ops.engine.folders import load_folder_data, read_image
 
 from conftest import make_image_folder
 
 
 def _data_cfg(tmp_path, **data):
-    tree = {"name": "folder", "val_root": str(tmp_path / "val"), "test_root": str(tmp_path / "test"),
-            "resolution": 16, **data}  # fmt: skip
+    tree = {
+        "name": "folder",
+        "val_root": str(tmp_path / "val"),
+        "test_root": str(tmp_path / "test"),
+        "resolution": 16,
+        **data,
+    }
     return build_config({"generator": {"backend": "sd", "model": "unused"}, "data": tree}).data
 
 
@@ -81,25 +86,40 @@ def test_empty_class_is_named(folders):
 
 def test_unreadable_file_is_named(folders):
     (folders / "val" / "cat" / "broken.png").write_bytes(b"not a png at all")
-    _expect(DataError, lambda: load_folder_data(_data_cfg(folders)),
-            "val/cat/broken.png: unreadable image (data.val_root)")  # fmt: skip
+    _expect(
+        DataError, lambda: load_folder_data(_data_cfg(folders)), "val/cat/broken.png: unreadable image (data.val_root)"
+    )
 
 
 def test_mismatched_class_sets_between_splits(folders):
     make_image_folder(folders / "test", classes=("zebra",))
-    _expect(DataError, lambda: load_folder_data(_data_cfg(folders)),
-            "data.val_root and data.test_root have different class folders", "only in test: ['zebra']")  # fmt: skip
+    _expect(
+        DataError,
+        lambda: load_folder_data(_data_cfg(folders)),
+        "data.val_root and data.test_root have different class folders",
+        "only in test: ['zebra']",
+    )
 
 
 def test_listed_class_missing_and_missing_root(folders, tmp_path):
-    _expect(DataError, lambda: load_folder_data(_data_cfg(folders, classes=["cat", "owl"])),
-            "data.classes: 'owl' has no folder in data.val_root=")  # fmt: skip
-    _expect(DataError, lambda: load_folder_data(_data_cfg(folders, test_root=str(tmp_path / "nope"))),
-            "data.test_root=", "no such folder")  # fmt: skip
+    _expect(
+        DataError,
+        lambda: load_folder_data(_data_cfg(folders, classes=["cat", "owl"])),
+        "data.classes: 'owl' has no folder in data.val_root=",
+    )
+    _expect(
+        DataError,
+        lambda: load_folder_data(_data_cfg(folders, test_root=str(tmp_path / "nope"))),
+        "data.test_root=",
+        "no such folder",
+    )
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.png").write_bytes(b"")
-    _expect(DataError, lambda: load_folder_data(_data_cfg(folders, val_root=str(tmp_path / "flat"))),
-            "no class folders in it")  # fmt: skip
+    _expect(
+        DataError,
+        lambda: load_folder_data(_data_cfg(folders, val_root=str(tmp_path / "flat"))),
+        "no class folders in it",
+    )
 
 
 @pytest.mark.parametrize(
@@ -107,11 +127,21 @@ def test_listed_class_missing_and_missing_root(folders, tmp_path):
     [
         (["data.name=folder"], "data.val_root='': data.name='folder' needs it"),
         (["data.name=folder", "data.val_root=a", "data.test_root=b"], "data.name='folder': needs generator.backend=sd"),
-        (["data.name=folder", "data.val_root=a", "data.test_root=b", "generator.backend=sd", "generator.model=m",
-          "data.classes=[a, b]", "data.class_names=[x]"], "data.class_names has 1 names for 2 data.classes"),
+        (
+            [
+                "data.name=folder",
+                "data.val_root=a",
+                "data.test_root=b",
+                "generator.backend=sd",
+                "generator.model=m",
+                "data.classes=[a, b]",
+                "data.class_names=[x]",
+            ],
+            "data.class_names has 1 names for 2 data.classes",
+        ),
         (["data.resolution=128"], "data.resolution=128: must be <= 64 for data.name='digits'"),
     ],
-)  # fmt: skip
+)
 def test_folder_config_errors_are_one_line(tmp_path, overrides, expected):
     (tmp_path / "p.yaml").write_text("{}\n")
     message = _expect(ConfigError, lambda: load_config(tmp_path / "p.yaml", overrides))
@@ -120,10 +150,13 @@ def test_folder_config_errors_are_one_line(tmp_path, overrides, expected):
 
 def test_cli_reports_a_broken_dataset_before_any_work(folders, tmp_path):
     (folders / "val" / "dog" / "1.png").write_bytes(b"\x89PNG garbage")
-    tree = {"device": "cpu", "data": {"name": "folder", "val_root": str(folders / "val"),
-            "test_root": str(folders / "test")}, "generator": {"backend": "sd", "model": str(tmp_path / "no-sd")},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-            "output": {"shards": str(tmp_path / "runs")}}  # fmt: skip
+    tree = {
+        "device": "cpu",
+        "data": {"name": "folder", "val_root": str(folders / "val"), "test_root": str(folders / "test")},
+        "generator": {"backend": "sd", "model": str(tmp_path / "no-sd")},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "output": {"shards": str(tmp_path / "runs")},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     cfg = load_config(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="not a Stable Diffusion pipeline folder"):

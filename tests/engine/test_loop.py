@@ -1,5 +1,6 @@
 import dataclasses
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_wsd_schedule_warms_up_holds_and_cools_down():
     f = [wsd_factor(i, total, 0.1, 0.2) for i in range(total)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in f[10:80])
-    assert all(a >= b for a, b in zip(f[80:], f[81:])) and f[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in pairwise(f[80:])) and f[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 class Recorder(Observer):
@@ -56,7 +57,7 @@ def test_dp_triggers_guided_rounds_that_grow_the_pool_by_p(tiny_generator, real)
     rounds = result.records
     assert rounds[0].round == 0 and rounds[0].n_new == 40 and rounds[0].val_acc_at_trigger is None
     assert len(rounds) >= 2, "patience 1 over 6 evaluations must trigger at least one round"
-    for prev, cur in zip(rounds, rounds[1:]):
+    for prev, cur in pairwise(rounds):
         assert cur.pool_size == prev.pool_size + 20 and cur.n_new == cur.n_generated == 20
         assert cur.val_acc_at_trigger is not None and cur.iteration > prev.iteration
         assert cur.iteration <= 60 - round(0.2 * 60)  # nothing arrives during the cool-down
@@ -78,7 +79,7 @@ def test_oversample_keeps_exactly_p_of_ratio_p_with_the_highest_entropy(tiny_gen
     result, rec = _run(tiny_generator, real, dp={"strategy": "oversample"})
     later = result.records[1:]
     assert later, "a round must be triggered"
-    for r, inc in zip(later, rec.increments[1:]):
+    for r, inc in zip(later, rec.increments[1:], strict=True):
         assert r.n_generated == 60 and r.n_new == 20 == len(inc)
     assert result.summary.generated_samples == 40 + 60 * len(later)
     assert result.summary.pool_size == 40 + 20 * len(later)
@@ -95,8 +96,12 @@ def test_oversample_selection_is_the_top_p_by_entropy(tiny_generator, real):
     loop._acquire(60, omega=0.0, keep=20, trigger=0.5)
     g = loop.cfg.generator
     candidates = tiny_generator.sample(
-        round_labels(0, 0, 60, 10), round_seeds(0, 0, 60), steps=g.steps, cfg_scale=g.cfg_scale,
-        learner=loop.trainer.classify, batch_size=g.batch_size,
+        round_labels(0, 0, 60, 10),
+        round_seeds(0, 0, 60),
+        steps=g.steps,
+        cfg_scale=g.cfg_scale,
+        learner=loop.trainer.classify,
+        batch_size=g.batch_size,
     )
     top = candidates.seeds[torch.argsort(candidates.entropy, descending=True)[:20].numpy()]
     assert sorted(rec.increments[0].seeds.tolist()) == sorted(top.tolist())
@@ -112,7 +117,9 @@ def test_same_seed_same_records_different_seed_different(tiny_generator, real):
     def decisions(result):
         timings = {"gen_seconds", "train_seconds"}
         return [{k: v for k, v in dataclasses.asdict(r).items() if k not in timings} for r in result.records], (
-            result.curve, result.summary.final_test_acc)
+            result.curve,
+            result.summary.final_test_acc,
+        )
 
     a, _ = _run(tiny_generator, real)
     b, _ = _run(tiny_generator, real)

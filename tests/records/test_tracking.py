@@ -54,9 +54,8 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
 @pytest.mark.parametrize(("exc", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_crash_and_interrupt_do_not_leave_runs_running(cfg, exc, status):
     tracker = MlflowTracker(Registry.from_config(cfg), cfg)
-    with pytest.raises(type(exc)):
-        with tracker.lifecycle():
-            raise exc
+    with pytest.raises(type(exc)), tracker.lifecycle():
+        raise exc
     assert MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).info.status == status
 
 

@@ -52,7 +52,7 @@ def test_each_round_is_one_dvc_added_shard_whose_md5_mlflow_links(tracked_run, w
     client = MlflowClient(cfg.tracking.uri)
     children = round_runs(client, run.run_id)
     assert len(children) == len(result.records) == len(run.shards) == 3
-    for child, record in zip(children, result.records):
+    for child, record in zip(children, result.records, strict=True):
         shard = run.shards[record.round]
         assert shard.path.parts[:3] == ("data", "runs", run.run_id)  # relative to the DVC root
         path = workspace / shard.path
@@ -115,5 +115,5 @@ def test_restore_without_cache_or_remote_says_so(tracked_run, workspace, tmp_pat
 
     cfg, run = tracked_run
     shutil.rmtree(workspace / ".dvc" / "cache")
-    with pytest.raises(DataError, match="not in the DVC cache .* and no remote has it"):
+    with pytest.raises(DataError, match=r"not in the DVC cache .* and no remote has it"):
         restore_run_data(run.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=0)

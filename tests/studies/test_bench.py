@@ -23,29 +23,43 @@ from conftest import tiny_tree
 
 def _row(strategy, setting, per_seed):
     """An ArmStats from {seed: (generated, test acc, unet evals, gen seconds)}."""
-    seeds = {s: {"generated_samples": g, "pool_size": g, "iterations": 100, "gen_seconds": sec, "unet_evals": u,
-                 "final_val_acc": a, "final_test_acc": a} for s, (g, a, u, sec) in per_seed.items()}  # fmt: skip
+    seeds = {
+        s: {
+            "generated_samples": g,
+            "pool_size": g,
+            "iterations": 100,
+            "gen_seconds": sec,
+            "unet_evals": u,
+            "final_val_acc": a,
+            "final_test_acc": a,
+        }
+        for s, (g, a, u, sec) in per_seed.items()
+    }
     runs = {(f"{strategy} {setting}", s): m for s, m in seeds.items()}
     return summarise(runs, [Arm(strategy, setting, ())], list(per_seed))[0]
 
 
-STATIC = [_row("static", f"N={n}", {0: (n, a, 10 * n, n / 10), 1: (n, a, 10 * n, n / 10)})
-          for n, a in ((250, 0.90), (500, 0.94), (1000, 0.97), (2000, 0.98))]  # fmt: skip
+STATIC = [
+    _row("static", f"N={n}", {0: (n, a, 10 * n, n / 10), 1: (n, a, 10 * n, n / 10)})
+    for n, a in ((250, 0.90), (500, 0.94), (1000, 0.97), (2000, 0.98))
+]
 
 
 def test_headline_reads_static_curve_pairs_seeds_and_picks_the_cheapest_oversample_at_dp_accuracy():
     dp = _row("dp", "ω=0.05", {0: (500, 0.965, 10_000, 100.0), 1: (500, 0.975, 10_000, 100.0)})
     dp0 = _row("dp", "ω=0", {0: (500, 0.95, 5_000, 50.0), 1: (500, 0.96, 5_000, 50.0)})
-    over = [_row("oversample", "r=2", {0: (1000, 0.96, 20_000, 80.0), 1: (1000, 0.96, 20_000, 80.0)}),
-            _row("oversample", "r=4", {0: (2000, 0.97, 40_000, 160.0), 1: (2000, 0.97, 40_000, 160.0)}),
-            _row("oversample", "r=8", {0: (4000, 0.98, 80_000, 320.0), 1: (4000, 0.98, 80_000, 320.0)})]  # fmt: skip
+    over = [
+        _row("oversample", "r=2", {0: (1000, 0.96, 20_000, 80.0), 1: (1000, 0.96, 20_000, 80.0)}),
+        _row("oversample", "r=4", {0: (2000, 0.97, 40_000, 160.0), 1: (2000, 0.97, 40_000, 160.0)}),
+        _row("oversample", "r=8", {0: (4000, 0.98, 80_000, 320.0), 1: (4000, 0.98, 80_000, 320.0)}),
+    ]
     h = headline([*STATIC, dp, dp0, *over], "dp ω=0.05", "dp ω=0")
     assert h.dp_test_acc == pytest.approx(0.97) and h.dp_samples == 500
     assert h.static_reached and h.static_samples_needed == pytest.approx(1000)  # static N=1000 has exactly 0.97
     assert h.data_multiplier == pytest.approx(2.0)
     # seed 0 (0.965) lies 5/6 of the way from 0.94 @ 500 to 0.97 @ 1000: log-interpolated n = 500·2^(5/6)
     assert h.data_multiplier_per_seed[0] == pytest.approx(2 ** (5 / 6) * 500 / 500)
-    assert h.data_multiplier_per_seed[1] == pytest.approx(1000 * 2 ** 0.5 / 500)
+    assert h.data_multiplier_per_seed[1] == pytest.approx(1000 * 2**0.5 / 500)
     assert h.guidance_effect == pytest.approx(0.015) and h.guidance_effect_sd == pytest.approx(0.0)
     assert h.oversample_arm == "oversample r=4" and h.oversample_reached  # r=2 falls short, r=8 costs more
     assert h.compute_multiplier == pytest.approx(4.0) and h.seconds_multiplier == pytest.approx(1.6)
@@ -55,8 +69,10 @@ def test_headline_reads_static_curve_pairs_seeds_and_picks_the_cheapest_oversamp
 
 def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     dp = _row("dp", "ω=0.05", {0: (800, 0.99, 10_000, 100.0)})
-    over = [_row("oversample", "r=2", {0: (1600, 0.95, 20_000, 80.0)}),
-            _row("oversample", "r=4", {0: (3200, 0.96, 40_000, 160.0)})]  # fmt: skip
+    over = [
+        _row("oversample", "r=2", {0: (1600, 0.95, 20_000, 80.0)}),
+        _row("oversample", "r=4", {0: (3200, 0.96, 40_000, 160.0)}),
+    ]
     h = headline([*STATIC, dp, *over], "dp ω=0.05", "dp ω=0")
     assert not h.static_reached and math.isinf(h.static_samples_needed)
     assert h.data_multiplier == pytest.approx(2000 / 800)  # the largest static size: a lower bound
@@ -64,7 +80,7 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert h.oversample_arm == "oversample r=4" and not h.oversample_reached
     assert "more than 2.50×" in headline_lines(h)[0]
     assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
-    assert headline(STATIC[:1] + [dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
+    assert headline([*STATIC[:1], dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
 
 
 @pytest.fixture
@@ -82,8 +98,16 @@ def params_file(tmp_path, tiny_generator, mlflow_uri):
 
 def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_file, tmp_path):
     bp, cfg = plan(params_file, [], static_sizes=(60, 30, 90), seeds=range(3), experiment="e")  # sizes are sorted
-    assert [a.name for a in bp.arms] == ["static N=30", "static N=60", "static N=90", "dp ω=0.1", "dp ω=0",
-                                         "oversample r=2", "oversample r=4", "oversample r=8"]  # fmt: skip
+    assert [a.name for a in bp.arms] == [
+        "static N=30",
+        "static N=60",
+        "static N=90",
+        "dp ω=0.1",
+        "dp ω=0",
+        "oversample r=2",
+        "oversample r=4",
+        "oversample r=8",
+    ]
     assert (bp.dp_arm, bp.dp0_arm, bp.seeds) == ("dp ω=0.1", "dp ω=0", (0, 1, 2))
     assert cfg.tracking.experiment == "e" and bp.bench_id.startswith("full-")
     todo = jobs(bp, {("static N=30", 0): {}}, {("dp ω=0", 2): "abc"}, tmp_path / "out")
@@ -93,8 +117,10 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
     assert "dp.omega=0" in next(j for j in todo if j.arm.name == "dp ω=0").overrides
     # the same config is the same benchmark; another config is another one
     assert plan(params_file, [], static_sizes=(30, 60), seeds=[0], experiment="e")[0].bench_id == bp.bench_id
-    assert plan(params_file, ["seed=0", "dp.round_size=30"], static_sizes=(30, 60), seeds=[0],
-                experiment="e")[0].bench_id != bp.bench_id  # fmt: skip
+    assert (
+        plan(params_file, ["seed=0", "dp.round_size=30"], static_sizes=(30, 60), seeds=[0], experiment="e")[0].bench_id
+        != bp.bench_id
+    )
     quick, _ = plan(params_file, [], static_sizes=(90, 30, 60), seeds=range(3), experiment="e", quick=True)
     assert [a.name for a in quick.arms] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=4"]
     assert quick.seeds == (0,) and "train.iterations=66" in quick.base
@@ -113,10 +139,33 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
 def _bench(params_file, *args, **kw):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "dp_ops", "bench", "--params", str(params_file), "--seeds", "2", "--ratio", "2",
-           "--workers", "2", "--out", str(params_file.parent / "out"), *args]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=params_file.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kw)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dp_ops",
+        "bench",
+        "--params",
+        str(params_file),
+        "--seeds",
+        "2",
+        "--ratio",
+        "2",
+        "--workers",
+        "2",
+        "--out",
+        str(params_file.parent / "out"),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=params_file.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -144,7 +193,9 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out
     assert "(resumed)" in out and "to resume" in out
-    runs = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'experiment' and attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`dpops.role` = 'experiment' and attributes.status = 'FINISHED'"
+    )
     keys = [(r.data.tags["dpops.arm"], r.data.params["seed"]) for r in runs]
     assert len(keys) == len(set(keys)) == 5 * 2  # 2 static, 2 dp, 1 oversample arm; 2 seeds; each run once
     finished = {r.info.run_id for r in runs}

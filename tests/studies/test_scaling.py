@@ -31,9 +31,15 @@ def _synthetic(seed: int = 0, sd: float = 0.003, size: int = 12) -> tuple[np.nda
 
 def _hand_fit() -> PowerLawFit:
     return PowerLawFit(
-        a=TRUE_A, alpha=TRUE_ALPHA, c=TRUE_C, a_ci=(1.5, 2.5), alpha_ci=(0.4, 0.6), c_ci=(0.04, 0.06),
-        n_points=12, rmse=0.0,
-    )  # fmt: skip
+        a=TRUE_A,
+        alpha=TRUE_ALPHA,
+        c=TRUE_C,
+        a_ci=(1.5, 2.5),
+        alpha_ci=(0.4, 0.6),
+        c_ci=(0.04, 0.06),
+        n_points=12,
+        rmse=0.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +169,8 @@ def test_fit_strategies_and_to_dict_is_json() -> None:
     n, err = _synthetic(seed=4)
     slow = 0.10 + 1.0 * n**-0.3
     points = {
-        "dp": [(float(k), float(1 - e)) for k, e in zip(n, err)],
-        "static": [(float(k), float(1 - e)) for k, e in zip(n, slow)],
+        "dp": [(float(k), float(1 - e)) for k, e in zip(n, err, strict=True)],
+        "static": [(float(k), float(1 - e)) for k, e in zip(n, slow, strict=True)],
     }
     fits = fit_strategies(points, n_boot=5, seed=0)
     assert list(fits) == ["dp", "static"]
@@ -182,7 +188,7 @@ def test_fit_strategies_and_to_dict_is_json() -> None:
 
 def test_plot_writes_png(tmp_path, noisy_fit: PowerLawFit) -> None:
     n, err = _synthetic()
-    points = {"static": [(float(k), float(1 - e)) for k, e in zip(n, err)], "dp": [(1000.0, 0.9)]}
+    points = {"static": [(float(k), float(1 - e)) for k, e in zip(n, err, strict=True)], "dp": [(1000.0, 0.9)]}
     out = plot_scaling(points, {"static": noisy_fit}, tmp_path / "sub" / "scaling.png", targets=[0.9], title="t")
     assert out == tmp_path / "sub" / "scaling.png"
     data = out.read_bytes()

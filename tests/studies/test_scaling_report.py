@@ -56,8 +56,9 @@ def registry(tmp_path, mlflow_uri):
 def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(registry):
     tmp, uri, best = registry
     out = tmp / "report"
-    result = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(out),
-                                 "--target", "0.95"])  # fmt: skip
+    result = runner.invoke(
+        app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(out), "--target", "0.95"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "scaling.json").read_text())
     static = report["fits"]["static"]
@@ -85,8 +86,18 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
 def test_filters_and_too_few_points_refuse_in_one_line(registry):
     tmp, uri, _ = registry
     assert {p.strategy for p in points_from_mlflow(Registry(uri), ["bench"], strategies=["dp"])} == {"dp"}
-    result = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "r"),
-                                 "--filter", "metrics.pool_size < 500"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "scaling",
+            "--params",
+            str(tmp / "params.yaml"),
+            "--out",
+            str(tmp / "r"),
+            "--filter",
+            "metrics.pool_size < 500",
+        ],
+    )
     assert result.exit_code == 1
     assert "too few points to fit a scaling law" in result.output and "have dp: 1, static: 2)" in result.output
     missing = runner.invoke(app, ["scaling", "--params", str(tmp / "params.yaml"), "--experiment", "nope"])
@@ -101,13 +112,19 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
         folder = tmp_path / f"{strategy}{n}"
         folder.mkdir()
         acc = law(n, mult)
-        summary = {"strategy": strategy, "final_val_acc": acc, "final_test_acc": acc, "pool_size": n,
-                   "generated_samples": n, "iterations": 500}  # fmt: skip
+        summary = {
+            "strategy": strategy,
+            "final_val_acc": acc,
+            "final_test_acc": acc,
+            "pool_size": n,
+            "generated_samples": n,
+            "iterations": 500,
+        }
         (folder / "metrics.json").write_text(json.dumps(summary))
         (folder / "rounds.json").write_text(json.dumps({"curve": [{"iteration": 100, "val_acc": acc}]}))
         paths.append(folder / "metrics.json")
     runs = points_from_files(paths)
-    assert [r.curve for r in runs][0] == ((100, law(200)),)
+    assert next(r.curve for r in runs) == ((100, law(200)),)
     report = scaling_report(runs, n_boot=50, targets=[0.9999])
     assert set(report.fits) == {"static"} and "dp" in report.unfitted  # one dp point: no fit, still a multiplier
     assert report.targets["static"]["0.9999"] == float("inf")  # beyond 1 - c: unreachable

@@ -21,8 +21,12 @@ from dp_ops.studies.sweep import Sweep, TrialObserver, counted_trials, replay_co
 from conftest import tiny_tree
 
 runner = CliRunner()
-SPACE = {"omega": {"low": 0.05, "high": 0.5}, "patience": {"low": 1, "high": 3},
-         "round_size": {"low": 10, "high": 30, "step": 10}, "static_sizes": [30, 50]}  # fmt: skip
+SPACE = {
+    "omega": {"low": 0.05, "high": 0.5},
+    "patience": {"low": 1, "high": 3},
+    "round_size": {"low": 10, "high": 30, "step": 10},
+    "static_sizes": [30, 50],
+}
 
 
 @pytest.fixture
@@ -32,8 +36,12 @@ def ws(tmp_path, tiny_generator, mlflow_uri):
     tree["generator"]["path"] = str(tmp_path / "gen")
     tree["tracking"] = {"uri": mlflow_uri}
     out = tmp_path / "out"
-    tree["output"] = {"metrics": str(out / "metrics.json"), "rounds": str(out / "rounds.json"),
-                      "shards": str(out / "runs"), "checkpoints": str(out / "checkpoints")}  # fmt: skip
+    tree["output"] = {
+        "metrics": str(out / "metrics.json"),
+        "rounds": str(out / "rounds.json"),
+        "shards": str(out / "runs"),
+        "checkpoints": str(out / "checkpoints"),
+    }
     tree["sweep"] = {**SPACE, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "sampler_seed": 0}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     tiny_generator.save(tmp_path / "gen")
@@ -177,10 +185,28 @@ def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
     journal = ws / "sweep.journal"
     MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()  # create the MLflow store first
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "dp_ops", "sweep", "--params", str(ws / "params.yaml"), "--storage", str(journal),
-           "--n-trials", "4", "--study-name", "shared", "-S", "sweep.sampler_seed=null", "-S", "train.iterations=100"]
-    workers = [subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dp_ops",
+        "sweep",
+        "--params",
+        str(ws / "params.yaml"),
+        "--storage",
+        str(journal),
+        "--n-trials",
+        "4",
+        "--study-name",
+        "shared",
+        "-S",
+        "sweep.sampler_seed=null",
+        "-S",
+        "train.iterations=100",
+    ]
+    workers = [
+        subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(outputs)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
@@ -200,11 +226,27 @@ def test_two_workers_on_one_journal_file_share_a_four_trial_budget(ws):
 def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_run(ws):
     MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_experiments()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
-    cmd = [sys.executable, "-m", "dp_ops", "sweep", "--params", str(ws / "params.yaml"), "--n-trials", "1",
-           "--study-name", "k", "-S", "train.iterations=160", "-S", "dp.max_rounds=4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dp_ops",
+        "sweep",
+        "--params",
+        str(ws / "params.yaml"),
+        "--n-trials",
+        "1",
+        "--study-name",
+        "k",
+        "-S",
+        "train.iterations=160",
+        "-S",
+        "dp.max_rounds=4",
+    ]
     victim = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not list((ws / "out" / "checkpoints").glob("*/state.pt")) and victim.poll() is None and time.time() < deadline:
+    while (
+        not list((ws / "out" / "checkpoints").glob("*/state.pt")) and victim.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.05)
     assert victim.poll() is None, "the trial finished before it could be killed: " + victim.stdout.read()
     victim.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in Optuna and in MLflow

@@ -142,17 +142,35 @@ class PixelDiffusion:
 
     # ---- sampling ----------------------------------------------------------------------------------
     def sample(
-        self, labels: torch.Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor], omega: float = 0.0, guide_every: int = 1,
-        batch_size: int = 256, progress: Progress | None = None,
-    ) -> Samples:  # fmt: skip
+        self,
+        labels: torch.Tensor,
+        seeds: np.ndarray,
+        *,
+        steps: int,
+        cfg_scale: float,
+        learner: Callable[[torch.Tensor], torch.Tensor],
+        omega: float = 0.0,
+        guide_every: int = 1,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> Samples:
         """Generate one image per label, from per-sample seeds (sample i is reproducible alone).
 
         ``learner`` maps images in [-1, 1] to logits: it steers guided steps (ω > 0) and scores the
         entropy of the final samples either way.
         """
-        return sample_and_score(self, labels, seeds, steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
-                                guide_every=guide_every, batch_size=batch_size, progress=progress)  # fmt: skip
+        return sample_and_score(
+            self,
+            labels,
+            seeds,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            learner=learner,
+            omega=omega,
+            guide_every=guide_every,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
 
 def train_generator(

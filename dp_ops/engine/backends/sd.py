@@ -157,12 +157,30 @@ class StableDiffusion:
 
     # ---- sampling ----------------------------------------------------------------------------------
     def sample(
-        self, labels: Tensor, seeds: np.ndarray, *, steps: int, cfg_scale: float,
-        learner: Callable[[Tensor], Tensor], omega: float = 0.0, guide_every: int = 1, batch_size: int = 8,
+        self,
+        labels: Tensor,
+        seeds: np.ndarray,
+        *,
+        steps: int,
+        cfg_scale: float,
+        learner: Callable[[Tensor], Tensor],
+        omega: float = 0.0,
+        guide_every: int = 1,
+        batch_size: int = 8,
         progress: Progress | None = None,
-    ) -> Samples:  # fmt: skip
+    ) -> Samples:
         """One image per label (prompt of its class) from per-sample seeds, at ``output_resolution`` on the
         CPU; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps and scores
         the entropy of the returned images either way."""
-        return sample_and_score(self, labels, seeds, steps=steps, cfg_scale=cfg_scale, learner=learner, omega=omega,
-                                guide_every=guide_every, batch_size=batch_size, progress=progress)  # fmt: skip
+        return sample_and_score(
+            self,
+            labels,
+            seeds,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            learner=learner,
+            omega=omega,
+            guide_every=guide_every,
+            batch_size=batch_size,
+            progress=progress,
+        )

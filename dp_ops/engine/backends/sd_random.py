@@ -26,29 +26,56 @@ from dp_ops.engine.backends.sd import quiet_hub_libraries
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "unet": dict(sample_size=16, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=4),
+        "unet": dict(
+            sample_size=16,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            attention_head_dim=4,
+        ),
         "vae": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32),
-        "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     projection_dim=16),
+        "text": dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16
+        ),
     },
     "sd15": {
-        "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "unet": dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
-        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     projection_dim=768, vocab_size=49408, hidden_act="quick_gelu"),
+        "text": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
+            vocab_size=49408,
+            hidden_act="quick_gelu",
+        ),
     },
-}  # fmt: skip
+}
 
 
 def sd15_scheduler() -> DDIMScheduler:
     """SD-1.5's noise schedule (scaled-linear betas 0.00085..0.012, offset 1)."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def small_tokenizer(folder: Path):
@@ -62,8 +89,9 @@ def small_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                         pad_token="<|endoftext|>")  # fmt: skip
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
 
 
 def random_components(size: str = "tiny", seed: int = 0) -> dict[str, Any]:
@@ -77,14 +105,24 @@ def random_components(size: str = "tiny", seed: int = 0) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]), quiet_hub_libraries():
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-                            up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-                            **spec["vae"])  # fmt: skip
-        text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                                                    max_position_embeddings=77, **text))  # fmt: skip
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": sd15_scheduler()}  # fmt: skip
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+            **spec["vae"],
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77, **text)
+        )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": sd15_scheduler(),
+    }
 
 
 def save_pipeline(components: dict[str, Any], path: str | Path) -> Path:
@@ -92,7 +130,8 @@ def save_pipeline(components: dict[str, Any], path: str | Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     with quiet_hub_libraries():
-        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)  # fmt: skip
+        pipe = StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
         pipe.save_pretrained(str(path))
     return Path(path)

@@ -50,7 +50,13 @@ def _fixed_learner(x):
 
 def test_pipeline_round_trips_through_save_pretrained(sd_path, sd):
     assert sorted(p.name for p in sd_path.iterdir()) == [
-        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]  # fmt: skip
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
     assert sd.resolution == 32 and sd.vae_factor == 2  # 16² latents, the model's own size
     assert sd.cond.shape == (3, 77, 16) and sd.uncond.shape == (1, 77, 16)
     assert not torch.allclose(sd.cond[0], sd.cond[2])  # prompts differ by class
@@ -83,8 +89,16 @@ def test_guidance_is_the_shared_function_every_kth_step(sd, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "entropy_guidance", spy)
-    out = sd.sample(torch.tensor([0, 1, 2]), np.arange(3), steps=6, cfg_scale=4.0, learner=_fixed_learner, omega=0.05,
-                    guide_every=2, batch_size=2)  # fmt: skip
+    out = sd.sample(
+        torch.tensor([0, 1, 2]),
+        np.arange(3),
+        steps=6,
+        cfg_scale=4.0,
+        learner=_fixed_learner,
+        omega=0.05,
+        guide_every=2,
+        batch_size=2,
+    )
     assert len(calls) == 2 * 3  # two batches, steps 0, 2, 4 each
     assert all(fn == sd.to_learner for fn in calls)  # x̂0 -> VAE decode -> the learner's input size
     assert out.images.shape == (3, 3, 24, 24) and out.unet_evals == 6 * 3 * 2  # CFG: two UNet halves per step
@@ -96,8 +110,9 @@ def test_guided_samples_have_higher_learner_entropy(sd):
     labels = torch.arange(90) % 3
     pool_samples = sd.sample(labels, np.arange(90), steps=4, cfg_scale=4.0, learner=_fixed_learner, batch_size=90)
     recipe = TrainConfig(iterations=200, eval_every=200, batch_size=16, lr=0.01, warmup_fraction=0, cooldown_fraction=0)
-    trainer = Trainer(build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 3, 3, 0), recipe, 0,
-                      input_size=16)  # fmt: skip
+    trainer = Trainer(
+        build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 3, 3, 0), recipe, 0, input_size=16
+    )
     pool = Pool()
     pool.add(LabelledImages(quantize(pool_samples.images), labels))
     trainer.train(pool, recipe.iterations)
@@ -112,8 +127,16 @@ def test_guided_samples_have_higher_learner_entropy(sd):
 def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
     """Random-resized-crop/flip, Mixup/CutMix and EMA: same seed, same weights; a checkpoint continues
     exactly; the EMA is what is evaluated; stored images larger than the input are cropped to it."""
-    recipe = TrainConfig(iterations=8, eval_every=8, batch_size=8, augment="crop_flip", mixup=0.5, cutmix=1.0,
-                         ema_decay=0.5, label_smoothing=0.11)  # fmt: skip
+    recipe = TrainConfig(
+        iterations=8,
+        eval_every=8,
+        batch_size=8,
+        augment="crop_flip",
+        mixup=0.5,
+        cutmix=1.0,
+        ema_decay=0.5,
+        label_smoothing=0.11,
+    )
     gen = torch.Generator().manual_seed(0)
     pool = Pool()
     pool.add(LabelledImages(quantize(torch.rand(32, 3, 24, 24, generator=gen) * 2 - 1), torch.arange(32) % 3))
@@ -149,19 +172,43 @@ def _sd_tree(tmp_path, sd_path):
     make_image_folder(tmp_path / "images" / "val", per_class=6)
     make_image_folder(tmp_path / "images" / "test", per_class=4, seed=1)
     return {
-        "seed": 0, "device": "cpu",
-        "data": {"name": "folder", "val_root": str(tmp_path / "images" / "val"),
-                 "test_root": str(tmp_path / "images" / "test"), "resolution": 16, "shard_resolution": 24},
+        "seed": 0,
+        "device": "cpu",
+        "data": {
+            "name": "folder",
+            "val_root": str(tmp_path / "images" / "val"),
+            "test_root": str(tmp_path / "images" / "test"),
+            "resolution": 16,
+            "shard_resolution": 24,
+        },
         "generator": {"backend": "sd", "model": str(sd_path), "steps": 4, "guide_every": 2, "batch_size": 32},
-        "dp": {"initial_size": 30, "round_size": 12, "patience": 1, "incremental_patience": False, "omega": 0.05,
-               "max_rounds": 2},
+        "dp": {
+            "initial_size": 30,
+            "round_size": 12,
+            "patience": 1,
+            "incremental_patience": False,
+            "omega": 0.05,
+            "max_rounds": 2,
+        },
         "learner": {"model": "dpops_convnet_tiny", "drop_rate": 0.0},
-        "train": {"iterations": 60, "eval_every": 10, "batch_size": 16, "augment": "crop_flip", "mixup": 0.5,
-                  "cutmix": 1.0, "ema_decay": 0.9, "label_smoothing": 0.11},
+        "train": {
+            "iterations": 60,
+            "eval_every": 10,
+            "batch_size": 16,
+            "augment": "crop_flip",
+            "mixup": 0.5,
+            "cutmix": 1.0,
+            "ema_decay": 0.9,
+            "label_smoothing": 0.11,
+        },
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "output": {"metrics": "out/metrics.json", "rounds": "out/rounds.json", "shards": "data/runs",
-                   "checkpoints": "out/checkpoints"},
-    }  # fmt: skip
+        "output": {
+            "metrics": "out/metrics.json",
+            "rounds": "out/rounds.json",
+            "shards": "data/runs",
+            "checkpoints": "out/checkpoints",
+        },
+    }
 
 
 @pytest.mark.slow
