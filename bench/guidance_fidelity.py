@@ -26,7 +26,7 @@ from rich.table import Table
 
 from dp_ops import runner
 from dp_ops.config import load_config
-from dp_ops.engine.data import LabelledImages, Pool, balanced_labels, quantize
+from dp_ops.engine.data import LabelledImages, balanced_labels, quantize
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.quality import train_judge
 
@@ -66,8 +66,7 @@ def main() -> None:
             learner=judge.classify,
             batch_size=g.batch_size,
         )
-        pool = Pool()
-        pool.add(LabelledImages(quantize(warm.images), warm.labels))
+        pool = LabelledImages(quantize(warm.images), warm.labels)
         learner = Trainer(build_learner(cfg.learner, k, real.val.images.shape[1], cfg.seed), cfg.train, cfg.seed)
         learner.train(pool, ARGS.learner_iterations)
         for omega in ARGS.omega:

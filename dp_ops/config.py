@@ -45,6 +45,9 @@ class DataConfig(_Section):
     class_names: tuple[str, ...] = Field((), description="folder: names used in prompts; empty = folder names")
     shard_resolution: int = Field(0, ge=0, le=2048, description="side of stored synthetic images; 0 = resolution")
     shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
+    part_size: int = Field(
+        1024, ge=1, description="samples per round part file (a multiple of generator.batch_size): bounds memory"
+    )
 
     @model_validator(mode="after")
     def _world(self) -> DataConfig:
@@ -173,6 +176,7 @@ class TrainConfig(_Section):
     mixup: float = Field(0.0, ge=0, description="Mixup α (0 = off; the paper: 0.5)")
     cutmix: float = Field(0.0, ge=0, description="CutMix α (0 = off; the paper: 1.0)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights evaluated and guided with; 0 = off")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader processes reading/decoding pool batches")
 
 
 class TrackingConfig(_Section):
@@ -185,7 +189,7 @@ class TrackingConfig(_Section):
 class OutputConfig(_Section):
     metrics: str = Field("metrics.json", min_length=1, description="JSON summary metrics (DVC stage metrics)")
     rounds: str = Field("rounds.json", min_length=1, description="JSON round records and validation curve")
-    shards: str = Field("data/runs", min_length=1, description="one folder per run, one shard file per round")
+    shards: str = Field("data/runs", min_length=1, description="one folder per run, one folder of part files per round")
     checkpoints: str = Field("checkpoints", min_length=1, description="per-run resume state, one file per run")
 
 
@@ -209,6 +213,13 @@ class Config(_Section):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @property
+    def shard_format(self) -> Literal["raw", "png"]:
+        """``data.shard_format`` with ``auto`` resolved: PNG for the text-to-image world, raw uint8 for pixels."""
+        if self.data.shard_format != "auto":
+            return self.data.shard_format
+        return "png" if self.generator.backend == "sd" else "raw"
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         t = self.train
@@ -222,6 +233,11 @@ class Config(_Section):
         if (t.mixup > 0 or t.cutmix > 0) and t.batch_size % 2:
             raise ValueError(
                 f"train.batch_size={t.batch_size}: must be even with train.mixup/train.cutmix (timm Mixup)"
+            )
+        if self.data.part_size % self.generator.batch_size:
+            raise ValueError(
+                f"data.part_size={self.data.part_size}: must be a multiple of generator.batch_size "
+                f"({self.generator.batch_size}), so that a part is made of whole generator batches"
             )
         return self._world_matches()
 

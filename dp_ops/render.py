@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dp_ops.config import Config
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
-from dp_ops.engine.sampling import Samples
+from dp_ops.engine.rounds import RoundParts
 
 if TYPE_CHECKING:  # types only: `dpops run` imports this module and must not import scipy or the studies
     from dp_ops.studies.bench import JobResult
@@ -41,7 +41,7 @@ class RichObserver(Observer):
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self._acc = val_acc
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
         if self._gen is not None:
             self.progress.remove_task(self._gen)
             self._gen = None

@@ -23,22 +23,16 @@ from dp_ops.engine.data import RealData, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices, resolve_device
 from dp_ops.engine.learner import known_models
 from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
+from dp_ops.engine.pool import Pool
 from dp_ops.engine.quality import Quality, measure_quality
-from dp_ops.engine.sampling import Generator, Samples
+from dp_ops.engine.rounds import RoundParts
+from dp_ops.engine.sampling import Generator
+from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.files import write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.tracking import MlflowTracker, Registry
-from dp_ops.records.versioning import (
-    DvcVersioner,
-    ShardInfo,
-    dvc_root,
-    md5_file,
-    read_shard,
-    restore_shard,
-    shard_data,
-    shard_name,
-)
+from dp_ops.records.versioning import DvcVersioner, ShardInfo, dvc_root, parse_parts, restore_round
 
 Progress = Callable[[int, int], None]
 
@@ -119,10 +113,11 @@ def train_and_save_generator(
 
 
 def load_pixel(cfg: Config) -> PixelDiffusion:
-    """The trained pixel generator at ``generator.path``, checked against the configured data."""
+    """The trained pixel generator at ``generator.path``, checked against the configured data, on
+    ``device`` (where the learner runs)."""
     generator = PixelDiffusion.load(cfg.generator.path)
     generator.check_matches(cfg.data)
-    return generator
+    return generator.to(resolve_device(cfg.device))
 
 
 def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
@@ -155,16 +150,10 @@ def load_generator(cfg: Config, real: RealData | None = None) -> Generator:
     return load_pixel(cfg)
 
 
-def shard_format(cfg: Config) -> str:
-    """``data.shard_format``, with ``auto`` = PNG for the text-to-image world, raw uint8 for pixels."""
-    if cfg.data.shard_format != "auto":
-        return cfg.data.shard_format
-    return "png" if cfg.generator.backend == "sd" else "raw"
-
-
 class RunRecords(Observer):
     """An experiment's MLflow and DVC records as one observer, so their order is fixed here rather than by
-    the observer list: each round's shard is written and versioned, then its round run logged with it."""
+    the observer list: each round's folder is versioned, then its round run logged with it; a background
+    push of the round (with a DVC remote) is joined before the loop checkpoints."""
 
     def __init__(self, tracker: MlflowTracker, versioner: DvcVersioner) -> None:
         self.tracker, self.versioner = tracker, versioner
@@ -173,10 +162,11 @@ class RunRecords(Observer):
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.tracker.on_eval(iteration, val_acc)
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
-        shard = self.versioner.write(record, increment)
+    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
+        shard = self.versioner.version(record.round, increment)
         self.shards[record.round] = shard
         self.tracker.log_round(record, increment, shard)
+        self.versioner.wait_pushed()  # (the loop checkpoints next)
 
     def on_finish(self, result: RunResult) -> None:
         self.tracker.on_finish(result)
@@ -211,9 +201,10 @@ def run_tracked(
     last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
     tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
     with tracker.lifecycle():
-        records = RunRecords(tracker, DvcVersioner(Path(cfg.output.shards) / tracker.run_id, shard_format(cfg)))
+        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id)
+        records = RunRecords(tracker, versioner)
         ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
-        loop = DPLoop(cfg, generator, real, [*observers, records, Checkpointer(ckpt)])
+        loop = DPLoop(cfg, generator, real, [*observers, records, Checkpointer(ckpt)], shards=versioner.data_dir)
         if resume_run_id is not None:
             _restore_loop(loop, records, ckpt)
         result = loop.run()
@@ -237,26 +228,36 @@ def resume_config(run_id: str, registry: Registry) -> Config:
 
 
 def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
+    """O(parts), not O(images): the part table is rebuilt from headers; only a part that is missing or has
+    another size than the registry's is restored (DVC cache, then remote), md5-checked; nothing is decoded."""
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
     state = load_checkpoint(ckpt)
     last = state["records"][-1]["round"]
-    md5s = records.tracker.keep_rounds_through(last)
-    versioner, increments = records.versioner, []
+    kept = records.tracker.keep_rounds_through(last)
+    registry, versioner = records.tracker.registry, records.versioner
+    listings, digests = registry.round_parts(kept), {r.round: r.tags.get("dpops.shard_md5") for r in kept}
+    pool = Pool()
     for k in range(last + 1):
-        path, want = versioner.shard_path(k), md5s.get(k)
-        have = md5_file(path) if path.is_file() else None
-        if want and have != want and versioner.root is not None:
-            have = md5_file(restore_shard(versioner.root, want, path))  # the workspace copy is gone or damaged
-        if want and have != want:
-            raise DataError(f"{path}: md5 {have} differs from the registry's {want}")
-        if have is None:
-            raise DataError(f"{path}: missing, and its round run records no md5 to restore it from")
-        increments.append(shard_data(read_shard(path)))
-        records.shards[k] = versioner.info(k, path, have, "resumed")
+        folder, listing = versioner.round_path(k), listings.get(k)
+        if listing is None:
+            raise DataError(f"{folder}: round {k} has no parts listing in its round run; cannot resume it")
+        parts = parse_parts(listing, digests.get(k))
+        if versioner.root is not None:
+            restore_round(versioner.root, parts, folder, only_damaged=True)
+        damaged = [
+            p.relpath
+            for p in parts
+            if not (folder / p.relpath).is_file() or (folder / p.relpath).stat().st_size != p.size
+        ]
+        if damaged:
+            raise DataError(f"{folder}: {', '.join(damaged)} missing or damaged, and no DVC workspace to restore from")
+        pool.add(scan_round(folder))
+        entries = [vars(p) for p in parts]
+        records.shards[k] = versioner.info(k, folder, entries, "resumed")
     for r in state["records"]:  # checkpoints written before round records carried their ω
         r.setdefault("omega", loop.cfg.dp.omega if r["round"] and loop.cfg.dp.strategy == "dp" else 0.0)
-    loop.load_state_dict(state, increments)
+    loop.load_state_dict(state, pool)
 
 
 def restore_run_data(
@@ -268,7 +269,7 @@ def restore_run_data(
     pool: bool = False,
     root: Path | None = None,
 ) -> list[Path]:
-    """Rebuild shards of an MLflow run from the DVC cache (or remote) with only the registry's md5s.
+    """Rebuild round folders of an MLflow run from the DVC cache (or remote) with only the registry.
 
     No ``round_index``: every round (the final pool). ``round_index`` alone: that round's increment.
     With ``pool``: rounds 0..round_index, the pool as it stood after that round.
@@ -276,7 +277,9 @@ def restore_run_data(
     root = root or dvc_root(Path.cwd())
     if root is None:
         raise DataError(f"{Path.cwd()}: not inside a DVC workspace (no .dvc/ here or above)")
-    shards = Registry(tracking_uri).shard_md5s(run_id)
+    registry = Registry(tracking_uri)
+    rounds = registry.round_runs(run_id)
+    shards = {r.round: r.tags.get("dpops.shard_md5") for r in rounds}
     if round_index is not None and round_index not in shards:
         raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
     wanted = (
@@ -284,12 +287,13 @@ def restore_run_data(
         if round_index is None
         else ([k for k in sorted(shards) if k <= round_index] if pool else [round_index])
     )
+    listings = registry.round_parts([r for r in rounds if r.round in wanted])
     restored = []
     for k in wanted:
-        md5 = shards[k]
-        if not md5:
-            raise DataError(f"run {run_id} round {k}: no shard md5 recorded (run made without versioning)")
-        restored.append(restore_shard(root, md5, dest / shard_name(k)))
+        listing = listings.get(k)
+        if not shards[k] or listing is None:
+            raise DataError(f"run {run_id} round {k}: no parts recorded (run made without versioning)")
+        restored += restore_round(root, parse_parts(listing, shards[k]), round_dir(dest, k))
     return restored
 
 

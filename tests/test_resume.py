@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from dp_ops.config import build_config, to_tree
 from dp_ops.records.tracking import Registry
+from dp_ops.records.versioning import md5_file
 
 from conftest import tiny_tree
 
@@ -67,7 +68,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     victim = _dpops(ws, env, "run")
     runs = ws / "data" / "runs"
     deadline = time.time() + 600
-    while not list(runs.glob("*/round_001.safetensors")) and victim.poll() is None and time.time() < deadline:
+    while not list(runs.glob("*/round_001/part_*.safetensors")) and victim.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
     victim.send_signal(signal.SIGKILL)  # in round 1's bookkeeping, before its checkpoint
@@ -79,6 +80,8 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     )
     (run,) = running  # SIGKILL leaves the parent RUNNING: exactly the run to resume
     run_id = run.info.run_id
+    (lost,) = (runs / run_id / "round_000").glob("part_*.safetensors")
+    lost.unlink()  # a checkpointed round's part is gone from the workspace: resume restores it from the DVC cache
 
     resumed = _dpops(ws, env, "run", "--resume", run_id)
     out, _ = resumed.communicate(timeout=600)
@@ -96,6 +99,8 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     assert [c.round for c in children] == list(range(len(ref_rounds["rounds"])))
     assert all(c.status == "FINISHED" for c in children)
     assert [r["omega"] for r in got_rounds["rounds"]] == [0.0] + [0.1] * (len(children) - 1)  # the records' ω
+    (entry,) = Registry(f"sqlite:///{ws / 'mlflow.db'}").round_parts(children[:1])[0]
+    assert md5_file(lost) == entry["md5"]  # the lost part came back byte for byte
 
 
 @pytest.mark.slow

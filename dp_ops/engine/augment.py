@@ -4,8 +4,8 @@
   log-uniform in [3/4, 4/3], as torchvision's) and/or horizontal flip, batched as one affine resampling
   (``affine_grid`` + ``grid_sample``) to the learner's input size, drawn from a ``torch.Generator``.
 - :class:`MixCut`: timm's ``Mixup`` (Mixup α and CutMix α, label smoothing folded into the soft
-  targets). timm draws from NumPy's *global* RNG; we swap our own NumPy state in and out around each
-  call, so runs stay reproducible and the state can be checkpointed.
+  targets). timm draws from NumPy's *global* RNG; each call swaps in a state seeded by the training
+  iteration's key and restores the caller's, so runs stay reproducible with nothing to checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before timm)
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,34 +48,20 @@ def soft_target_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class MixCut:
-    """Mixup/CutMix of a batch with soft, label-smoothed targets, on a private NumPy random stream."""
+    """Mixup/CutMix of a batch with soft, label-smoothed targets. timm draws from NumPy's *global* RNG:
+    each call swaps in a NumPy state seeded by the caller (the training iteration's key), then restores it."""
 
-    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int, seed: int) -> None:
+    def __init__(self, mixup: float, cutmix: float, label_smoothing: float, num_classes: int) -> None:
         from timm.data import Mixup
 
         self.mix = Mixup(
             mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
         )
-        self.np_state: Any = np.random.RandomState(seed).get_state()  # ("MT19937", keys, pos, has_gauss, cached)
 
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor, labels: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         outside = np.random.get_state()
-        np.random.set_state(self.np_state)
+        np.random.seed(seed % 2**32)
         try:
             return self.mix(images, labels)
         finally:
-            self.np_state = np.random.get_state()
             np.random.set_state(outside)
-
-    def state_dict(self) -> dict:
-        _, keys, pos, has_gauss, cached = self.np_state
-        return {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        keys = state["keys"].numpy().astype(np.uint32)
-        self.np_state = ("MT19937", keys, state["pos"], state["has_gauss"], state["cached"])

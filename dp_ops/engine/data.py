@@ -14,6 +14,7 @@ the generator works at. (The text-to-image world reads image folders instead: :m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,15 +26,41 @@ from dp_ops.config import DataConfig
 NUM_CLASSES = 10
 
 
+# Streams of the (seed, iteration) keys: one per random draw of a training step.
+BATCH, DROPOUT, AUGMENT, MIX = range(4)
+
+
+def step_seed(seed: int, iteration: int, stream: int) -> int:
+    """An independent 63-bit seed for one random draw (``stream``) of one training iteration: every draw
+    of training is keyed by (seed, iteration), so any process, resume or device draws the same."""
+    state = np.random.SeedSequence([seed, iteration, stream]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def batch_indices(seed: int, iteration: int, pool_size: int, batch_size: int) -> torch.Tensor:
+    """The stateless sampler: iteration ``iteration``'s mini-batch, uniform with replacement over a pool of
+    ``pool_size`` samples as it stands (Algorithm 1, step 2)."""
+    rng = torch.Generator().manual_seed(step_seed(seed, iteration, BATCH))
+    return torch.randint(pool_size, (batch_size,), generator=rng)
+
+
 @dataclass(frozen=True)
 class LabelledImages:
-    """Images in [-1, 1], shape (n, C, R, R), with integer labels, shape (n,)."""
+    """Images, shape (n, C, R, R), in [-1, 1] (float) or 0..255 (uint8: the real splits of image folders),
+    with integer labels, shape (n,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def batches(self, seed: int, start: int, stop: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches of iterations ``start .. stop-1`` drawn by :func:`batch_indices` (in memory: for
+        small real sets such as the quality judge's; the synthetic pool streams, :mod:`dp_ops.engine.pool`)."""
+        for t in range(start, stop):
+            idx = batch_indices(seed, t, len(self), batch_size)
+            yield self.images[idx], self.labels[idx]
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> [-1, 1] floats."""
+    """uint8 0..255 -> [-1, 1] floats (float images are returned as they are)."""
+    if images.dtype != torch.uint8:
+        return images
     return images.float() / 127.5 - 1
 
 
@@ -97,48 +126,6 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     """Round to the 256 levels a shard stores, so the pool trained on is exactly the versioned data
     (and a resumed run, whose pool is rebuilt from shards, trains on the same numbers)."""
     return from_uint8(to_uint8(images))
-
-
-class Pool:
-    """The growing synthetic training pool. Old data is never dropped (Algorithm 1, step 3).
-
-    ``as_uint8`` holds the images as 8 bits (4× less memory, what a pool of 256² images needs). It is only
-    for images already on the 256 levels shards store (:func:`quantize`), as the loop's pool is: they
-    then come back bit-identical.
-    """
-
-    def __init__(self, as_uint8: bool = False) -> None:
-        self.as_uint8 = as_uint8
-        self._images: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
-        self._cat: LabelledImages | None = None
-
-    def add(self, data: LabelledImages) -> None:
-        images = data.images.detach()
-        self._images.append(to_uint8(images) if self.as_uint8 else images)
-        self._labels.append(data.labels)
-        self._cat = None
-
-    def __len__(self) -> int:
-        return sum(int(t.shape[0]) for t in self._labels)
-
-    def _stored(self) -> LabelledImages:
-        if self._cat is None:
-            self._cat = LabelledImages(torch.cat(self._images), torch.cat(self._labels))
-        return self._cat
-
-    def _floats(self, images: torch.Tensor) -> torch.Tensor:
-        return from_uint8(images) if self.as_uint8 else images
-
-    def as_tensors(self) -> LabelledImages:
-        data = self._stored()
-        return LabelledImages(self._floats(data.images), data.labels)
-
-    def sample_batch(self, batch_size: int, generator: torch.Generator) -> LabelledImages:
-        """A mini-batch drawn uniformly (with replacement) from the whole pool."""
-        data = self._stored()
-        idx = torch.randint(len(data), (batch_size,), generator=generator)
-        return LabelledImages(self._floats(data.images[idx]), data.labels[idx])
 
 
 def balanced_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ import dp_ops.engine._torchvision_compat  # noqa: F401  (before timm)
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -33,8 +33,9 @@ from timm.models import register_model
 
 from dp_ops.config import LearnerConfig, TrainConfig
 from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
-from dp_ops.engine.data import LabelledImages, Pool, resize
+from dp_ops.engine.data import AUGMENT, DROPOUT, MIX, LabelledImages, from_uint8, resize, step_seed
 from dp_ops.engine.guidance import entropy
+from dp_ops.engine.pool import Pool
 
 
 class ConvNet(nn.Module):
@@ -105,7 +106,7 @@ def wsd_factor(iteration: int, total: int, warmup_fraction: float, cooldown_frac
 
 
 class Trainer:
-    """Holds f_φ, its optimiser and schedule, and the RNG of mini-batch draws; steps and evaluates."""
+    """Holds f_φ, its optimiser and schedule; steps on keyed mini-batches and evaluates."""
 
     def __init__(
         self,
@@ -125,13 +126,11 @@ class Trainer:
         self.input_size = input_size
         self.iteration = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.batch_rng = torch.Generator().manual_seed(seed)
-        self.dropout_rng_state = torch.Generator().manual_seed(seed + 1).get_state()
-        self.augment_rng = torch.Generator().manual_seed(seed + 2)
+        self.seed = seed  # every random draw of iteration t is keyed by (seed, t): see data.step_seed
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-        num_classes = getattr(model, "num_classes", None)
         mixing = cfg.mixup > 0 or cfg.cutmix > 0
-        self.mixcut = MixCut(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes, seed + 3) if mixing else None
+        num_classes = cast(int, model.num_classes)  # (every timm model has it)
+        self.mixcut = MixCut(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes) if mixing else None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -142,37 +141,51 @@ class Trainer:
         c = self.cfg
         return c.lr * wsd_factor(iteration, c.iterations, c.warmup_fraction, c.cooldown_fraction)
 
-    def train(self, pool: Pool, steps: int) -> float:
-        """``steps`` optimiser steps on uniform mini-batches of the pool; returns the mean loss."""
+    def train(self, data: Pool | LabelledImages, steps: int) -> float:
+        """``steps`` optimiser steps on uniform mini-batches of ``data`` (the streamed pool, or images in
+        memory); returns the mean loss. Batch t is drawn, augmented and dropped out by keys (seed, t)."""
         self.model.train()
-        total = 0.0
-        with self._dropout_rng():
-            for _ in range(steps):
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.lr_at(self.iteration)
-                batch = pool.sample_batch(self.cfg.batch_size, self.batch_rng)
-                loss = self._loss(self._augment(batch.images.to(self.device)), batch.labels.to(self.device))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.iteration += 1
-                if self.ema is not None:
-                    self.ema.update(self.model, step=self.iteration)
-                total += loss.item()
+        total, start, b = 0.0, self.iteration, self.cfg.batch_size
+        if isinstance(data, Pool):
+            source = data.batches(
+                self.seed,
+                start,
+                start + steps,
+                b,
+                num_workers=self.cfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        else:
+            source = data.batches(self.seed, start, start + steps, b)
+        for images, labels in source:
+            t = self.iteration
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(t)
+            images = from_uint8(images.to(self.device, non_blocking=True))
+            with self._dropout_rng(t):
+                loss = self._loss(self._augment(images, t), labels.to(self.device), t)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.iteration += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.iteration)
+            total += loss.item()
         return total / max(steps, 1)
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, t: int) -> torch.Tensor:
         size = self.input_size or images.shape[-1]
         if self.cfg.augment != "none":
-            return crop_flip(
-                images, size, self.augment_rng, crop=self.cfg.augment == "crop_flip", min_scale=self.cfg.crop_min_scale
-            )
+            rng = torch.Generator().manual_seed(step_seed(self.seed, t, AUGMENT))
+            return crop_flip(images, size, rng, crop=self.cfg.augment == "crop_flip", min_scale=self.cfg.crop_min_scale)
         return self._to_input(images)
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, t: int) -> torch.Tensor:
         if self.mixcut is None:
             return F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.label_smoothing)
-        images, targets = self.mixcut(images, labels)  # label smoothing is inside the soft targets
+        images, targets = self.mixcut(
+            images, labels, step_seed(self.seed, t, MIX)
+        )  # label smoothing is inside the soft targets
         return soft_target_loss(self.model(images), targets)
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -180,20 +193,20 @@ class Trainer:
         return images if self.input_size is None else resize(images, self.input_size)
 
     @contextmanager
-    def _dropout_rng(self) -> Iterator[None]:
-        # Dropout draws from torch's global RNG; keep our own stream in it so that runs are reproducible
-        # whatever else touched the global RNG in between (and so the stream can be checkpointed).
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.dropout_rng_state)
+    def _dropout_rng(self, t: int) -> Iterator[None]:
+        # Dropout draws from torch's global RNG (the device's, on CUDA): seed it for this iteration inside a
+        # fork, so runs are reproducible whatever else touched the global RNG, and resume needs no state.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed(self.seed, t, DROPOUT))
             yield
-            self.dropout_rng_state = torch.get_rng_state()
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Eval-mode logits on the CPU, in chunks (images may live anywhere)."""
         model = self.eval_model.eval()
         chunks = (images[i : i + batch_size].to(self.device) for i in range(0, len(images), batch_size))
-        return torch.cat([model(self._to_input(x)).cpu() for x in chunks])
+        return torch.cat([model(self._to_input(from_uint8(x))).cpu() for x in chunks])
 
     def accuracy(self, data: LabelledImages) -> float:
         return float((self.logits(data.images).argmax(-1) == data.labels).float().mean())
@@ -207,29 +220,19 @@ class Trainer:
         return self.eval_model.eval()(self._to_input(images.to(self.device)))
 
     def state_dict(self) -> dict[str, Any]:
+        """Weights, optimiser, EMA and the iteration: with draws keyed by (seed, iteration), no RNG state."""
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
-            "batch_rng": self.batch_rng.get_state(),
-            "dropout_rng": self.dropout_rng_state,
-            "augment_rng": self.augment_rng.get_state(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        if self.mixcut is not None:
-            state["mixcut"] = self.mixcut.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
-        self.batch_rng.set_state(state["batch_rng"])
-        self.dropout_rng_state = state["dropout_rng"]
-        if "augment_rng" in state:  # (absent in checkpoints written before augmentation existed)
-            self.augment_rng.set_state(state["augment_rng"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        if self.mixcut is not None:
-            self.mixcut.load_state_dict(state["mixcut"])

@@ -14,24 +14,33 @@ current learner, ``oversample`` generates r·P unguided and keeps the P of highe
 *Incremental patience* (ours; the paper does not publish its rule): T_max grows with the pool,
 T_max(k) = ceil(T_max · |pool| / N), because a fixed T_max fires ever more often once the pool is large.
 
-The loop is pure: no tracking or versioning here. Those plug in through :class:`Observer`.
+Memory is bounded by a part, not by the pool: each round is generated and written part by part into
+``<shards>/round_<k>/`` (:mod:`dp_ops.engine.rounds`), and the learner streams its mini-batches from those
+parts (:mod:`dp_ops.engine.pool`). The loop does no tracking or versioning: those plug in through
+:class:`Observer`, which receives each round's parts as facts (:class:`~dp_ops.engine.rounds.RoundParts`).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dp_ops.config import Config
-from dp_ops.engine.data import LabelledImages, Pool, RealData, balanced_labels, quantize
+from dp_ops.engine.data import RealData, balanced_labels
 from dp_ops.engine.devices import resolve_device
 from dp_ops.engine.learner import Trainer, build_learner
-from dp_ops.engine.sampling import Generator, Samples
+from dp_ops.engine.pool import Pool
+from dp_ops.engine.rounds import RoundParts, Sampling, generate_round, keep_top
+from dp_ops.engine.sampling import Generator
+from dp_ops.engine.shards import round_dir
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,8 @@ class Observer:
 
     def on_eval(self, iteration: int, val_acc: float) -> None: ...
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
-        """``increment``: the samples inserted this round (for oversample, the kept ones)."""
+    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
+        """``increment``: the parts written this round (for oversample, of the kept samples)."""
 
     def on_checkpoint(self, state: dict) -> None:
         """After each completed round (and its ``on_round`` hooks): everything needed to resume."""
@@ -146,14 +155,17 @@ def round_labels(seed: int, round_index: int, n: int, num_classes: int) -> torch
 class DPLoop:
     """One experiment. ``run()`` reads top to bottom like Algorithm 1."""
 
-    def __init__(self, cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()):
-        self.cfg, self.generator, self.real = cfg, generator, real
+    def __init__(
+        self, cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), *, shards: Path
+    ) -> None:
+        """``shards``: the folder this run's round parts are written to (and the pool streams from)."""
+        self.cfg, self.generator, self.real, self.shards = cfg, generator, real, Path(shards)
         self.observers = list(observers)
         model = build_learner(cfg.learner, real.num_classes, real.val.images.shape[1], cfg.seed)
         # the learner reads data.resolution; pool images may be stored larger (data.shard_resolution)
         device = resolve_device(cfg.device)
         self.trainer = Trainer(model, cfg.train, cfg.seed, input_size=real.resolution, device=device)
-        self.pool = Pool(as_uint8=True)  # it holds quantized (shard) images only
+        self.pool = Pool()  # the table of parts written so far
         self.plateau = Plateau(cfg.dp.patience)
         self.records: list[RoundRecord] = []
         self.curve: list[tuple[int, float]] = []
@@ -206,23 +218,9 @@ class DPLoop:
 
     def _acquire(self, n: int, *, omega: float, keep: int, trigger: float | None) -> None:
         """Generate ``n`` samples (guided when ω > 0), keep the ``keep`` of highest learner entropy."""
-        k = len(self.records)
-        t0 = time.perf_counter()
-        g = self.cfg.generator
-        samples = self.generator.sample(
-            round_labels(self.cfg.seed, k, n, self.real.num_classes),
-            round_seeds(self.cfg.seed, k, n),
-            steps=g.steps,
-            cfg_scale=g.cfg_scale,
-            learner=self.trainer.classify,
-            omega=omega,
-            guide_every=g.guide_every,
-            batch_size=g.batch_size,
-            progress=lambda done, total: self._emit("on_progress", "generate", done, total),
-        )
-        if keep < n:
-            samples = samples.select(torch.argsort(samples.entropy, descending=True, stable=True)[:keep])
-        self.pool.add(LabelledImages(quantize(samples.images), samples.labels))
+        k, t0 = len(self.records), time.perf_counter()
+        samples = self._generate(k, n, omega, keep)
+        self.pool.add(samples.parts)
         self.plateau.reset(patience_for(self.cfg, len(self.pool)))
         record = _record(
             k,
@@ -241,6 +239,31 @@ class DPLoop:
         self._emit("on_round", record, samples)
         self._emit("on_checkpoint", self.state_dict())
 
+    def _generate(self, k: int, n: int, omega: float, keep: int) -> RoundParts:
+        """Round k's parts: its n samples written as they are generated; for ``keep`` < n the candidates go
+        to a scratch folder and only the ``keep`` of highest learner entropy become the round."""
+        g, d, folder = self.cfg.generator, self.cfg.data, round_dir(self.shards, k)
+        how = Sampling(g.steps, g.cfg_scale, g.guide_every, g.batch_size, self.trainer.classify)
+        fmt = self.cfg.shard_format if keep == n else "raw"  # (candidates: a scratch format)
+        out = folder if keep == n else folder.with_name(folder.name + ".candidates")
+        shutil.rmtree(out, ignore_errors=True)  # a round interrupted before its checkpoint is made again
+        made = generate_round(
+            self.generator,
+            round_labels(self.cfg.seed, k, n, self.real.num_classes),
+            round_seeds(self.cfg.seed, k, n),
+            out,
+            how,
+            round_index=k,
+            omega=omega,
+            part_size=d.part_size,
+            fmt=fmt,
+            progress=lambda done, total: self._emit("on_progress", "generate", done, total),
+        )
+        if keep == n:
+            return made
+        shutil.rmtree(folder, ignore_errors=True)
+        return keep_top(made, keep, folder, part_size=d.part_size, fmt=self.cfg.shard_format)
+
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Loop state after a completed round (the pool itself lives in the round shards)."""
@@ -251,18 +274,16 @@ class DPLoop:
             "trainer": self.trainer.state_dict(),
         }
 
-    def load_state_dict(self, state: dict, increments: Sequence[LabelledImages]) -> None:
-        """Continue from a checkpoint; ``increments`` are the rounds' data in order (from their shards)."""
+    def load_state_dict(self, state: dict, pool: Pool) -> None:
+        """Continue from a checkpoint; ``pool``: the table of the checkpointed rounds' parts (from headers)."""
         self.records = [RoundRecord(**r) for r in state["records"]]
-        if len(increments) != len(self.records):
-            raise ValueError(f"{len(increments)} increments for {len(self.records)} rounds")
+        if len(pool) != self.records[-1].pool_size:
+            raise ValueError(f"the parts hold {len(pool)} samples, the checkpoint's pool {self.records[-1].pool_size}")
         self.curve = [(int(i), float(a)) for i, a in state["curve"]]
         p = state["plateau"]
         self.plateau.best, self.plateau.stale, self.plateau.patience = p["best"], p["stale"], p["patience"]
         self.trainer.load_state_dict(state["trainer"])
-        self.pool = Pool(as_uint8=True)  # it holds quantized (shard) images only
-        for inc in increments:
-            self.pool.add(inc)
+        self.pool = pool
 
     def _finish(self) -> RunResult:
         train_seconds = sum(r.train_seconds for r in self.records) + self._train_seconds
@@ -289,7 +310,7 @@ class DPLoop:
 
 
 def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, gen_s, train_s) -> RoundRecord:
-    ent = samples.entropy.double().numpy()
+    ent = samples.entropy.astype(np.float64)
     return RoundRecord(
         round=k,
         pool_size=len(pool),
@@ -308,6 +329,12 @@ def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, 
     )
 
 
-def run_experiment(cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = ()) -> RunResult:
-    """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records."""
-    return DPLoop(cfg, generator, real, observers).run()
+def run_experiment(
+    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), shards: Path | None = None
+) -> RunResult:
+    """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records.
+    ``shards``: where the round parts go; default a temporary folder, removed at the end (an untracked run)."""
+    if shards is not None:
+        return DPLoop(cfg, generator, real, observers, shards=shards).run()
+    with tempfile.TemporaryDirectory(prefix="dpops-parts-") as tmp:
+        return DPLoop(cfg, generator, real, observers, shards=Path(tmp)).run()

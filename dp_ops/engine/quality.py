@@ -15,7 +15,7 @@ import torch
 
 from dp_ops.config import GeneratorConfig, LearnerConfig, TrainConfig
 from dp_ops.engine.backends.pixel import PixelDiffusion
-from dp_ops.engine.data import Pool, RealData, balanced_labels
+from dp_ops.engine.data import RealData, balanced_labels
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.sampling import Progress
 
@@ -35,9 +35,7 @@ class Quality:
 def train_judge(real: RealData, seed: int) -> Trainer:
     model = build_learner(LearnerConfig(drop_rate=0.1), real.num_classes, real.gen_train.images.shape[1], seed)
     judge = Trainer(model, JUDGE_RECIPE, seed)
-    pool = Pool()
-    pool.add(real.gen_train)
-    judge.train(pool, JUDGE_RECIPE.iterations)
+    judge.train(real.gen_train, JUDGE_RECIPE.iterations)
     return judge
 
 

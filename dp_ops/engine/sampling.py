@@ -9,17 +9,18 @@ Notation (the paper's, Askari-Hemmat et al., ICML 2025):
     x̂0      the DDIM estimate of the clean sample from x_t and ε̂
     ω       entropy-guidance strength (:mod:`dp_ops.engine.guidance`); ω = 0 samples plainly
 
-A backend (:class:`Backend`) supplies only what differs between models: its noise schedule, its ε̂, its
+A backend (a :class:`Generator` subclass) supplies only what differs between models: its noise schedule, its ε̂, its
 initial noise and its decoding of x̂0. :func:`ddim` runs the denoising loop (DDIM, η = 0) and
-:func:`sample_and_score` the batches, final decode and learner entropy; so sampling, guidance and the
+:meth:`Generator.sample` the batches, final decode and learner entropy; so sampling, guidance and the
 cost count are the same code for every backend.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,55 +50,71 @@ class Samples:
         return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
 
 
-class Generator(Protocol):
-    """What the loop needs from a generator backend (``pixel``:
-    :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``: :class:`dp_ops.engine.backends.sd.StableDiffusion`):
-    one image per label from per-sample seeds, on the CPU, in [-1, 1], scored (and, with ω > 0,
-    entropy-guided) by ``learner``; both backends do it with :func:`sample_and_score`."""
+class Generator(ABC):
+    """A generator backend (``pixel``: :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``:
+    :class:`~dp_ops.engine.backends.sd.StableDiffusion`). The loop calls :meth:`sample`; a backend supplies
+    only the model-specific pieces :func:`ddim` needs: its noise, its ε̂ and its decodes, plus
+
+    - ``scheduler``: a diffusers DDIM scheduler holding the model's noise schedule (never stepped itself);
+    - ``learner_resolution``: side of the learner's input (the returned images are resized to it to be scored).
+    """
+
+    scheduler: Any
+    learner_resolution: int
+
+    @abstractmethod
+    def noise(self, seeds: np.ndarray) -> Tensor:
+        """x_T on the model's device (use :func:`seeded_noise`)."""
+
+    @abstractmethod
+    def eps(self, x_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
+        """ε̂ at x_t (already scaled by the scheduler's ``scale_model_input``) for ``labels``."""
+
+    @abstractmethod
+    def to_learner(self, x0: Tensor) -> Tensor:
+        """x̂0 as the learner's input, differentiably: what entropy guidance back-propagates through."""
+
+    @abstractmethod
+    def to_images(self, x0: Tensor) -> Tensor:
+        """The final x_0 as the images to return (before the final clamp to [-1, 1])."""
 
     def sample(
         self,
-        labels: torch.Tensor,
+        labels: Tensor,
         seeds: np.ndarray,
         *,
         steps: int,
         cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor],
+        learner: Learner,
         omega: float = 0.0,
         guide_every: int = 1,
         batch_size: int = 256,
         progress: Progress | None = None,
-    ) -> Samples: ...
-
-
-class Backend(Protocol):
-    """The model-specific pieces :func:`ddim` and :func:`sample_and_score` need."""
-
-    @property
-    def scheduler(self) -> Any:
-        """A diffusers DDIM scheduler holding the model's noise schedule; never stepped itself."""
-        ...
-
-    @property
-    def learner_resolution(self) -> int:
-        """Side of the learner's input: the returned images are resized to it to be scored."""
-        ...
-
-    def noise(self, seeds: np.ndarray) -> Tensor:
-        """x_T on the model's device (use :func:`seeded_noise`)."""
-        ...
-
-    def eps(self, x_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
-        """ε̂ at x_t (already scaled by the scheduler's ``scale_model_input``) for ``labels``."""
-        ...
-
-    def to_learner(self, x0: Tensor) -> Tensor:
-        """x̂0 as the learner's input, differentiably: what entropy guidance back-propagates through."""
-        ...
-
-    def to_images(self, x0: Tensor) -> Tensor:
-        """The final x_0 as the images to return (before the final clamp to [-1, 1])."""
-        ...
+    ) -> Samples:
+        """One image per label from per-sample seeds (sample i is reproducible alone, in any batch), on the
+        CPU, in [-1, 1]; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps
+        (ω > 0) and scores the entropy of the returned images either way."""
+        images, ents = [], []
+        for start in range(0, len(labels), batch_size):
+            sl = slice(start, start + batch_size)
+            x0 = ddim(
+                self,
+                labels[sl],
+                seeds[sl],
+                steps=steps,
+                cfg_scale=cfg_scale,
+                learner=learner,
+                omega=omega,
+                guide_every=guide_every,
+            )
+            with torch.no_grad():
+                x = self.to_images(x0).clamp(-1, 1)
+                ents.append(entropy(learner(resize(x, self.learner_resolution))).cpu())  # (learner may be elsewhere)
+            images.append(x.cpu())
+            if progress:
+                progress(min(start + batch_size, len(labels)), len(labels))
+        evals = unet_evals(len(labels), steps, cfg_scale)
+        return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)
 
 
 def seeded_noise(seeds: np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
@@ -114,7 +131,7 @@ def unet_evals(n: int, steps: int, cfg_scale: float) -> int:
 
 
 def ddim(
-    backend: Backend,
+    backend: Generator,
     labels: Tensor,
     seeds: np.ndarray,
     *,
@@ -143,41 +160,3 @@ def ddim(
                 eps = eps_fn(x)
         x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep, guided or not
     return x
-
-
-def sample_and_score(
-    backend: Backend,
-    labels: Tensor,
-    seeds: np.ndarray,
-    *,
-    steps: int,
-    cfg_scale: float,
-    learner: Learner,
-    omega: float = 0.0,
-    guide_every: int = 1,
-    batch_size: int,
-    progress: Progress | None = None,
-) -> Samples:
-    """One image per label, from per-sample seeds, in batches of ``batch_size``: on the CPU, in [-1, 1],
-    with the learner's entropy on exactly the returned images (at its input size)."""
-    images, ents = [], []
-    for start in range(0, len(labels), batch_size):
-        sl = slice(start, start + batch_size)
-        x0 = ddim(
-            backend,
-            labels[sl],
-            seeds[sl],
-            steps=steps,
-            cfg_scale=cfg_scale,
-            learner=learner,
-            omega=omega,
-            guide_every=guide_every,
-        )
-        with torch.no_grad():
-            x = backend.to_images(x0).clamp(-1, 1)
-            ents.append(entropy(learner(resize(x, backend.learner_resolution))).cpu())  # (learner may be elsewhere)
-        images.append(x.cpu())
-        if progress:
-            progress(min(start + batch_size, len(labels)), len(labels))
-    evals = unet_evals(len(labels), steps, cfg_scale)
-    return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)

@@ -10,24 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dp_ops.engine.data import to_uint8
-from dp_ops.engine.sampling import Samples
+from dp_ops.engine.data import from_uint8, resize, to_uint8
+from dp_ops.engine.rounds import RoundParts
 
 
-def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: int = 3, max_cell: int = 64) -> None:
-    """PNG grid: one row per class, up to ``per_class`` of its new samples (grey or RGB); cells larger
-    than ``max_cell`` are downsized, small ones nearest-neighbour upscaled (at most ``scale``×)."""
+def save_sample_grid(
+    increment: RoundParts, path: Path, per_class: int = 16, scale: int = 3, max_cell: int = 64
+) -> None:
+    """PNG grid: one row per class, up to ``per_class`` of its new samples (grey or RGB, read from the
+    round's parts); cells larger than ``max_cell`` are downsized, small ones nearest-neighbour upscaled
+    (at most ``scale``×)."""
     from PIL import Image
 
-    labels = samples.labels.numpy()
+    labels = increment.labels
     classes = sorted(set(labels.tolist()))
     keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-    images = samples.images[torch.from_numpy(keep)]
+    images = torch.from_numpy(increment.images(keep))
     if images.shape[-1] > max_cell:
-        images = F.interpolate(images, size=(max_cell, max_cell), mode="bilinear", antialias=True)
-    cells = to_uint8(images).numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
+        images = to_uint8(resize(from_uint8(images), max_cell))
+    cells = images.numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
     res, channels = cells.shape[1], cells.shape[-1]
     canvas = np.full((len(classes) * (res + 1), per_class * (res + 1), channels), 255, dtype=np.uint8)
     for row, c in enumerate(classes):
@@ -38,7 +40,7 @@ def save_sample_grid(samples: Samples, path: Path, per_class: int = 16, scale: i
     grid.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST).save(path)
 
 
-def save_entropy_histogram(samples: Samples, path: Path, round_index: int) -> None:
+def save_entropy_histogram(increment: RoundParts, path: Path, round_index: int) -> None:
     """PNG histogram of the learner entropy (nats) of a round's new samples."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -46,7 +48,7 @@ def save_entropy_histogram(samples: Samples, path: Path, round_index: int) -> No
     fig = Figure(figsize=(4, 3), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.hist(samples.entropy.numpy(), bins=30, color="tab:blue")
+    ax.hist(increment.entropy, bins=30, color="tab:blue")
     ax.set(xlabel="learner entropy (nats)", ylabel="samples", title=f"round {round_index}: new samples")
     fig.tight_layout()
     fig.savefig(path)

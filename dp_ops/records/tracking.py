@@ -23,6 +23,7 @@ A run that raises ends FAILED, Ctrl-C ends KILLED: nothing stays RUNNING after t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -43,13 +44,15 @@ from mlflow.exceptions import MlflowException
 
 from dp_ops.config import Config, flatten
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
-from dp_ops.engine.sampling import Samples
+from dp_ops.engine.rounds import RoundParts
 from dp_ops.errors import DataError
+from dp_ops.files import write_json
 from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ID_TAG = "mlflow.parentRunId"
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
+PARTS_FILE = "parts.json"  # a round run's artifact: its parts with md5, size and count
 ROUND_METRICS = (
     "pool_size",
     "n_new",
@@ -190,6 +193,10 @@ class Registry:
         except MlflowException:
             raise DataError(f"run {run_id!r}: no such run in {self.uri}") from None
 
+    def round_parts(self, rounds: Sequence[RunFacts]) -> dict[int, list[dict] | None]:
+        """``round -> parts.json`` listing of these round runs (None: tracked without versioning)."""
+        return {r.round: parts_listing(self.client, r.run_id) for r in rounds}
+
     def shard_md5s(self, run_id: str) -> dict[int, str | None]:
         """``round -> shard md5`` as the round runs of ``run_id`` record it (None: made without versioning)."""
         return shard_md5s(self.round_runs(run_id))
@@ -251,6 +258,7 @@ class Shard(Protocol):
     def md5(self) -> str: ...
     @property
     def versioned_by(self) -> str: ...
+    def parts_json(self) -> list[dict]: ...
 
 
 class MlflowTracker(Observer):
@@ -295,9 +303,9 @@ class MlflowTracker(Observer):
     def uri(self) -> str:
         return self.registry.uri
 
-    def keep_rounds_through(self, last_round: int) -> dict[int, str | None]:
+    def keep_rounds_through(self, last_round: int) -> list[RunFacts]:
         """Delete round runs past ``last_round`` (the last checkpointed round: logged, but their state never
-        landed); returns ``round -> shard md5`` of the round runs that stay."""
+        landed); returns the round runs that stay."""
         kept = []
         for run in self.registry.round_runs(self.run_id):
             if run.round > last_round:
@@ -305,16 +313,16 @@ class MlflowTracker(Observer):
             else:
                 kept.append(run)
                 self.round_run_ids.append(run.run_id)
-        return shard_md5s(kept)
+        return kept
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.client.log_metric(self.run_id, "val_acc", val_acc, step=iteration)
 
-    def on_round(self, record: RoundRecord, increment: Samples) -> None:
+    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
         self.log_round(record, increment, None)
 
-    def log_round(self, record: RoundRecord, increment: Samples, shard: Shard | None) -> None:
+    def log_round(self, record: RoundRecord, increment: RoundParts, shard: Shard | None) -> None:
         """The round's child run (metrics, pictures, its ``shard`` linked when versioned) and the same
         numbers on the parent as curves over rounds, so experiments compare side by side."""
         now = _now()
@@ -335,9 +343,9 @@ class MlflowTracker(Observer):
         )
         child_id = child.info.run_id
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
-        if shard is not None:
-            self._link_shard(child_id, shard)
         with tempfile.TemporaryDirectory() as tmp:
+            if shard is not None:
+                self._link_shard(child_id, shard, Path(tmp))
             grid = Path(tmp) / f"samples_round{record.round}.png"
             hist = Path(tmp) / f"entropy_round{record.round}.png"
             save_sample_grid(increment, grid)
@@ -349,8 +357,12 @@ class MlflowTracker(Observer):
         curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
         self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
 
-    def _link_shard(self, child_id: str, shard: Shard) -> None:
-        """``log_input`` a MetaDataset whose digest is the DVC md5 (fits MLflow's 36-character column)."""
+    def _link_shard(self, child_id: str, shard: Shard, tmp: Path) -> None:
+        """``log_input`` a MetaDataset whose digest is the round folder's DVC digest (``<md5>.dir`` fits
+        MLflow's 36-character column), and log ``parts.json`` (every part's md5 and size): what restore
+        and resume read."""
+        write_json(tmp / PARTS_FILE, shard.parts_json())
+        self.client.log_artifact(child_id, str(tmp / PARTS_FILE))
         source = LocalArtifactDatasetSource(str(shard.path))
         dataset = MetaDataset(source, name=f"{self.run_id}/round-{shard.round}", digest=shard.md5)  # type: ignore[abstract]
         context = InputTag(key="mlflow.data.context", value="training")
@@ -407,6 +419,16 @@ def round_runs(client: MlflowClient, run_id: str) -> list[Run]:
         [parent.info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{run_id}'", max_results=MAX_RESULTS
     )
     return sorted(children, key=lambda r: int(r.data.tags.get("dpops.round", -1)))
+
+
+def parts_listing(client: MlflowClient, run_id: str) -> list[dict] | None:
+    """A round run's ``parts.json`` (None when the round was tracked without versioning)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, PARTS_FILE, tmp)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
 
 
 def shard_md5s(rounds: Sequence[RunFacts]) -> dict[int, str | None]:

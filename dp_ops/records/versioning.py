@@ -1,53 +1,79 @@
-"""Data versioning with DVC: one shard file per round, content-addressed, restorable from its md5.
+"""Data versioning with DVC: each round is one directory output, content-addressed, restorable by md5.
 
-A shard (``<data.dir>/<run id>/round_<k>.safetensors``) holds the round's increment: images, labels,
-per-sample learner entropy and noise seeds, with the round and ω as metadata. Images are stored either
-``raw`` (uint8 (n, C, R, R), the embedded world's tiny images) or ``png``: each image PNG-encoded
-(lossless, so the pool trained on is still exactly the stored data), the bytes concatenated in one uint8
-array with offsets — the text-to-image world's 256² images stay a few files of modest size.
-One file per round, not thousands of PNGs: DVC is slow on many small files. safetensors is a safe
-format and writes the same bytes for the same content, so a repeated round deduplicates in the cache.
+A round is a folder ``<output.shards>/<run id>/round_<k>/`` of immutable part files
+(:mod:`dp_ops.engine.shards`). Outside a pipeline the folder is versioned with ``dvc add`` (DVC's
+Python API, in process): DVC hashes each part once, copies (or, with ``cache.type`` hardlink/reflink,
+links) it into the cache, and records the folder by its ``.dir`` digest — ``<md5>.dir``, 36 characters,
+which fits MLflow's dataset digest column. Inside ``dvc repro`` DVC holds the repository lock and sets
+``DVC_STAGE``: the stage's declared outputs do the versioning and we hash the parts ourselves (one pass
+each) and compute the same ``.dir`` digest DVC would. Either way the round's :class:`ShardInfo` (the
+digest and every part's md5 and size) goes to MLflow, and :func:`restore_file` rebuilds any part from the
+DVC cache (or the default remote) with nothing but its md5.
 
-Outside a pipeline each shard is versioned with ``dvc add`` (DVC's Python API, in process). Inside
-``dvc repro`` DVC holds the repository lock and sets ``DVC_STAGE``: then the stage's declared outputs do
-the versioning and we only compute the md5 (the same md5 DVC will record). Either way the md5 goes to
-MLflow, and :func:`restore_shard` rebuilds the file from the DVC cache with nothing else than it.
+With a default DVC remote configured, each round's folder is pushed (that target only) in a background
+thread while the round's MLflow run is logged, and joined before the loop checkpoints: a machine that
+dies loses no finished round.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-from safetensors.numpy import load_file, save_file
-
-from dp_ops.engine.data import LabelledImages, from_uint8, to_uint8
-from dp_ops.engine.loop import RoundRecord
-from dp_ops.engine.sampling import Samples
+from dp_ops.engine.rounds import RoundParts
+from dp_ops.engine.shards import round_dir
 from dp_ops.errors import DataError
 from dp_ops.files import atomic_path
+
+_PART_NAME = re.compile(r"part_\d{5}\.safetensors")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class PartEntry:
+    """One part file of a round as the registry records it (DVC's ``.dir`` entry plus size and count)."""
+
+    relpath: str
+    md5: str
+    size: int
+    count: int
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """A written shard as its round run records it: where, which bytes, and who versioned them."""
+    """A versioned round as its round run records it: where, which bytes, and who versioned them."""
 
     round: int
-    path: Path  # relative to the DVC root when inside it
-    md5: str
+    path: Path  # the round's folder, relative to the DVC root when inside it
+    md5: str  # DVC's directory digest of the folder: "<md5>.dir"
     versioned_by: str  # "dvc add" | "dvc stage outs" | "none" | "resumed"
+    parts: tuple[PartEntry, ...]
+
+    def parts_json(self) -> list[dict[str, Any]]:
+        return [vars(p) for p in self.parts]
 
 
-def shard_name(round_index: int) -> str:
-    return f"round_{round_index:03d}.safetensors"
+def parse_parts(listing: list[dict[str, Any]], digest: str | None = None) -> tuple[PartEntry, ...]:
+    """A ``parts.json`` listing as entries; with ``digest`` (the registry's ``.dir`` md5) it must match, so a
+    tampered listing never decides which cache object is read. Relative paths must be plain part names."""
+    try:
+        parts = tuple(PartEntry(str(e["relpath"]), str(e["md5"]), int(e["size"]), int(e["count"])) for e in listing)
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"parts listing {listing!r:.80}: not a list of relpath/md5/size/count entries") from None
+    for p in parts:
+        if not _PART_NAME.fullmatch(p.relpath) or not _MD5.fullmatch(p.md5):
+            raise DataError(f"parts listing: {p.relpath!r} md5 {p.md5!r} is not a part name with an md5")
+    if digest is not None and dir_md5([vars(p) for p in parts]) != digest:
+        raise DataError(f"parts listing does not match the round's digest {digest} (edited?)")
+    return parts
 
 
 def md5_file(path: str | Path) -> str:
@@ -59,80 +85,11 @@ def md5_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-SHARD_FORMATS = ("raw", "png")
-
-
-def write_shard(path: Path, samples: Samples, round_index: int, omega: float, fmt: str = "raw") -> None:
-    """Write-then-rename: a crash never leaves a truncated shard under the final name."""
-    images = to_uint8(samples.images).numpy()
-    tensors = encode_png(images) if fmt == "png" else {"images": images}
-    tensors.update(
-        {
-            "labels": samples.labels.numpy().astype(np.int64),
-            "entropy": samples.entropy.numpy().astype(np.float32),
-            "seeds": np.asarray(samples.seeds, dtype=np.int64),
-        }
-    )
-    metadata = {"round": str(round_index), "omega": repr(float(omega))}
-    if fmt == "png":  # (raw shards keep their original two keys)
-        metadata.update(format="png", resolution=str(images.shape[-1]))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _canonical_header(tmp)
-
-
-def _canonical_header(path: Path) -> None:
-    """Sort the header's ``__metadata__`` keys in place. safetensors writes them from a (Rust) hash map,
-    in an order that changes from process to process: the same round would get other bytes, another md5,
-    and no longer deduplicate in the DVC cache. Same keys, same length: only their order changes."""
-    with open(path, "r+b") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        meta = header.pop("__metadata__", None)
-        if not meta or len(meta) < 2:
-            return
-        canonical = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
-        fh.seek(8)
-        fh.write(canonical.encode().ljust(size, b" "))
-
-
-def encode_png(images: np.ndarray) -> dict[str, np.ndarray]:
-    """uint8 (n, C, R, R) -> ``png``: the n PNG files back to back, ``png_offsets``: n + 1 byte offsets."""
-    from PIL import Image
-
-    blobs = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG")
-        blobs.append(buf.getvalue())
-    offsets = np.cumsum([0, *(len(b) for b in blobs)]).astype(np.int64)
-    return {"png": np.frombuffer(b"".join(blobs), dtype=np.uint8).copy(), "png_offsets": offsets}
-
-
-def decode_png(shard: dict[str, np.ndarray]) -> np.ndarray:
-    """The inverse of :func:`encode_png`: uint8 (n, C, R, R)."""
-    from PIL import Image
-
-    data, offsets = shard["png"].tobytes(), shard["png_offsets"]
-    images = []
-    for a, b in pairwise(offsets):
-        img = np.asarray(Image.open(io.BytesIO(data[a:b])))
-        images.append(img[None] if img.ndim == 2 else img.transpose(2, 0, 1))
-    return np.stack(images)
-
-
-def read_shard(path: str | Path) -> dict[str, np.ndarray]:
-    return load_file(str(path))
-
-
-def shard_images(shard: dict[str, np.ndarray]) -> np.ndarray:
-    """A shard's images as uint8 (n, C, R, R), whichever format it was written in."""
-    return decode_png(shard) if "png" in shard else shard["images"]
-
-
-def shard_data(shard: dict[str, np.ndarray]) -> LabelledImages:
-    """A shard as the pool holds it: images back in [-1, 1] (exactly :func:`dp_ops.engine.data.quantize`)."""
-    return LabelledImages(from_uint8(torch.from_numpy(shard_images(shard))), torch.from_numpy(shard["labels"]))
+def dir_md5(entries: list[dict[str, str]]) -> str:
+    """DVC's digest of a directory: the md5 of its sorted ``[{"md5", "relpath"}]`` listing as DVC
+    serialises it (``json.dumps(..., sort_keys=True)``), with ``.dir`` appended."""
+    listing = sorted(({"md5": e["md5"], "relpath": e["relpath"]} for e in entries), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def dvc_root(start: Path) -> Path | None:
@@ -144,57 +101,101 @@ def dvc_root(start: Path) -> Path | None:
 
 
 def cache_path(root: Path, md5: str) -> Path:
-    """Where DVC 3 keeps a file with this md5 in the local cache."""
+    """Where DVC 3 keeps an object with this md5 (a file's, or ``<md5>.dir`` for a listing) in the cache."""
     return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
 class DvcVersioner:
-    """Writes and versions one shard per round and says what it wrote (a :class:`ShardInfo`), so that
+    """Versions one round folder per round and says what it versioned (a :class:`ShardInfo`), so that
     the round's MLflow run can link exactly those bytes."""
 
-    def __init__(self, data_dir: str | Path, shard_format: str = "raw") -> None:
-        """``data_dir``: the run's shard folder; ``shard_format``: raw or png (see :func:`write_shard`)."""
-        if shard_format not in SHARD_FORMATS:
-            raise ValueError(f"shard_format={shard_format!r}: allowed {SHARD_FORMATS}")
-        self.shard_format = shard_format
+    def __init__(self, data_dir: str | Path) -> None:
+        """``data_dir``: the run's folder of round folders."""
         self.data_dir = Path(data_dir)
         self.root = dvc_root(self.data_dir)
         self.in_stage = bool(os.environ.get("DVC_STAGE"))
+        self._push: threading.Thread | None = None
+        self._push_error: BaseException | None = None
 
     @property
     def mode(self) -> str:
-        """How shards are versioned here: ``dvc add``, ``dvc stage outs`` or ``none`` (no DVC workspace)."""
+        """How rounds are versioned here: ``dvc add``, ``dvc stage outs`` or ``none`` (no DVC workspace)."""
         if self.root is None:
             return "none"
         return "dvc stage outs" if self.in_stage else "dvc add"
 
-    def shard_path(self, round_index: int) -> Path:
-        return self.data_dir / shard_name(round_index)
+    def round_path(self, round_index: int) -> Path:
+        return round_dir(self.data_dir, round_index)
 
-    def info(self, round_index: int, path: Path, md5: str, versioned_by: str) -> ShardInfo:
-        """The facts about a shard at ``path`` (made relative to the DVC root when inside it)."""
-        rel = path.resolve().relative_to(self.root) if self.root is not None else path
-        return ShardInfo(round_index, rel, md5, versioned_by)
+    def info(self, round_index: int, folder: Path, entries: list[dict[str, Any]], versioned_by: str) -> ShardInfo:
+        """The facts about a round folder (made relative to the DVC root when inside it)."""
+        rel = folder.resolve().relative_to(self.root) if self.root is not None else folder
+        return ShardInfo(round_index, rel, dir_md5(entries), versioned_by, parse_parts(entries))
 
-    def write(self, record: RoundRecord, increment: Samples) -> ShardInfo:
-        """Write the round's increment (with the ω it was generated with) and version it."""
-        path = self.shard_path(record.round)
-        write_shard(path, increment, record.round, record.omega, self.shard_format)
+    def version(self, round_index: int, parts: RoundParts) -> ShardInfo:
+        """Version a round's folder; with a default remote, start pushing it (see :meth:`wait_pushed`)."""
+        md5s: dict[str, str] = {}
         if self.mode == "dvc add" and self.root is not None:
-            _dvc_add(self.root, path)
-        return self.info(record.round, path, md5_file(path), self.mode)
+            md5s = _dvc_add(self.root, parts.folder)  # DVC's own hash pass: not hashed twice
+        entries = [
+            {"relpath": p.path.name, "md5": md5s.get(p.path.name) or md5_file(p.path), "size": p.nbytes,
+             "count": p.count}
+            for p in parts.parts
+        ]  # fmt: skip
+        shard = self.info(round_index, parts.folder, entries, self.mode)
+        if self.mode == "dvc add" and self.root is not None and _has_default_remote(self.root):
+            self._start_push(parts.folder)
+        return shard
+
+    def _start_push(self, folder: Path) -> None:
+        self.wait_pushed()
+
+        def push() -> None:
+            try:
+                _dvc_push(self.root, folder)  # type: ignore[arg-type]
+            except BaseException as exc:
+                self._push_error = exc
+
+        self._push = threading.Thread(target=push, name="dvc-push", daemon=True)
+        self._push.start()
+
+    def wait_pushed(self) -> None:
+        """Join the round pushed last; a failed push raises here (before the round is checkpointed)."""
+        if self._push is not None:
+            self._push.join()
+            self._push = None
+        if self._push_error is not None:
+            exc, self._push_error = self._push_error, None
+            raise DataError(f"dvc push of the last round failed: {exc}") from exc
 
 
-def _dvc_add(root: Path, path: Path) -> None:
+def _dvc_add(root: Path, folder: Path) -> dict[str, str]:
+    """``dvc add`` a round folder; returns each file's md5 from the ``.dir`` listing DVC wrote."""
     from dvc.repo import Repo
 
     # Concurrent sweep workers in one workspace take turns on DVC's repository lock instead of failing.
     with Repo(str(root), _wait_for_lock=True) as repo:
         repo.scm_context.quiet = True  # library code prints nothing (DVC would print a `git add` hint)
-        repo.add([str(path.resolve())])
+        (stage,) = repo.add([str(folder.resolve())])
+        digest = stage.outs[0].hash_info.value
+    listing = json.loads(cache_path(root, digest).read_text())
+    return {e["relpath"]: e["md5"] for e in listing}
 
 
-def restore_shard(root: Path, md5: str, dest: Path) -> Path:
+def _has_default_remote(root: Path) -> bool:
+    from dvc.config import Config as DvcConfig
+
+    return bool(DvcConfig(dvc_dir=str(root / ".dvc")).get("core", {}).get("remote"))
+
+
+def _dvc_push(root: Path, folder: Path) -> None:
+    from dvc.repo import Repo
+
+    with Repo(str(root), _wait_for_lock=True) as repo:
+        repo.push(targets=[str(folder.resolve())])
+
+
+def restore_file(root: Path, md5: str, dest: Path) -> Path:
     """Copy the cached object with ``md5`` to ``dest``; pull it from the DVC remote if the cache lacks it.
 
     Verifies the md5 of what was written and fails loudly on a mismatch.
@@ -210,6 +211,19 @@ def restore_shard(root: Path, md5: str, dest: Path) -> Path:
         if got != md5:
             raise DataError(f"{dest}: restored bytes have md5 {got}, the registry says {md5} (corrupt cache?)")
     return dest
+
+
+def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path, *, only_damaged: bool = False) -> list[Path]:
+    """Rebuild a round folder's parts byte for byte from the DVC cache (or remote). With ``only_damaged``,
+    only parts that are missing or differ in size are copied (a resume reads no image and hashes nothing
+    that looks intact); returns the paths restored."""
+    restored = []
+    for part in parts:
+        dest = folder / part.relpath
+        if only_damaged and dest.is_file() and dest.stat().st_size == part.size:
+            continue
+        restored.append(restore_file(root, part.md5, dest))
+    return restored
 
 
 def _fetch_object(root: Path, md5: str) -> None:

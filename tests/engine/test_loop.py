@@ -85,14 +85,14 @@ def test_oversample_keeps_exactly_p_of_ratio_p_with_the_highest_entropy(tiny_gen
     assert result.summary.pool_size == 40 + 20 * len(later)
 
 
-def test_oversample_selection_is_the_top_p_by_entropy(tiny_generator, real):
+def test_oversample_selection_is_the_top_p_by_entropy(tiny_generator, real, tmp_path):
     # Regenerate the same 60 candidates (same seeds and labels, same learner): the kept 20 are the top 20.
     import torch
 
     from dp_ops.engine.loop import DPLoop, round_labels, round_seeds
 
     rec = Recorder()
-    loop = DPLoop(build_config(tiny_tree(dp={"strategy": "oversample"})), tiny_generator, real, [rec])
+    loop = DPLoop(build_config(tiny_tree(dp={"strategy": "oversample"})), tiny_generator, real, [rec], shards=tmp_path)
     loop._acquire(60, omega=0.0, keep=20, trigger=0.5)
     g = loop.cfg.generator
     candidates = tiny_generator.sample(

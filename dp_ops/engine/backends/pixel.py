@@ -15,7 +15,6 @@ import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
-from dp_ops.engine.sampling import Progress, Samples, sample_and_score, seeded_noise
+from dp_ops.engine.sampling import Generator, Progress, seeded_noise
 from dp_ops.errors import GeneratorError
 from dp_ops.files import atomic_path, write_json
 
@@ -68,13 +67,15 @@ def build_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
 
 
-class PixelDiffusion:
+class PixelDiffusion(Generator):
     """A trained UNet plus its scheduler; samples class-conditionally, optionally entropy-guided."""
 
     def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler, meta: GeneratorMeta) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler = scheduler
         self.meta = meta
+        # the learner reads samples as they are generated (a Trainer resizes to its own input if it must)
+        self.learner_resolution = meta.resolution
 
     @property
     def null_class(self) -> int:
@@ -87,6 +88,12 @@ class PixelDiffusion:
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             write_json(tmp / META_FILE, asdict(self.meta))
+
+    def to(self, device: torch.device | str) -> PixelDiffusion:
+        """Move the UNet to ``device`` (where the learner runs); noise is still drawn on the CPU, so the same
+        seeds give the same starting points on every device."""
+        self.unet.to(device)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> PixelDiffusion:
@@ -112,11 +119,6 @@ class PixelDiffusion:
                 )
 
     # ---- the pieces of a denoising step (what the shared sampler, dp_ops.engine.sampling, calls) ----
-    @property
-    def learner_resolution(self) -> int:
-        """The learner reads samples as they are generated (a Trainer resizes to its own input if it must)."""
-        return self.meta.resolution
-
     def noise(self, seeds: np.ndarray) -> torch.Tensor:
         res = self.meta.resolution
         return seeded_noise(seeds, (self.unet.config.in_channels, res, res), self.unet.device)
@@ -139,38 +141,6 @@ class PixelDiffusion:
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Pixels are the images: the final x_0 itself."""
         return x0
-
-    # ---- sampling ----------------------------------------------------------------------------------
-    def sample(
-        self,
-        labels: torch.Tensor,
-        seeds: np.ndarray,
-        *,
-        steps: int,
-        cfg_scale: float,
-        learner: Callable[[torch.Tensor], torch.Tensor],
-        omega: float = 0.0,
-        guide_every: int = 1,
-        batch_size: int = 256,
-        progress: Progress | None = None,
-    ) -> Samples:
-        """Generate one image per label, from per-sample seeds (sample i is reproducible alone).
-
-        ``learner`` maps images in [-1, 1] to logits: it steers guided steps (ω > 0) and scores the
-        entropy of the final samples either way.
-        """
-        return sample_and_score(
-            self,
-            labels,
-            seeds,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            learner=learner,
-            omega=omega,
-            guide_every=guide_every,
-            batch_size=batch_size,
-            progress=progress,
-        )
 
 
 def train_generator(

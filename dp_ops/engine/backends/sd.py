@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from dp_ops.engine.data import resize
-from dp_ops.engine.sampling import Progress, Samples, sample_and_score, seeded_noise
+from dp_ops.engine.sampling import Generator, seeded_noise
 from dp_ops.errors import GeneratorError
 
 Tensor = torch.Tensor
@@ -67,7 +67,7 @@ def quiet_hub_libraries() -> Iterator[None]:
             (m.enable_progress_bar if bar else m.disable_progress_bar)()
 
 
-class StableDiffusion:
+class StableDiffusion(Generator):
     """UNet, VAE, text encoder and tokenizer of an SD pipeline; samples class-conditionally by prompt,
     optionally entropy-guided. Same ``sample`` contract as :class:`dp_ops.engine.backends.pixel.PixelDiffusion`."""
 
@@ -154,33 +154,3 @@ class StableDiffusion:
     def noise(self, seeds: np.ndarray) -> Tensor:
         side = self.resolution // self.vae_factor
         return seeded_noise(seeds, (self.unet.config.in_channels, side, side), self.device)
-
-    # ---- sampling ----------------------------------------------------------------------------------
-    def sample(
-        self,
-        labels: Tensor,
-        seeds: np.ndarray,
-        *,
-        steps: int,
-        cfg_scale: float,
-        learner: Callable[[Tensor], Tensor],
-        omega: float = 0.0,
-        guide_every: int = 1,
-        batch_size: int = 8,
-        progress: Progress | None = None,
-    ) -> Samples:
-        """One image per label (prompt of its class) from per-sample seeds, at ``output_resolution`` on the
-        CPU; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps and scores
-        the entropy of the returned images either way."""
-        return sample_and_score(
-            self,
-            labels,
-            seeds,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            learner=learner,
-            omega=omega,
-            guide_every=guide_every,
-            batch_size=batch_size,
-            progress=progress,
-        )

@@ -19,11 +19,12 @@ from dp_ops.config import LearnerConfig, TrainConfig, build_config, flatten, fro
 from dp_ops.engine import sampling
 from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components, save_pipeline
-from dp_ops.engine.data import LabelledImages, Pool, quantize
+from dp_ops.engine.data import LabelledImages, quantize
 from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.engine.shards import PartReader, scan_round
 from dp_ops.errors import ConfigError, GeneratorError
 from dp_ops.records.tracking import round_runs
-from dp_ops.records.versioning import md5_file, read_shard, shard_data, shard_images
+from dp_ops.records.versioning import dir_md5, md5_file
 from dp_ops.runner import preflight, restore_run_data
 
 from conftest import make_image_folder
@@ -113,8 +114,7 @@ def test_guided_samples_have_higher_learner_entropy(sd):
     trainer = Trainer(
         build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 3, 3, 0), recipe, 0, input_size=16
     )
-    pool = Pool()
-    pool.add(LabelledImages(quantize(pool_samples.images), labels))
+    pool = LabelledImages(quantize(pool_samples.images), labels)
     trainer.train(pool, recipe.iterations)
     new_labels, new_seeds = torch.arange(24) % 3, np.arange(1000, 1024)
     kw = dict(steps=4, cfg_scale=4.0, learner=trainer.classify, guide_every=1, batch_size=24)
@@ -138,8 +138,7 @@ def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
         label_smoothing=0.11,
     )
     gen = torch.Generator().manual_seed(0)
-    pool = Pool()
-    pool.add(LabelledImages(quantize(torch.rand(32, 3, 24, 24, generator=gen) * 2 - 1), torch.arange(32) % 3))
+    pool = LabelledImages(quantize(torch.rand(32, 3, 24, 24, generator=gen) * 2 - 1), torch.arange(32) % 3)
 
     def trainer():
         model = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.1), 3, 3, 0)
@@ -160,7 +159,7 @@ def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
     for x, y, z in zip(a.model.parameters(), b.model.parameters(), c.model.parameters(), strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
     assert a.eval_model is a.ema.module and not torch.equal(a.eval_model.head.weight, a.model.head.weight)
-    assert a.classify(pool.as_tensors().images[:2]).shape == (2, 3)  # 24² stored -> 16² input
+    assert a.classify(pool.images[:2]).shape == (2, 3)  # 24² stored -> 16² input
 
 
 # ---- dpops run, end to end ------------------------------------------------------------------------------
@@ -236,32 +235,39 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
     children = round_runs(client, run.info.run_id)
     assert len(children) == len(rounds)
     for child, record in zip(children, rounds, strict=True):
-        shard_file = ws / child.data.tags["dpops.shard_path"]
-        shard = read_shard(shard_file)
-        assert "png" in shard and "images" not in shard  # encoded, not a float/uint8 array
-        assert shard_images(shard).shape == (record["n_new"], 3, 24, 24)  # the configured resolution
-        assert md5_file(shard_file) == child.data.tags["dpops.shard_md5"]
+        folder, digest = ws / child.data.tags["dpops.shard_path"], child.data.tags["dpops.shard_md5"]
+        parts = scan_round(folder)
+        assert parts and all(p.fmt == "png" for p in parts)  # encoded, not a float/uint8 array
+        images = np.concatenate([PartReader(p.path).images() for p in parts])
+        assert images.shape == (record["n_new"], 3, 24, 24)  # the configured resolution
+        listing = json.loads(
+            Path(client.download_artifacts(child.info.run_id, "parts.json", str(tmp_path))).read_text()
+        )
+        assert digest == dir_md5(listing) and len(digest) == 36  # DVC's .dir digest: fits MLflow's column
+        assert [md5_file(folder / e["relpath"]) for e in listing] == [e["md5"] for e in listing]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert f"samples_round{record['round']}.png" in artifacts
 
-    # every increment comes back byte for byte from the DVC cache with only the registry's md5s
+    # every round comes back byte for byte from the DVC cache with only the registry
     restored = restore_run_data(run.info.run_id, tmp_path / "restored", tracking_uri=tree["tracking"]["uri"])
-    for path, child in zip(restored, children, strict=True):
-        assert md5_file(path) == child.data.tags["dpops.shard_md5"]
-        data = shard_data(read_shard(path))
-        assert data.images.shape[1:] == (3, 24, 24) and data.images.abs().max() <= 1
+    originals = sorted(p for p in (ws / "data" / "runs").rglob("part_*.safetensors"))
+    assert [md5_file(p) for p in restored] == [md5_file(p) for p in originals]
+    for path in restored:
+        data = PartReader(path).images()
+        assert data.shape[1:] == (3, 24, 24) and data.dtype == np.uint8
     assert from_flat(run.data.params) == build_config(tree)  # the run can be rebuilt (resumed) from MLflow
 
 
 def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
-    """safetensors writes metadata from a hash map whose order changes between processes; shards sort it
-    so that the same round always has the same md5 (and deduplicates in the DVC cache)."""
-    from dp_ops.engine.sampling import Samples
-    from dp_ops.records.versioning import _canonical_header, write_shard
+    """safetensors writes metadata from a hash map whose order changes between processes; parts sort it
+    so that the same part always has the same md5 (and deduplicates in the DVC cache)."""
+    from dp_ops.engine.shards import _canonical_header, write_part
 
-    samples = Samples(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), np.arange(2), torch.zeros(2), 1)
-    path = tmp_path / "round.safetensors"
-    write_shard(path, samples, 3, 0.05, "png")
+    path = tmp_path / "part_00000.safetensors"
+    images = np.zeros((2, 3, 8, 8), np.uint8)
+    write_part(
+        path, images, np.arange(2), np.zeros(2), np.arange(2), round_index=3, index=0, start=0, omega=0.05, fmt="png"
+    )
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
@@ -271,7 +277,7 @@ def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     assert path.read_bytes() != raw
     _canonical_header(path)
     assert path.read_bytes() == raw
-    assert shard_images(read_shard(path)).shape == (2, 3, 8, 8)
+    assert PartReader(path).images().shape == (2, 3, 8, 8)
 
 
 def test_cuda_only_options_fail_in_one_line_before_work(tmp_path, sd_path, monkeypatch):

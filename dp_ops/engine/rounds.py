@@ -1,0 +1,174 @@
+"""Generating a round part by part: memory bounded by a part, not by the round.
+
+A round's samples are fixed before anything is generated: per-sample labels and noise seeds for indices
+0..n-1. Part p (samples [p·S, (p+1)·S)) is generated batch by batch in exactly the batches a single
+process uses, each batch turned into uint8 at once (no float pile), and written while the next part is
+generated (one part in flight). :func:`generate_round` can make any subset of a round's parts: the bytes of
+a part depend on its sample indices only.
+
+``oversample`` generates r·P candidates into a scratch folder, keeps the top-P by learner entropy over
+the whole round (entropies are small), and copies the kept images part by part (:func:`keep_top`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dp_ops.engine.data import to_uint8
+from dp_ops.engine.sampling import Generator, Progress
+from dp_ops.engine.shards import Part, PartReader, part_name, part_slices, write_part
+
+
+@dataclass(frozen=True)
+class RoundParts:
+    """What a round wrote: its folder and parts, and the small per-sample arrays of all its samples."""
+
+    folder: Path
+    parts: tuple[Part, ...]
+    labels: np.ndarray  # int64 (n,)
+    seeds: np.ndarray  # int64 (n,)
+    entropy: np.ndarray  # float32 (n,): learner entropy (nats) at generation
+    omega: float
+    unet_evals: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def images(self, idx: np.ndarray) -> np.ndarray:
+        """uint8 images of round samples ``idx`` (read from the parts; for previews, not for training)."""
+        starts = np.array([p.start for p in self.parts])
+        out = []
+        for i in np.asarray(idx, dtype=np.int64):
+            p = int(np.searchsorted(starts, i, side="right") - 1)
+            out.append(PartReader(self.parts[p].path).images(np.array([i - starts[p]]))[0])
+        return np.stack(out)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the generator is called (the same for every batch of a round)."""
+
+    steps: int
+    cfg_scale: float
+    guide_every: int
+    batch_size: int
+    learner: Callable[[torch.Tensor], torch.Tensor]
+
+
+def generate_round(
+    generator: Generator,
+    labels: torch.Tensor,
+    seeds: np.ndarray,
+    folder: Path,
+    how: Sampling,
+    *,
+    round_index: int,
+    omega: float,
+    part_size: int,
+    fmt: str,
+    parts: Sequence[int] | None = None,
+    progress: Progress | None = None,
+) -> RoundParts:
+    """Generate and write the round's parts ``parts`` (default: all) into ``folder``."""
+    slices = part_slices(len(labels), part_size)
+    wanted = range(len(slices)) if parts is None else parts
+    total, done = sum(slices[p].stop - slices[p].start for p in wanted), 0
+    written: list[Future[Part]] = []
+    ents, evals = np.zeros(len(labels), np.float32), 0
+    with ThreadPoolExecutor(max_workers=1) as writer:  # one part written while the next is generated
+        for p in wanted:
+            sl = slices[p]
+            images = None
+            for b in range(sl.start, sl.stop, how.batch_size):
+                s = generator.sample(
+                    labels[b : b + how.batch_size],
+                    seeds[b : b + how.batch_size],
+                    steps=how.steps,
+                    cfg_scale=how.cfg_scale,
+                    learner=how.learner,
+                    omega=omega,
+                    guide_every=how.guide_every,
+                    batch_size=how.batch_size,
+                )
+                batch = to_uint8(s.images).numpy()
+                if images is None:
+                    images = np.empty((sl.stop - sl.start, *batch.shape[1:]), np.uint8)
+                images[b - sl.start : b - sl.start + len(batch)] = batch
+                ents[b : b + len(batch)] = s.entropy.numpy()
+                evals += s.unet_evals
+                done += len(batch)
+                if progress:
+                    progress(done, total)
+            assert images is not None  # (a part has at least one batch)
+            if written:
+                written[-1].result()  # at most one part waits to be written: memory stays bounded
+            written.append(
+                writer.submit(
+                    write_part,
+                    folder / part_name(p),
+                    images,
+                    labels[sl].numpy(),
+                    ents[sl],
+                    seeds[sl],
+                    round_index=round_index,
+                    index=p,
+                    start=sl.start,
+                    omega=omega,
+                    fmt=fmt,
+                )
+            )
+            del images
+        made = tuple(f.result() for f in written)
+    return RoundParts(folder, made, labels.numpy().astype(np.int64), np.asarray(seeds, np.int64), ents, omega, evals)
+
+
+def keep_top(candidates: RoundParts, keep: int, folder: Path, *, part_size: int, fmt: str) -> RoundParts:
+    """The ``keep`` candidates of highest learner entropy (over the whole round, ties in index order), in
+    that order, written as the parts of ``folder``; the candidates' scratch folder is removed."""
+    order = np.argsort(-candidates.entropy, kind="stable")[:keep]
+    readers = [PartReader(p.path) for p in candidates.parts]
+    starts = np.array([p.start for p in candidates.parts])
+    made = []
+    for q, sl in enumerate(part_slices(keep, part_size)):
+        chosen = order[sl]
+        owner = np.searchsorted(starts, chosen, side="right") - 1
+        images = None
+        for p in np.unique(owner):
+            rows = np.flatnonzero(owner == p)
+            block = readers[p].images(chosen[rows] - starts[p])
+            if images is None:
+                images = np.empty((len(chosen), *block.shape[1:]), np.uint8)
+            images[rows] = block
+        assert images is not None
+        made.append(
+            write_part(
+                folder / part_name(q),
+                images,
+                candidates.labels[chosen],
+                candidates.entropy[chosen],
+                candidates.seeds[chosen],
+                round_index=candidates.parts[0].round,
+                index=q,
+                start=sl.start,
+                omega=candidates.omega,
+                fmt=fmt,
+            )
+        )
+    del readers
+    shutil.rmtree(candidates.folder, ignore_errors=True)
+    return RoundParts(
+        folder,
+        tuple(made),
+        candidates.labels[order],
+        candidates.seeds[order],
+        candidates.entropy[order],
+        candidates.omega,
+        candidates.unet_evals,
+    )
