@@ -6,9 +6,9 @@ Generator backends are chosen by name (``generator.backend``, see :func:`load_ge
 trained here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
 ``generator.model``, never trained here.
 
-A tracked run's records (:class:`RunRecords`): per round, the shard is written and DVC-versioned first,
-then the round's MLflow run is logged with exactly that shard, then (a separate, later loop event) the
-loop state is checkpointed.
+A tracked run's records (:class:`RunRecords`): per round, the round folder (written by the loop, part by
+part) is DVC-versioned first, then the round's MLflow run is logged with exactly those parts, then (a
+separate, later loop event) the loop state is checkpointed.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Per-round checkpoints, so a crash or Ctrl-C loses nothing that was finished.
 
-After each completed round (its shard written and versioned, its MLflow run logged: the loop calls
+After each completed round (its parts written and versioned, its MLflow run logged: the loop calls
 ``on_checkpoint`` only once every ``on_round`` hook has returned) the loop state — learner weights,
-optimiser, iteration, mini-batch and dropout RNG streams, plateau counter, round records, validation
-curve — is written to ``<output.checkpoints>/<run id>/state.pt`` with write-then-rename.
-The pool itself is not in the checkpoint: it is rebuilt from the round shards. It only holds tensors and
-plain Python values, so it loads with ``torch.load(weights_only=True)``.
+optimiser, EMA, iteration, plateau counter, round records, validation curve — is written to
+``<output.checkpoints>/<run id>/state.pt`` with write-then-rename. No random state: every draw of
+training is keyed by (seed, iteration). The pool is not in the checkpoint either: its table is rebuilt
+from the round parts' headers. It only holds tensors and plain Python values, so it loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
