@@ -138,10 +138,14 @@ class DvcVersioner:
         if self.mode == "dvc add" and self.root is not None:
             md5s = _dvc_add(self.root, parts.folder)  # DVC's own hash pass: not hashed twice
         entries = [
-            {"relpath": p.path.name, "md5": md5s.get(p.path.name) or md5_file(p.path), "size": p.nbytes,
-             "count": p.count}
+            {
+                "relpath": p.path.name,
+                "md5": md5s.get(p.path.name) or md5_file(p.path),
+                "size": p.nbytes,
+                "count": p.count,
+            }
             for p in parts.parts
-        ]  # fmt: skip
+        ]
         shard = self.info(round_index, parts.folder, entries, self.mode)
         if self.mode == "dvc add" and self.root is not None and _has_default_remote(self.root):
             self._start_push(parts.folder)
