@@ -46,9 +46,6 @@ class Samples:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def select(self, idx: torch.Tensor) -> Samples:
-        return Samples(self.images[idx], self.labels[idx], self.seeds[idx.numpy()], self.entropy[idx], self.unet_evals)
-
 
 class Generator(ABC):
     """A generator backend (``pixel``: :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``:

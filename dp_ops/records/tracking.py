@@ -197,10 +197,6 @@ class Registry:
         """``round -> parts.json`` listing of these round runs (None: tracked without versioning)."""
         return {r.round: parts_listing(self.client, r.run_id) for r in rounds}
 
-    def shard_md5s(self, run_id: str) -> dict[int, str | None]:
-        """``round -> shard md5`` as the round runs of ``run_id`` record it (None: made without versioning)."""
-        return shard_md5s(self.round_runs(run_id))
-
     def history(self, run_id: str, key: str) -> tuple[tuple[int, float], ...]:
         """Every ``(step, value)`` logged for the metric ``key`` of a run."""
         return tuple((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
@@ -429,11 +425,6 @@ def parts_listing(client: MlflowClient, run_id: str) -> list[dict] | None:
         except (MlflowException, OSError):
             return None
         return json.loads(Path(path).read_text())
-
-
-def shard_md5s(rounds: Sequence[RunFacts]) -> dict[int, str | None]:
-    """``round -> shard md5`` as these round runs record it (None for a run made without versioning)."""
-    return {r.round: r.tags.get("dpops.shard_md5") for r in rounds}
 
 
 def _now() -> int:

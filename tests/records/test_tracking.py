@@ -73,7 +73,9 @@ def test_the_registry_answers_with_facts_and_data_errors(cfg, tiny_generator, re
     assert run.status == "FINISHED" and run.params["dp.omega"] == "0.1" and run.tags["dpops.study"] == "s"
     assert run.experiment_id == registry.experiment_id("t") == registry.find_experiment("t")
     assert [r.round for r in registry.round_runs(tracker.run_id)] == [r.round for r in result.records]
-    assert registry.shard_md5s(tracker.run_id) == {r.round: None for r in result.records}  # no versioning here
+    rounds = registry.round_runs(tracker.run_id)
+    assert registry.round_parts(rounds) == {r.round: None for r in result.records}  # no versioning here
+    assert all("dpops.shard_md5" not in r.tags for r in rounds)
     assert [step for step, _ in registry.history(tracker.run_id, "val_acc")] == [10, 20, 30, 40, 50, 60]
     assert registry.find_run("t", {"dpops.study": "s"}) == tracker.run_id
     assert registry.find_run("t", {"dpops.study": "other"}) is None and registry.find_run("nope", {"a": "b"}) is None
