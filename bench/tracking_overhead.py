@@ -74,7 +74,7 @@ def main() -> None:
         )  # as run_tracked wires them
         edges = [Timed(o, ledger) for o in (records, Checkpointer(Path(tmp) / "ckpt" / "state.pt"))]
         with tracker.lifecycle():
-            result = DPLoop(cfg, generator, real, edges).run()
+            result = DPLoop(cfg, generator, real, edges, shards=records.versioner.data_dir).run()
     print(
         f"# {len(result.records)} rounds, P={cfg.dp.round_size}, {cfg.train.iterations} iterations; "
         "round wall = generation + training since the previous round + tracking/versioning"
