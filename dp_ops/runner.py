@@ -14,7 +14,7 @@ separate, later loop event) the loop state is checkpointed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dp_ops.config import Config, from_flat
@@ -98,16 +98,10 @@ def train_and_save_generator(
             f"generator.backend={cfg.generator.backend!r}: a pretrained pipeline (generator.model) is not "
             "trained here; only the pixel generator is"
         )
-    meta = GeneratorMeta(
-        resolution=cfg.data.resolution,
-        num_classes=real.num_classes,
-        split_seed=cfg.data.split_seed,
-        data=cfg.data.name,
-        train_iterations=cfg.generator.train_iterations,
-    )
+    meta = GeneratorMeta.of(cfg, real.num_classes)
     generator = train_generator(cfg.generator, real.gen_train, meta=meta, seed=cfg.data.split_seed, progress=progress)
     quality = measure_quality(generator, real, cfg.generator, seed=cfg.data.split_seed, progress=quality_progress)
-    generator = PixelDiffusion(generator.unet, generator.scheduler, _with_quality(meta, quality))
+    generator = PixelDiffusion(generator.unet, generator.scheduler, replace(meta, quality=quality.to_dict()))
     generator.save(cfg.generator.path)
     return generator, quality
 
@@ -295,7 +289,3 @@ def restore_run_data(
             raise DataError(f"run {run_id} round {k}: no parts recorded (run made without versioning)")
         restored += restore_round(root, parse_parts(listing, shards[k]), round_dir(dest, k))
     return restored
-
-
-def _with_quality(meta: GeneratorMeta, quality: Quality) -> GeneratorMeta:
-    return GeneratorMeta(**{**meta.__dict__, "quality": quality.to_dict()})

@@ -72,14 +72,9 @@ def real(tiny_cfg: Config) -> RealData:
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
-    meta = GeneratorMeta(
-        resolution=tiny_cfg.data.resolution,
-        num_classes=real.num_classes,
-        split_seed=tiny_cfg.data.split_seed,
-        data=tiny_cfg.data.name,
-        train_iterations=tiny_cfg.generator.train_iterations,
+    return train_generator(
+        tiny_cfg.generator, real.gen_train, meta=GeneratorMeta.of(tiny_cfg, real.num_classes), seed=0
     )
-    return train_generator(tiny_cfg.generator, real.gen_train, meta=meta, seed=0)
 
 
 # ---- MLflow stores: one migrated template, a copy per test ---------------------------------------------

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from dp_ops.engine.data import to_uint8
+from dp_ops.engine.pool import Pool
 from dp_ops.engine.sampling import Generator, Progress
-from dp_ops.engine.shards import Part, PartReader, part_name, part_slices, write_part
+from dp_ops.engine.shards import Part, part_name, part_slices, write_part
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,9 @@ class RoundParts:
         return int(self.labels.shape[0])
 
     def images(self, idx: np.ndarray) -> np.ndarray:
-        """uint8 images of round samples ``idx`` (read from the parts; for previews, not for training)."""
-        starts = np.array([p.start for p in self.parts])
-        out = []
-        for i in np.asarray(idx, dtype=np.int64):
-            p = int(np.searchsorted(starts, i, side="right") - 1)
-            out.append(PartReader(self.parts[p].path).images(np.array([i - starts[p]]))[0])
-        return np.stack(out)
+        """uint8 images of round samples ``idx``, in that order, read from the parts as the pool reads them."""
+        images, _ = Pool(self.parts).dataset().__getitems__(np.asarray(idx, dtype=np.int64).tolist())
+        return images.numpy()
 
 
 @dataclass(frozen=True)
@@ -133,24 +130,13 @@ def keep_top(candidates: RoundParts, keep: int, folder: Path, *, part_size: int,
     """The ``keep`` candidates of highest learner entropy (over the whole round, ties in index order), in
     that order, written as the parts of ``folder``; the candidates' scratch folder is removed."""
     order = np.argsort(-candidates.entropy, kind="stable")[:keep]
-    readers = [PartReader(p.path) for p in candidates.parts]
-    starts = np.array([p.start for p in candidates.parts])
     made = []
     for q, sl in enumerate(part_slices(keep, part_size)):
         chosen = order[sl]
-        owner = np.searchsorted(starts, chosen, side="right") - 1
-        images = None
-        for p in np.unique(owner):
-            rows = np.flatnonzero(owner == p)
-            block = readers[p].images(chosen[rows] - starts[p])
-            if images is None:
-                images = np.empty((len(chosen), *block.shape[1:]), np.uint8)
-            images[rows] = block
-        assert images is not None
         made.append(
             write_part(
                 folder / part_name(q),
-                images,
+                candidates.images(chosen),
                 candidates.labels[chosen],
                 candidates.entropy[chosen],
                 candidates.seeds[chosen],
@@ -161,7 +147,6 @@ def keep_top(candidates: RoundParts, keep: int, folder: Path, *, part_size: int,
                 fmt=fmt,
             )
         )
-    del readers
     shutil.rmtree(candidates.folder, ignore_errors=True)
     return RoundParts(
         folder,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
-from dp_ops.config import DataConfig, GeneratorConfig
+from dp_ops.config import Config, DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
 from dp_ops.engine.sampling import Generator, Progress, seeded_noise
 from dp_ops.errors import GeneratorError
@@ -42,6 +42,12 @@ class GeneratorMeta:
     data: str
     train_iterations: int
     quality: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: Config, num_classes: int) -> GeneratorMeta:
+        """What a generator trained now with ``cfg`` on its data's generator-train split is trained on."""
+        d = cfg.data
+        return cls(d.resolution, num_classes, d.split_seed, d.name, cfg.generator.train_iterations)
 
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
