@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,6 +31,10 @@ from rich.table import Table
 from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.errors import ConfigError, DpOpsError
 from dp_ops.files import write_json
+
+if TYPE_CHECKING:
+    from dp_ops.engine.dist import World
+    from dp_ops.runner import TrackedRun
 
 app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
 generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
@@ -76,7 +82,10 @@ def _friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DpOpsError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            rank = os.environ.get("RANK", "0")  # (under torchrun: every process checks the same config)
+            if rank == "0" or not isinstance(exc, ConfigError):
+                where = "" if rank == "0" else f"(rank {rank}) "
+                err_console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -132,28 +141,44 @@ def run(
     ] = None,
 ) -> None:
     """Run one experiment (dp, static or oversample), tracked and versioned: the embedded digits world, or
-    the text-to-image world with generator.backend=sd."""
+    the text-to-image world with generator.backend=sd. Under torchrun, one run on all its processes."""
     from dp_ops import runner
+    from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry
-    from dp_ops.render import RichObserver, print_run
+    from dp_ops.render import RichObserver
 
     cfg = _config(params, set_)
-    registry = None
-    if resume:  # the run's own config, from MLflow; -S/--params only choose where to look
-        registry = Registry.from_config(cfg)
-        cfg = runner.resume_config(resume, registry)
-    runner.preflight(cfg)
-    real = runner.load_real_data(cfg)
-    registry = registry or Registry.from_config(cfg)  # (opened only now: a refused run leaves no store behind)
-    with _progress() as progress:
-        generator = _generator(cfg, real, progress)
-        run = runner.run_tracked(
-            cfg, generator, real, [RichObserver(progress)], resume_run_id=resume, registry=registry
-        )
+    world = dist.join(cfg.device)
+    try:
+        registry = None
+        if resume:  # the run's own config, from MLflow (rank 0 reads it); -S/--params only choose where to look
+            if world.main:
+                registry = Registry.from_config(cfg)
+                cfg = runner.resume_config(resume, registry)
+            cfg = world.broadcast(cfg)
+        runner.preflight(cfg, world)
+        real = runner.load_real_data(cfg)
+        if world.main:  # (the store is opened only now: a refused run leaves none behind)
+            registry = registry or Registry.from_config(cfg)
+        with _progress() if world.main else nullcontext() as progress:
+            generator = _generator(cfg, real, progress, world)
+            observers = [RichObserver(progress)] if progress else []
+            run = runner.run_tracked(cfg, generator, real, observers, resume, registry=registry, world=world)
+    finally:
+        dist.leave()
+    if world.main:
+        _print_tracked(cfg, run)
+
+
+def _print_tracked(cfg: Config, run: TrackedRun) -> None:
+    from dp_ops.render import print_run
+
     print_run(console, cfg, run.result)
-    versioner = run.versioner
+    tracker, versioner = run.tracker, run.versioner
+    assert tracker is not None and versioner is not None  # (rank 0's run)
+    registry = tracker.registry
     console.print(
-        f"MLflow run [bold]{run.run_id}[/] ({len(run.tracker.round_run_ids)} round runs) in experiment "
+        f"MLflow run [bold]{run.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
         f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: mlflow ui --backend-store-uri {registry.uri}\n"
         f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
@@ -408,17 +433,21 @@ def bench(
         )
 
 
-def _generator(cfg: Config, real: Any, progress: Progress) -> Any:
+def _generator(cfg: Config, real: Any, progress: Progress | None, world: World | None = None) -> Any:
+    """The run's generator, trained first if missing; under torchrun (``world``) rank 0 (the one with the
+    ``progress`` display) trains it while the others wait, then every process loads it."""
     from dp_ops import runner
 
-    if runner.generator_exists(cfg):
+    if progress is not None and not runner.generator_exists(cfg):
+        console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
+        _, quality = runner.train_and_save_generator(
+            cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
+        )
+        console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
+    if world is None:
         return runner.load_generator(cfg, real)
-    console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
-    generator, quality = runner.train_and_save_generator(
-        cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
-    )
-    console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
-    return generator
+    world.barrier()
+    return runner.load_generator(cfg, real, world)
 
 
 def _trial_done(progress: Progress, o: Any) -> None:

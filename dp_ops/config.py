@@ -177,6 +177,23 @@ class TrainConfig(_Section):
     cutmix: float = Field(0.0, ge=0, description="CutMix α (0 = off; the paper: 1.0)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights evaluated and guided with; 0 = off")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader processes reading/decoding pool batches")
+    micro_batches: int = Field(
+        0,
+        ge=0,
+        description="M: each iteration's batch in M accumulated micro-batches, shared by the run's processes "
+        "(their number must divide M); 0 = one per process",
+    )
+    eval_batch_size: int = Field(
+        1024, ge=1, description="chunk of the validation/test split; several processes evaluate a block of chunks each"
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> TrainConfig:
+        if self.micro_batches and self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.micro_batches={self.micro_batches}: must divide train.batch_size={self.batch_size}"
+            )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -9,19 +9,26 @@ trained here and cached at ``generator.path``; ``sd`` is a pretrained Stable Dif
 A tracked run's records (:class:`RunRecords`): per round, the round folder (written by the loop, part by
 part) is DVC-versioned first, then the round's MLflow run is logged with exactly those parts, then (a
 separate, later loop event) the loop state is checkpointed.
+
+Started by ``torchrun`` (:mod:`dp_ops.engine.dist`), every process runs the loop, and rank 0 alone records:
+it creates or re-opens the MLflow run and broadcasts its id and data folder, versions, logs, checkpoints
+and reports; the others write only their parts. Each node's local rank 0 runs MLflow's system-metrics
+monitor. The run's folders (``output.*``, ``generator.path``) must be one shared filesystem.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dp_ops.config import Config, from_flat
 from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
-from dp_ops.engine.devices import DTYPES, check_devices, resolve_device
-from dp_ops.engine.learner import known_models
+from dp_ops.engine.devices import DTYPES, check_devices
+from dp_ops.engine.dist import SINGLE, World
+from dp_ops.engine.learner import known_models, micro_batches
 from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
 from dp_ops.engine.pool import Pool
 from dp_ops.engine.quality import Quality, measure_quality
@@ -31,14 +38,15 @@ from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.files import write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
-from dp_ops.records.tracking import MlflowTracker, Registry
+from dp_ops.records.tracking import MlflowTracker, Registry, system_metrics
 from dp_ops.records.versioning import DvcVersioner, ShardInfo, dvc_root, parse_parts, restore_round
 
 Progress = Callable[[int, int], None]
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need more than the config's own types; run before any work starts."""
+def preflight(cfg: Config, world: World = SINGLE) -> None:
+    """Checks that need more than the config's own types; run before any work starts (on every process)."""
+    micro_batches(cfg.train, world)
     if cfg.learner.model not in known_models():
         raise ConfigError(
             f"learner.model={cfg.learner.model!r}: not a registered timm model "
@@ -106,15 +114,15 @@ def train_and_save_generator(
     return generator, quality
 
 
-def load_pixel(cfg: Config) -> PixelDiffusion:
+def load_pixel(cfg: Config, world: World = SINGLE) -> PixelDiffusion:
     """The trained pixel generator at ``generator.path``, checked against the configured data, on
     ``device`` (where the learner runs)."""
     generator = PixelDiffusion.load(cfg.generator.path)
     generator.check_matches(cfg.data)
-    return generator.to(resolve_device(cfg.device))
+    return generator.to(world.device(cfg.device))
 
 
-def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
+def load_sd(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
     """The pipeline at ``generator.model`` on ``device``, prompting with ``class_names`` (default: the
     class folders of ``data``)."""
     from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
@@ -129,7 +137,7 @@ def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
         resolution=g.resolution,
         output_resolution=d.stored_resolution,
         learner_resolution=d.resolution,
-        device=str(resolve_device(cfg.device)),
+        device=str(world.device(cfg.device)),
         dtype=DTYPES[g.dtype],
         vae_slicing=g.vae_slicing,
         attention_slicing=g.attention_slicing,
@@ -137,11 +145,12 @@ def load_sd(cfg: Config, class_names: Sequence[str] | None = None) -> Generator:
     return StableDiffusion.load(g.model, class_names, settings)
 
 
-def load_generator(cfg: Config, real: RealData | None = None) -> Generator:
-    """The generator of ``generator.backend``, ready to sample (``real`` saves ``sd`` re-reading class names)."""
+def load_generator(cfg: Config, real: RealData | None = None, world: World = SINGLE) -> Generator:
+    """The generator of ``generator.backend``, ready to sample on this process's device (``real`` saves
+    ``sd`` re-reading class names)."""
     if cfg.generator.backend == "sd":
-        return load_sd(cfg, None if real is None else real.class_names)
-    return load_pixel(cfg)
+        return load_sd(cfg, None if real is None else real.class_names, world)
+    return load_pixel(cfg, world)
 
 
 class RunRecords(Observer):
@@ -168,16 +177,14 @@ class RunRecords(Observer):
 
 @dataclass(frozen=True)
 class TrackedRun:
-    """A finished tracked experiment: its result and where its records are."""
+    """A finished tracked experiment: its result and where its records are (rank 0's; on other ranks
+    of a multi-process run only the result and the run id)."""
 
     result: RunResult
-    tracker: MlflowTracker
-    versioner: DvcVersioner
-    shards: dict[int, ShardInfo]  # round -> its shard (resumed rounds: versioned_by="resumed")
-
-    @property
-    def run_id(self) -> str:
-        return self.tracker.run_id
+    run_id: str
+    tracker: MlflowTracker | None = None
+    versioner: DvcVersioner | None = None
+    shards: dict[int, ShardInfo] | None = None  # round -> its shard (resumed rounds: versioned_by="resumed")
 
 
 def run_tracked(
@@ -188,24 +195,54 @@ def run_tracked(
     resume_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     registry: Registry | None = None,
+    world: World = SINGLE,
 ) -> TrackedRun:
     """An experiment as a first-class record: MLflow parent + round runs (in ``registry``, default the
     config's store), DVC-versioned shards, and a checkpoint after every round; ``tags`` go on the MLflow
     run (e.g. a sweep's study and trial). With ``resume_run_id`` continue that interrupted run where its
-    last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`)."""
+    last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`; any number
+    of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and only
+    its ``observers`` and ``registry`` are used)."""
+    if not world.main:
+        return _follow(cfg, generator, real, world, resuming=resume_run_id is not None)
     tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
     with tracker.lifecycle():
         versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id)
+        world.broadcast((tracker.run_id, versioner.data_dir, tracker.uri))
         records = RunRecords(tracker, versioner)
         ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
-        loop = DPLoop(cfg, generator, real, [*observers, records, Checkpointer(ckpt)], shards=versioner.data_dir)
-        if resume_run_id is not None:
-            _restore_loop(loop, records, ckpt)
-        result = loop.run()
+        edges = [*observers, records, Checkpointer(ckpt)]
+        loop = DPLoop(cfg, generator, real, edges, shards=versioner.data_dir, world=world)
+        with _node_metrics(tracker.uri, tracker.run_id, world, resume_run_id is not None):
+            if resume_run_id is not None:
+                _restore_loop(loop, records, ckpt)
+                world.barrier()  # the other processes read the restored parts and the checkpoint next
+            result = loop.run()
         report = result.to_dict()
         write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
         write_json(cfg.output.rounds, report)  # round records and the validation curve
-    return TrackedRun(result, tracker, records.versioner, dict(records.shards))
+    return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards))
+
+
+def _follow(cfg: Config, generator: Generator, real: RealData, world: World, *, resuming: bool) -> TrackedRun:
+    """A process other than rank 0: the same loop, in rank 0's run folder, with no records of its own."""
+    shared: tuple[str, Path, str] = world.broadcast(None)
+    run_id, data_dir, uri = shared
+    loop = DPLoop(cfg, generator, real, shards=data_dir, world=world)
+    with _node_metrics(uri, run_id, world, resuming):
+        if resuming:
+            world.barrier()  # rank 0 has restored every damaged part
+            state = _with_omegas(load_checkpoint(checkpoint_path(cfg.output.checkpoints, run_id)), cfg)
+            rounds = range(state["records"][-1]["round"] + 1)
+            loop.load_state_dict(state, Pool([p for k in rounds for p in scan_round(round_dir(data_dir, k))]))
+        return TrackedRun(loop.run(), run_id)
+
+
+def _node_metrics(uri: str, run_id: str, world: World, resuming: bool) -> AbstractContextManager[None]:
+    """MLflow's system-metrics monitor on local rank 0 of each node (named by node when there are several)."""
+    if not world.local_main:
+        return nullcontext()
+    return system_metrics(uri, run_id, node=f"node{world.node}" if world.distributed else None, resuming=resuming)
 
 
 def resume_config(run_id: str, registry: Registry) -> Config:
@@ -249,9 +286,14 @@ def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
         pool.add(scan_round(folder))
         entries = [vars(p) for p in parts]
         records.shards[k] = versioner.info(k, folder, entries, "resumed")
-    for r in state["records"]:  # checkpoints written before round records carried their ω
-        r.setdefault("omega", loop.cfg.dp.omega if r["round"] and loop.cfg.dp.strategy == "dp" else 0.0)
-    loop.load_state_dict(state, pool)
+    loop.load_state_dict(_with_omegas(state, loop.cfg), pool)
+
+
+def _with_omegas(state: dict, cfg: Config) -> dict:
+    """Checkpoints written before round records carried their ω get it from the config."""
+    for r in state["records"]:
+        r.setdefault("omega", cfg.dp.omega if r["round"] and cfg.dp.strategy == "dp" else 0.0)
+    return state
 
 
 def restore_run_data(

@@ -30,10 +30,13 @@ NUM_CLASSES = 10
 BATCH, DROPOUT, AUGMENT, MIX = range(4)
 
 
-def step_seed(seed: int, iteration: int, stream: int) -> int:
+def step_seed(seed: int, iteration: int, stream: int, micro: int = 0) -> int:
     """An independent 63-bit seed for one random draw (``stream``) of one training iteration: every draw
-    of training is keyed by (seed, iteration), so any process, resume or device draws the same."""
-    state = np.random.SeedSequence([seed, iteration, stream]).generate_state(2, np.uint64)
+    of training is keyed by (seed, iteration), so any process, resume or device draws the same. Micro-batch
+    ``micro`` > 0 of an iteration (``train.micro_batches``) draws from its own key; micro-batch 0 from the
+    iteration's, so one micro-batch per iteration draws exactly what a whole batch does."""
+    key = [seed, iteration, stream] + ([micro] if micro else [])
+    state = np.random.SeedSequence(key).generate_state(2, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
@@ -55,11 +58,14 @@ class LabelledImages:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batches(self, seed: int, start: int, stop: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Mini-batches of iterations ``start .. stop-1`` drawn by :func:`batch_indices` (in memory: for
-        small real sets such as the quality judge's; the synthetic pool streams, :mod:`dp_ops.engine.pool`)."""
+    def batches(
+        self, seed: int, start: int, stop: int, batch_size: int, rows: slice = slice(None)
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches of iterations ``start .. stop-1`` drawn by :func:`batch_indices`, positions ``rows`` of
+        each (a process's share of it); in memory: for small real sets such as the quality judge's (the
+        synthetic pool streams, :mod:`dp_ops.engine.pool`)."""
         for t in range(start, stop):
-            idx = batch_indices(seed, t, len(self), batch_size)
+            idx = batch_indices(seed, t, len(self), batch_size)[rows]
             yield self.images[idx], self.labels[idx]
 
 

@@ -22,7 +22,7 @@ import dp_ops.engine._torchvision_compat  # noqa: F401  (before timm)
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, cast
 
 import timm
@@ -30,12 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
+from torch.nn.parallel import DistributedDataParallel
 
 from dp_ops.config import LearnerConfig, TrainConfig
 from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
 from dp_ops.engine.data import AUGMENT, DROPOUT, MIX, LabelledImages, from_uint8, resize, step_seed
+from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.guidance import entropy
 from dp_ops.engine.pool import Pool
+from dp_ops.errors import ConfigError
 
 
 class ConvNet(nn.Module):
@@ -105,8 +108,29 @@ def wsd_factor(iteration: int, total: int, warmup_fraction: float, cooldown_frac
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def micro_batches(cfg: TrainConfig, world: World) -> int:
+    """M, the micro-batches of each iteration (``train.micro_batches``, 0 = one per process), checked
+    against the processes that share them and the batch they split."""
+    m = cfg.micro_batches or world.size
+    if m % world.size:
+        raise ConfigError(
+            f"train.micro_batches={cfg.micro_batches}: must be a multiple of the run's {world.size} processes "
+            "(each computes the same number of micro-batches)"
+        )
+    if cfg.batch_size % m:
+        raise ConfigError(f"train.batch_size={cfg.batch_size}: must be divisible by the {m} micro-batches")
+    return m
+
+
 class Trainer:
-    """Holds f_φ, its optimiser and schedule; steps on keyed mini-batches and evaluates."""
+    """Holds f_φ, its optimiser and schedule; steps on keyed mini-batches and evaluates.
+
+    Iteration t's batch (drawn by (seed, t)) is split into M micro-batches whose gradients are accumulated
+    before the one optimiser step; with several processes (``world``) each computes its block of them under
+    ``DistributedDataParallel`` (``no_sync`` on all but its last), so W processes compute the same step as
+    one process with M micro-batches. BatchNorm statistics are averaged over the processes after every
+    stretch of training (timm's ``distribute_bn``), so evaluation and guidance see one learner; guidance
+    and evaluation run the unwrapped module, never the DDP wrapper (whose forward is a collective)."""
 
     def __init__(
         self,
@@ -116,13 +140,21 @@ class Trainer:
         *,
         input_size: int | None = None,
         device: torch.device | str = "cpu",
+        world: World = SINGLE,
     ) -> None:
         """``input_size``: side the model reads (batches of another size are resized); None = as stored."""
         from timm.utils import ModelEmaV3
 
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world
+        m = micro_batches(cfg, world)
+        self.micro_size, self.mine = cfg.batch_size // m, world.block(m)  # this process's micro-batches
+        self.ddp = None
+        if world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.batchnorm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in model.modules())
         self.input_size = input_size
         self.iteration = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,73 +175,94 @@ class Trainer:
 
     def train(self, data: Pool | LabelledImages, steps: int) -> float:
         """``steps`` optimiser steps on uniform mini-batches of ``data`` (the streamed pool, or images in
-        memory); returns the mean loss. Batch t is drawn, augmented and dropped out by keys (seed, t)."""
+        memory); returns this process's mean loss. Micro-batch m of batch t is drawn, augmented and dropped
+        out by keys (seed, t, m)."""
         self.model.train()
-        total, start, b = 0.0, self.iteration, self.cfg.batch_size
+        total, start, size, mine = 0.0, self.iteration, self.micro_size, self.mine
+        rows = slice(mine.start * size, mine.stop * size)  # this process's positions of each batch
         if isinstance(data, Pool):
             source = data.batches(
                 self.seed,
                 start,
                 start + steps,
-                b,
+                self.cfg.batch_size,
+                rows,
                 num_workers=self.cfg.num_workers,
                 pin_memory=self.device.type == "cuda",
             )
         else:
-            source = data.batches(self.seed, start, start + steps, b)
+            source = data.batches(self.seed, start, start + steps, self.cfg.batch_size, rows)
+        net = self.ddp or self.model
         for images, labels in source:
             t = self.iteration
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(t)
-            images = from_uint8(images.to(self.device, non_blocking=True))
-            with self._dropout_rng(t):
-                loss = self._loss(self._augment(images, t), labels.to(self.device), t)
+            images, labels = from_uint8(images.to(self.device, non_blocking=True)), labels.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for j, m in enumerate(mine):
+                x, y = images[j * size : (j + 1) * size], labels[j * size : (j + 1) * size]
+                last = j == len(mine) - 1
+                with self._dropout_rng(t, m), nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                    loss = self._loss(net, self._augment(x, t, m), y, t, m)
+                    (loss / len(mine) if len(mine) > 1 else loss).backward()  # (DDP averages over processes)
+                total += loss.item() / len(mine)
             self.optimizer.step()
             self.iteration += 1
             if self.ema is not None:
                 self.ema.update(self.model, step=self.iteration)
-            total += loss.item()
+        self._share_batchnorm()
         return total / max(steps, 1)
 
-    def _augment(self, images: torch.Tensor, t: int) -> torch.Tensor:
+    def _share_batchnorm(self) -> None:
+        """Average BatchNorm running statistics over the processes (they saw different micro-batches)."""
+        if self.batchnorm and self.world.distributed:
+            from timm.utils import distribute_bn
+
+            for module in {id(self.model): self.model, id(self.eval_model): self.eval_model}.values():
+                distribute_bn(module, self.world.size, reduce=True)
+
+    def _augment(self, images: torch.Tensor, t: int, m: int) -> torch.Tensor:
         size = self.input_size or images.shape[-1]
         if self.cfg.augment != "none":
-            rng = torch.Generator().manual_seed(step_seed(self.seed, t, AUGMENT))
+            rng = torch.Generator().manual_seed(step_seed(self.seed, t, AUGMENT, m))
             return crop_flip(images, size, rng, crop=self.cfg.augment == "crop_flip", min_scale=self.cfg.crop_min_scale)
         return self._to_input(images)
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor, t: int) -> torch.Tensor:
+    def _loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t: int, m: int) -> torch.Tensor:
         if self.mixcut is None:
-            return F.cross_entropy(self.model(images), labels, label_smoothing=self.cfg.label_smoothing)
-        images, targets = self.mixcut(
-            images, labels, step_seed(self.seed, t, MIX)
-        )  # label smoothing is inside the soft targets
-        return soft_target_loss(self.model(images), targets)
+            return F.cross_entropy(net(images), labels, label_smoothing=self.cfg.label_smoothing)
+        images, targets = self.mixcut(images, labels, step_seed(self.seed, t, MIX, m))  # (smoothing: in targets)
+        return soft_target_loss(net(images), targets)
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the model reads them: resized to ``input_size`` when stored at another size."""
         return images if self.input_size is None else resize(images, self.input_size)
 
     @contextmanager
-    def _dropout_rng(self, t: int) -> Iterator[None]:
-        # Dropout draws from torch's global RNG (the device's, on CUDA): seed it for this iteration inside a
+    def _dropout_rng(self, t: int, m: int) -> Iterator[None]:
+        # Dropout draws from torch's global RNG (the device's, on CUDA): seed it for this micro-batch inside a
         # fork, so runs are reproducible whatever else touched the global RNG, and resume needs no state.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(step_seed(self.seed, t, DROPOUT))
+            torch.manual_seed(step_seed(self.seed, t, DROPOUT, m))
             yield
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Eval-mode logits on the CPU, in chunks (images may live anywhere)."""
-        model = self.eval_model.eval()
-        chunks = (images[i : i + batch_size].to(self.device) for i in range(0, len(images), batch_size))
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits on the CPU, in chunks of ``train.eval_batch_size`` (images may live anywhere)."""
+        model, size = self.eval_model.eval(), self.cfg.eval_batch_size
+        chunks = (images[i : i + size].to(self.device) for i in range(0, len(images), size))
         return torch.cat([model(self._to_input(from_uint8(x))).cpu() for x in chunks])
 
     def accuracy(self, data: LabelledImages) -> float:
-        return float((self.logits(data.images).argmax(-1) == data.labels).float().mean())
+        """Correct ÷ total over ``data``, counted in integers: each process scores its block of the chunks
+        and the counts are summed, so every process gets the same accuracy (and makes the same decisions)."""
+        n, size = len(data), self.cfg.eval_batch_size
+        mine = self.world.block(math.ceil(n / size))
+        lo, hi = min(mine.start * size, n), min(mine.stop * size, n)
+        correct = int((self.logits(data.images[lo:hi]).argmax(-1) == data.labels[lo:hi]).sum()) if hi > lo else 0
+        correct, total = self.world.all_sum([correct, hi - lo])
+        return correct / total
 
     def entropy(self, images: torch.Tensor) -> torch.Tensor:
         return entropy(self.logits(images))

@@ -18,6 +18,11 @@ Memory is bounded by a part, not by the pool: each round is generated and writte
 ``<shards>/round_<k>/`` (:mod:`dp_ops.engine.rounds`), and the learner streams its mini-batches from those
 parts (:mod:`dp_ops.engine.pool`). The loop does no tracking or versioning: those plug in through
 :class:`Observer`, which receives each round's parts as facts (:class:`~dp_ops.engine.rounds.RoundParts`).
+
+On several processes (``world``, :mod:`dp_ops.engine.dist`) every process runs this same loop: each
+generates its block of a round's parts guided by its own replica of the learner, trains its micro-batches
+under DDP, and evaluates its block of validation chunks; accuracies are summed in integers, so every
+process takes the same decisions at the same iterations. Observers are the caller's: rank 0's record.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +40,12 @@ import torch
 
 from dp_ops.config import Config
 from dp_ops.engine.data import RealData, balanced_labels
-from dp_ops.engine.devices import resolve_device
+from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.pool import Pool
-from dp_ops.engine.rounds import RoundParts, Sampling, generate_round, keep_top
+from dp_ops.engine.rounds import RoundParts, Sampling, gather_round, generate_round, keep_top, top_order
 from dp_ops.engine.sampling import Generator
-from dp_ops.engine.shards import round_dir
+from dp_ops.engine.shards import part_slices, round_dir
 
 
 @dataclass(frozen=True)
@@ -156,15 +161,23 @@ class DPLoop:
     """One experiment. ``run()`` reads top to bottom like Algorithm 1."""
 
     def __init__(
-        self, cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), *, shards: Path
+        self,
+        cfg: Config,
+        generator: Generator,
+        real: RealData,
+        observers: Sequence[Observer] = (),
+        *,
+        shards: Path,
+        world: World = SINGLE,
     ) -> None:
-        """``shards``: the folder this run's round parts are written to (and the pool streams from)."""
-        self.cfg, self.generator, self.real, self.shards = cfg, generator, real, Path(shards)
+        """``shards``: the folder this run's round parts are written to (and the pool streams from), the
+        same folder for every process of ``world``."""
+        self.cfg, self.generator, self.real, self.shards, self.world = cfg, generator, real, Path(shards), world
         self.observers = list(observers)
         model = build_learner(cfg.learner, real.num_classes, real.val.images.shape[1], cfg.seed)
         # the learner reads data.resolution; pool images may be stored larger (data.shard_resolution)
-        device = resolve_device(cfg.device)
-        self.trainer = Trainer(model, cfg.train, cfg.seed, input_size=real.resolution, device=device)
+        device = world.device(cfg.device)
+        self.trainer = Trainer(model, cfg.train, cfg.seed, input_size=real.resolution, device=device, world=world)
         self.pool = Pool()  # the table of parts written so far
         self.plateau = Plateau(cfg.dp.patience)
         self.records: list[RoundRecord] = []
@@ -240,14 +253,18 @@ class DPLoop:
         self._emit("on_checkpoint", self.state_dict())
 
     def _generate(self, k: int, n: int, omega: float, keep: int) -> RoundParts:
-        """Round k's parts: its n samples written as they are generated; for ``keep`` < n the candidates go
-        to a scratch folder and only the ``keep`` of highest learner entropy become the round."""
-        g, d, folder = self.cfg.generator, self.cfg.data, round_dir(self.shards, k)
+        """Round k's parts: its n samples written as they are generated, each process its block of the
+        parts; for ``keep`` < n the candidates go to a scratch folder and only the ``keep`` of highest
+        learner entropy (chosen by rank 0) become the round."""
+        g, d, folder, world = self.cfg.generator, self.cfg.data, round_dir(self.shards, k), self.world
         how = Sampling(g.steps, g.cfg_scale, g.guide_every, g.batch_size, self.trainer.classify)
         fmt = self.cfg.shard_format if keep == n else "raw"  # (candidates: a scratch format)
         out = folder if keep == n else folder.with_name(folder.name + ".candidates")
-        shutil.rmtree(out, ignore_errors=True)  # a round interrupted before its checkpoint is made again
-        made = generate_round(
+        if world.main:  # a round interrupted before its checkpoint is made again
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        world.barrier()
+        mine = generate_round(
             self.generator,
             round_labels(self.cfg.seed, k, n, self.real.num_classes),
             round_seeds(self.cfg.seed, k, n),
@@ -257,12 +274,26 @@ class DPLoop:
             omega=omega,
             part_size=d.part_size,
             fmt=fmt,
+            parts=world.block(len(part_slices(n, d.part_size))),
             progress=lambda done, total: self._emit("on_progress", "generate", done, total),
         )
+        made = gather_round(world, mine)
         if keep == n:
             return made
-        shutil.rmtree(folder, ignore_errors=True)
-        return keep_top(made, keep, folder, part_size=d.part_size, fmt=self.cfg.shard_format)
+        order: np.ndarray = world.broadcast(top_order(made.entropy, keep) if world.main else None)
+        kept = keep_top(
+            made,
+            order,
+            folder,
+            part_size=d.part_size,
+            fmt=self.cfg.shard_format,
+            parts=world.block(len(part_slices(keep, d.part_size))),
+        )
+        kept = replace(kept, parts=tuple(p for share in world.all_gather(kept.parts) for p in share))
+        world.barrier()  # (every process has read its candidates)
+        if world.main:
+            shutil.rmtree(made.folder, ignore_errors=True)
+        return kept
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -330,7 +361,11 @@ def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, 
 
 
 def run_experiment(
-    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), shards: Path | None = None
+    cfg: Config,
+    generator: Generator,
+    real: RealData,
+    observers: Sequence[Observer] = (),
+    shards: Path | None = None,
 ) -> RunResult:
     """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records.
     ``shards``: where the round parts go; default a temporary folder, removed at the end (an untracked run)."""

@@ -6,7 +6,8 @@
   lazily (memory-mapped raw images, or PNGs decoded where the DataLoader's workers run).
 - :func:`batch_indices` is the stateless sampler: the mini-batch of iteration t is drawn uniformly, with
   replacement, over the pool as it stands, from a generator seeded by (seed, t) alone. Any process, any
-  resume, any number of workers draws the same batch for the same t, and nothing needs checkpointing.
+  resume, any number of workers draws the same batch for the same t, and nothing needs checkpointing;
+  the processes of a multi-process run each read their own rows of it.
 - :func:`batches` feeds iterations [t0, t1) through a DataLoader (workers, pinned memory, prefetch);
   the loop asks only between evaluations, and rounds are acquired only after one, so prefetching never
   crosses a round.
@@ -48,11 +49,20 @@ class Pool:
         return PoolDataset(tuple(self.parts), tuple(self.offsets))
 
     def batches(
-        self, seed: int, start: int, stop: int, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False
+        self,
+        seed: int,
+        start: int,
+        stop: int,
+        batch_size: int,
+        rows: slice = slice(None),
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 image and label batches of iterations ``start .. stop-1``, in order, through a DataLoader
-        (``num_workers`` processes read and decode; pinned memory for a CUDA learner)."""
-        sampler = [batch_indices(seed, t, len(self), batch_size).tolist() for t in range(start, stop)]
+        (``num_workers`` processes read and decode; pinned memory for a CUDA learner). ``rows``: the
+        positions of each batch this process reads (its micro-batches of a multi-process run)."""
+        sampler = [batch_indices(seed, t, len(self), batch_size)[rows].tolist() for t in range(start, stop)]
         loader = DataLoader(
             self.dataset(),
             batch_sampler=sampler,

@@ -7,21 +7,25 @@ generated (one part in flight). :func:`generate_round` can make any subset of a 
 a part depend on its sample indices only.
 
 ``oversample`` generates r·P candidates into a scratch folder, keeps the top-P by learner entropy over
-the whole round (entropies are small), and copies the kept images part by part (:func:`keep_top`).
+the whole round (entropies are small, :func:`top_order`), and copies the kept images part by part
+(:func:`keep_top`).
+
+In a multi-process run each process makes its block of the parts; :func:`gather_round` then gives every
+process the whole round's facts (parts, entropies, UNet evaluations).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dp_ops.engine.data import to_uint8
+from dp_ops.engine.dist import World
 from dp_ops.engine.pool import Pool
 from dp_ops.engine.sampling import Generator, Progress
 from dp_ops.engine.shards import Part, part_name, part_slices, write_part
@@ -126,13 +130,41 @@ def generate_round(
     return RoundParts(folder, made, labels.numpy().astype(np.int64), np.asarray(seeds, np.int64), ents, omega, evals)
 
 
-def keep_top(candidates: RoundParts, keep: int, folder: Path, *, part_size: int, fmt: str) -> RoundParts:
-    """The ``keep`` candidates of highest learner entropy (over the whole round, ties in index order), in
-    that order, written as the parts of ``folder``; the candidates' scratch folder is removed."""
-    order = np.argsort(-candidates.entropy, kind="stable")[:keep]
+def gather_round(world: World, mine: RoundParts) -> RoundParts:
+    """The whole round on every process, from each process's ``mine`` (its parts, and the entropies and
+    UNet evaluations of their samples; labels and seeds are the round's on every process already)."""
+    if not world.distributed:
+        return mine
+    shares = world.all_gather((mine.parts, [mine.entropy[p.start : p.start + p.count] for p in mine.parts]))
+    entropy, parts = mine.entropy.copy(), []
+    for their_parts, their_entropy in shares:
+        for part, ent in zip(their_parts, their_entropy, strict=True):
+            entropy[part.start : part.start + part.count] = ent
+            parts.append(part)
+    (evals,) = world.all_sum([mine.unet_evals])
+    return replace(mine, parts=tuple(sorted(parts, key=lambda p: p.index)), entropy=entropy, unet_evals=evals)
+
+
+def top_order(entropy: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the ``keep`` samples of highest learner entropy over the whole round, ties in index order."""
+    return np.argsort(-entropy, kind="stable")[:keep]
+
+
+def keep_top(
+    candidates: RoundParts,
+    order: np.ndarray,
+    folder: Path,
+    *,
+    part_size: int,
+    fmt: str,
+    parts: Sequence[int] | None = None,
+) -> RoundParts:
+    """The candidates ``order`` (:func:`top_order`), in that order, written as the parts ``parts`` (default:
+    all) of ``folder``; the candidates' scratch folder is the caller's to remove."""
+    slices = part_slices(len(order), part_size)
     made = []
-    for q, sl in enumerate(part_slices(keep, part_size)):
-        chosen = order[sl]
+    for q in range(len(slices)) if parts is None else parts:
+        chosen = order[slices[q]]
         made.append(
             write_part(
                 folder / part_name(q),
@@ -142,12 +174,11 @@ def keep_top(candidates: RoundParts, keep: int, folder: Path, *, part_size: int,
                 candidates.seeds[chosen],
                 round_index=candidates.parts[0].round,
                 index=q,
-                start=sl.start,
+                start=slices[q].start,
                 omega=candidates.omega,
                 fmt=fmt,
             )
         )
-    shutil.rmtree(candidates.folder, ignore_errors=True)
     return RoundParts(
         folder,
         tuple(made),

@@ -407,6 +407,26 @@ class MlflowTracker(Observer):
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
 
 
+@contextmanager
+def system_metrics(uri: str, run_id: str, *, node: str | None = None, resuming: bool = False) -> Iterator[None]:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network, GPU) on ``run_id`` while the block
+    runs: one per machine, ``node`` naming it (``system/<node>/…``) when a run spans several. MLflow starts
+    it only for fluent runs; dp_ops's runs are client runs, so it is started here. Off with MLflow's own
+    switch, ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.is_set() and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        yield
+        return
+    monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=resuming, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def round_runs(client: MlflowClient, run_id: str) -> list[Run]:
     """The child (round) runs of an experiment run as MLflow entities, ordered by round (for inspection
     and tests; library code asks :meth:`Registry.round_runs` for facts)."""

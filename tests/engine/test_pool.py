@@ -8,7 +8,7 @@ from scipy import stats
 from dp_ops.engine.data import LabelledImages, batch_indices, from_uint8
 from dp_ops.engine.loop import round_labels, round_seeds
 from dp_ops.engine.pool import Pool
-from dp_ops.engine.rounds import Sampling, generate_round, keep_top
+from dp_ops.engine.rounds import Sampling, generate_round, keep_top, top_order
 from dp_ops.engine.shards import PartReader, part_name, scan_round, write_part
 from dp_ops.records.versioning import md5_file
 
@@ -62,9 +62,11 @@ def test_a_part_has_the_same_bytes_whatever_else_is_generated_with_it(tiny_gener
 def test_keep_top_selects_by_entropy_over_the_whole_round(tiny_generator, tmp_path):
     candidates = _round(tiny_generator, tmp_path / "cand", omega=0.0)
     entropy, images = candidates.entropy.copy(), np.concatenate([PartReader(p.path).images() for p in candidates.parts])
-    kept = keep_top(candidates, 40, tmp_path / "kept", part_size=32, fmt="png")
     order = np.argsort(-entropy, kind="stable")[:40]
-    assert [p.count for p in kept.parts] == [32, 8] and not (tmp_path / "cand").exists()
+    assert np.array_equal(top_order(candidates.entropy, 40), order)
+    kept = keep_top(candidates, order, tmp_path / "kept", part_size=32, fmt="png")
+    assert [p.count for p in kept.parts] == [32, 8]
+    assert keep_top(candidates, order, tmp_path / "some", part_size=32, fmt="png", parts=[1]).parts[0].count == 8
     assert np.array_equal(kept.entropy, entropy[order]) and np.array_equal(kept.seeds, round_seeds(0, 1, 96)[order])
     assert np.array_equal(np.concatenate([PartReader(p.path).images() for p in kept.parts]), images[order])
 
