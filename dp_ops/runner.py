@@ -203,6 +203,7 @@ def run_tracked(
     last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`; any number
     of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and only
     its ``observers`` and ``registry`` are used)."""
+    cfg = _resolve_micro_batches(cfg, world)  # (recorded resolved: a resume on other processes computes the same)
     if not world.main:
         return _follow(cfg, generator, real, world, resuming=resume_run_id is not None)
     tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
@@ -222,6 +223,12 @@ def run_tracked(
         write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
         write_json(cfg.output.rounds, report)  # round records and the validation curve
     return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards))
+
+
+def _resolve_micro_batches(cfg: Config, world: World) -> Config:
+    """``train.micro_batches=0`` (one per process) as the number it stands for on ``world``."""
+    train = cfg.train.model_copy(update={"micro_batches": micro_batches(cfg.train, world)})
+    return cfg.model_copy(update={"train": train})
 
 
 def _follow(cfg: Config, generator: Generator, real: RealData, world: World, *, resuming: bool) -> TrackedRun:

@@ -151,3 +151,16 @@ def test_importing_the_cli_loads_no_heavy_library():
     loaded = _loaded_after("import dp_ops.cli")
     assert "typer" in loaded
     assert not loaded & heavy, f"`import dp_ops.cli` imports {sorted(loaded & heavy)}"
+
+
+def test_torch_distributed_has_one_home():
+    """Every collective of a run goes through engine/dist.py (DDP wraps the learner in engine/learner.py)."""
+    users = set()
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                users.add(module_name(path))
+    assert users == {"dp_ops.engine.dist"}, sorted(users)

@@ -153,7 +153,7 @@ class Trainer:
         self.ddp = None
         if world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         self.batchnorm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in model.modules())
         self.input_size = input_size
         self.iteration = 0

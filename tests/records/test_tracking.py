@@ -88,3 +88,17 @@ def test_the_registry_answers_with_facts_and_data_errors(cfg, tiny_generator, re
     assert resolve_uri("") == "http://127.0.0.1:5000" and resolve_uri("sqlite:///a.db") == "sqlite:///a.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_uri() == DEFAULT_URI
+
+
+def test_the_entropy_histogram_of_a_round_scored_all_alike(tmp_path):
+    """An untrained BatchNorm learner can give every sample of a round the same entropy (to float32)."""
+    import numpy as np
+
+    from dp_ops.engine.rounds import RoundParts
+    from dp_ops.records.plots import save_entropy_histogram
+
+    h = np.float32(np.log(10))
+    same = np.where(np.arange(96) % 2, h, np.nextafter(h, np.float32(3))).astype(np.float32)  # one ulp apart
+    parts = RoundParts(tmp_path, (), np.zeros(96, np.int64), np.arange(96), same, 0.0, 0)
+    save_entropy_histogram(parts, tmp_path / "h.png", 0)
+    assert (tmp_path / "h.png").stat().st_size > 0

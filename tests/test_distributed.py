@@ -1,0 +1,194 @@
+"""One run on two processes: real `torchrun --standalone --nproc-per-node 2 -m dp_ops run` on gloo (CPU).
+
+A 2-rank run is compared with a 1-rank run of 2 micro-batches (what a 2-rank run computes by default):
+every round's DVC digest, the round records and the validation curve must be equal. The rounds are cut
+into an uneven number of parts (5 for round 0 on 2 ranks), validation into 6 chunks of 64 (each rank
+scores its own), and the rounds after round 0 are entropy-guided.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from dp_ops.config import build_config, to_tree
+from dp_ops.records.tracking import Registry
+
+from conftest import tiny_tree
+
+DPOPS = [sys.executable, "-m", "dp_ops"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dp_ops"]
+TIMINGS = {"gen_seconds", "train_seconds"}
+TREE = tiny_tree(
+    data={"resolution": 8, "part_size": 32},
+    generator={"batch_size": 16},
+    dp={"initial_size": 160, "round_size": 96, "max_rounds": 2},  # parts: 5, then 3 per round
+    train={"iterations": 80, "eval_every": 10, "batch_size": 16, "eval_batch_size": 64},  # 360 val: 6 chunks
+)
+
+
+def _strip(rounds):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rounds]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_generator, mlflow_template):
+    """A git + DVC workspace with a migrated MLflow store and the tiny generator."""
+    ws = tmp_path_factory.mktemp("dist") / "ws"
+    ws.mkdir()
+    shutil.copyfile(mlflow_template, ws / "mlflow.db")
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }
+    for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(key, None)
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
+    tiny_generator.save(ws / "models" / "generator")
+    (ws / "params.yaml").write_text(yaml.safe_dump(to_tree(build_config(TREE))))
+    return ws, env
+
+
+def _start(ws, env, launcher, *args):
+    return subprocess.Popen(
+        [*launcher, *args],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _run(ws, env, launcher, name, *args):
+    """A run whose metrics, rounds and checkpoints go to ``name/``; returns (its output, its MLflow run)."""
+    outs = [f"output.{k}={name}/{v}" for k, v in (("metrics", "metrics.json"), ("rounds", "rounds.json"))]
+    proc = _start(ws, env, launcher, "run", *[x for o in outs for x in ("-S", o)], *args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out, json.loads((ws / name / "rounds.json").read_text())
+
+
+def _experiment_runs(ws):
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    return client, client.search_runs(
+        [client.get_experiment_by_name("dp-ops").experiment_id], "tags.`dpops.role` = 'experiment'"
+    )
+
+
+def _digests(ws, run_id):
+    return [r.tags["dpops.shard_md5"] for r in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)]
+
+
+def _run_id(out):
+    return next(line.split()[2] for line in out.splitlines() if line.startswith("MLflow run "))
+
+
+@pytest.fixture(scope="module")
+def one_rank(workspace):
+    """The reference: 1 process computing each iteration's batch as 2 accumulated micro-batches."""
+    ws, env = workspace
+    out, rounds = _run(ws, env, DPOPS, "one", "-S", "train.micro_batches=2")
+    return _run_id(out), rounds
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_two_micro_batches(workspace, one_rank):
+    ws, env = workspace
+    ref_id, ref = one_rank
+    before = {r.info.run_id for r in _experiment_runs(ws)[1]}
+    out, got = _run(ws, env, TORCHRUN, "two")  # train.micro_batches=0: one per process, so 2
+    run_id = _run_id(out)
+
+    assert _digests(ws, run_id) == _digests(ws, ref_id)  # every round's parts, byte for byte
+    assert len(_digests(ws, run_id)) == 3
+    assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
+    assert [r["omega"] for r in got["rounds"]] == [0.0, 0.1, 0.1]  # guided rounds
+
+    # one writer: one new parent run (FINISHED), one child per round, one checkpoint, one progress display
+    client, runs = _experiment_runs(ws)
+    (new,) = [r for r in runs if r.info.run_id not in before]
+    assert new.info.run_id == run_id and new.info.status == "FINISHED"
+    assert new.data.params["train.micro_batches"] == "2"  # recorded resolved: resumable on any world size
+    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
+    assert [p.name for p in (ws / "checkpoints" / run_id).iterdir()] == ["state.pt"]
+    assert out.count("MLflow run ") == 1 and "error" not in out.lower()
+    assert [len(list((ws / "data" / "runs" / run_id / f"round_{k:03d}").glob("*.safetensors"))) for k in range(3)] == [
+        5,
+        3,
+        3,
+    ]
+    # the node's system-metrics monitor (local rank 0 of node 0) logged to the parent run
+    assert any(k.startswith("system/node0/") for k in client.get_run(run_id).data.metrics)
+
+
+@pytest.mark.slow
+def test_oversample_on_two_ranks_keeps_what_one_rank_keeps(workspace):
+    ws, env = workspace
+    args = ("-S", "dp.strategy=oversample", "-S", "dp.max_rounds=1")  # 288 candidates: 9 parts, 3 kept
+    one_out, one = _run(ws, env, DPOPS, "over1", *args, "-S", "train.micro_batches=2")
+    two_out, two = _run(ws, env, TORCHRUN, "over2", *args)
+    assert _digests(ws, _run_id(two_out)) == _digests(ws, _run_id(one_out))
+    assert _strip(two["rounds"]) == _strip(one["rounds"]) and two["curve"] == one["curve"]
+    assert [r["n_generated"] for r in two["rounds"]] == [160, 288]
+    assert not list((ws / "data" / "runs" / _run_id(two_out)).glob("*.candidates"))  # the scratch folder is gone
+
+
+@pytest.mark.slow
+def test_sigkill_of_two_ranks_then_resume_on_one_equals_uninterrupted(workspace, one_rank):
+    ws, env = workspace
+    _, ref = one_rank
+    before = {r.info.run_id for r in _experiment_runs(ws)[1]}
+    victim = _start(
+        ws, env, TORCHRUN, "run", "-S", "output.metrics=kill/metrics.json", "-S", "output.rounds=kill/rounds.json"
+    )
+    runs, deadline, found = ws / "data" / "runs", time.time() + 300, []
+    while not found and victim.poll() is None and time.time() < deadline:
+        found = [p for p in runs.glob("*/round_001/part_*.safetensors") if p.parts[-3] not in before]
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    tree = [victim.pid] + [c.pid for c in psutil.Process(victim.pid).children(recursive=True)]
+    for pid in tree:  # torchrun and both ranks (torchrun starts them in sessions of their own), in round 1
+        os.kill(pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    run_id = found[0].parts[-3]
+    assert _experiment_runs(ws)[0].get_run(run_id).info.status == "RUNNING"
+
+    resumed = _start(ws, env, DPOPS, "run", "--resume", run_id)  # one process now
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    got = json.loads((ws / "kill" / "rounds.json").read_text())
+    assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
+    client, _ = _experiment_runs(ws)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_batchnorm_learner_guided_over_uneven_parts_finishes(workspace):
+    """Guidance runs through the unwrapped learner: through DDP's wrapper, rank 0's third part would wait
+    forever in DDP's buffer broadcast for rank 1, which has only two parts to guide."""
+    ws, env = workspace
+    args = ("-S", "learner.model=test_efficientnet", "-S", "dp.initial_size=96", "-S", "dp.round_size=96")
+    args += ("-S", "dp.max_rounds=1", "-S", "train.iterations=40")
+    _, got = _run(ws, env, TORCHRUN, "bn", *args)
+    assert [r["n_new"] for r in got["rounds"]] == [96, 96] and got["rounds"][1]["omega"] == 0.1
+
+
+def test_micro_batches_that_the_processes_cannot_share_are_refused_before_work(workspace):
+    ws, env = workspace
+    proc = _start(ws, env, DPOPS, "run", "-S", "train.micro_batches=3")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert out.strip().splitlines()[-1] == "error: train.micro_batches=3: must divide train.batch_size=16"
