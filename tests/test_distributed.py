@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,38 @@ def test_two_ranks_equal_one_rank_with_two_micro_batches(workspace, one_rank):
     ]
     # the node's system-metrics monitor (local rank 0 of node 0) logged to the parent run
     assert any(k.startswith("system/node0/") for k in client.get_run(run_id).data.metrics)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_a_c10d_rendezvous_equal_one_rank(workspace, one_rank):
+    """Two torchrun agents ("nodes", one process each) meet at a c10d rendezvous endpoint, as on a cluster."""
+    ws, env = workspace
+    ref_id, ref = one_rank
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    node += [
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "dpops-test",
+        "-m",
+        "dp_ops",
+    ]
+    args = ["run", "-S", "output.metrics=nodes/metrics.json", "-S", "output.rounds=nodes/rounds.json"]
+    agents = [_start(ws, env, node, *args) for _ in range(2)]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs
+    (out,) = [o for o in outs if "MLflow run " in o]  # rank 0's node reports; the other says nothing
+    run_id = _run_id(out)
+    got = json.loads((ws / "nodes" / "rounds.json").read_text())
+    assert _digests(ws, run_id) == _digests(ws, ref_id)
+    assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
+    metrics = _experiment_runs(ws)[0].get_run(run_id).data.metrics
+    assert {k.split("/")[1] for k in metrics if k.startswith("system/")} == {"node0", "node1"}  # one monitor per node
 
 
 @pytest.mark.slow
