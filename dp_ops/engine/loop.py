@@ -361,11 +361,7 @@ def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, 
 
 
 def run_experiment(
-    cfg: Config,
-    generator: Generator,
-    real: RealData,
-    observers: Sequence[Observer] = (),
-    shards: Path | None = None,
+    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), shards: Path | None = None
 ) -> RunResult:
     """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records.
     ``shards``: where the round parts go; default a temporary folder, removed at the end (an untracked run)."""
