@@ -327,6 +327,7 @@ def sweep(
     tree = load_tree(params, [*(set_ or ()), *cli])
     sc, cfg = sweep_config(tree), build_config(tree)
     _quiet_libraries()  # the CLI reports trials itself
+    logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # (a failed trial: one line, no traceback)
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
     runner.preflight(cfg)

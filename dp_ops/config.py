@@ -349,7 +349,12 @@ class SweepConfig(_Section):
     round_size: IntRange = IntRange(low=100, high=500, step=50)
     static_sizes: tuple[int, ...] = Field((500, 1000, 2000, 4000), min_length=1)
     experiment: str = Field("", description="MLflow experiment of the trials; empty: the study name")
-    stale_after: float = Field(300.0, gt=0, description="seconds without heartbeat before a RUNNING trial is dead")
+    stale_after: float = Field(
+        300.0,
+        gt=0,
+        description="seconds without heartbeat before a RUNNING trial is dead and retried (RDB storage: Optuna's "
+        "heartbeat, whole seconds, 3 at least; the same on every worker)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepConfig:

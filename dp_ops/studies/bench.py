@@ -14,9 +14,13 @@ effect) and the plot are :mod:`dp_ops.studies.bench_stats`. The held-out test sp
 here chooses anything by it.
 
 Runs execute in ``workers`` processes with ``threads`` torch threads each, so every run of a benchmark
-is timed under the same conditions. A benchmark is identified by its resolved base config (the
-``dpops.bench`` tag): re-running it reuses FINISHED runs and resumes interrupted ones from their last
-completed round, so Ctrl-C or a crash loses nothing that was finished.
+is timed under the same conditions. On the CPU the default is one worker per core with one thread each.
+On CUDA (``device=auto`` or ``cuda`` on a machine with GPUs) it is one worker per visible GPU, and worker
+i (in start order) runs every run it takes on ``cuda:i`` (``device=cuda:i`` on top of the run's
+overrides, so the run's params say where it ran); ``device=cuda:N`` keeps every run on that one GPU.
+A benchmark is identified by its resolved base config (the ``dpops.bench`` tag): re-running it reuses
+FINISHED runs and resumes interrupted ones from their last completed round, so Ctrl-C or a crash loses
+nothing that was finished.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def prepare(
 ) -> Prepared:
     """Plan and check everything before work starts; create the MLflow store and experiment (before any
     worker could race to create them); find what earlier invocations finished or left interrupted.
-    ``workers`` 0: one per CPU core with one torch thread each, or 1 when the learner runs on CUDA."""
+    ``workers`` 0: one per CPU core with one torch thread each, or one per GPU (:func:`gpu_slots`)."""
     sizes = sweep_config(load_tree(params, overrides)).static_sizes
     bp, cfg = plan(
         params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick, ratios=ratios
@@ -198,10 +202,20 @@ def prepare(
     exp_id = registry.experiment_id(experiment)
     done, resumable = registry_state(registry, exp_id, bp.bench_id)
     todo = jobs(bp, done, resumable, out)
-    cores = os.cpu_count() or 1
-    n = workers or (1 if resolve_device(cfg.device).type == "cuda" else cores)
+    cores, gpus = os.cpu_count() or 1, gpu_slots(cfg)
+    n = workers or len(gpus) or (1 if resolve_device(cfg.device).type == "cuda" else cores)
     n = max(1, min(n, len(todo) or 1))
     return Prepared(bp, cfg, registry, exp_id, len(done), tuple(todo), n, max(1, cores // n))
+
+
+def gpu_slots(cfg: Config) -> tuple[str, ...]:
+    """The devices benchmark workers take in turn: every visible GPU when the runs go to CUDA without a
+    fixed index (``device=auto`` or ``cuda``); none on the CPU or with ``device=cuda:N`` (that one GPU)."""
+    if resolve_device(cfg.device).type != "cuda" or ":" in cfg.device:
+        return ()
+    import torch
+
+    return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
 
 
 @dataclass(frozen=True)
@@ -248,7 +262,9 @@ class _Stop(Observer):
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(threads: int, params: Path | None, bench_id: str, stop: Any) -> None:
+def _init_worker(
+    threads: int, params: Path | None, bench_id: str, stop: Any, gpus: Sequence[str], started: Any
+) -> None:
     import signal
 
     import torch
@@ -256,7 +272,16 @@ def _init_worker(threads: int, params: Path | None, bench_id: str, stop: Any) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
     torch.set_num_threads(threads)
     quiet_logs()
-    _WORKER.update(params=params, bench_id=bench_id, stop=stop)
+    _WORKER.update(params=params, bench_id=bench_id, stop=stop, device=_take_gpu(gpus, started))
+
+
+def _take_gpu(gpus: Sequence[str], started: Any) -> tuple[str, ...]:
+    """Worker i (``started`` counts the workers, across processes) gets ``gpus[i % len(gpus)]``, as the
+    override ``device=…`` it adds to each of its runs; no GPUs: no override."""
+    with started.get_lock():
+        i = started.value
+        started.value += 1
+    return (f"device={gpus[i % len(gpus)]}",) if gpus else ()
 
 
 def _run_job(job: Job) -> JobResult:
@@ -265,7 +290,7 @@ def _run_job(job: Job) -> JobResult:
     if w["stop"].is_set():
         return JobResult(job.arm.name, job.seed, None)
     try:
-        cfg = load_config(w["params"], job.overrides)
+        cfg = load_config(w["params"], [*job.overrides, *w["device"]])
         if "generator" not in w:
             w["real"] = runner.load_real_data(cfg)
             w["generator"] = runner.load_generator(cfg, w["real"])
@@ -289,16 +314,17 @@ def run_jobs(
     threads: int,
     on_result: Callable[[JobResult], None] = lambda r: None,
 ) -> list[JobResult]:
-    """Run ``todo`` in ``workers`` spawned processes. Ctrl-C stops every run at its next loop event (it
-    ends KILLED and resumable), starts nothing new, and re-raises KeyboardInterrupt once all have stopped.
+    """Run ``todo`` in ``workers`` spawned processes, worker i on the i-th of the jobs' :func:`gpu_slots`
+    (round robin). Ctrl-C stops every run at its next loop event (it ends KILLED and resumable), starts
+    nothing new, and re-raises KeyboardInterrupt once all have stopped.
     Create the MLflow store and experiment before calling (two processes creating one SQLite file clash)."""
+    gpus = gpu_slots(load_config(params, todo[0].overrides)) if todo else ()  # (the jobs share their device)
     ctx = mp.get_context("spawn")
-    stop = ctx.Event()
+    stop, started = ctx.Event(), ctx.Value("i", 0)
     results: list[JobResult] = []
     interrupted = False
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, params, bench_id, stop)
-    ) as pool:
+    initargs = (threads, params, bench_id, stop, gpus, started)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool:
         pending: set[Future] = {pool.submit(_run_job, job) for job in todo}
         while pending:
             try:

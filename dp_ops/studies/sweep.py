@@ -6,31 +6,39 @@ overridable with ``-S sweep.omega.high=0.3``) and trial parameters are named exa
 ``dpops run -S dp.omega=…`` or ``dvc exp run -S dp.omega=…``. ``strategy="static"`` is a grid over
 ``dp.initial_size`` instead (the baseline for scaling laws), enqueued once when the study is created.
 
-Workers cooperate through the storage only: an SQLAlchemy URL (PostgreSQL for many workers) or an
-Optuna journal file. Three rules make that safe:
+Workers cooperate through the storage only: an SQLAlchemy URL (PostgreSQL for many workers or machines)
+or an Optuna journal file (many workers on one file system). Three rules make that safe:
 
 * **Global budget.** ``n_trials`` counts the study's trials, not this worker's. Trial numbers are
   handed out by the storage in order, so a worker that asked for a trial beyond the budget (another
   worker took the last slot meanwhile) sees it and gives it back as FAIL marked ``dpops.over_budget``.
-* **Heartbeats.** A running trial refreshes ``dpops.heartbeat`` from the loop's own callbacks. A
-  RUNNING trial silent for ``stale_after`` seconds belonged to a killed worker: the next worker marks it
-  FAIL and re-enqueues its parameters (``dpops.retry_of``); the retry resumes the killed MLflow run from
-  its last completed round when it has a checkpoint. (Optuna's own heartbeat exists only for RDB
-  storage; the journal file is the scale-out path here, so the lease is kept in user attributes.)
+  A retried trial takes the place of the one it retries (Optuna's retry history), never a second slot.
+* **A killed worker's trial is retried.** Every trial runs through ``study.optimize``, so on RDB storage
+  Optuna's own heartbeat does the job: a thread refreshes the trial's heartbeat every
+  ``stale_after / 10`` seconds, the next worker fails a RUNNING trial silent for ``stale_after``
+  seconds and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` enqueues its parameters again.
+  Optuna has no heartbeat for the journal file, so there dp_ops keeps a lease: the loop's callbacks
+  refresh the trial's ``dpops.heartbeat`` attribute, and the next worker fails a stale trial and
+  enqueues it with the same callback (:func:`requeue_stale`). Either way the retry resumes the killed
+  MLflow run (found by the retried trial's number) from its last completed round when it has a checkpoint.
 * **Failures are data.** A trial that raises is FAIL with its one-line error in ``dpops.error`` and
-  the sweep goes on; Ctrl-C marks the running trial FAIL, re-enqueues it and stops.
+  the sweep goes on; Ctrl-C marks the running trial FAIL, enqueues its retry and stops.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, to_tree
@@ -70,10 +78,24 @@ RunTrial = Callable[[Config, dict[str, str], Sequence[Observer], str | None], tu
 
 
 # ---- storage and study ---------------------------------------------------------------------------
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql://…``) or a journal file path."""
-    if "://" in url:
-        return optuna.storages.RDBStorage(url)
+def is_rdb(url: str) -> bool:
+    """An SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql+psycopg://…``) rather than a journal file."""
+    return "://" in url
+
+
+@contextmanager
+def _experimental() -> Iterator[None]:
+    """Optuna marks its heartbeat and retry API experimental and says so on every call: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def make_storage(url: str, stale_after: float = 300.0) -> optuna.storages.BaseStorage:
+    """An SQLAlchemy URL, with Optuna's heartbeat (its unit is whole seconds: ``stale_after`` rounds up, to
+    3 at least, and the heartbeat beats ten times in that period), or a journal file path."""
+    if is_rdb(url):
+        return _rdb_storage(url, max(3, math.ceil(stale_after)))
     if ":" in url:
         raise ConfigError(f"sweep.storage={url!r}: neither an SQLAlchemy URL (sqlite:///…) nor a file path")
     from optuna.storages.journal import JournalFileBackend
@@ -81,16 +103,46 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
+def _rdb_storage(url: str, grace: int, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Workers started together on a new database all create Optuna's tables, and on PostgreSQL all but
+    one fail (a duplicate table or type): those try again, and find the tables made."""
+    attempt = 0
+    while True:
+        try:
+            with _experimental():
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=max(1, grace // 10),
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            attempt += 1
+            if attempt == attempts:
+                raise _unopened(url, exc) from None
+            time.sleep(0.2 * attempt)
+        except Exception as exc:  # no server, no driver, bad credentials: say which storage, in one line
+            raise _unopened(url, exc) from None
+
+
+def _unopened(url: str, exc: Exception) -> ConfigError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ConfigError(f"sweep.storage={url!r}: cannot open it ({type(exc).__name__}: {first})")
+
+
 def check_separate_stores(storage: str, tracking_uri: str) -> None:
     """Optuna and MLflow both keep Alembic's default version table: one database breaks the other."""
-    if "://" in storage and _db_path(storage) == _db_path(tracking_uri):
+    if is_rdb(storage) and _db_path(storage) == _db_path(tracking_uri):
         raise ConfigError(
             f"sweep.storage={storage!r}: is MLflow's database; give Optuna its own (e.g. sqlite:///optuna.db)"
         )
 
 
 def _db_path(url: str) -> str:
-    return str(Path(url.removeprefix("sqlite:///")).resolve()) if url.startswith("sqlite:///") else url
+    """One spelling per database: a SQLite file's resolved path; a server URL without its driver."""
+    if url.startswith("sqlite:///"):
+        return str(Path(url.removeprefix("sqlite:///")).resolve())
+    return re.sub(r"^(\w+)\+\w+://", r"\1://", url)
 
 
 def open_study(
@@ -102,7 +154,7 @@ def open_study(
 ) -> optuna.Study:
     """Create the study, or load it if it exists (re-running a sweep continues it). Creating is atomic
     in the storage, so exactly one of several simultaneous workers enqueues a static grid."""
-    storage = make_storage(sc.storage)
+    storage = make_storage(sc.storage, sc.stale_after)
     directions: list[Literal["minimize", "maximize"]] = (
         [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
     )
@@ -160,11 +212,11 @@ def _check_compatible(
         )
 
 
-# ---- budget and leases ---------------------------------------------------------------------------
+# ---- budget, retries and the journal lease -------------------------------------------------------
 def counted_trials(trials: Sequence[FrozenTrial], before: int | None = None) -> list[FrozenTrial]:
-    """Trials that use up budget: finished or running, except given-back and superseded (re-queued) ones;
+    """Trials that use up budget: finished or running, except given-back and superseded (retried) ones;
     with ``before``, only those numbered lower."""
-    retried = {t.user_attrs["dpops.retry_of"] for t in trials if "dpops.retry_of" in t.user_attrs}
+    retried = {n for t in trials for n in retried_trials(t)}
     return [
         t
         for t in trials
@@ -175,12 +227,23 @@ def counted_trials(trials: Sequence[FrozenTrial], before: int | None = None) -> 
     ]
 
 
-def requeue_stale(
-    study: optuna.Study, stale_after: float, find_run: Callable[[int], str | None] = lambda n: None
-) -> list[int]:
-    """Mark RUNNING trials whose heartbeat is older than ``stale_after`` seconds FAIL and enqueue their
-    parameters again, with the MLflow run to resume (``find_run(number)``) when there is one. Returns the
-    numbers this worker re-queued (another worker may have got there first)."""
+def retried_trials(t: FrozenTrial) -> list[int]:
+    """The trials ``t`` retries, oldest first: a killed trial, then its retry if that was killed too, …
+    (Optuna's retry history, the same on every storage; empty when ``t`` is no retry)."""
+    with _experimental():
+        return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t))
+
+
+def retry(study: optuna.Study, t: FrozenTrial) -> None:
+    """Enqueue ``t`` again with its parameters, exactly as Optuna's heartbeat does on RDB storage."""
+    with _experimental():
+        optuna.storages.RetryHeartbeatStaleTrialCallback()(study, t)
+
+
+def requeue_stale(study: optuna.Study, stale_after: float) -> list[int]:
+    """Journal storage only (RDB storage has Optuna's heartbeat): mark RUNNING trials whose lease is older
+    than ``stale_after`` seconds FAIL and :func:`retry` them. Returns the numbers this worker re-queued
+    (another worker may have got there first)."""
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if time.time() - last_heartbeat(t) < stale_after:
@@ -189,36 +252,29 @@ def requeue_stale(
             study.tell(t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError):  # another worker finished or re-queued it meanwhile
             continue
-        requeue(study, t.number, t.params, find_run(t.number))
+        retry(study, t)
         requeued.append(t.number)
     return requeued
 
 
-def requeue(study: optuna.Study, number: int, params: dict[str, Any], run_id: str | None) -> None:
-    attrs: dict[str, Any] = {"dpops.retry_of": number}
-    if run_id:
-        attrs["dpops.resume_run_id"] = run_id
-    study.enqueue_trial(params, user_attrs=attrs)
-
-
 def last_heartbeat(t: FrozenTrial) -> float:
-    beat = t.user_attrs.get("dpops.heartbeat")
-    if beat is not None:
-        return float(beat)
-    return t.datetime_start.timestamp() if t.datetime_start else time.time()
+    """The lease's last beat; a retry carries its predecessor's attributes, so its own start counts too."""
+    start = t.datetime_start.timestamp() if t.datetime_start else time.time()
+    return max(float(t.user_attrs.get("dpops.heartbeat", start)), start)
 
 
 class TrialObserver(Observer):
-    """Keeps the trial's lease alive from the loop's callbacks, and reports validation accuracy for pruning."""
+    """Reports validation accuracy for pruning, and keeps the trial's journal lease alive from the loop's
+    callbacks every ``beat_every`` seconds (None: Optuna's heartbeat thread does that, on RDB storage)."""
 
-    def __init__(self, trial: Trial, beat_every: float, prune: bool) -> None:
+    def __init__(self, trial: Trial, beat_every: float | None, prune: bool) -> None:
         self.trial, self.beat_every, self.prune = trial, beat_every, prune
         self._last = 0.0
         self.beat()
 
     def beat(self) -> None:
         now = time.time()
-        if now - self._last >= self.beat_every:
+        if self.beat_every is not None and now - self._last >= self.beat_every:
             self.trial.set_user_attr("dpops.heartbeat", now)
             self._last = now
 
@@ -231,6 +287,11 @@ class TrialObserver(Observer):
             self.trial.report(val_acc, step=iteration)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at iteration {iteration}")
+
+
+class _Fail(Exception):
+    """Raised out of the objective so that ``study.optimize`` records FAIL (the reason is already in the
+    trial's attributes, or it was given back over budget)."""
 
 
 # ---- the worker ----------------------------------------------------------------------------------
@@ -280,15 +341,12 @@ class Sweep:
         """``observers(n)``: extra loop observers for trial ``n``; ``on_trial`` after each trial this worker ran."""
         start, ran = time.monotonic(), []
         while timeout is None or time.monotonic() - start < timeout:
-            requeue_stale(self.study, self.sc.stale_after, self._run_of)
+            self._retry_stale()
             if len(counted_trials(self.study.get_trials(deepcopy=False))) >= self.budget:
                 break
-            trial = self.study.ask()
-            if self._over_budget(trial):
-                trial.set_user_attr("dpops.over_budget", True)
-                self.study.tell(trial, state=TrialState.FAIL)
+            outcome = self._next_trial(run_trial, observers)
+            if outcome is None:  # another worker took the last slot
                 break
-            outcome = self._run_one(trial, run_trial, observers(trial.number))
             ran.append(outcome)
             on_trial(outcome)
         trials = self.study.get_trials(deepcopy=False)
@@ -301,27 +359,59 @@ class Sweep:
             tuple(best_trials(self.study)),
         )
 
+    def _retry_stale(self) -> None:
+        """Fail and retry the trials of killed workers before counting the budget (one mechanism per storage)."""
+        if is_rdb(self.sc.storage):
+            with _experimental():
+                optuna.storages.fail_stale_trials(self.study)
+        else:
+            requeue_stale(self.study, self.sc.stale_after)
+
+    def _next_trial(self, run_trial: RunTrial, observers: Callable[[int], Sequence[Observer]]) -> TrialOutcome | None:
+        """One trial through ``study.optimize``: it asks, keeps Optuna's heartbeat thread running on RDB
+        storage while the trial runs, and tells. None: the trial was over budget and given back."""
+        asked: list[int] = []
+        done: list[TrialOutcome] = []
+
+        def objective(trial: Trial) -> list[float]:
+            asked.append(trial.number)
+            if self._over_budget(trial):
+                trial.set_user_attr("dpops.over_budget", True)
+                raise _Fail("over budget")
+            done.append(self._run_one(trial, run_trial, observers(trial.number)))
+            if done[0].state == "PRUNED":
+                raise optuna.TrialPruned()
+            if done[0].values is None:
+                raise _Fail(done[0].error)
+            return list(done[0].values)
+
+        try:
+            self.study.optimize(objective, n_trials=1, catch=(_Fail,))
+        except KeyboardInterrupt:  # optimize marked it FAIL; its run ended KILLED with a checkpoint: retry it
+            if asked:
+                retry(self.study, self.study.get_trials(deepcopy=False)[asked[0]])
+            raise
+        return done[0] if done else None
+
     def _over_budget(self, trial: Trial) -> bool:
         return len(counted_trials(self.study.get_trials(deepcopy=False), before=trial.number)) >= self.budget
 
     def _run_one(self, trial: Trial, run_trial: RunTrial, observers: Sequence[Observer]) -> TrialOutcome:
+        """Run the trial and record it in its attributes; ``study.optimize`` sets its state."""
         params = self._suggest(trial)
         overrides = [*self.base_overrides, *(f"{k}={v}" for k, v in params.items())]
         trial.set_user_attr("dpops.overrides", overrides)
         cfg = trial_config(self.cfg, overrides, trial.number, self.name)
         tags = {"dpops.study": self.name, "dpops.trial": str(trial.number)}
-        watch = TrialObserver(trial, self.sc.stale_after / 10, self.sc.prune)
-        resume = trial.user_attrs.get("dpops.resume_run_id")
+        lease = None if is_rdb(self.sc.storage) else self.sc.stale_after / 10
+        watch = TrialObserver(trial, lease, self.sc.prune)
+        resume = self._run_to_resume(trial.number)
         if resume and not checkpoint_path(cfg.output.checkpoints, resume).is_file():
             resume = None  # killed before its first round completed (or on another machine): start afresh
         try:
             result, run_id = run_trial(cfg, tags, [watch, *observers], resume)
         except optuna.TrialPruned:
             return self._finish(trial, params, TrialState.PRUNED)
-        except KeyboardInterrupt:  # the run is KILLED with its checkpoint: the retry resumes it
-            self.study.tell(trial, state=TrialState.FAIL)
-            requeue(self.study, trial.number, params, self._run_of(trial.number))
-            raise
         except Exception as exc:  # a failed trial is a result; the sweep goes on
             trial.set_user_attr("dpops.error", f"{type(exc).__name__}: {exc}"[:500])
             return self._finish(trial, params, TrialState.FAIL, error=f"{type(exc).__name__}: {exc}")
@@ -330,8 +420,13 @@ class Sweep:
         for key in ("pool_size", "generated_samples", "iterations", "rounds"):
             trial.set_user_attr(f"dpops.{key}", getattr(s, key))
         values = tuple(float(getattr(s, m)) for m in self._objective)
-        self.study.tell(trial, list(values))
         return TrialOutcome(trial.number, "COMPLETE", params, values, run_id)
+
+    def _run_to_resume(self, number: int) -> str | None:
+        """A retry resumes the MLflow run of the trial it retries: the latest of the retry history that has
+        one (a retry that resumed a run re-tags it with its own number)."""
+        history = retried_trials(self.study.get_trials(deepcopy=False)[number])
+        return next((run for n in reversed(history) if (run := self._run_of(n))), None)
 
     def _run_of(self, number: int) -> str | None:
         """The MLflow run of a trial that returned none (raised, pruned, killed), found by its tags."""
@@ -361,7 +456,6 @@ class Sweep:
             trial.set_user_attr("dpops.mlflow_run_id", run_id)
             if state == TrialState.PRUNED:  # the run ended FAILED when the loop raised TrialPruned
                 self.registry.end_run(run_id, "KILLED", tags={"dpops.pruned": "true"})
-        self.study.tell(trial, state=state)
         return TrialOutcome(trial.number, state.name, params, None, run_id, error)
 
 

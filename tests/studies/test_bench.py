@@ -13,9 +13,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from dp_ops.config import load_config
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.studies.bench import jobs, plan
+from dp_ops.studies.bench import _take_gpu, gpu_slots, jobs, plan, prepare
 from dp_ops.studies.bench_stats import Arm, headline, headline_lines, summarise
 
 from conftest import tiny_tree
@@ -134,6 +135,32 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
         args = {"static_sizes": (30, 60), "seeds": [0], "experiment": "e", **kw}
         with pytest.raises(ConfigError, match=message):
             plan(params_file, overrides, **args)
+
+
+def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i(params_file, tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # four GPUs, the one thing faked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    args = {"seeds": 1, "ratios": (2,), "quick": False, "experiment": "e", "out": tmp_path / "out"}
+    p = prepare(params_file, [], **args)  # device=auto: 5 runs on 4 GPUs
+    assert len(p.todo) == 5 and p.workers == 4 and p.threads == max(1, (os.cpu_count() or 1) // 4)
+    gpus = gpu_slots(p.cfg)
+    assert gpus == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    started = mp.get_context("spawn").Value("i", 0)  # what run_jobs hands its workers
+    taken = [_take_gpu(gpus, started) for _ in range(5)]  # the workers in start order (a fifth wraps round)
+    assert taken == [("device=cuda:0",), ("device=cuda:1",), ("device=cuda:2",), ("device=cuda:3",), ("device=cuda:0",)]
+    job = p.todo[0]
+    assert load_config(params_file, [*job.overrides, *taken[3]]).device == "cuda:3"  # the run worker 3 makes
+
+    assert prepare(params_file, [], workers=2, **args).workers == 2  # --workers still decides
+    pinned = prepare(params_file, ["device=cuda:2"], **args)  # one GPU chosen: every run there, one worker
+    assert gpu_slots(pinned.cfg) == () and pinned.workers == 1
+    cpu = prepare(params_file, ["device=cpu"], **args)
+    assert gpu_slots(cpu.cfg) == () and cpu.workers == min(5, os.cpu_count() or 1)
+    assert _take_gpu((), started) == ()  # no GPU: the run's own device
 
 
 def _bench(params_file, *args, **kw):

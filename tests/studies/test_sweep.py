@@ -16,7 +16,16 @@ from dp_ops.cli import app
 from dp_ops.config import build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
-from dp_ops.studies.sweep import Sweep, TrialObserver, counted_trials, replay_command, tracked_runner
+from dp_ops.studies.sweep import (
+    Sweep,
+    TrialObserver,
+    counted_trials,
+    make_storage,
+    replay_command,
+    retried_trials,
+    retry,
+    tracked_runner,
+)
 
 from conftest import tiny_tree
 
@@ -115,7 +124,8 @@ def test_a_trial_that_raises_is_failed_and_the_sweep_goes_on(ws, tiny_generator,
 
 
 def test_a_stale_running_trial_is_requeued_with_its_params(ws, tiny_generator, real):
-    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=2", "sweep.stale_after=0.5")
+    journal = f"sweep.storage={ws / 'sweep.journal'}"  # the lease is the journal's; RDB storage: Optuna's heartbeat
+    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=2", "sweep.stale_after=0.5", journal)
     dead = worker.study.ask()  # a worker that died: RUNNING, and no heartbeat ever since
     omega, patience = dead.suggest_float("dp.omega", 0.05, 0.5, log=True), dead.suggest_int("dp.patience", 1, 3)
     dead.suggest_int("dp.round_size", 10, 30, step=10)
@@ -123,7 +133,7 @@ def test_a_stale_running_trial_is_requeued_with_its_params(ws, tiny_generator, r
     worker.run(run_trial)
     trials = worker.study.get_trials()
     assert trials[0].state == TrialState.FAIL
-    retry = next(t for t in trials if t.user_attrs.get("dpops.retry_of") == 0)
+    retry = next(t for t in trials if retried_trials(t) == [0])
     assert retry.state == TrialState.COMPLETE
     assert retry.params["dp.omega"] == pytest.approx(omega) and retry.params["dp.patience"] == patience
     assert len(counted_trials(trials)) == 2  # the dead trial's retry takes its place in the budget
@@ -252,13 +262,13 @@ def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_ru
     victim.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in Optuna and in MLflow
     victim.wait(timeout=60)
     (killed_run,) = list((ws / "out" / "checkpoints").iterdir())
-    time.sleep(1.1)
+    time.sleep(4.1)  # Optuna's heartbeat on SQLite: stale after 3 s (its minimum), timestamps in whole seconds
 
-    again = runner.invoke(app, [*cmd[3:], "-S", "sweep.stale_after=1"])
+    again = runner.invoke(app, [*cmd[3:], "-S", "sweep.stale_after=3"])
     assert again.exit_code == 0, again.output
     trials = optuna.load_study(study_name="k", storage=f"sqlite:///{ws / 'optuna.db'}").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], (again.output, trials[-1].user_attrs)
-    assert trials[1].user_attrs["dpops.retry_of"] == 0 and trials[1].params == trials[0].params
+    assert retried_trials(trials[1]) == [0] and trials[1].params == trials[0].params
     assert trials[1].user_attrs["dpops.mlflow_run_id"] == killed_run.name  # resumed, not started over
     run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed_run.name)
     assert run.info.status == "FINISHED" and run.data.tags["dpops.trial"] == "1"
@@ -273,3 +283,54 @@ def test_a_study_another_worker_is_still_setting_up_is_waited_for(ws):
         _wait_until_ready(study, "half", timeout=0.3)
     study.set_user_attr("dpops.ready", True)
     _wait_until_ready(study, "half", timeout=0.3)
+
+
+class Interrupt(Observer):
+    """Ctrl-C in the middle of the trial's second round (its first is checkpointed)."""
+
+    def on_round(self, record, increment):
+        if record.round == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_on_rdb_storage_retries_the_trial_with_optunas_callback_and_the_retry_resumes_its_run(
+    ws, tiny_generator, real
+):
+    worker, run_trial = _worker(
+        ws, tiny_generator, real, "sweep.n_trials=1", "sweep.patience.high=1", "dp.max_rounds=2"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(run_trial, observers=lambda n: [Interrupt()] if n == 0 else [])
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert retried_trials(trials[1]) == [0] and trials[1].params == trials[0].params
+    killed = worker._run_of(0)
+    assert MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed).info.status == "KILLED"
+
+    outcome = worker.run(run_trial)
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert outcome.ran[0].number == 1 and outcome.ran[0].mlflow_run_id == killed  # resumed, not started over
+    assert len(counted_trials(trials)) == outcome.counted == 1  # the retry took the killed trial's place
+
+
+def test_a_chain_of_retries_counts_once_against_the_budget():
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    killed = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(killed, state=TrialState.FAIL)
+    retry(study, study.trials[1])
+    again = study.ask()  # the retry, killed too
+    study.tell(again, state=TrialState.FAIL)
+    retry(study, study.trials[2])
+    last = study.ask()
+    study.tell(last, 0.5)
+    trials = study.get_trials()
+    assert retried_trials(trials[3]) == [1, 2] and trials[3].params == trials[1].params
+    assert [t.number for t in counted_trials(trials)] == [0, 3]
+
+
+def test_an_rdb_storage_that_cannot_be_opened_is_one_line_naming_it():
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/optuna"  # port 1: nothing listens
+    with pytest.raises(ConfigError, match=r"^sweep.storage='postgresql\+psycopg://nobody@127.0.0.1:1/optuna': cannot"):
+        make_storage(url)
