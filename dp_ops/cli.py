@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 
 from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
-from dp_ops.errors import ConfigError, DpOpsError
+from dp_ops.errors import ConfigError, DpOpsError, RunAborted
 from dp_ops.files import write_json
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ def _friendly_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except RunAborted as exc:
+            err_console.print(f"[bold red]error:[/] a run failed, so the study stops: {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -317,8 +320,10 @@ def sweep(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds after which this worker starts no new trial")] = None,
 ) -> None:
-    """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel."""
+    """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel.
+    Under torchrun, every trial one run on all the worker's processes."""
     from dp_ops import runner
+    from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry, tracking_uri
     from dp_ops.render import RichObserver
     from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, tracked_runner
@@ -330,20 +335,33 @@ def sweep(
     logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # (a failed trial: one line, no traceback)
     name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
-    runner.preflight(cfg)
-    real = runner.load_real_data(cfg)
-    registry = Registry.from_config(cfg)  # (opened only now: a refused sweep leaves no store behind)
-    base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
-    worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base, registry=registry)
-    with _progress() as progress:
-        generator = _generator(cfg, real, progress)
-        console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
-        outcome = worker.run(
-            tracked_runner(generator, real, registry),
-            timeout=timeout,
-            observers=lambda n: [RichObserver(progress)],
-            on_trial=lambda o: _trial_done(progress, o),
-        )
+    world = dist.join(cfg.device)
+    try:
+        if world.distributed and sc.prune:
+            raise ConfigError(
+                "sweep.prune=true: a trial on several processes is not pruned (only rank 0 hears from Optuna); "
+                "use one process per worker, or sweep.prune=false"
+            )
+        runner.preflight(cfg, world)
+        real = runner.load_real_data(cfg)
+        if not world.main:
+            runner.follow_runs(_generator(cfg, real, None, world), real, world)
+            return
+        registry = Registry.from_config(cfg)  # (opened only now: a refused sweep leaves no store behind)
+        base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
+        worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base, registry=registry)
+        with _progress() as progress:
+            generator = _generator(cfg, real, progress, world)
+            console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
+            outcome = worker.run(
+                tracked_runner(generator, real, registry, world),
+                timeout=timeout,
+                observers=lambda n: [RichObserver(progress)],
+                on_trial=lambda o: _trial_done(progress, o),
+            )
+        runner.end_runs(world)
+    finally:
+        dist.leave()
     _print_sweep(outcome, worker.experiment, registry.uri, fmt_params)
 
 
@@ -358,7 +376,8 @@ def bench(
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1 for every arm")] = 3,
     ratio: Annotated[list[int] | None, typer.Option(help="oversampling ratios (default 2, 4, 8); repeatable")] = None,
     workers: Annotated[
-        int, typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each; 1 on CUDA)")
+        int,
+        typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each, one per GPU on CUDA)"),
     ] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the benchmark runs")] = "dp-ops-bench",
     out: Annotated[Path, typer.Option(help="folder for bench.json, bench.png and the runs' metrics")] = Path(
@@ -366,7 +385,37 @@ def bench(
     ),
 ) -> None:
     """DP vs static vs oversample-then-prune, same seeds and budget: one table, two headline ratios, a plot.
-    Re-run the same command to reuse finished runs and resume interrupted ones."""
+    Re-run the same command to reuse finished runs and resume interrupted ones. Under torchrun, every run
+    on all the processes."""
+    from dp_ops import runner
+    from dp_ops.engine import dist
+    from dp_ops.studies import bench as bm
+
+    _quiet_libraries()
+    world = dist.join(load_config(params, set_ or ()).device)
+    try:
+        if not world.main:  # (under torchrun) take part in every run rank 0 leads
+            cfg: Config = world.broadcast(None)
+            real = runner.load_real_data(cfg)
+            runner.follow_runs(_generator(cfg, real, None, world), real, world)
+            return
+        p = bm.prepare(
+            params,
+            set_ or (),
+            seeds=seeds,
+            ratios=ratio or bm.RATIOS,
+            quick=quick,
+            experiment=experiment,
+            out=out,
+            workers=workers,
+        )
+        world.broadcast(p.cfg)
+        _bench(p, params, experiment, out, world)
+    finally:
+        dist.leave()
+
+
+def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World) -> None:
     import time
 
     from dp_ops import runner
@@ -374,21 +423,14 @@ def bench(
     from dp_ops.studies import bench as bm
     from dp_ops.studies.bench_stats import headline_lines
 
-    _quiet_libraries()
-    p = bm.prepare(
-        params,
-        set_ or (),
-        seeds=seeds,
-        ratios=ratio or bm.RATIOS,
-        quick=quick,
-        experiment=experiment,
-        out=out,
-        workers=workers,
+    where = (
+        f"across {world.size} processes, one after another"
+        if world.distributed
+        else (f"in {p.workers} worker(s) × {p.threads} thread(s)")
     )
     console.print(
         f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
-        f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run "
-        f"in {p.workers} worker(s) × {p.threads} thread(s)",
+        f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run {where}",
         soft_wrap=True,
     )
     failed: list[bm.JobResult] = []
@@ -396,6 +438,7 @@ def bench(
     with _progress() as progress:
         if p.todo and not runner.generator_exists(p.cfg):  # trained once here, before the workers load it
             _generator(p.cfg, runner.load_real_data(p.cfg), progress)
+        world.barrier()  # (the other processes load it now)
         task = progress.add_task("benchmark runs", total=len(p.todo))
 
         def on_result(r: bm.JobResult) -> None:
@@ -405,7 +448,10 @@ def bench(
             print_bench_result(console, r)
 
         try:
-            if p.todo:
+            if world.distributed:
+                bm.run_jobs_across(p.todo, p.plan.bench_id, params, world, on_result=on_result)
+                runner.end_runs(world)
+            elif p.todo:
                 bm.run_jobs(p.todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
         except KeyboardInterrupt:
             err_console.print(

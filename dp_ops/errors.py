@@ -23,3 +23,11 @@ class GeneratorError(DpOpsError):
 
 class FitError(DpOpsError):
     """A scaling-law fit cannot be made (too few points, degenerate data)."""
+
+
+class RunAborted(BaseException):
+    """A run of a multi-process study (a sweep trial, a benchmark arm under torchrun) failed on rank 0.
+    The other processes may be waiting in one of the run's collectives, so the study cannot go on to its
+    next run: it stops (torchrun ends the others), the run ends FAILED in MLflow, and a resumable one can
+    be resumed. A ``BaseException``, like Ctrl-C, so that no "a failed run is a result" handler carries
+    on past it; the CLI prints it as one line."""

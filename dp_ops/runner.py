@@ -35,7 +35,7 @@ from dp_ops.engine.quality import Quality, measure_quality
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.sampling import Generator
 from dp_ops.engine.shards import round_dir, scan_round
-from dp_ops.errors import ConfigError, DataError
+from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.tracking import MlflowTracker, Registry, system_metrics
@@ -250,6 +250,54 @@ def _node_metrics(uri: str, run_id: str, world: World, resuming: bool) -> Abstra
     if not world.local_main:
         return nullcontext()
     return system_metrics(uri, run_id, node=f"node{world.node}" if world.distributed else None, resuming=resuming)
+
+
+# ---- studies on several processes: rank 0 leads each run, the others follow --------------------------
+@dataclass(frozen=True)
+class RunRequest:
+    """Rank 0's word to the other processes of a multi-process study before each of its runs (a sweep
+    trial, a benchmark arm); ``None`` instead means there are no more."""
+
+    cfg: Config
+    resume_run_id: str | None = None
+
+
+def lead_run(
+    cfg: Config,
+    generator: Generator,
+    real: RealData,
+    observers: Sequence[Observer] = (),
+    resume_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    registry: Registry | None = None,
+    world: World = SINGLE,
+) -> TrackedRun:
+    """:func:`run_tracked` as one run of a study, on every process of ``world`` (rank 0 calls this; the
+    others are in :func:`follow_runs`). On one process, exactly :func:`run_tracked`."""
+    if not world.distributed:
+        return run_tracked(cfg, generator, real, observers, resume_run_id, tags, registry)
+    world.broadcast(RunRequest(cfg, resume_run_id))
+    try:
+        return run_tracked(cfg, generator, real, observers, resume_run_id, tags, registry, world)
+    except Exception as exc:
+        raise RunAborted(f"{type(exc).__name__}: {exc}") from exc
+
+
+def end_runs(world: World) -> None:
+    """Rank 0: the study has no more runs (the others leave :func:`follow_runs`)."""
+    world.broadcast(None)
+
+
+def follow_runs(generator: Generator, real: RealData, world: World) -> int:
+    """A process other than rank 0 of a multi-process study: take part in every run rank 0 leads, until
+    it says there are no more. Returns how many."""
+    n = 0
+    while True:
+        request: RunRequest | None = world.broadcast(None)
+        if request is None:
+            return n
+        run_tracked(request.cfg, generator, real, resume_run_id=request.resume_run_id, world=world)
+        n += 1
 
 
 def resume_config(run_id: str, registry: Registry) -> Config:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import psutil
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 
 from dp_ops.config import build_config, to_tree
 from dp_ops.records.tracking import Registry
+from dp_ops.studies.sweep import make_storage
 
 from conftest import tiny_tree
 
@@ -225,3 +227,57 @@ def test_micro_batches_that_the_processes_cannot_share_are_refused_before_work(w
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert out.strip().splitlines()[-1] == "error: train.micro_batches=3: must divide train.batch_size=16"
+
+
+def _study_runs(ws, experiment):
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    return client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id], "tags.`dpops.role` = 'experiment'"
+    )
+
+
+@pytest.mark.slow
+def test_a_sweep_worker_on_two_ranks_runs_the_trials_one_rank_runs(workspace):
+    """Rank 0 asks and tells Optuna and hands each trial's config to rank 1: the same seeded study on one
+    process (with 2 micro-batches) and on two gives the same trials, values and records."""
+    ws, env = workspace
+    space = ["-S", "sweep.omega.low=0.05", "-S", "sweep.omega.high=0.2"]
+    space += ["-S", "sweep.patience.low=1", "-S", "sweep.patience.high=2"]
+    space += ["-S", "sweep.round_size.low=32", "-S", "sweep.round_size.high=64", "-S", "sweep.round_size.step=32"]
+    space += ["-S", "sweep.sampler_seed=0", "-S", "dp.max_rounds=1"]
+    outcomes = {}
+    for name, launcher, extra in (("one", DPOPS, ["-S", "train.micro_batches=2"]), ("two", TORCHRUN, [])):
+        storage = ws / f"sweep-{name}.journal"
+        args = ["sweep", "--n-trials", "2", "--study-name", f"s-{name}", "--storage", str(storage), *space, *extra]
+        args += ["-S", f"output.metrics=sweep-{name}/metrics.json", "-S", f"output.rounds=sweep-{name}/rounds.json"]
+        proc = _start(ws, env, launcher, *args)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        study = optuna.load_study(study_name=f"s-{name}", storage=make_storage(str(storage)))
+        outcomes[name] = [(t.state.name, t.params, t.values) for t in study.trials]
+        runs = _study_runs(ws, f"s-{name}")
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        assert {r.data.params["train.micro_batches"] for r in runs} == {"2"}
+    assert outcomes["two"] == outcomes["one"] and [s for s, _, _ in outcomes["one"]] == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_a_benchmark_on_two_ranks_runs_every_arm_across_both(workspace):
+    ws, env = workspace
+    args = ["bench", "--quick", "--seeds", "1", "--experiment", "bench-two", "--out", "bench-two"]
+    args += ["-S", "sweep.static_sizes=[96,160]", "-S", "dp.max_rounds=1"]
+    proc = _start(ws, env, TORCHRUN, *args)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    assert "across 2 processes" in out
+    report = json.loads((ws / "bench-two" / "bench.json").read_text())
+    runs = _study_runs(ws, "bench-two")
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)  # static ×2, dp, dp ω=0, oversample
+    assert {r.data.params["train.micro_batches"] for r in runs} == {"2"}
+    assert [row["arm"] for row in report["rows"]] == [
+        "static N=96",
+        "static N=160",
+        "dp ω=0.1",
+        "dp ω=0",
+        "oversample r=4",
+    ]

@@ -18,6 +18,8 @@ is timed under the same conditions. On the CPU the default is one worker per cor
 On CUDA (``device=auto`` or ``cuda`` on a machine with GPUs) it is one worker per visible GPU, and worker
 i (in start order) runs every run it takes on ``cuda:i`` (``device=cuda:i`` on top of the run's
 overrides, so the run's params say where it ran); ``device=cuda:N`` keeps every run on that one GPU.
+Started by torchrun (``torchrun … -m dp_ops bench``), each run instead spans all the processes (GPUs),
+and the runs go one after another (:func:`run_jobs_across`).
 A benchmark is identified by its resolved base config (the ``dpops.bench`` tag): re-running it reuses
 FINISHED runs and resumes interrupted ones from their last completed round, so Ctrl-C or a crash loses
 nothing that was finished.
@@ -37,6 +39,7 @@ from typing import Any
 from dp_ops import runner
 from dp_ops.config import Config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.devices import resolve_device
+from dp_ops.engine.dist import World
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
 from dp_ops.files import write_json
@@ -284,6 +287,35 @@ def _take_gpu(gpus: Sequence[str], started: Any) -> tuple[str, ...]:
     return (f"device={gpus[i % len(gpus)]}",) if gpus else ()
 
 
+def run_jobs_across(
+    todo: Sequence[Job],
+    bench_id: str,
+    params: Path | None,
+    world: World,
+    on_result: Callable[[JobResult], None] = lambda r: None,
+) -> list[JobResult]:
+    """Under torchrun: the runs one after another, each on every process (rank 0 calls this, the others
+    are in :func:`dp_ops.runner.follow_runs`). A failed run stops the benchmark (:class:`RunAborted`); the
+    same command resumes it."""
+    results: list[JobResult] = []
+    if not todo:
+        return results
+    first = load_config(params, todo[0].overrides)
+    real = runner.load_real_data(first)
+    generator = runner.load_generator(first, real, world)  # (the arms share both)
+    for job in todo:
+        cfg = load_config(params, job.overrides)
+        tags = {"dpops.bench": bench_id, "dpops.arm": job.arm.name}
+        run = runner.lead_run(cfg, generator, real, resume_run_id=job.resume_run_id, tags=tags, world=world)
+        results.append(_result(job, run))
+        on_result(results[-1])
+    return results
+
+
+def _result(job: Job, run: runner.TrackedRun) -> JobResult:
+    return JobResult(job.arm.name, job.seed, run.result.summary.to_dict(), run.run_id, job.resume_run_id is not None)
+
+
 def _run_job(job: Job) -> JobResult:
     """One benchmark run in a worker (which loads the generator and the real data once)."""
     w = _WORKER
@@ -302,7 +334,7 @@ def _run_job(job: Job) -> JobResult:
         return JobResult(job.arm.name, job.seed, None)
     except Exception as exc:  # one failed run is reported, the benchmark goes on
         return JobResult(job.arm.name, job.seed, None, error=f"{type(exc).__name__}: {exc}")
-    return JobResult(job.arm.name, job.seed, run.result.summary.to_dict(), run.run_id, job.resume_run_id is not None)
+    return _result(job, run)
 
 
 def run_jobs(

@@ -42,11 +42,12 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, to_tree
+from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
 from dp_ops.records.tracking import Registry
-from dp_ops.runner import run_tracked
+from dp_ops.runner import lead_run
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
 DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"final_val_acc": "maximize", "generated_samples": "minimize"}
@@ -467,14 +468,16 @@ def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str)
     return build_config(apply_overrides(to_tree(cfg), [*overrides, *files]))
 
 
-def tracked_runner(generator: Any, real: Any, registry: Registry | None = None) -> RunTrial:
-    """Run trials with :func:`dp_ops.runner.run_tracked`, one generator, dataset and MLflow store (default:
-    each trial config's) for all of them."""
+def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, world: World = SINGLE) -> RunTrial:
+    """Run trials with :func:`dp_ops.runner.lead_run`, one generator, dataset and MLflow store (default:
+    each trial config's) for all of them. Under torchrun (``world``) each trial is one run on every
+    process: rank 0 asks and tells Optuna and hands each trial's config to the others
+    (:func:`dp_ops.runner.follow_runs`)."""
 
     def run(
         cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None
     ) -> tuple[RunResult, str]:
-        tracked = run_tracked(cfg, generator, real, observers, resume_run_id=resume, tags=tags, registry=registry)
+        tracked = lead_run(cfg, generator, real, observers, resume, tags, registry, world)
         return tracked.result, tracked.run_id
 
     return run

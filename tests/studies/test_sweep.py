@@ -92,6 +92,7 @@ def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
     best = study.best_trial
     overrides = [o for o in replay_command(best).split(" -S ")[1:]]
     replay = flatten(load_config(ws / "params.yaml", overrides))
+    replay["train.micro_batches"] = replay["train.micro_batches"] or 1  # runs record 0 (one per process) resolved
     logged = runs[best.user_attrs["dpops.mlflow_run_id"]].data.params
     assert {k: str(v) for k, v in replay.items() if not k.startswith("output.")} == {
         k: v for k, v in logged.items() if not k.startswith("output.")
