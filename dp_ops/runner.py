@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dp_ops.config import Config, from_flat
-from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, check_saved, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices
 from dp_ops.engine.dist import SINGLE, World
@@ -61,7 +61,9 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
         _check_sd_model(cfg.generator.model)
         return
     path = Path(cfg.generator.path)
-    if path.exists() and not (path / META_FILE).is_file():
+    if (path / META_FILE).is_file():
+        check_saved(path)  # a damaged generator folder is one line now, not a traceback when it loads
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):  # (an empty folder: trained into)
         raise ConfigError(
             f"generator.path={cfg.generator.path!r}: exists but holds no trained generator "
             f"({META_FILE} missing); use an empty or new folder to train one there"
