@@ -1,6 +1,11 @@
 """``dpops``: the command line. Commands are thin: build a config, call the library, print a summary.
 
 Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stderr and exit code 1.
+
+SIGTERM (what Slurm and Kubernetes send before SIGKILL) is handled as Ctrl-C is: it raises
+:class:`KeyboardInterrupt` in the main thread, so a run ends KILLED at its last completed round, a sweep
+re-queues its running trial, the benchmark stops its workers; the command says how to go on in one line
+and exits 143 (128 + SIGTERM, what the scheduler expects of a terminated job; Ctrl-C exits 130).
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,8 +36,8 @@ from rich.progress import (
 from rich.table import Table
 
 from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
-from dp_ops.errors import ConfigError, DpOpsError, RunAborted
-from dp_ops.files import write_json
+from dp_ops.errors import ConfigError, DataError, DpOpsError, RunAborted
+from dp_ops.files import unwritable, write_json
 
 if TYPE_CHECKING:
     from dp_ops.engine.dist import World
@@ -80,7 +87,8 @@ def _friendly_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except DpOpsError as exc:
             rank = os.environ.get("RANK", "0")  # (under torchrun: every process checks the same config)
             if rank == "0" or not isinstance(exc, ConfigError):
@@ -88,13 +96,59 @@ def _friendly_errors(fn: F) -> F:
                 err_console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            _stopped("")
         except RunAborted as exc:
             err_console.print(f"[bold red]error:[/] a run failed, so the study stops: {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_TERMINATED: list[int] = []  # the SIGTERM that stopped this command, if one did
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does; a
+    second one is ignored, so that ending the run KILLED is not itself cut short (SIGKILL still is)."""
+    _TERMINATED.clear()
+    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if not _TERMINATED:
+            _TERMINATED.append(signum)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(what: str) -> NoReturn:
+    """The one line of a command stopped by Ctrl-C or SIGTERM (``what``: what happened and how to go on),
+    and its exit code: 143 for SIGTERM, 130 for Ctrl-C (128 + the signal)."""
+    how = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f"(rank {rank}) "
+    err_console.print(f"[yellow]{how}[/]{': ' if what else ''}{where}{what}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signal.SIGTERM if _TERMINATED else 130)
+
+
+def _resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[str] | None) -> str:
+    """What a stopped ``dpops run`` says: which run ended KILLED and the command that resumes it (with the
+    options that chose its tracking store)."""
+    run_id, resumable = getattr(exc, "run_id", None), getattr(exc, "resumable", False)
+    if run_id is None:
+        return ""
+    if not resumable:
+        return f"run {run_id} ended KILLED before its first round completed (nothing to resume); start it again"
+    store = [f"-S {o}" for o in overrides or () if o.strip().startswith("tracking.")]
+    command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, f"--resume {run_id}"])
+    return f"run {run_id} ended KILLED at its last completed round; resume it with: {command}"
 
 
 def _config(params: Path | None, overrides: list[str] | None) -> Config:
@@ -157,7 +211,7 @@ def run(
         if resume:  # the run's own config, from MLflow (rank 0 reads it); -S/--params only choose where to look
             if world.main:
                 registry = Registry.from_config(cfg)
-                cfg = runner.resume_config(resume, registry)
+                cfg = _resumed_config(resume, registry, cfg, set_ or [])
             cfg = world.broadcast(cfg)
         runner.preflight(cfg, world)
         real = runner.load_real_data(cfg)
@@ -167,13 +221,36 @@ def run(
             generator = _generator(cfg, real, progress, world)
             observers = [RichObserver(progress)] if progress else []
             run = runner.run_tracked(cfg, generator, real, observers, resume, registry=registry, world=world)
+    except KeyboardInterrupt as exc:
+        _stopped(_resume_hint(exc, params, set_))
     finally:
         dist.leave()
     if world.main:
         _print_tracked(cfg, run)
 
 
+def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[str]) -> Config:
+    """``--resume``: the run's own config, after checking no live process trains it; says which ``-S``
+    values it leaves unused and whether it takes over a stale lease."""
+    from dp_ops import runner
+
+    cfg = runner.resume_config(run_id, registry)
+    ignored = runner.ignored_on_resume(overrides, given, cfg)
+    if ignored:
+        err_console.print(
+            f"[yellow]warning:[/] --resume continues run {run_id} with its own config; ignored: -S "
+            + ", -S ".join(ignored),
+            highlight=False,
+            soft_wrap=True,
+        )
+    note = runner.check_lease(cfg, run_id)
+    if note:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    return cfg
+
+
 def _print_tracked(cfg: Config, run: TrackedRun) -> None:
+    from dp_ops.records.tracking import browse_hint
     from dp_ops.render import print_run
 
     print_run(console, cfg, run.result)
@@ -182,7 +259,7 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
     registry = tracker.registry
     console.print(
         f"MLflow run [bold]{run.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
-        f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: mlflow ui --backend-store-uri {registry.uri}\n"
+        f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: {browse_hint(registry.uri)}\n"
         f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
     )
@@ -211,6 +288,10 @@ def data_restore(
 
     cfg = _config(params, set_)
     dest = to or Path("restored") / run_id
+    why = unwritable(dest, folder=True)
+    if why is not None:
+        option = "--to" if to else "the default destination (--to)"
+        raise DataError(f"{option} {dest}: cannot be written ({why}); choose another folder with --to")
     paths = restore_run_data(run_id, dest, tracking_uri=tracking_uri(cfg), round_index=round_, pool=pool)
     for path in paths:
         console.print(f"restored {path}")
@@ -353,12 +434,17 @@ def sweep(
         with _progress() as progress:
             generator = _generator(cfg, real, progress, world)
             console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
-            outcome = worker.run(
-                tracked_runner(generator, real, registry, world),
-                timeout=timeout,
-                observers=lambda n: [RichObserver(progress)],
-                on_trial=lambda o: _trial_done(progress, o),
-            )
+            try:
+                outcome = worker.run(
+                    tracked_runner(generator, real, registry, world),
+                    timeout=timeout,
+                    observers=lambda n: [RichObserver(progress)],
+                    on_trial=lambda o: _trial_done(progress, o),
+                )
+            except KeyboardInterrupt as exc:
+                run_id = getattr(exc, "run_id", None)
+                trial = f"the running trial (run {run_id}, ended KILLED) was re-queued at once; " if run_id else ""
+                _stopped(f"{trial}run the same dpops sweep command to continue the study")
         runner.end_runs(world)
     finally:
         dist.leave()
@@ -419,6 +505,7 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
     import time
 
     from dp_ops import runner
+    from dp_ops.records.tracking import browse_hint
     from dp_ops.render import bench_table, print_bench_result
     from dp_ops.studies import bench as bm
     from dp_ops.studies.bench_stats import headline_lines
@@ -454,12 +541,9 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
             elif p.todo:
                 bm.run_jobs(p.todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
         except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]interrupted[/]: the running runs ended KILLED at their last completed round; "
-                "run the same command again to resume them",
-                soft_wrap=True,
+            _stopped(
+                "every running run ended KILLED at its last completed round; run the same command again to resume them"
             )
-            raise typer.Exit(130) from None
     wall = time.perf_counter() - t0
     report = bm.finish(p, out, wall)
     console.print(bench_table(report.rows))
@@ -469,7 +553,7 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
     console.print(
         f"wall {wall / 60:.1f} min for the {len(p.todo)} run(s) made now; wrote {report.json_path} and "
         f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
-        f"'{experiment}' — mlflow ui --backend-store-uri {p.uri}\n"
+        f"'{experiment}' — {browse_hint(p.uri)}\n"
         f"scaling laws from these runs: {bm.scaling_command(p)}",
         soft_wrap=True,
         highlight=False,
@@ -512,6 +596,7 @@ def _trial_done(progress: Progress, o: Any) -> None:
 
 
 def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Callable[[dict], str]) -> None:
+    from dp_ops.records.tracking import browse_hint
     from dp_ops.studies.sweep import replay_command
 
     console.print(
@@ -544,7 +629,7 @@ def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Calla
             soft_wrap=True,
             highlight=False,
         )
-    console.print(f"runs: experiment '{experiment_name}' — mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+    console.print(f"runs: experiment '{experiment_name}' — {browse_hint(uri)}", soft_wrap=True)
 
 
 @app.command()

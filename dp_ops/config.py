@@ -14,20 +14,49 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dp_ops.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+# Upper bounds of sizes and budgets: far beyond any run this tool is made for (ImageNet has 1.3 M images;
+# the paper trains for a few hundred thousand iterations), low enough that a slip of the keyboard
+# (`train.iterations=1e12`: 30,000 years at 1 ms an iteration) is refused before anything starts.
+MAX_SAMPLES = 10_000_000
+MAX_ITERATIONS = 10_000_000
+MAX_BATCH = 65_536
+
+
 class _Section(BaseModel):
     # frozen: a config never changes once loaded; forbid: a typo is an error, not a silent default;
-    # strict-ish numbers: "abc" for an int is rejected, 3 for a float is fine.
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict-ish numbers: "abc" for an int is rejected, 3 for a float is fine; inf and NaN (`.inf`, `1e309`)
+    # are refused for every float: no key means anything by them, and a NaN passes every bound.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int (and 1.0 for a float): `seed=true` is a slip, not a seed
+        if isinstance(v, bool) and info.field_name is not None:
+            kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or {
+                cls.model_fields[info.field_name].annotation
+            }
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be a number, not {str(v).lower()}")
+        return v
 
 
 class DataConfig(_Section):
@@ -46,7 +75,10 @@ class DataConfig(_Section):
     shard_resolution: int = Field(0, ge=0, le=2048, description="side of stored synthetic images; 0 = resolution")
     shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
     part_size: int = Field(
-        1024, ge=1, description="samples per round part file (a multiple of generator.batch_size): bounds memory"
+        1024,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="samples per round part file (a multiple of generator.batch_size): bounds memory",
     )
 
     @model_validator(mode="after")
@@ -93,10 +125,10 @@ class GeneratorConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="sd: float16/bfloat16 need CUDA")
     vae_slicing: bool = Field(False, description="sd: decode latents one image at a time (less memory)")
     attention_slicing: bool = Field(False, description="sd: compute attention in slices (less memory)")
-    batch_size: int = Field(256, ge=1, description="samples generated per forward pass")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="samples generated per forward pass")
     channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
-    train_iterations: int = Field(1000, ge=1)
-    train_batch_size: int = Field(64, ge=1)
+    train_iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
+    train_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     train_lr: float = Field(2e-3, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="probability of the null class (for CFG)")
 
@@ -142,12 +174,12 @@ class DPConfig(_Section):
     """The data-acquisition strategy (Algorithm 1 and its two baselines)."""
 
     strategy: Literal["dp", "static", "oversample"] = "dp"
-    initial_size: int = Field(500, ge=1, description="N: samples generated unguided before training")
-    round_size: int = Field(250, ge=1, description="P: samples added per round")
+    initial_size: int = Field(500, ge=1, le=MAX_SAMPLES, description="N: samples generated unguided before training")
+    round_size: int = Field(250, ge=1, le=MAX_SAMPLES, description="P: samples added per round")
     patience: int = Field(3, ge=1, description="T_max: evaluations without improvement that trigger a round")
     incremental_patience: bool = Field(True, description="scale T_max by pool size / N")
     omega: float = Field(0.05, ge=0, description="ω: entropy-guidance strength (0 = unguided)")
-    oversample_ratio: int = Field(4, ge=1, description="r: `oversample` generates r·P and keeps the top-P")
+    oversample_ratio: int = Field(4, ge=1, le=100, description="r: `oversample` generates r·P and keeps the top-P")
     max_rounds: int = Field(0, ge=0, description="stop adding data after this many rounds (0 = no limit)")
 
 
@@ -163,9 +195,9 @@ class TrainConfig(_Section):
     optionally the paper's ImageNet extras (all off by default): random-resized-crop/flip, Mixup,
     CutMix (both as Beta-distribution α, timm's ``Mixup``) and an EMA of the weights."""
 
-    iterations: int = Field(2000, ge=1, description="total iteration budget")
+    iterations: int = Field(2000, ge=1, le=MAX_ITERATIONS, description="total iteration budget")
     eval_every: int = Field(50, ge=1, description="τ: iterations between validation evaluations")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -184,7 +216,10 @@ class TrainConfig(_Section):
         "(their number must divide M); 0 = one per process",
     )
     eval_batch_size: int = Field(
-        1024, ge=1, description="chunk of the validation/test split; several processes evaluate a block of chunks each"
+        1024,
+        ge=1,
+        le=MAX_BATCH,
+        description="chunk of the validation/test split; several processes evaluate a block of chunks each",
     )
 
     @model_validator(mode="after")
@@ -251,6 +286,11 @@ class Config(_Section):
             raise ValueError(
                 f"train.batch_size={t.batch_size}: must be even with train.mixup/train.cutmix (timm Mixup)"
             )
+        if self.dp.strategy == "oversample" and self.dp.round_size * self.dp.oversample_ratio > MAX_SAMPLES:
+            raise ValueError(
+                f"dp.round_size * dp.oversample_ratio = {self.dp.round_size * self.dp.oversample_ratio}: "
+                f"oversample would generate that many candidates a round; must be <= {MAX_SAMPLES}"
+            )
         if self.data.part_size % self.generator.batch_size:
             raise ValueError(
                 f"data.part_size={self.data.part_size}: must be a multiple of generator.batch_size "
@@ -291,6 +331,7 @@ def load_tree(params: str | Path | None = None, overrides: Sequence[str] = ()) -
     path = Path(params) if params is not None else DEFAULT_PARAMS
     if params is not None or path.exists():
         tree = _read_yaml(path)
+        _check_sections(tree, path)  # (before the overrides: a -S into `dp: 5` is the file's fault)
     return apply_overrides(tree, overrides)
 
 
@@ -422,11 +463,46 @@ def _plain(node: Any) -> Any:
     return node
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} appears twice (lines {first} and {again}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps
+    the last silently, so the earlier value someone is looking at would not be the one used."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # (merge keys `<<:` first, as SafeLoader does)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--params {path}: file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--params {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"--params {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"--params {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -434,6 +510,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"--params {path}: must be a mapping of keys to values")
     return tree
+
+
+def _check_sections(tree: dict[str, Any], path: Path) -> None:
+    """A section of the file given as a value (``dp: 5``) is refused here, naming the file, rather than
+    later by whichever ``-S`` first tries to set a key inside it."""
+    models: list[tuple[dict[str, Any], type[BaseModel], str]] = [
+        (tree, Config, ""),
+        *([(tree["sweep"], SweepConfig, "sweep.")] if isinstance(tree.get("sweep"), dict) else []),
+    ]
+    if "sweep" in tree and not isinstance(tree["sweep"], dict):
+        raise ConfigError(f"--params {path}: sweep={tree['sweep']!r}: must be a section of keys (study, storage, …)")
+    while models:
+        node, model, prefix = models.pop()
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            if name not in node or not isinstance(sub, type) or not issubclass(sub, BaseModel):
+                continue
+            if not isinstance(node[name], dict):
+                keys = ", ".join(sorted(sub.model_fields))
+                raise ConfigError(f"--params {path}: {prefix}{name}={node[name]!r}: must be a section of keys ({keys})")
+            models.append((node[name], sub, f"{prefix}{name}."))
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -21,6 +21,12 @@ class GeneratorError(DpOpsError):
     """The generator cannot be loaded or does not match the configuration."""
 
 
+class NonFiniteError(DpOpsError):
+    """A number the run computed is NaN or infinite (a learner's loss or entropy): the run stops at once,
+    before the value is trained on, written or versioned. (Non-finite samples are the generator's:
+    :class:`GeneratorError`.)"""
+
+
 class FitError(DpOpsError):
     """A scaling-law fit cannot be made (too few points, degenerate data)."""
 

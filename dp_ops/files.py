@@ -9,17 +9,23 @@ JSON has no ∞ or NaN: :func:`json_ready` turns every non-finite float into ``n
 :func:`write_json` writes with ``allow_nan=False``, so a stray NaN fails loudly instead of producing a
 file that strict readers (DVC, browsers) reject.
 
+Where a write can fail for reasons outside the program (a read-only workspace, a path under a regular
+file, a full disk), :func:`unwritable` finds out before any work starts and :func:`disk_error` names the
+cause when it happens mid-run, so either becomes one line.
+
 Part of the foundation (with :mod:`dp_ops.config` and :mod:`dp_ops.errors`): standard library only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,3 +92,62 @@ def write_json(path: str | Path, payload: Any) -> None:
     """``payload`` as indented JSON (non-finite floats as ``null``), written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n")
+
+
+def unwritable(path: str | Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` (a file, or with ``folder`` a folder) cannot be written, or ``None`` if it can.
+
+    Nothing is created: the nearest existing ancestor must be a folder where a file can be made (tried
+    for real, with a temporary file removed at once: root ignores permission bits but not a read-only
+    filesystem, and ``os.access`` answers for neither); ``path`` itself, if it exists, must be of the
+    right kind."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is {'a file, not a folder' if folder else 'a folder, not a file'}"
+    base = path if folder and path.is_dir() else path.parent
+    while not base.exists() and base != base.parent:
+        if base.is_symlink():
+            return f"{base} is a dangling link"
+        base = base.parent
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        return f"{base}: {exc.strerror or exc}"
+    return None
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def disk_error(exc: BaseException, folders: Sequence[str | Path] = ()) -> str | None:
+    """``"…: no space left on device"`` (or quota exceeded, read-only filesystem) when ``exc``, or an
+    exception it was raised from or during, is one; else ``None``. Some writers (``torch.save``,
+    safetensors) report a full disk only as a ``RuntimeError`` of their own: then a folder among ``folders``
+    (the outputs written to) with under 1 MiB free is taken for the cause."""
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.errno in DISK_ERRORS:
+            return (f"{node.filename}: " if node.filename else "") + DISK_ERRORS[node.errno]
+        if any(m in str(node) for m in _DISK_MESSAGES):
+            return str(node).strip().splitlines()[0]
+        node = node.__cause__ or node.__context__
+    for folder in folders:
+        base = Path(folder)
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        try:
+            if shutil.disk_usage(base).free < 2**20:
+                return f"{folder}: {DISK_ERRORS[errno.ENOSPC]}"
+        except OSError:
+            continue
+    return None

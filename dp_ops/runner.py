@@ -23,8 +23,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dp_ops.config import Config, from_flat
-from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.config import Config, flatten, from_flat
+from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, check_saved, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices
 from dp_ops.engine.dist import SINGLE, World
@@ -36,8 +36,9 @@ from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.sampling import Generator
 from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError, RunAborted
-from dp_ops.files import write_json
+from dp_ops.files import disk_error, unwritable, write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
+from dp_ops.records.lease import RunLease, check_free, lease_path
 from dp_ops.records.tracking import MlflowTracker, Registry, system_metrics
 from dp_ops.records.versioning import DvcVersioner, ShardInfo, dvc_root, parse_parts, restore_round
 
@@ -53,6 +54,7 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
             "(e.g. dpops_convnet, dpops_convnet_tiny, resnet18; see timm.list_models())"
         )
     check_devices(cfg)
+    check_outputs(cfg)
     if cfg.data.name == "folder":
         from dp_ops.engine.folders import scan_folders
 
@@ -61,11 +63,37 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
         _check_sd_model(cfg.generator.model)
         return
     path = Path(cfg.generator.path)
-    if path.exists() and not (path / META_FILE).is_file():
+    if (path / META_FILE).is_file():
+        check_saved(path)  # a damaged generator folder is one line now, not a traceback when it loads
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):  # (an empty folder: trained into)
         raise ConfigError(
             f"generator.path={cfg.generator.path!r}: exists but holds no trained generator "
             f"({META_FILE} missing); use an empty or new folder to train one there"
         )
+
+
+def output_locations(cfg: Config) -> dict[str, tuple[str, bool]]:
+    """Every place a run writes: config key -> (path, is a folder). ``generator.path`` only when the pixel
+    generator is still to be trained there."""
+    o = cfg.output
+    where = {
+        "output.metrics": (o.metrics, False),
+        "output.rounds": (o.rounds, False),
+        "output.shards": (o.shards, True),
+        "output.checkpoints": (o.checkpoints, True),
+    }
+    if not generator_exists(cfg):
+        where["generator.path"] = (cfg.generator.path, True)
+    return where
+
+
+def check_outputs(cfg: Config) -> None:
+    """Each output location can be written (a read-only workspace, a path under a regular file): found out
+    now, not after round 0 was generated."""
+    for key, (path, folder) in output_locations(cfg).items():
+        why = unwritable(path, folder=folder)
+        if why is not None:
+            raise ConfigError(f"{key}={path!r}: cannot be written ({why})")
 
 
 def _check_sd_model(model: str) -> None:
@@ -175,6 +203,15 @@ class RunRecords(Observer):
         self.tracker.on_finish(result)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a tracked run: it ended KILLED (a :class:`KeyboardInterrupt`, so a study
+    that catches those stops as before); ``resumable`` when a round completed, so a checkpoint exists."""
+
+    def __init__(self, run_id: str, resumable: bool) -> None:
+        super().__init__(run_id)
+        self.run_id, self.resumable = run_id, resumable
+
+
 @dataclass(frozen=True)
 class TrackedRun:
     """A finished tracked experiment: its result and where its records are (rank 0's; on other ranks
@@ -206,23 +243,46 @@ def run_tracked(
     cfg = _resolve_micro_batches(cfg, world)  # (recorded resolved: a resume on other processes computes the same)
     if not world.main:
         return _follow(cfg, generator, real, world, resuming=resume_run_id is not None)
+    lease = None
+    if resume_run_id is not None:  # taken before the run is marked RUNNING again: a live holder refuses
+        lease = RunLease(lease_path(cfg.output.checkpoints, resume_run_id), resume_run_id)
+        lease.acquire()
     tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
-    with tracker.lifecycle():
-        versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id)
-        world.broadcast((tracker.run_id, versioner.data_dir, tracker.uri))
-        records = RunRecords(tracker, versioner)
-        ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
-        edges = [*observers, records, Checkpointer(ckpt)]
-        loop = DPLoop(cfg, generator, real, edges, shards=versioner.data_dir, world=world)
-        with _node_metrics(tracker.uri, tracker.run_id, world, resume_run_id is not None):
-            if resume_run_id is not None:
-                _restore_loop(loop, records, ckpt)
-                world.barrier()  # the other processes read the restored parts and the checkpoint next
-            result = loop.run()
-        report = result.to_dict()
-        write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
-        write_json(cfg.output.rounds, report)  # round records and the validation curve
+    lease = lease or RunLease(lease_path(cfg.output.checkpoints, tracker.run_id), tracker.run_id)
+    ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
+    try:
+        with tracker.lifecycle():
+            if lease.lease is None:  # a new run: nobody else knows its id yet
+                lease.acquire()
+            versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id)
+            world.broadcast((tracker.run_id, versioner.data_dir, tracker.uri))
+            records = RunRecords(tracker, versioner)
+            edges = [*observers, lease, records, Checkpointer(ckpt)]
+            loop = DPLoop(cfg, generator, real, edges, shards=versioner.data_dir, world=world)
+            with _node_metrics(tracker.uri, tracker.run_id, world, resume_run_id is not None):
+                if resume_run_id is not None:
+                    _restore_loop(loop, records, ckpt)
+                    world.barrier()  # the other processes read the restored parts and the checkpoint next
+                result = loop.run()
+            report = result.to_dict()
+            write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
+            write_json(cfg.output.rounds, report)  # round records and the validation curve
+    except KeyboardInterrupt as exc:  # (ended KILLED by the lifecycle)
+        raise RunInterrupted(tracker.run_id, ckpt.is_file()) from exc
+    except Exception as exc:  # (ended FAILED by the lifecycle)
+        folders = [path for path, _ in output_locations(cfg).values()]
+        why = disk_error(exc, folders)
+        if why is None:
+            raise
+        raise DataError(_disk_line(why, tracker.run_id, ckpt.is_file())) from exc
+    finally:
+        lease.release()
     return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards))
+
+
+def _disk_line(why: str, run_id: str, resumable: bool) -> str:
+    then = f"then: dpops run --resume {run_id}" if resumable else "then start it again (no round had completed)"
+    return f"{why}; run {run_id} stopped (FAILED) at its last completed round; free space or make it writable, {then}"
 
 
 def _resolve_micro_batches(cfg: Config, world: World) -> Config:
@@ -313,10 +373,35 @@ def resume_config(run_id: str, registry: Registry) -> Config:
     return from_flat(dict(run.params))
 
 
+def check_lease(cfg: Config, run_id: str) -> str | None:
+    """Before any work on ``--resume``: refuses (one line) while a live process trains the run; else the
+    note that a stale lease will be taken over, if there is one (:func:`run_tracked` takes it)."""
+    return check_free(lease_path(cfg.output.checkpoints, run_id), run_id)
+
+
+def ignored_on_resume(overrides: Sequence[str], given: Config, resumed: Config) -> list[str]:
+    """The ``-S key=value`` of a ``--resume`` that the resumed run does not use (it runs with its own
+    config): every key whose value differs from the run's, except ``tracking.*`` (where to find it)."""
+    mine, theirs = flatten(given), flatten(resumed)
+    keys = dict.fromkeys(o.partition("=")[0].strip() for o in overrides)
+    return [
+        f"{k}={mine.get(k)!r} (the run's: {theirs.get(k)!r})"
+        for k in keys
+        if not k.startswith("tracking.") and mine.get(k) != theirs.get(k)
+    ]
+
+
 def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
     """O(parts), not O(images): the part table is rebuilt from headers; only a part that is missing or has
     another size than the registry's is restored (DVC cache, then remote), md5-checked; nothing is decoded."""
     if not ckpt.is_file():
+        logged = records.tracker.registry.round_runs(records.tracker.run_id)
+        if logged:
+            raise DataError(
+                f"{ckpt}: checkpoint missing, although round(s) up to {max(r.round for r in logged)} were logged "
+                f"(deleted, or is output.checkpoints={str(ckpt.parent.parent)!r} not where the run wrote it?); "
+                "restore it, or start a new run"
+            )
         raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
     state = load_checkpoint(ckpt)
     last = state["records"][-1]["round"]

@@ -67,3 +67,104 @@ def test_bad_params_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(listy)
+
+
+# ---- corrupted or slipped inputs (issue 17) ------------------------------------------------------------
+def _float_keys(model, prefix=""):
+    """Every float key of a section tree, dotted from the top of params.yaml."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _float_keys(kind, f"{prefix}{name}.")
+        elif kind is float or kind == float | None:
+            yield f"{prefix}{name}"
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", "1e309", "nan", ".nan", ".NaN"])
+def test_non_finite_omega_is_refused(value):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"dp.omega={value}"])
+    assert str(info.value).startswith("dp.omega=") and "finite number" in str(info.value)
+
+
+def test_every_float_key_refuses_infinity():
+    from dp_ops.config import Config, SweepConfig, load_tree, sweep_config
+
+    keys = list(_float_keys(Config))
+    assert {"dp.omega", "train.lr", "generator.cfg_scale", "data.val_fraction"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^{key}=inf: input should be a finite number$"):
+            load_config(None, [f"{key}=.inf"])
+    sweep_keys = list(_float_keys(SweepConfig, "sweep."))
+    assert "sweep.omega.high" in sweep_keys and "sweep.stale_after" in sweep_keys
+    for key in sweep_keys:
+        with pytest.raises(ConfigError, match=rf"^{key}=nan: input should be a finite number$"):
+            sweep_config(load_tree(None, [f"{key}=.nan"]))
+
+
+@pytest.mark.parametrize("override", ["seed=true", "dp.round_size=false", "dp.omega=true", "sweep.sampler_seed=true"])
+def test_booleans_are_not_numbers(override):
+    from dp_ops.config import build_config, load_tree, sweep_config
+
+    key, _, raw = override.partition("=")
+    tree = load_tree(None, [override])
+    check = sweep_config if key.startswith("sweep.") else build_config
+    with pytest.raises(ConfigError, match=rf"^{key}={raw.title()}: must be a number, not {raw}$"):
+        check(tree)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.iterations=1000000000000", "train.iterations=1000000000000: input should be less than or equal to"),
+        ("train.iterations=1.0e+12", "train.iterations=1000000000000.0: input should be less than or equal to"),
+        ("dp.round_size=100000000", "dp.round_size=100000000: input should be less than or equal to 10000000"),
+        ("dp.initial_size=1.0e+8", "dp.initial_size=100000000.0: input should be less than or equal to 10000000"),
+        ("generator.batch_size=10000000", "generator.batch_size=10000000: input should be less than or equal to"),
+    ],
+)
+def test_absurd_sizes_are_refused(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_oversample_candidates_are_bounded():
+    with pytest.raises(ConfigError, match=r"^dp.round_size \* dp.oversample_ratio = 50000000: oversample would"):
+        load_config(None, ["dp.strategy=oversample", "dp.round_size=5000000", "dp.oversample_ratio=10"])
+
+
+def test_a_section_given_as_a_value_is_the_params_files_fault(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\ndp: 5\n")
+    for overrides in ([], ["dp.omega=0.1"]):
+        with pytest.raises(ConfigError) as info:
+            load_config(params, overrides)
+        assert str(info.value).startswith(f"--params {params}: dp=5: must be a section of keys ("), str(info.value)
+    params.write_text("sweep:\n  omega: 0.3\n")
+    with pytest.raises(ConfigError, match=r": sweep.omega=0.3: must be a section of keys \(high, log, low\)$"):
+        load_config(params, ["sweep.omega.high=0.5"])
+
+
+def test_duplicate_keys_in_a_params_file_are_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\ndp:\n  omega: 0.1\n  round_size: 100\n  omega: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(params)
+    assert str(info.value) == f"--params {params}: key 'omega' appears twice (lines 3 and 5); keep one"
+    params.write_text("dp: {omega: 0.1}\ndp: {omega: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"key 'dp' appears twice \(lines 1 and 2\)"):
+        load_config(params)
+    params.write_text("base: &b {omega: 0.1}\n")  # anchors still work (a foreign key is refused after reading)
+    with pytest.raises(ConfigError, match=r"^base: unknown key"):
+        load_config(params)
+
+
+def test_a_params_file_that_is_not_utf8_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes("seed: 1\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(params)
+    assert str(info.value) == f"--params {params}: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"

@@ -38,7 +38,7 @@ from dp_ops.engine.data import AUGMENT, DROPOUT, MIX, LabelledImages, from_uint8
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.guidance import entropy
 from dp_ops.engine.pool import Pool
-from dp_ops.errors import ConfigError
+from dp_ops.errors import ConfigError, NonFiniteError
 
 
 class ConvNet(nn.Module):
@@ -205,7 +205,13 @@ class Trainer:
                 with self._dropout_rng(t, m), nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                     loss = self._loss(net, self._augment(x, t, m), y, t, m)
                     (loss / len(mine) if len(mine) > 1 else loss).backward()  # (DDP averages over processes)
-                total += loss.item() / len(mine)
+                value = loss.item()
+                if not math.isfinite(value):  # (stop before the step: NaN weights would be checkpointed)
+                    raise NonFiniteError(
+                        f"train: the learner's loss at iteration {t} is {value} (not finite): it diverged; "
+                        f"lower train.lr (now {self.cfg.lr:g})"
+                    )
+                total += value / len(mine)
             self.optimizer.step()
             self.iteration += 1
             if self.ema is not None:

@@ -27,8 +27,9 @@ import torch
 from dp_ops.engine.data import to_uint8
 from dp_ops.engine.dist import World
 from dp_ops.engine.pool import Pool
-from dp_ops.engine.sampling import Generator, Progress
+from dp_ops.engine.sampling import Generator, Progress, Samples
 from dp_ops.engine.shards import Part, part_name, part_slices, write_part
+from dp_ops.errors import GeneratorError, NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def generate_round(
                     guide_every=how.guide_every,
                     batch_size=how.batch_size,
                 )
+                _check_finite(s, round_index, b)  # before anything of it is written (to_uint8 makes NaN 0)
                 batch = to_uint8(s.images).numpy()
                 if images is None:
                     images = np.empty((sl.stop - sl.start, *batch.shape[1:]), np.uint8)
@@ -128,6 +130,19 @@ def generate_round(
             del images
         made = tuple(f.result() for f in written)
     return RoundParts(folder, made, labels.numpy().astype(np.int64), np.asarray(seeds, np.int64), ents, omega, evals)
+
+
+def _check_finite(s: Samples, round_index: int, start: int) -> None:
+    """Refuse NaN or infinite samples or entropies: written, they would be all-black images with NaN
+    entropy, versioned and trained on as if they were data."""
+    where = f"round {round_index}, samples {start}-{start + len(s) - 1}"
+    if not bool(torch.isfinite(s.images).all()):
+        raise GeneratorError(
+            f"{where}: the generator's samples are not finite (NaN or inf): its weights are damaged or diverged "
+            "(pixel: retrain it with dpops generator train; sd in float16: try generator.dtype=float32)"
+        )
+    if not bool(torch.isfinite(s.entropy).all()):
+        raise NonFiniteError(f"{where}: the learner's entropy is not finite (NaN or inf): the learner diverged")
 
 
 def gather_round(world: World, mine: RoundParts) -> RoundParts:

@@ -251,7 +251,7 @@ def scaling_command(p: Prepared) -> str:
 
 # ---- running in worker processes ---------------------------------------------------------------------
 class _Stop(Observer):
-    """Turns the parent's stop request (Ctrl-C) into KeyboardInterrupt at the run's next loop event, so it
+    """Turns the parent's stop request (Ctrl-C or SIGTERM) into KeyboardInterrupt at the run's next loop event, so it
     ends KILLED with its last completed round checkpointed, as Ctrl-C on ``dpops run`` would."""
 
     def __init__(self, event: Any) -> None:
@@ -272,7 +272,10 @@ def _init_worker(
 
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
+    # Ctrl-C reaches the whole process group, Slurm's SIGTERM every process of the job: the parent decides,
+    # and stops every run at its next loop event through the ``stop`` event.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     quiet_logs()
     _WORKER.update(params=params, bench_id=bench_id, stop=stop, device=_take_gpu(gpus, started))
@@ -347,7 +350,7 @@ def run_jobs(
     on_result: Callable[[JobResult], None] = lambda r: None,
 ) -> list[JobResult]:
     """Run ``todo`` in ``workers`` spawned processes, worker i on the i-th of the jobs' :func:`gpu_slots`
-    (round robin). Ctrl-C stops every run at its next loop event (it ends KILLED and resumable), starts
+    (round robin). Ctrl-C or SIGTERM stops every run at its next loop event (it ends KILLED and resumable), starts
     nothing new, and re-raises KeyboardInterrupt once all have stopped.
     Create the MLflow store and experiment before calling (two processes creating one SQLite file clash)."""
     gpus = gpu_slots(load_config(params, todo[0].overrides)) if todo else ()  # (the jobs share their device)

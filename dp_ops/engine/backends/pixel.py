@@ -6,17 +6,23 @@ A ``UNet2DModel`` with a class embedding predicts ε; one extra class index (``n
 (:mod:`dp_ops.engine.guidance`) when ω > 0; this module supplies ε̂, the initial noise, and x̂0 as is.
 
 Saved with diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
-``<path>/dpops_generator.json`` (what it was trained on, its measured quality).
+``<path>/dpops_generator.json`` (what it was trained on, its measured quality, and the sha256 of every
+other file of the folder). :func:`check_saved` reads that folder without loading a model (the runner's
+preflight calls it, :meth:`PixelDiffusion.load` too): a damaged file, a missing key or weights whose
+checksum does not match are one :class:`~dp_ops.errors.GeneratorError` line naming the file, never a
+model that loads and samples silently wrong.
 """
 
 from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
+import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +36,14 @@ from dp_ops.errors import GeneratorError
 from dp_ops.files import atomic_path, write_json
 
 META_FILE = "dpops_generator.json"
+CHECKSUMS = "sha256"  # the meta's key: relative path -> sha256 of every other file of the folder
+# what a folder needs besides the meta (diffusers' save_pretrained layout, safetensors weights)
+UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG = (
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+)
+_REDO = "retrain it (dpops generator train replaces the folder) or point generator.path elsewhere"
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,8 @@ class PixelDiffusion(Generator):
         with atomic_path(path, folder=True) as tmp:
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
-            write_json(tmp / META_FILE, asdict(self.meta))
+            files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+            write_json(tmp / META_FILE, {**asdict(self.meta), CHECKSUMS: {f: _sha256(tmp / f) for f in files}})
 
     def to(self, device: torch.device | str) -> PixelDiffusion:
         """Move the UNet to ``device`` (where the learner runs); noise is still drawn on the CPU, so the same
@@ -104,11 +119,13 @@ class PixelDiffusion(Generator):
     @classmethod
     def load(cls, path: str | Path) -> PixelDiffusion:
         path = Path(path)
-        if not (path / META_FILE).is_file():
-            raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
-        meta = GeneratorMeta(**json.loads((path / META_FILE).read_text()))
-        unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)  # no accelerate needed
-        scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        meta = check_saved(path)
+        try:
+            unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)  # no accelerate needed
+            scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        except Exception as exc:  # (a folder from before checksums, damaged in a way check_saved cannot see)
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+            raise GeneratorError(f"{path}: diffusers cannot load the generator ({cause}); {_REDO}") from None
         return cls(unet, scheduler, meta)
 
     def check_matches(self, data: DataConfig) -> None:
@@ -149,6 +166,64 @@ class PixelDiffusion(Generator):
         return x0
 
 
+def check_saved(path: str | Path) -> GeneratorMeta:
+    """The meta of the generator saved at ``path``, after checking the folder without loading a model: the
+    meta and both configs are JSON with the keys they need, the weights are there and not empty, and every
+    file's sha256 is the one recorded at save (a folder saved before checksums: the rest only)."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
+    raw = _json_object(path / META_FILE)
+    names = [f.name for f in fields(GeneratorMeta)]
+    missing = [n for n in names if n not in raw and n != "quality"]
+    if missing:
+        raise GeneratorError(f"{path / META_FILE}: missing key {missing[0]!r} (it needs {', '.join(names)}); {_REDO}")
+    meta = GeneratorMeta(**{n: raw[n] for n in names if n in raw})
+    kinds = {"resolution": int, "num_classes": int, "split_seed": int, "train_iterations": int, "data": str}
+    for key, kind in kinds.items():
+        value = getattr(meta, key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise GeneratorError(f"{path / META_FILE}: {key}={value!r} is not a {kind.__name__}; {_REDO}")
+    for name in (UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG):
+        file = path / name
+        if not file.is_file():
+            raise GeneratorError(f"{file}: missing from the generator folder; {_REDO}")
+        if file.stat().st_size == 0:
+            raise GeneratorError(f"{file}: empty file (0 bytes); {_REDO}")
+    for name, key in ((UNET_CONFIG, "sample_size"), (SCHEDULER_CONFIG, "num_train_timesteps")):
+        if key not in _json_object(path / name):
+            raise GeneratorError(f"{path / name}: missing key {key!r}; {_REDO}")
+    sums = raw.get(CHECKSUMS)
+    if sums is not None:
+        if not isinstance(sums, dict):
+            raise GeneratorError(f"{path / META_FILE}: {CHECKSUMS} must map file names to checksums; {_REDO}")
+        for name, digest in sums.items():
+            file = path / str(name)
+            if not file.is_file():
+                raise GeneratorError(f"{file}: missing from the generator folder; {_REDO}")
+            if _sha256(file) != digest:
+                raise GeneratorError(f"{file}: damaged (its sha256 is not the one recorded at save); {_REDO}")
+    return meta
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GeneratorError(f"{file}: not valid JSON ({exc}); {_REDO}") from None
+    if not isinstance(value, dict):
+        raise GeneratorError(f"{file}: not a JSON object of keys; {_REDO}")
+    return value
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def train_generator(
     cfg: GeneratorConfig, data: LabelledImages, *, meta: GeneratorMeta, seed: int, progress: Progress | None = None
 ) -> PixelDiffusion:
@@ -183,4 +258,9 @@ def train_generator(
         if progress:
             progress(it + 1, cfg.train_iterations)
     unet.load_state_dict(ema.module.state_dict())
+    if not all(bool(torch.isfinite(w).all()) for w in unet.state_dict().values()):
+        raise GeneratorError(
+            f"generator training diverged (non-finite weights after {cfg.train_iterations} iterations); "
+            "lower generator.train_lr"
+        )
     return PixelDiffusion(unet, scheduler, meta)
