@@ -18,7 +18,16 @@ The layout of an experiment in the store, one level of nesting only:
   is all a restore needs).
 
 Library code uses an explicit :class:`mlflow.MlflowClient` and run ids, never the fluent global state.
-A run that raises ends FAILED, Ctrl-C ends KILLED: nothing stays RUNNING after the process ends.
+A run that raises ends FAILED, Ctrl-C ends KILLED, and so do the round runs it had open: nothing stays
+RUNNING after the process ends, unless the store itself stopped answering (then one line says so and how
+to resume).
+
+Opening a store is made safe and quick to fail. A new SQLite store is created and migrated under a file
+lock beside it (``mlflow.db.dpops.lock``), so any number of processes may start on a fresh workspace at
+once (MLflow's migrations are not safe to run twice concurrently: they leave the database half-migrated).
+A tracking server is asked once, with a short timeout and no retries, before any work
+(:meth:`Registry.check`); MLflow's HTTP retries are bounded (:data:`HTTP_DEFAULTS`, unless the
+environment sets them) so that a server that dies mid-run costs seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -45,7 +55,7 @@ from mlflow.exceptions import MlflowException
 from dp_ops.config import Config, flatten
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.engine.rounds import RoundParts
-from dp_ops.errors import DataError
+from dp_ops.errors import ConfigError, DataError, DpOpsError
 from dp_ops.files import write_json
 from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
 
@@ -65,11 +75,139 @@ ROUND_METRICS = (
     "train_seconds",
 )
 MAX_RESULTS = 50_000  # more runs than any search here expects (MLflow pages at 1,000 by default)
+ROUND_TAG = re.compile(r"\d{1,9}")  # a round index as a tag: a non-negative integer (it names a folder)
+# MLflow's HTTP client retries 7 times with a backoff factor of 2 (about 4 minutes) and waits 120 s per
+# request: a dead server would hold a run that long. These bound it to about half a minute; a variable
+# the environment sets wins.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+CHECK_TIMEOUT = 5  # seconds the first request to a tracking server may take (one try)
+LOCK_TIMEOUT = 600.0  # seconds to wait for another process that creates the same SQLite store
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+ALLOWED_URIS = (
+    "sqlite:///<file> (e.g. sqlite:///mlflow.db), http(s)://<host>:<port> of an mlflow server, "
+    "a database URL (postgresql://…, mysql://…, mssql://…) or databricks"
+)
+
+
+class StoreUnavailable(DataError):
+    """The tracking store does not answer (a server that is down or unreachable): ``why`` in a few words,
+    and ``run_id``, the run it stopped (None before one started)."""
+
+    def __init__(self, message: str, *, why: str = "", run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.why, self.run_id = why, run_id
 
 
 def resolve_uri(uri: str = "") -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def uri_source(uri: str = "") -> str:
+    """Which setting a store's URI came from, for error messages: ``tracking.uri`` or the variable."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if (not uri and env) or (uri and uri == env):
+        return "MLFLOW_TRACKING_URI"
+    return "tracking.uri"
+
+
+def check_uri(uri: str, source: str = "tracking.uri") -> None:
+    """A URI MLflow can track to, or one line naming ``source`` and what is allowed (MLflow would take
+    anything else for a file store path and refuse it with advice about migrating one)."""
+    scheme, sep, rest = uri.partition("://")
+    base = scheme.split("+", 1)[0]
+    ok = (
+        (base == "sqlite" and scheme == "sqlite" and rest.startswith("/") and len(rest) > 1)
+        or (base in SQL_SCHEMES[1:] and sep and rest)
+        or (scheme in ("http", "https") and sep and rest and rest[0] not in "/:")
+        or uri == "databricks"
+        or (scheme == "databricks" and sep)
+    )
+    if not ok:
+        raise ConfigError(f"{source}={uri!r}: not a tracking store URI; allowed: {ALLOWED_URIS}")
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def browse_hint(uri: str) -> str:
+    """How to look at a store's runs: a tracking server is opened in a browser; a database is served with
+    ``mlflow ui`` (which takes a backend store, never a server URL)."""
+    if is_server(uri):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory unless absolute)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def filter_equals(key: str, value: str) -> str:
+    """An MLflow filter clause ``<key> = <value>`` for any value: MLflow takes single or double quotes and
+    has no escape inside them, so a value holding one kind is quoted with the other; holding both, it
+    cannot be searched for (:class:`ConfigError`)."""
+    if "'" not in value:
+        return f"{key} = '{value}'"
+    if '"' not in value:
+        return f'{key} = "{value}"'
+    raise ConfigError(f"{value!r}: a name with both kinds of quote (' and \") cannot be searched for in MLflow")
+
+
+@contextmanager
+def store_lock(path: Path, what: str) -> Iterator[None]:
+    """An inter-process lock beside ``path`` (``<path>.dpops.lock``) while a store there is created or
+    opened: concurrent creators of one SQLite database (MLflow's migrations, Optuna's tables) take turns,
+    so each finds the schema either absent or complete. ``what`` names the store in errors."""
+    from filelock import FileLock, Timeout
+
+    lock = Path(f"{path}.dpops.lock")
+    if not lock.parent.is_dir():
+        raise DataError(f"{what}: folder {lock.parent} does not exist; create it or choose another place")
+    try:
+        with FileLock(str(lock), timeout=LOCK_TIMEOUT):
+            yield
+    except Timeout:
+        raise DataError(
+            f"{what}: another process has held {lock} for {LOCK_TIMEOUT:.0f} s while creating the store; "
+            "if none is running, delete the lock file"
+        ) from None
+    except PermissionError as exc:
+        raise DataError(f"{what}: cannot lock {lock} ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables set for the block (MLflow reads its HTTP settings at every request)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _reason(exc: BaseException) -> str:
+    """The cause of a failed request in a few words (``[Errno 111] Connection refused``, ``timed out``)
+    rather than MLflow's paragraph with the whole retry history."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+    found = re.search(r"\[Errno -?\d+\][^'\")\]]*", text)
+    if found:
+        return found.group(0).strip()
+    if "timed out" in text or "timeout" in text.lower():
+        return "timed out"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -104,7 +242,7 @@ class RunFacts:
     @property
     def round(self) -> int:
         """A round run's index (``dpops.round``); -1 for any other run."""
-        return int(self.tags.get("dpops.round", -1))
+        return round_index(self.run_id, self.tags)
 
     @classmethod
     def of(cls, run: Run) -> RunFacts:
@@ -123,9 +261,34 @@ class Registry:
     building clients where they are needed, so the URI is resolved once and every lookup reads alike."""
 
     def __init__(self, uri: str = "") -> None:
+        """Opens the store: one line (:class:`ConfigError`, :class:`DataError`) if the URI is not a store,
+        the database cannot be opened, or a tracking server does not answer (:meth:`check`)."""
         self.uri = resolve_uri(uri)
+        self.source = uri_source(uri)
+        check_uri(self.uri, self.source)
         self.artifact_root = artifact_root(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)  # for MlflowTracker and round_runs in this module
+        if is_server(self.uri):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        db = sqlite_path(self.uri)
+        try:
+            if db is None:
+                self.client = MlflowClient(tracking_uri=self.uri)
+            else:  # (a new database is created and migrated here, one process at a time)
+                if db.is_dir():
+                    raise DataError(f"{self.source}={self.uri!r}: {db} is a folder, not a database file")
+                with store_lock(db, f"{self.source}={self.uri!r}"):
+                    self.client = MlflowClient(tracking_uri=self.uri)
+        except MlflowException as exc:
+            raise DataError(f"{self.source}={self.uri!r}: cannot open the tracking store ({_reason(exc)})") from None
+        except Exception as exc:  # e.g. SQLAlchemy's OperationalError for an unreadable or broken database
+            if isinstance(exc, DpOpsError):
+                raise
+            raise DataError(
+                f"{self.source}={self.uri!r}: cannot open the tracking store ({type(exc).__name__}: {_reason(exc)})"
+            ) from None
+        if is_server(self.uri):
+            self.check()
 
     @classmethod
     def from_config(cls, cfg: Config) -> Registry:
@@ -133,6 +296,43 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
+
+    def check(self) -> None:
+        """Ask the store once, with a short timeout and no retries: :class:`StoreUnavailable` in one line if
+        it does not answer. The constructor does this for a tracking server, before any work."""
+        why = self.unreachable()
+        if why is not None:
+            raise StoreUnavailable(
+                f"{self.source}={self.uri!r}: no MLflow server answers there ({why}); start it, or set "
+                f"{self.source} to a running one",
+                why=why,
+            )
+
+    def unreachable(self) -> str | None:
+        """Why the store does not answer one quick request, or None when it does."""
+        quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CHECK_TIMEOUT)}
+        try:
+            with _env(quick if is_server(self.uri) else {}):
+                self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            return _reason(exc)
+        return None
+
+    def lost(self, exc: BaseException, run_id: str) -> StoreUnavailable | None:
+        """After ``exc`` stopped a run: the one-line error to raise instead if the store has stopped
+        answering (a tracking server that died mid-run), saying the run is resumable; else None."""
+        if not is_server(self.uri) or isinstance(exc, DpOpsError | KeyboardInterrupt):
+            return None
+        why = self.unreachable()
+        if why is None:
+            return None
+        where = f"-S tracking.uri={self.uri} " if self.source == "tracking.uri" else ""
+        return StoreUnavailable(
+            f"the tracking server {self.uri} stopped answering ({why}); run {run_id} stays RUNNING there and "
+            f"is resumable from its last completed round once the server is back: dpops run {where}--resume {run_id}",
+            why=why,
+            run_id=run_id,
+        )
 
     # ---- experiments ---------------------------------------------------------------------------
     def find_experiment(self, name: str) -> str | None:
@@ -169,11 +369,19 @@ class Registry:
         *,
         order_by: Sequence[str] = (),
         max_results: int = MAX_RESULTS,
+        error_prefix: str = "MLflow filter",
     ) -> list[RunFacts]:
-        """Runs of these experiments matching an MLflow filter string."""
-        runs = self.client.search_runs(
-            list(experiment_ids), filter_string, max_results=max_results, order_by=list(order_by) or None
-        )
+        """Runs of these experiments matching an MLflow filter string; one line (:class:`ConfigError`,
+        ``<error_prefix> '<filter>': …``) if MLflow refuses the filter."""
+        try:
+            runs = self.client.search_runs(
+                list(experiment_ids), filter_string, max_results=max_results, order_by=list(order_by) or None
+            )
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            first = (str(exc.message).strip().splitlines() or ["invalid"])[0]
+            raise ConfigError(f"{error_prefix} {filter_string!r}: not a valid MLflow filter ({first})") from None
         return [RunFacts.of(r) for r in runs]
 
     def find_run(self, experiment: str, tags: Mapping[str, str]) -> str | None:
@@ -181,7 +389,7 @@ class Registry:
         exp_id = self.find_experiment(experiment)
         if exp_id is None:
             return None
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        query = " and ".join(filter_equals(f"tags.`{k}`", v) for k, v in tags.items())
         runs = self.search([exp_id], query, max_results=1)
         return runs[0].run_id if runs else None
 
@@ -274,13 +482,29 @@ class MlflowTracker(Observer):
         ``dpops.study``), or with ``run_id`` re-open an interrupted one (to resume it)."""
         self.cfg, self.registry = cfg, registry
         self.client = registry.client
-        self.experiment_id = registry.experiment_id(cfg.tracking.experiment)
         self.round_run_ids: list[str] = []
+        self._open: list[str] = []  # round runs created and not yet ended (a crash ends them with the parent)
+        self._logged_evals: set[int] = set()  # val_acc steps already in the store (a resumed run's)
+        self._logged_rounds: set[int] = set()  # round_* curve steps already in the store
+        try:
+            self._open_run(cfg, run_id, tags)
+        except Exception as exc:
+            if not isinstance(exc, DpOpsError) and is_server(registry.uri):
+                registry.check()  # a server that died since the registry was opened: one line, not MLflow's
+            raise
+
+    def _open_run(self, cfg: Config, run_id: str | None, tags: Mapping[str, str] | None) -> None:
+        registry = self.registry
+        self.experiment_id = registry.experiment_id(cfg.tracking.experiment)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             for key, value in (tags or {}).items():  # e.g. the sweep trial that resumes it
                 self.client.set_tag(run_id, key, value)
+            # A resume re-trains from the last checkpoint and re-evaluates at the steps it had logged past
+            # it (same seed, same values): log each step once.
+            self._logged_evals = {step for step, _ in registry.history(run_id, "val_acc")}
+            self._logged_rounds = {step for step, _ in registry.history(run_id, "round_pool_size")}
             return
         tags = {
             "dpops.role": "experiment",
@@ -313,6 +537,8 @@ class MlflowTracker(Observer):
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:
+        if iteration in self._logged_evals:  # (logged before the run was interrupted and resumed)
+            return
         self.client.log_metric(self.run_id, "val_acc", val_acc, step=iteration)
 
     def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
@@ -338,6 +564,7 @@ class MlflowTracker(Observer):
             },
         )
         child_id = child.info.run_id
+        self._open.append(child_id)
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
         with tempfile.TemporaryDirectory() as tmp:
             if shard is not None:
@@ -349,7 +576,10 @@ class MlflowTracker(Observer):
             self.client.log_artifact(child_id, str(grid))
             self.client.log_artifact(child_id, str(hist))
         self.client.set_terminated(child_id, RunStatus.to_string(RunStatus.FINISHED))
+        self._open.remove(child_id)
         self.round_run_ids.append(child_id)
+        if record.round in self._logged_rounds:  # (its curve points were logged before a resume)
+            return
         curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
         self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
 
@@ -392,19 +622,39 @@ class MlflowTracker(Observer):
     # ---- run status ----------------------------------------------------------------------------
     @contextmanager
     def lifecycle(self) -> Iterator[MlflowTracker]:
-        """FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception (then re-raised)."""
+        """FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception (then re-raised); a round
+        run left open by the exception ends with the same status. If the exception came from a tracking
+        server that stopped answering, nothing can be ended there: one line says so and how to resume."""
         try:
             yield self
-        except KeyboardInterrupt:
-            self._end(RunStatus.KILLED)
+        except KeyboardInterrupt as exc:
+            self._end(RunStatus.KILLED, exc)
             raise
-        except BaseException:
-            self._end(RunStatus.FAILED)
+        except BaseException as exc:
+            lost = self.registry.lost(exc, self.run_id)
+            if lost is not None:
+                raise lost from None
+            self._end(RunStatus.FAILED, exc)
             raise
         self._end(RunStatus.FINISHED)
 
-    def _end(self, status: int) -> None:
-        self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+    def _end(self, status: int, cause: BaseException | None = None) -> None:
+        """End the open round runs, then the parent, with ``status``. If the store refuses, the error says
+        the run could not be ended (and why) and keeps ``cause``, the exception that stopped the run."""
+        name = RunStatus.to_string(status)
+        try:
+            for child_id in list(self._open):
+                self.client.set_terminated(child_id, name)
+                self._open.remove(child_id)
+            self.client.set_terminated(self.run_id, name)
+        except Exception as exc:
+            lost = self.registry.lost(exc, self.run_id)
+            if lost is not None:
+                raise lost from cause
+            raise DataError(
+                f"run {self.run_id}: could not be ended {name} in {self.uri} ({type(exc).__name__}: {_reason(exc)})"
+                f"; it shows RUNNING there: dpops run --resume {self.run_id} continues it"
+            ) from (cause or exc)
 
 
 @contextmanager
@@ -432,9 +682,20 @@ def round_runs(client: MlflowClient, run_id: str) -> list[Run]:
     and tests; library code asks :meth:`Registry.round_runs` for facts)."""
     parent = client.get_run(run_id)
     children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{run_id}'", max_results=MAX_RESULTS
+        [parent.info.experiment_id], filter_equals(f"tags.`{PARENT_ID_TAG}`", run_id), max_results=MAX_RESULTS
     )
-    return sorted(children, key=lambda r: int(r.data.tags.get("dpops.round", -1)))
+    return sorted(children, key=lambda r: round_index(r.info.run_id, r.data.tags))
+
+
+def round_index(run_id: str, tags: Mapping[str, str]) -> int:
+    """A run's ``dpops.round`` tag as a round index (-1 when it has none). The index names a folder
+    (``round_<k>``), so a tag that is not a non-negative integer is refused, never used."""
+    value = tags.get("dpops.round")
+    if value is None:
+        return -1
+    if not ROUND_TAG.fullmatch(value):
+        raise DataError(f"run {run_id}: tag dpops.round={value!r} is not a round index (a non-negative integer)")
+    return int(value)
 
 
 def parts_listing(client: MlflowClient, run_id: str) -> list[dict] | None:

@@ -35,6 +35,7 @@ from dp_ops.files import atomic_path
 
 _PART_NAME = re.compile(r"part_\d{5}\.safetensors")
 _MD5 = re.compile(r"[0-9a-f]{32}")
+_OBJECT = re.compile(r"[0-9a-f]{32}(\.dir)?")  # a cache object's name: a file's md5, or a listing's
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def parse_parts(listing: list[dict[str, Any]], digest: str | None = None) -> tup
     for p in parts:
         if not _PART_NAME.fullmatch(p.relpath) or not _MD5.fullmatch(p.md5):
             raise DataError(f"parts listing: {p.relpath!r} md5 {p.md5!r} is not a part name with an md5")
+    if digest is not None and not _OBJECT.fullmatch(digest):
+        raise DataError(f"round digest (tag dpops.shard_md5) {digest!r:.80}: not an md5 (32 hex digits, then .dir)")
     if digest is not None and dir_md5([vars(p) for p in parts]) != digest:
         raise DataError(f"parts listing does not match the round's digest {digest} (edited?)")
     return parts
@@ -101,7 +104,11 @@ def dvc_root(start: Path) -> Path | None:
 
 
 def cache_path(root: Path, md5: str) -> Path:
-    """Where DVC 3 keeps an object with this md5 (a file's, or ``<md5>.dir`` for a listing) in the cache."""
+    """Where DVC 3 keeps an object with this md5 (a file's, or ``<md5>.dir`` for a listing) in the cache.
+    The md5 comes from the registry and becomes a path: anything but 32 hex digits (and ``.dir``) is
+    refused, so no value can point outside the cache."""
+    if not _OBJECT.fullmatch(md5):
+        raise DataError(f"md5 {md5!r:.80}: not an md5 (32 hex digits, optionally .dir); refusing it as a cache path")
     return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 

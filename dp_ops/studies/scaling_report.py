@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dp_ops.errors import DataError, FitError
+from dp_ops.errors import ConfigError, DataError, FitError
 from dp_ops.files import json_ready, write_json
 from dp_ops.studies.scaling import MIN_POINTS, PowerLawFit, data_multiplier, fit_power_law, plot_scaling
 
@@ -87,7 +87,11 @@ def points_from_mlflow(
     filter_string: str = "",
     with_curves: bool = True,
 ) -> list[RunPoint]:
-    """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments."""
+    """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments.
+    ``study`` is matched exactly (quoted for MLflow); a ``filter_string`` MLflow refuses is one line naming
+    ``--filter``."""
+    from dp_ops.records.tracking import filter_equals
+
     ids = []
     for name in experiments:
         exp_id = registry.find_experiment(name)
@@ -96,8 +100,12 @@ def points_from_mlflow(
         ids.append(exp_id)
     query = ["tags.`dpops.role` = 'experiment'", "attributes.status = 'FINISHED'"]
     if study:
-        query.append(f"tags.`dpops.study` = '{study}'")
+        try:
+            query.append(filter_equals("tags.`dpops.study`", study))
+        except ConfigError:
+            raise ConfigError(f"--study {study!r}: may hold ' or \" but not both") from None
     if filter_string:
+        registry.search(ids, filter_string, max_results=1, error_prefix="--filter")
         query.append(filter_string)
     out = []
     for run in registry.search(ids, " and ".join(query)):
@@ -128,6 +136,8 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
     for path in files:
         try:
             m = json.loads(path.read_text())
+            if not isinstance(m, dict):
+                raise ValueError(f"holds a JSON {type(m).__name__}, not an object of summary metrics")
             rounds = path.with_name("rounds.json")
             curve = json.loads(rounds.read_text())["curve"] if rounds.is_file() else []
             out.append(
@@ -142,7 +152,7 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
                     tuple((int(c["iteration"]), float(c["val_acc"])) for c in curve),
                 )
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"--metrics {path}: not a dp_ops metrics.json ({type(exc).__name__}: {exc})") from None
     return out
 

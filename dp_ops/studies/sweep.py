@@ -22,7 +22,13 @@ or an Optuna journal file (many workers on one file system). Three rules make th
   enqueues it with the same callback (:func:`requeue_stale`). Either way the retry resumes the killed
   MLflow run (found by the retried trial's number) from its last completed round when it has a checkpoint.
 * **Failures are data.** A trial that raises is FAIL with its one-line error in ``dpops.error`` and
-  the sweep goes on; Ctrl-C marks the running trial FAIL, enqueues its retry and stops.
+  the sweep goes on; Ctrl-C marks the running trial FAIL, enqueues its retry and stops, and so does a
+  tracking server that stops answering (no later trial could be tracked either).
+
+Workers may start together on a new storage: a SQLite database or journal file is opened and the study
+created under a file lock beside it (:func:`dp_ops.records.tracking.store_lock`), so exactly one creates
+the tables and the others find them; a storage that cannot be opened (unknown scheme, driver not
+installed, a folder, a missing folder) is one line naming ``sweep.storage`` before any work.
 """
 
 from __future__ import annotations
@@ -46,12 +52,23 @@ from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.records.tracking import Registry
+from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, store_lock
 from dp_ops.runner import lead_run
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
 DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"final_val_acc": "maximize", "generated_samples": "minimize"}
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+# What to install for a database driver SQLAlchemy cannot import (by its driver name).
+DRIVER_PACKAGES = {
+    "psycopg": "'dp_ops[postgres]' (psycopg)",
+    "psycopg2": "psycopg2-binary, or use postgresql+psycopg:// with pip install 'dp_ops[postgres]'",
+    "mysqldb": "mysqlclient, or use mysql+pymysql:// with pip install PyMySQL",
+    "pymysql": "PyMySQL",
+}
+ALLOWED_STORAGE = (
+    "sqlite:///<file> (e.g. sqlite:///optuna.db), postgresql+psycopg://user@host:port/db, "
+    "mysql+pymysql://user@host/db, or a journal file path (no scheme)"
+)
 
 
 @dataclass(frozen=True)
@@ -94,14 +111,72 @@ def _experimental() -> Iterator[None]:
 
 def make_storage(url: str, stale_after: float = 300.0) -> optuna.storages.BaseStorage:
     """An SQLAlchemy URL, with Optuna's heartbeat (its unit is whole seconds: ``stale_after`` rounds up, to
-    3 at least, and the heartbeat beats ten times in that period), or a journal file path."""
+    3 at least, and the heartbeat beats ten times in that period), or a journal file path. Checked first
+    (:func:`check_storage`)."""
+    check_storage(url)
     if is_rdb(url):
         return _rdb_storage(url, max(3, math.ceil(stale_after)))
-    if ":" in url:
-        raise ConfigError(f"sweep.storage={url!r}: neither an SQLAlchemy URL (sqlite:///…) nor a file path")
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(url))
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    except OSError as exc:
+        raise ConfigError(f"sweep.storage={url!r}: cannot open the journal file ({exc.strerror or exc})") from None
+
+
+def local_file(url: str) -> Path | None:
+    """The file a storage lives in on this machine: a SQLite database or a journal file; None for a server."""
+    if not is_rdb(url):
+        return Path(url)
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    return None
+
+
+def check_storage(url: str) -> None:
+    """One line naming ``sweep.storage`` for a storage that cannot be opened, before anything tries: an
+    unknown scheme, a database driver that is not installed (and what to install), a folder where a file
+    belongs, a file in a folder that does not exist."""
+    if is_rdb(url):
+        _check_driver(url)
+    elif ":" in url:
+        raise ConfigError(
+            f"sweep.storage={url!r}: neither an SQLAlchemy URL nor a file path; allowed: {ALLOWED_STORAGE}"
+        )
+    path = local_file(url)
+    if path is None:
+        return
+    what = "database file" if is_rdb(url) else "journal file"
+    if not str(path) or path.is_dir():
+        raise ConfigError(f"sweep.storage={url!r}: {path} is a folder; give a {what} path there")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"sweep.storage={url!r}: folder {path.parent} does not exist; create it (every worker must "
+            "name the same file) or choose another path"
+        )
+
+
+def _check_driver(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise ConfigError(
+            f"sweep.storage={url!r}: unknown database scheme {scheme!r}; allowed: {ALLOWED_STORAGE}"
+        ) from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise ConfigError(f"sweep.storage={url!r}: not a database URL ({exc}); allowed: {ALLOWED_STORAGE}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        driver = parsed.get_driver_name()
+        install = DRIVER_PACKAGES.get(driver, driver)
+        raise ConfigError(
+            f"sweep.storage={url!r}: its database driver {driver!r} is not installed; pip install {install}"
+        ) from None
 
 
 def _rdb_storage(url: str, grace: int, attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -155,6 +230,21 @@ def open_study(
 ) -> optuna.Study:
     """Create the study, or load it if it exists (re-running a sweep continues it). Creating is atomic
     in the storage, so exactly one of several simultaneous workers enqueues a static grid."""
+    check_storage(sc.storage)
+    path = local_file(sc.storage)
+    if path is None:  # a database server: it serialises table creation itself (and _rdb_storage retries)
+        return _open_study(sc, name, strategy, sampler, pruner)
+    with store_lock(path, f"sweep.storage={sc.storage!r}"):  # workers starting together on a new file
+        return _open_study(sc, name, strategy, sampler, pruner)
+
+
+def _open_study(
+    sc: SweepConfig,
+    name: str,
+    strategy: str,
+    sampler: optuna.samplers.BaseSampler | None,
+    pruner: optuna.pruners.BasePruner | None,
+) -> optuna.Study:
     storage = make_storage(sc.storage, sc.stale_after)
     directions: list[Literal["minimize", "maximize"]] = (
         [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
@@ -314,6 +404,10 @@ class Sweep:
         ``registry``: the MLflow store (default: the config's)."""
         if strategy not in ("dp", "static"):
             raise ConfigError(f"--strategy {strategy}: allowed dp (TPE over ω, patience, round size) or static (grid)")
+        try:
+            filter_equals("tags.`dpops.study`", study_name)  # (its runs are found by this tag)
+        except ConfigError:
+            raise ConfigError(f"--study-name {study_name!r}: may hold ' or \" but not both") from None
         self.cfg, self.sc, self.strategy, self.name = cfg, sc, strategy, study_name
         self.registry = registry or Registry.from_config(cfg)
         self.base_overrides = [*base_overrides, f"dp.strategy={strategy}", f"tracking.experiment={self.experiment}"]
@@ -392,6 +486,17 @@ class Sweep:
             if asked:
                 retry(self.study, self.study.get_trials(deepcopy=False)[asked[0]])
             raise
+        except StoreUnavailable as exc:  # no later trial could be tracked either: stop, the trial retried later
+            if not asked:
+                raise
+            retry(self.study, self.study.get_trials(deepcopy=False)[asked[0]])
+            raise StoreUnavailable(
+                f"the tracking server {self.registry.uri} stopped answering ({exc.why}) during trial {asked[0]}"
+                f"{f' (run {exc.run_id})' if exc.run_id else ''}; the trial was re-queued: once the server is "
+                "back, run the same dpops sweep command to continue the study",
+                why=exc.why,
+                run_id=exc.run_id,
+            ) from None
         return done[0] if done else None
 
     def _over_budget(self, trial: Trial) -> bool:
@@ -413,6 +518,8 @@ class Sweep:
             result, run_id = run_trial(cfg, tags, [watch, *observers], resume)
         except optuna.TrialPruned:
             return self._finish(trial, params, TrialState.PRUNED)
+        except StoreUnavailable:
+            raise  # (not the trial's fault: _next_trial stops the worker)
         except Exception as exc:  # a failed trial is a result; the sweep goes on
             trial.set_user_attr("dpops.error", f"{type(exc).__name__}: {exc}"[:500])
             return self._finish(trial, params, TrialState.FAIL, error=f"{type(exc).__name__}: {exc}")
