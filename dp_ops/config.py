@@ -11,6 +11,7 @@ config: sweeps and the benchmark read it, and it lives here so that they can wit
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,11 +232,23 @@ class TrainConfig(_Section):
         return self
 
 
+DEFAULT_EXPERIMENT = "dp-ops"
+
+
 class TrackingConfig(_Section):
-    """MLflow: ``uri`` empty means ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db``."""
+    """MLflow: ``uri`` empty means ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db``; ``experiment``
+    empty means ``MLFLOW_EXPERIMENT_NAME`` if set, else ``dp-ops`` (:attr:`experiment_name`)."""
 
     uri: str = ""
-    experiment: str = Field("dp-ops", min_length=1)
+    experiment: str = Field("", description="MLflow experiment; empty: $MLFLOW_EXPERIMENT_NAME, else dp-ops")
+    register_model: str = Field(
+        "", description="register the run's final classifier under this MLflow model name; empty: log it only"
+    )
+
+    @property
+    def experiment_name(self) -> str:
+        """The experiment runs go to: ``experiment``, else ``MLFLOW_EXPERIMENT_NAME``, else ``dp-ops``."""
+        return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 class OutputConfig(_Section):

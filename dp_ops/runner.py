@@ -18,14 +18,24 @@ monitor. The run's folders (``output.*``, ``generator.path``) must be one shared
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dp_ops.config import Config, flatten, from_flat
-from dp_ops.engine.backends.pixel import META_FILE, GeneratorMeta, PixelDiffusion, check_saved, train_generator
-from dp_ops.engine.data import RealData, load_digits_data
+from dp_ops.engine.backends.pixel import (
+    CHECKSUMS,
+    META_FILE,
+    GeneratorMeta,
+    PixelDiffusion,
+    check_saved,
+    train_generator,
+)
+from dp_ops.engine.data import RealData, from_uint8, load_digits_data
 from dp_ops.engine.devices import DTYPES, check_devices
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.learner import known_models, micro_batches
@@ -39,7 +49,14 @@ from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import disk_error, unwritable, write_json
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.lease import RunLease, check_free, lease_path
-from dp_ops.records.tracking import MlflowTracker, Registry, system_metrics
+from dp_ops.records.tracking import (
+    GeneratorFacts,
+    MlflowTracker,
+    Registry,
+    SavedModel,
+    config_params,
+    system_metrics,
+)
 from dp_ops.records.versioning import DvcVersioner, ShardInfo, dvc_root, parse_parts, restore_round
 
 Progress = Callable[[int, int], None]
@@ -181,6 +198,27 @@ def load_generator(cfg: Config, real: RealData | None = None, world: World = SIN
     return load_pixel(cfg, world)
 
 
+def generator_facts(cfg: Config) -> GeneratorFacts:
+    """What the generator a run loads is, for its records: a pixel generator's own metadata (the
+    ``generator.*`` keys it was trained with, its data, its measured quality, the sha256 of its saved
+    folder: one digest of every file's), or the ``sd`` pipeline it names."""
+    g = cfg.generator
+    if g.backend != "pixel":
+        return GeneratorFacts(meta={"backend": g.backend, "model": g.model})
+    file = Path(g.path) / META_FILE
+    if not file.is_file():  # (a generator built in code, never saved)
+        return GeneratorFacts(meta={"backend": g.backend})
+    raw = json.loads(file.read_text())
+    settings = {"train_iterations": raw["train_iterations"], **raw.get("training", {})}
+    sums = raw.get(CHECKSUMS) or {}
+    meta: dict[str, object] = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
+    meta.update({f"quality.{k}": v for k, v in raw.get("quality", {}).items()})
+    if sums:
+        listing = "".join(f"{name} {digest}\n" for name, digest in sorted(sums.items()))
+        meta["sha256"] = hashlib.sha256(listing.encode()).hexdigest()
+    return GeneratorFacts(settings, meta, file)
+
+
 class RunRecords(Observer):
     """An experiment's MLflow and DVC records as one observer, so their order is fixed here rather than by
     the observer list: each round's folder is versioned, then its round run logged with it; a background
@@ -194,9 +232,10 @@ class RunRecords(Observer):
         self.tracker.on_eval(iteration, val_acc)
 
     def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
+        generated_at = time.time()  # (the round run spans its generation, versioning and logging)
         shard = self.versioner.version(record.round, increment)
         self.shards[record.round] = shard
-        self.tracker.log_round(record, increment, shard)
+        self.tracker.log_round(record, increment, shard, generated_at=generated_at)
         self.versioner.wait_pushed()  # (the loop checkpoints next)
 
     def on_finish(self, result: RunResult) -> None:
@@ -222,6 +261,7 @@ class TrackedRun:
     tracker: MlflowTracker | None = None
     versioner: DvcVersioner | None = None
     shards: dict[int, ShardInfo] | None = None  # round -> its shard (resumed rounds: versioned_by="resumed")
+    model: SavedModel | None = None  # the final classifier as logged in MLflow
 
 
 def run_tracked(
@@ -247,7 +287,14 @@ def run_tracked(
     if resume_run_id is not None:  # taken before the run is marked RUNNING again: a live holder refuses
         lease = RunLease(lease_path(cfg.output.checkpoints, resume_run_id), resume_run_id)
         lease.acquire()
-    tracker = MlflowTracker(registry or Registry.from_config(cfg), cfg, run_id=resume_run_id, tags=tags)
+    tracker = MlflowTracker(
+        registry or Registry.from_config(cfg),
+        cfg,
+        run_id=resume_run_id,
+        tags=tags,
+        generator=generator_facts(cfg),
+        real=real,
+    )
     lease = lease or RunLease(lease_path(cfg.output.checkpoints, tracker.run_id), tracker.run_id)
     ckpt = checkpoint_path(cfg.output.checkpoints, tracker.run_id)
     try:
@@ -267,6 +314,8 @@ def run_tracked(
             report = result.to_dict()
             write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
             write_json(cfg.output.rounds, report)  # round records and the validation curve
+            example = from_uint8(real.val.images[:4])  # (the model's input: float images in [-1, 1])
+            model = tracker.log_outputs(loop.trainer.eval_model, example, [Path(cfg.output.rounds)])
     except KeyboardInterrupt as exc:  # (ended KILLED by the lifecycle)
         raise RunInterrupted(tracker.run_id, ckpt.is_file()) from exc
     except Exception as exc:  # (ended FAILED by the lifecycle)
@@ -277,7 +326,7 @@ def run_tracked(
         raise DataError(_disk_line(why, tracker.run_id, ckpt.is_file())) from exc
     finally:
         lease.release()
-    return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards))
+    return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards), model)
 
 
 def _disk_line(why: str, run_id: str, resumable: bool) -> str:
@@ -370,7 +419,7 @@ def resume_config(run_id: str, registry: Registry) -> Config:
         raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
     if run.status == "FINISHED":
         raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
-    return from_flat(dict(run.params))
+    return from_flat(config_params(run.params))
 
 
 def check_lease(cfg: Config, run_id: str) -> str | None:

@@ -115,7 +115,8 @@ class Observer:
         """``increment``: the parts written this round (for oversample, of the kept samples)."""
 
     def on_checkpoint(self, state: dict) -> None:
-        """After each completed round (and its ``on_round`` hooks): everything needed to resume."""
+        """After each completed round (and its ``on_round`` hooks), and once more at the end with the final
+        learner (before ``on_finish``): everything needed to resume."""
 
     def on_finish(self, result: RunResult) -> None: ...
 
@@ -332,6 +333,7 @@ class DPLoop:
             unet_evals=sum(r.unet_evals for r in self.records),
         )
         result = RunResult(summary, tuple(self.records), tuple(self.curve))
+        self._emit("on_checkpoint", self.state_dict())  # the weights behind the final accuracies
         self._emit("on_finish", result)
         return result
 

@@ -3,7 +3,8 @@
 After each completed round (its parts written and versioned, its MLflow run logged: the loop calls
 ``on_checkpoint`` only once every ``on_round`` hook has returned) the loop state — learner weights,
 optimiser, EMA, iteration, plateau counter, round records, validation curve — is written to
-``<output.checkpoints>/<run id>/state.pt`` with write-then-rename. No random state: every draw of
+``<output.checkpoints>/<run id>/state.pt`` with write-then-rename; once more at the end of the run, so
+the file then holds the final learner (the weights behind ``final_test_acc``). No random state: every draw of
 training is keyed by (seed, iteration). The pool is not in the checkpoint either: its table is rebuilt
 from the round parts' headers. It only holds tensors and plain Python values, so it loads with
 ``torch.load(weights_only=True)``.

@@ -32,11 +32,14 @@ environment sets them) so that a server that dies mid-run costs seconds, not min
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,13 +49,18 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # (re-exported at run time)
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.types import Schema, TensorSpec
 
-from dp_ops.config import Config, flatten
+from dp_ops import __version__
+from dp_ops.config import Config, flatten, to_tree
+from dp_ops.engine.data import LabelledImages, RealData
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.errors import ConfigError, DataError, DpOpsError
@@ -61,6 +69,17 @@ from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ID_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for a run or an experiment
+KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment in the mode this tag names ...
+EXPERIMENT_KIND = "custom_model_development"  # ... here model training (untagged, it may pick GenAI's traces view)
+EXPERIMENT_NOTE = (
+    "dp_ops runs: Deliberate Practice, a classifier trained on synthetic images generated in rounds, each "
+    "round steered toward the current classifier's high-entropy samples. One parent run per run (config as "
+    "params, validation curve `val_acc`, the final classifier as the logged model `model`) and one child "
+    "run per round (`round-<k>`: its samples, their entropy and the DVC digest of its shard)."
+)
+MODEL_NAME = "model"  # the logged model of a run: its final classifier
+DIGITS_SOURCE = "sklearn.datasets.load_digits"  # where the digits world's real images come from
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
 PARTS_FILE = "parts.json"  # a round run's artifact: its parts with md5, size and count
 ROUND_METRICS = (
@@ -341,18 +360,22 @@ class Registry:
         return None if exp is None else exp.experiment_id
 
     def experiment_id(self, name: str) -> str:
-        """Get or create the experiment ``name`` (artifacts under :attr:`artifact_root`). Safe when several
-        processes (sweep or benchmark workers) create it at the same moment: one wins, all get its id."""
-        found = self.find_experiment(name)
-        if found is not None:
-            return found
-        try:
-            return self.client.create_experiment(name, artifact_location=self.artifact_root or None)
-        except MlflowException:  # another process created it in the meantime
-            found = self.find_experiment(name)
-            if found is None:
-                raise
-            return found
+        """Get or create the experiment ``name`` (artifacts under :attr:`artifact_root`), tagged as a
+        model-training experiment with a description (an older one without the tags gets them). Safe when
+        several processes (sweep or benchmark workers) create it at the same moment: one wins, all get its id."""
+        tags = {KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: EXPERIMENT_NOTE}
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=self.artifact_root or None, tags=tags)
+            except MlflowException:  # another process created it in the meantime
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        for key, value in tags.items():
+            if key not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     # ---- reading runs --------------------------------------------------------------------------
     def run(self, run_id: str) -> RunFacts:
@@ -429,7 +452,7 @@ class Registry:
         """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its
         finite numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
         run = self.client.create_run(
-            self.experiment_id(experiment), run_name=run_name, tags={"dpops.role": role, **_git_tags()}
+            self.experiment_id(experiment), run_name=run_name, tags={"dpops.role": role, **run_tags()}
         )
         run_id = run.info.run_id
         finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
@@ -451,6 +474,95 @@ def run_name(cfg: Config) -> str:
     return f"{dp.strategy}-{detail[dp.strategy]}-seed{cfg.seed}"
 
 
+def run_tags() -> dict[str, str]:
+    """The tags MLflow's own runs carry (``mlflow.user``, ``mlflow.source.name``/``type``, the git commit of
+    the working directory's repository) and the dp_ops version and command line that made the run."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {**resolve_tags({}), **_git_tags(), "dpops.version": __version__, "dpops.command": command_line()}
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def run_note(cfg: Config) -> str:
+    """A parent run's description (the MLflow UI shows it on the run page): what ran, and how."""
+    dp = cfg.dp
+    what = {
+        "dp": f"Deliberate Practice: N={dp.initial_size} samples, then rounds of P={dp.round_size} "
+        f"entropy-guided (ω={dp.omega:g}) samples at each plateau",
+        "oversample": f"oversample: N={dp.initial_size} samples, then at each plateau the top P={dp.round_size} "
+        f"of {dp.oversample_ratio}×P unguided samples by learner entropy",
+        "static": f"static baseline: N={dp.initial_size} unguided samples, no rounds",
+    }[dp.strategy]
+    started = f"Started with `{command_line()}` (dp_ops {__version__})."
+    return f"{what}; {cfg.train.iterations} iterations, seed {cfg.seed}. {started}"
+
+
+def round_note(record: RoundRecord) -> str:
+    """A round run's description: what its samples are, and (round 0) who scored their entropy."""
+    how = f"entropy-guided, ω={record.omega:g}" if record.omega else "unguided"
+    if record.round == 0:
+        return (
+            f"Round 0: the initial pool, {record.n_new} {how} samples. Their entropy is scored by the untrained "
+            "learner (near ln K for every sample), so it is not comparable with later rounds'."
+        )
+    kept = (
+        f" (the top {record.n_new} of {record.n_generated} by learner entropy)"
+        if record.n_generated > record.n_new
+        else ""
+    )
+    return (
+        f"Round {record.round}: {record.n_new} {how} samples{kept}, generated when validation accuracy "
+        f"plateaued at {record.val_acc_at_trigger:.4f} after {record.iteration} iterations."
+    )
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A run's logged classifier: its MLflow model id and URI (``models:/<id>``, what
+    ``mlflow.pytorch.load_model`` takes) and, when registered, the registered name and version."""
+
+    model_id: str
+    uri: str
+    registered_name: str | None = None
+    version: str | None = None
+
+
+class ShardDataset(MetaDataset):
+    """A round's shard as an MLflow dataset: DVC's digest of its folder, the schema of a sample (a uint8
+    image and an int64 label) and a profile (samples, parts, bytes), none of which needs the images."""
+
+    def __init__(self, source: LocalArtifactDatasetSource, name: str, digest: str, schema: Schema, profile: dict):
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest, schema=schema)
+
+    @classmethod
+    def of(cls, shard: Shard, increment: RoundParts, name: str) -> ShardDataset:
+        image = increment.images(np.arange(1))[0]
+        schema = Schema(
+            [
+                TensorSpec(np.dtype(np.uint8), (-1, *image.shape), "image"),
+                TensorSpec(np.dtype(np.int64), (-1,), "label"),
+            ]
+        )
+        parts = shard.parts_json()
+        profile = {
+            "num_rows": sum(int(p["count"]) for p in parts),
+            "num_parts": len(parts),
+            "num_bytes": sum(int(p["size"]) for p in parts),
+        }
+        return cls(LocalArtifactDatasetSource(str(shard.path)), name, shard.md5, schema, profile)
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
 class Shard(Protocol):
     """The facts about a round's versioned shard that its round run records (the versioner's ShardInfo)."""
 
@@ -465,6 +577,31 @@ class Shard(Protocol):
     def parts_json(self) -> list[dict]: ...
 
 
+@dataclass(frozen=True)
+class GeneratorFacts:
+    """The generator a run loaded, as its run records it: ``settings`` are the ``generator.*`` keys it was
+    trained with (they replace the config's in the params: a cached generator need not match the config),
+    ``meta`` what it was trained on, its measured quality and the sha256 of its folder (params
+    ``generator_meta.*``), ``meta_file`` its own metadata file (an artifact)."""
+
+    settings: Mapping[str, object] = field(default_factory=dict)
+    meta: Mapping[str, object] = field(default_factory=dict)
+    meta_file: Path | None = None
+
+    def applied(self, cfg: Config) -> Config:
+        """``cfg`` with the generator's own ``settings`` in place of the config's."""
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items()}
+        return cfg.model_copy(update={"generator": cfg.generator.model_copy(update=settings)})
+
+
+GENERATOR_META = "generator_meta."  # prefix of the params describing the loaded generator (not config keys)
+
+
+def config_params(params: Mapping[str, str]) -> dict[str, str]:
+    """A parent run's params that are config keys (what :func:`~dp_ops.config.from_flat` rebuilds)."""
+    return {k: v for k, v in params.items() if not k.startswith(GENERATOR_META)}
+
+
 class MlflowTracker(Observer):
     """One experiment's parent run, created (or re-opened) at construction; a child run per round;
     summary metrics at the end. As an :class:`Observer` it tracks rounds without shards; with versioning,
@@ -477,25 +614,33 @@ class MlflowTracker(Observer):
         *,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        generator: GeneratorFacts | None = None,
+        real: RealData | None = None,
     ):
-        """Start a new parent run in ``tracking.experiment`` (with extra ``tags``, e.g. a sweep's
-        ``dpops.study``), or with ``run_id`` re-open an interrupted one (to resume it)."""
-        self.cfg, self.registry = cfg, registry
+        """Start a new parent run in the config's experiment (with extra ``tags``, e.g. a sweep's
+        ``dpops.study``; the params say what ran: the config with the loaded ``generator``'s facts, and
+        ``real``'s validation and test splits are its inputs, its class names label the pictures), or with
+        ``run_id`` re-open an interrupted one (to resume it)."""
+        self.generator = generator or GeneratorFacts()
+        self.cfg, self.registry = self.generator.applied(cfg), registry  # (the config that ran)
         self.client = registry.client
         self.round_run_ids: list[str] = []
         self._open: list[str] = []  # round runs created and not yet ended (a crash ends them with the parent)
         self._logged_evals: set[int] = set()  # val_acc steps already in the store (a resumed run's)
         self._logged_rounds: set[int] = set()  # round_* curve steps already in the store
+        self.classes: tuple[str, ...] = ()
+        if real is not None:
+            self.classes = tuple(real.class_names) or tuple(str(k) for k in range(real.num_classes))
         try:
-            self._open_run(cfg, run_id, tags)
+            self._open_run(self.cfg, run_id, tags, real)
         except Exception as exc:
             if not isinstance(exc, DpOpsError) and is_server(registry.uri):
                 registry.check()  # a server that died since the registry was opened: one line, not MLflow's
             raise
 
-    def _open_run(self, cfg: Config, run_id: str | None, tags: Mapping[str, str] | None) -> None:
+    def _open_run(self, cfg: Config, run_id: str | None, tags: Mapping[str, str] | None, real: RealData | None) -> None:
         registry = self.registry
-        self.experiment_id = registry.experiment_id(cfg.tracking.experiment)
+        self.experiment_id = registry.experiment_id(cfg.tracking.experiment_name)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -507,17 +652,43 @@ class MlflowTracker(Observer):
             self._logged_rounds = {step for step, _ in registry.history(run_id, "round_pool_size")}
             return
         tags = {
+            **run_tags(),
+            NOTE_TAG: run_note(cfg),
             "dpops.role": "experiment",
             "dpops.strategy": cfg.dp.strategy,
-            **_git_tags(),
             **_dvc_tags(),
             **(tags or {}),
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
         self.run_id = run.info.run_id
-        params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
+        flat = {**flatten(cfg), **{f"{GENERATOR_META}{k}": v for k, v in self.generator.meta.items()}}
+        params = [Param(k, str(v)) for k, v in flat.items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
+        if real is not None:
+            self._log_real(cfg, real)
+
+    def _log_real(self, cfg: Config, real: RealData) -> None:
+        """The real validation split (it drives every decision) and the held-out test split (reported
+        only) as the run's inputs, with their schema, profile and a digest of their content."""
+        import mlflow.data
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        d = cfg.data
+        inputs = []
+        for split, context, root in (("val", "validation", d.val_root), ("test", "test", d.test_root)):
+            images: LabelledImages = getattr(real, split)
+            source = (
+                LocalArtifactDatasetSource(str(Path(root).resolve()))
+                if d.name == "folder"
+                else CodeDatasetSource({"mlflow.source.name": DIGITS_SOURCE, "split_seed": d.split_seed})
+            )
+            dataset = mlflow.data.from_numpy(
+                images.images.numpy(), targets=images.labels.numpy(), source=source, name=f"{d.name}-{split}"
+            )
+            tag = InputTag(key="mlflow.data.context", value=context)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[tag]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     @property
     def uri(self) -> str:
@@ -544,10 +715,15 @@ class MlflowTracker(Observer):
     def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
         self.log_round(record, increment, None)
 
-    def log_round(self, record: RoundRecord, increment: RoundParts, shard: Shard | None) -> None:
-        """The round's child run (metrics, pictures, its ``shard`` linked when versioned) and the same
-        numbers on the parent as curves over rounds, so experiments compare side by side."""
+    def log_round(
+        self, record: RoundRecord, increment: RoundParts, shard: Shard | None, *, generated_at: float | None = None
+    ) -> None:
+        """The round's child run (metrics, pictures, its ``shard`` linked when versioned), from when its
+        generation started to now (``generated_at``: when generation ended, default now), and on the
+        parent the same numbers as curves over rounds and its pictures as images at step = round, so rounds
+        and experiments compare side by side (the MLflow UI's image slider)."""
         now = _now()
+        started = int(((generated_at or time.time()) - record.gen_seconds) * 1000)
         values = {k: float(getattr(record, k)) for k in ROUND_METRICS}
         values["iterations"] = values.pop("iteration")  # iterations trained before this round
         values["round"] = float(record.round)
@@ -556,8 +732,10 @@ class MlflowTracker(Observer):
         child = self.client.create_run(
             self.experiment_id,
             run_name=f"round-{record.round}",
+            start_time=started,
             tags={
                 PARENT_ID_TAG: self.run_id,
+                NOTE_TAG: round_note(record),
                 "dpops.role": "round",
                 "dpops.round": str(record.round),
                 "dpops.strategy": self.cfg.dp.strategy,
@@ -566,31 +744,38 @@ class MlflowTracker(Observer):
         child_id = child.info.run_id
         self._open.append(child_id)
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
+        first_time = record.round not in self._logged_rounds  # (else its curve and images were logged before a resume)
         with tempfile.TemporaryDirectory() as tmp:
             if shard is not None:
-                self._link_shard(child_id, shard, Path(tmp))
+                self._link_shard(child_id, shard, increment, Path(tmp))
             grid = Path(tmp) / f"samples_round{record.round}.png"
             hist = Path(tmp) / f"entropy_round{record.round}.png"
-            save_sample_grid(increment, grid)
-            save_entropy_histogram(increment, hist, record.round)
-            self.client.log_artifact(child_id, str(grid))
-            self.client.log_artifact(child_id, str(hist))
-        self.client.set_terminated(child_id, RunStatus.to_string(RunStatus.FINISHED))
+            classes = self._classes(increment)
+            save_sample_grid(increment, grid, classes)
+            save_entropy_histogram(increment, hist, record.round, len(classes))
+            for picture in (grid, hist):
+                self.client.log_artifact(child_id, str(picture))
+            if first_time:
+                for key, picture in (("samples", grid), ("entropy", hist)):
+                    self.client.log_image(self.run_id, _image(picture), key=key, step=record.round, synchronous=True)
+        self.client.set_terminated(child_id, RunStatus.to_string(RunStatus.FINISHED), end_time=_now())
         self._open.remove(child_id)
         self.round_run_ids.append(child_id)
-        if record.round in self._logged_rounds:  # (its curve points were logged before a resume)
-            return
-        curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
-        self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
+        if first_time:
+            curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
+            self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
 
-    def _link_shard(self, child_id: str, shard: Shard, tmp: Path) -> None:
-        """``log_input`` a MetaDataset whose digest is the round folder's DVC digest (``<md5>.dir`` fits
-        MLflow's 36-character column), and log ``parts.json`` (every part's md5 and size): what restore
-        and resume read."""
+    def _classes(self, increment: RoundParts) -> tuple[str, ...]:
+        """Class names in label order (the real data's; else the labels as numbers)."""
+        return self.classes or tuple(str(k) for k in range(int(increment.labels.max()) + 1))
+
+    def _link_shard(self, child_id: str, shard: Shard, increment: RoundParts, tmp: Path) -> None:
+        """``log_input`` the round's shard as a dataset whose digest is the round folder's DVC digest
+        (``<md5>.dir`` fits MLflow's 36-character column), with its schema and profile, and log
+        ``parts.json`` (every part's md5 and size): what restore and resume read."""
         write_json(tmp / PARTS_FILE, shard.parts_json())
         self.client.log_artifact(child_id, str(tmp / PARTS_FILE))
-        source = LocalArtifactDatasetSource(str(shard.path))
-        dataset = MetaDataset(source, name=f"{self.run_id}/round-{shard.round}", digest=shard.md5)  # type: ignore[abstract]
+        dataset = ShardDataset.of(shard, increment, name=f"{self.run_id}/round-{shard.round}")
         context = InputTag(key="mlflow.data.context", value="training")
         self.client.log_inputs(child_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
         for key, value in (
@@ -618,6 +803,59 @@ class MlflowTracker(Observer):
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True
         )
+
+    def log_outputs(self, model: torch.nn.Module, example: torch.Tensor, files: Sequence[Path]) -> SavedModel:
+        """At the end of a run: the config as it ran (``config/params.yaml``, replayable with ``dpops run
+        --params``), the report ``files`` and the generator's metadata as artifacts, and the final
+        classifier (call after :meth:`on_finish`: the model is linked to the summary metrics)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            params = Path(tmp) / "params.yaml"
+            params.write_text(yaml.safe_dump(to_tree(self.cfg), sort_keys=False))
+            self.client.log_artifact(self.run_id, str(params), "config")
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path), "reports")
+        if self.generator.meta_file is not None:
+            self.client.log_artifact(self.run_id, str(self.generator.meta_file), "generator")
+        return self.log_model(model, example)
+
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> SavedModel:
+        """``model`` (the final classifier: raw logits of float images in [-1, 1], shape ``example``'s with
+        any batch size) as this run's MLflow logged model ``model``, saved by ``mlflow.pytorch`` in its
+        default format (``torch.export``: loads without dp_ops), with a signature and ``example`` as its
+        input example, linked to the run's step-0 metrics (the summary); registered as a new version of
+        ``tracking.register_model`` when that is set."""
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        model = copy.deepcopy(model).cpu().eval()
+        x = example.detach().cpu().float()
+        with torch.no_grad():
+            signature = infer_signature(x.numpy(), model(x).numpy())
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        logged = self.client.create_logged_model(self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id)
+        with _use_tracking_uri(self.uri), _quiet("mlflow"):  # (mlflow.pytorch reads the global tracking URI)
+            mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                run_id=self.run_id,
+                model_id=logged.model_id,
+                signature=signature,
+                input_example=x.numpy(),
+                pip_requirements=requirements,
+            )
+        name = self.cfg.tracking.register_model
+        version = None
+        if name:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:  # (registered by an earlier run)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = self.client.create_model_version(
+                name, f"models:/{logged.model_id}", run_id=self.run_id, model_id=logged.model_id
+            ).version
+        return SavedModel(logged.model_id, f"models:/{logged.model_id}", name or None, version)
 
     # ---- run status ----------------------------------------------------------------------------
     @contextmanager
@@ -706,6 +944,25 @@ def parts_listing(client: MlflowClient, run_id: str) -> list[dict] | None:
         except (MlflowException, OSError):
             return None
         return json.loads(Path(path).read_text())
+
+
+def _image(path: Path):  # -> PIL.Image.Image
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.copy()
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The ``name`` logger at WARNING for the block (MLflow logs model saving at INFO)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _now() -> int:

@@ -100,5 +100,5 @@ def test_the_entropy_histogram_of_a_round_scored_all_alike(tmp_path):
     h = np.float32(np.log(10))
     same = np.where(np.arange(96) % 2, h, np.nextafter(h, np.float32(3))).astype(np.float32)  # one ulp apart
     parts = RoundParts(tmp_path, (), np.zeros(96, np.int64), np.arange(96), same, 0.0, 0)
-    save_entropy_histogram(parts, tmp_path / "h.png", 0)
+    save_entropy_histogram(parts, tmp_path / "h.png", 0, 10)
     assert (tmp_path / "h.png").stat().st_size > 0

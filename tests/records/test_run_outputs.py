@@ -1,0 +1,170 @@
+"""What a tracked run leaves in MLflow for a user: the final classifier as a logged (and registered) model,
+the run described (standard tags, the generator it loaded, its real inputs, its config), round runs with
+their real times and pictures on the parent. Real MLflow on a temporary SQLite store, a real git + DVC
+workspace, a real tiny generator saved to disk."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from dp_ops import __version__
+from dp_ops.config import build_config, flatten, from_flat
+from dp_ops.engine.backends.pixel import PixelDiffusion
+from dp_ops.engine.data import from_uint8
+from dp_ops.engine.learner import build_learner
+from dp_ops.records.checkpoint import checkpoint_path, load_checkpoint
+from dp_ops.records.plots import save_sample_grid
+from dp_ops.records.tracking import EXPERIMENT_KIND, KIND_TAG, NOTE_TAG, config_params, round_runs
+from dp_ops.runner import run_tracked
+
+from conftest import tiny_tree
+
+
+@pytest.fixture
+def saved_generator(tmp_path, tiny_generator):
+    """The tiny generator (trained for 30 iterations) saved with a quality figure, as a cached one is."""
+    g = PixelDiffusion(
+        tiny_generator.unet, tiny_generator.scheduler, replace(tiny_generator.meta, quality={"judge": 0.5})
+    )
+    g.save(tmp_path / "generator")
+    return tmp_path / "generator"
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=ws, check=True, capture_output=True)
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    return ws
+
+
+def _cfg(uri, generator_path, tracking=None, **sections):
+    # the config says 999 generator iterations; the generator on disk was trained for 30
+    generator = {"path": str(generator_path), "train_iterations": 999}
+    tracking = {"uri": uri, "experiment": "t", **(tracking or {})}
+    return build_config(tiny_tree(tracking=tracking, generator=generator, **sections))
+
+
+def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_acc(
+    workspace, saved_generator, tiny_generator, real, mlflow_store, capfd
+):
+    cfg = _cfg(mlflow_store(workspace), saved_generator, dp={"strategy": "static"}, tracking={"register_model": "dg"})
+    run = run_tracked(cfg, tiny_generator, real)
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(run.run_id)
+    final_test_acc = parent.data.metrics["final_test_acc"]
+    assert final_test_acc == run.result.summary.final_test_acc
+
+    # the logged model, reloaded as a user would, scores the held-out test split exactly as the run did
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+        again = mlflow.pytorch.load_model(run.model.uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    for loaded in (model, again):
+        with torch.no_grad():
+            size = cfg.train.eval_batch_size
+            logits = torch.cat(
+                [loaded(from_uint8(real.test.images[i : i + size])) for i in range(0, len(real.test), size)]
+            )
+        correct = int((logits.argmax(-1) == real.test.labels).sum())
+        assert correct / len(real.test) == final_test_acc
+    logged = client.get_logged_model(run.model.model_id)
+    assert logged.source_run_id == run.run_id and logged.name == "model" and logged.status.to_int() == 2  # READY
+    assert {m.key for m in logged.metrics} >= {"final_test_acc", "final_val_acc"}
+    assert [o.model_id for o in parent.outputs.model_outputs] == [run.model.model_id]
+    version = client.get_model_version("dg", run.model.version)
+    assert version.source == run.model.uri and version.run_id == run.run_id and run.model.registered_name == "dg"
+
+    # the checkpoint holds the final learner too (a static run has one round: it used to hold iteration 0)
+    state = load_checkpoint(checkpoint_path(cfg.output.checkpoints, run.run_id))
+    assert state["trainer"]["iteration"] == cfg.train.iterations
+    learner = build_learner(cfg.learner, real.num_classes, 1, cfg.seed)
+    learner.load_state_dict(state["trainer"]["model"])
+    with torch.no_grad():
+        assert torch.equal(learner.eval()(from_uint8(real.test.images[:8])), model(from_uint8(real.test.images[:8])))
+    assert "Successfully registered" not in "".join(capfd.readouterr())  # (library code prints nothing)
+
+
+def test_the_run_and_its_rounds_say_what_ran(
+    workspace, saved_generator, tiny_generator, real, mlflow_store, monkeypatch
+):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/dpops", "run", "-S", "dp.max_rounds=1"])
+    cfg = _cfg(mlflow_store(workspace), saved_generator, dp={"max_rounds": 1})
+    run = run_tracked(cfg, tiny_generator, real)
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(run.run_id)
+    tags, params = parent.data.tags, parent.data.params
+
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags[KIND_TAG] == EXPERIMENT_KIND and exp.tags[NOTE_TAG]  # the UI opens it for model training
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == "/venv/bin/dpops" and tags["dpops.version"] == __version__
+    assert (
+        tags["dpops.command"] == "dpops run -S dp.max_rounds=1" and "`dpops run -S dp.max_rounds=1`" in tags[NOTE_TAG]
+    )
+
+    # the generator that ran, not the config's idea of it
+    assert params["generator.train_iterations"] == "30" and params["generator.channels"] == "[8, 16]"
+    assert params["generator_meta.quality.judge"] == "0.5" and len(params["generator_meta.sha256"]) == 64
+    assert from_flat(config_params(params)).generator.train_iterations == 30  # (what a resume rebuilds)
+    artifacts = {a.path for a in client.list_artifacts(run.run_id)}
+    assert {"config", "reports", "generator"} <= artifacts
+    conf = yaml.safe_load(open(client.download_artifacts(run.run_id, "config/params.yaml", str(workspace))))
+    assert flatten(build_config(conf)) == flatten(from_flat(config_params(params)))  # the config that ran
+    assert [a.path for a in client.list_artifacts(run.run_id, "generator")] == ["generator/dpops_generator.json"]
+
+    # the real splits are the run's inputs, with contexts, schema and profile
+    inputs = {i.tags[0].value: i.dataset for i in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"validation", "test"}
+    assert inputs["test"].name == "digits-test" and f'"targets_shape": [{len(real.test)}]' in inputs["test"].profile
+    assert "tensor" in inputs["validation"].schema
+
+    # round runs span their generation, and their pictures are on the parent at step = round
+    rounds = round_runs(client, run.run_id)
+    assert len(rounds) == 2
+    for child, record in zip(rounds, run.result.records, strict=True):
+        assert child.info.end_time - child.info.start_time >= int(record.gen_seconds * 1000) - 1
+        (shard,) = child.inputs.dataset_inputs
+        assert f'"num_rows": {record.n_new}' in shard.dataset.profile and "uint8" in shard.dataset.schema
+    assert "untrained learner" in rounds[0].data.tags[NOTE_TAG] and "ω=0.1" in rounds[1].data.tags[NOTE_TAG]
+    images = [a.path for a in client.list_artifacts(run.run_id, "images")]
+    for key in ("samples", "entropy"):  # images/<key>+step+<step>+timestamp+…(.png | +compressed.webp)
+        steps = sorted(p.split("+")[2] for p in images if p.startswith(f"images/{key}+step+") and p.endswith(".png"))
+        assert steps == ["0", "1"], images
+
+
+def test_the_sample_grid_names_its_classes(tmp_path, tiny_generator):
+    """Row labels: the grid is wider than its cells by a margin holding the class names."""
+    from dp_ops.engine.rounds import Sampling, generate_round
+
+    labels = torch.arange(20) % 10
+    parts = generate_round(
+        tiny_generator,
+        labels,
+        np.arange(20),
+        tmp_path / "r",
+        Sampling(2, 2.0, 1, 32, lambda x: torch.zeros(len(x), 10)),
+        round_index=0,
+        omega=0.0,
+        part_size=32,
+        fmt="raw",
+    )
+    save_sample_grid(parts, tmp_path / "plain.png", [str(k) for k in range(10)], per_class=2)
+    save_sample_grid(parts, tmp_path / "named.png", [f"class number {k}" for k in range(10)], per_class=2)
+    plain, named = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "named.png")
+    assert plain.height == named.height == 10 * 9 * 3 and named.width > plain.width > 2 * 9 * 3
+    ink = np.asarray(named)[:, : named.width - 2 * 9 * 3] < 128
+    assert ink.any(axis=1).reshape(10, -1).any(axis=1).all()  # a label in every row
