@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
     from dp_ops.engine.dist import World
     from dp_ops.runner import TrackedRun
 
-app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True, add_completion=False)
+# add_completion: --install-completion / --show-completion (Typer's, for bash, zsh, fish and PowerShell)
+app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True)
 generator_app = typer.Typer(help="Train and inspect the embedded world's diffusion generator.", no_args_is_help=True)
 config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Generated data: restore any run's rounds from the DVC cache.", no_args_is_help=True)
@@ -81,6 +83,38 @@ SetOpt = Annotated[
     typer.Option("--set", "-S", help="override one value with its dotted key, e.g. -S dp.omega=0.1 (repeatable)"),
 ]
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# Options that take one of a fixed set: string enums, so that --help and shell completion list the choices and a
+# wrong value is refused naming them. (The same values as the config's and the scaling report's Literal
+# types, which cannot be imported here: tests/test_cli.py checks that they agree.)
+class Strategy(StrEnum):
+    """``dp.strategy``."""
+
+    dp = "dp"
+    static = "static"
+    oversample = "oversample"
+
+
+class SweepStrategy(StrEnum):
+    """What ``dpops sweep`` searches: DP's knobs, or the static grid."""
+
+    dp = "dp"
+    static = "static"
+
+
+class Metric(StrEnum):
+    """The accuracy a scaling law is fitted to."""
+
+    final_test_acc = "final_test_acc"
+    final_val_acc = "final_val_acc"
+
+
+class Axis(StrEnum):
+    """What a scaling law counts as n."""
+
+    pool_size = "pool_size"
+    generated_samples = "generated_samples"
 
 
 def _friendly_errors(fn: F) -> F:
@@ -251,14 +285,14 @@ def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[s
 
 def _print_tracked(cfg: Config, run: TrackedRun) -> None:
     from dp_ops.records.tracking import browse_hint
-    from dp_ops.render import print_run
+    from dp_ops.render import plural, print_run
 
     print_run(console, cfg, run.result)
     tracker, versioner = run.tracker, run.versioner
     assert tracker is not None and versioner is not None  # (rank 0's run)
     registry = tracker.registry
     console.print(
-        f"MLflow run [bold]{run.run_id}[/] ({len(tracker.round_run_ids)} round runs) in experiment "
+        f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
         f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: {browse_hint(registry.uri)}\n"
         f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
@@ -275,7 +309,7 @@ VERSIONING_NOTES = {
 @data_app.command("restore")
 @_friendly_errors
 def data_restore(
-    run_id: str,
+    run_id: Annotated[str, typer.Argument(help="the MLflow run whose rounds to restore")],
     round_: Annotated[int | None, typer.Option("--round", help="only this round (default: every round)")] = None,
     pool: Annotated[bool, typer.Option(help="with --round K: the whole pool as it stood after round K")] = False,
     to: Annotated[Path | None, typer.Option(help="destination folder (default: restored/<run id>)")] = None,
@@ -284,6 +318,7 @@ def data_restore(
 ) -> None:
     """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the md5s in MLflow."""
     from dp_ops.records.tracking import tracking_uri
+    from dp_ops.render import plural
     from dp_ops.runner import restore_run_data
 
     cfg = _config(params, set_)
@@ -295,7 +330,7 @@ def data_restore(
     paths = restore_run_data(run_id, dest, tracking_uri=tracking_uri(cfg), round_index=round_, pool=pool)
     for path in paths:
         console.print(f"restored {path}")
-    console.print(f"{len(paths)} shard(s), md5 verified, in {dest}")
+    console.print(f"{plural(len(paths), 'shard')}, md5 verified, in {dest}")
 
 
 @generator_app.command("train")
@@ -319,7 +354,11 @@ def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 @generator_app.command("quality")
 @_friendly_errors
-def generator_quality(params: ParamsOpt = None, set_: SetOpt = None, samples: int = 1000) -> None:
+def generator_quality(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    samples: Annotated[int, typer.Option(help="unguided samples to generate and judge")] = 1000,
+) -> None:
     """Measure how many of the saved generator's samples a real-digits judge recognises."""
     from dp_ops import runner
     from dp_ops.engine.quality import measure_quality
@@ -360,7 +399,7 @@ def theory(
     n: Annotated[int, typer.Option(help="kept size for the oversampling curve")] = 2048,
     mc_reps: Annotated[int, typer.Option(help="Monte-Carlo repetitions per point (0: theory only)")] = 4,
     out: Annotated[Path, typer.Option(help="folder for theory.json and theory.png")] = Path("results/theory"),
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="seed of the Monte-Carlo draws")] = 0,
 ) -> None:
     """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
     from dp_ops.studies.theory import kept_size_curve, oversampling_curve, plot_theory
@@ -387,9 +426,9 @@ def sweep(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     strategy: Annotated[
-        str,
+        SweepStrategy,
         typer.Option(help="dp: TPE over dp.omega, dp.patience, dp.round_size; static: grid over sweep.static_sizes"),
-    ] = "dp",
+    ] = SweepStrategy.dp,
     study_name: Annotated[
         str | None, typer.Option(help="Optuna study (default: sweep.study, '-static' for the grid)")
     ] = None,
@@ -407,14 +446,14 @@ def sweep(
     from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry, tracking_uri
     from dp_ops.render import RichObserver
-    from dp_ops.studies.sweep import Sweep, check_separate_stores, fmt_params, tracked_runner
+    from dp_ops.studies.sweep import Sweep, check_separate_stores, tracked_runner
 
     cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
     tree = load_tree(params, [*(set_ or ()), *cli])
     sc, cfg = sweep_config(tree), build_config(tree)
     _quiet_libraries()  # the CLI reports trials itself
     logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # (a failed trial: one line, no traceback)
-    name = study_name or (f"{sc.study}-static" if strategy == "static" else sc.study)
+    name = study_name or (f"{sc.study}-static" if strategy is SweepStrategy.static else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
     world = dist.join(cfg.device)
     try:
@@ -430,7 +469,7 @@ def sweep(
             return
         registry = Registry.from_config(cfg)  # (opened only now: a refused sweep leaves no store behind)
         base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
-        worker = Sweep(cfg, sc, strategy=strategy, study_name=name, base_overrides=base, registry=registry)
+        worker = Sweep(cfg, sc, strategy=strategy.value, study_name=name, base_overrides=base, registry=registry)
         with _progress() as progress:
             generator = _generator(cfg, real, progress, world)
             console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
@@ -448,7 +487,7 @@ def sweep(
         runner.end_runs(world)
     finally:
         dist.leave()
-    _print_sweep(outcome, worker.experiment, registry.uri, fmt_params)
+    _print_sweep(outcome, worker.experiment, registry.uri)
 
 
 @app.command()
@@ -595,13 +634,15 @@ def _trial_done(progress: Progress, o: Any) -> None:
     )
 
 
-def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Callable[[dict], str]) -> None:
+def _print_sweep(outcome: Any, experiment_name: str, uri: str) -> None:
     from dp_ops.records.tracking import browse_hint
-    from dp_ops.studies.sweep import replay_command
+    from dp_ops.render import plural
+    from dp_ops.studies.sweep import dashboard_command, fmt_params, replay_command
 
+    go_on = "raise --n-trials to extend it" if outcome.counted >= outcome.budget else "run again to continue it"
     console.print(
-        f"this worker ran {len(outcome.ran)} trial(s); the study has {outcome.counted}/{outcome.budget} "
-        f"of its budget (raise --n-trials to continue it)"
+        f"this worker ran {plural(len(outcome.ran), 'trial')}; the study has {outcome.counted}/{outcome.budget} "
+        f"of its budget ({go_on})"
     )
     if not outcome.best:
         console.print("no trial has completed yet")
@@ -629,7 +670,12 @@ def _print_sweep(outcome: Any, experiment_name: str, uri: str, fmt_params: Calla
             soft_wrap=True,
             highlight=False,
         )
-    console.print(f"runs: experiment '{experiment_name}' — {browse_hint(uri)}", soft_wrap=True)
+    console.print(
+        f"runs: experiment '{experiment_name}' — {browse_hint(uri)}\n"
+        f"study: {dashboard_command(outcome.storage)}   (pip install optuna-dashboard)",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command()
@@ -641,13 +687,15 @@ def scaling(
         list[str] | None, typer.Option(help="MLflow experiment(s) to read (default: tracking.experiment); repeatable")
     ] = None,
     study: Annotated[str | None, typer.Option(help="only runs of this sweep study (tag dpops.study)")] = None,
-    strategy: Annotated[list[str] | None, typer.Option(help="only these strategies; repeatable")] = None,
+    strategy: Annotated[list[Strategy] | None, typer.Option(help="only these strategies; repeatable")] = None,
     filter_: Annotated[str, typer.Option("--filter", help="extra MLflow filter, e.g. \"params.seed = '0'\"")] = "",
     metrics: Annotated[
         list[Path] | None, typer.Option(help="read these metrics.json files instead of MLflow (DVC stages)")
     ] = None,
-    metric: Annotated[str, typer.Option(help="final_test_acc (held-out) or final_val_acc")] = "final_test_acc",
-    x: Annotated[str, typer.Option(help="pool_size or generated_samples")] = "pool_size",
+    metric: Annotated[
+        Metric, typer.Option(help="the accuracy fitted: held-out test or validation")
+    ] = Metric.final_test_acc,
+    x: Annotated[Axis, typer.Option(help="n: the kept pool, or every sample generated")] = Axis.pool_size,
     target: Annotated[
         list[float] | None, typer.Option(help="accuracy to report samples needed for; repeatable")
     ] = None,
@@ -664,17 +712,15 @@ def scaling(
         write_report,
     )
 
-    if metric not in ("final_test_acc", "final_val_acc") or x not in ("pool_size", "generated_samples"):
-        bad = f"--metric {metric}" if metric not in ("final_test_acc", "final_val_acc") else f"--x {x}"
-        raise ConfigError(f"{bad}: allowed --metric final_test_acc|final_val_acc, --x pool_size|generated_samples")
     cfg = _config(params, set_)
     registry, experiments = Registry.from_config(cfg), experiment or [cfg.tracking.experiment]
     if metrics:
         runs = points_from_files(metrics)
     else:
-        runs = points_from_mlflow(registry, experiments, study=study, strategies=strategy or (), filter_string=filter_)
+        strategies = [s.value for s in strategy or ()]
+        runs = points_from_mlflow(registry, experiments, study=study, strategies=strategies, filter_string=filter_)
     targets = target or [0.97, 0.98, 0.99]
-    report = scaling_report(runs, metric=metric, x=x, targets=targets)  # type: ignore[arg-type]
+    report = scaling_report(runs, metric=metric.value, x=x.value, targets=targets)
     files = write_report(report, out)
     console.print(_scaling_table(report))
     for s, why in report.unfitted.items():
@@ -692,7 +738,7 @@ def scaling(
             files,
             registry,
             cfg.tracking.experiment,
-            {**source, "metric": metric, "x": x, "runs": str(len(runs))},
+            {**source, "metric": metric.value, "x": x.value, "runs": str(len(runs))},
         )
         console.print(
             f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at {registry.uri}",

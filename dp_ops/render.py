@@ -74,17 +74,38 @@ def rounds_table(result: RunResult) -> Table:
 
 
 def print_run(console: Console, cfg: Config, result: RunResult) -> None:
-    s = result.summary
     console.print(rounds_table(result))
-    console.print(
-        f"[bold]{s.strategy}[/] (ω={cfg.dp.omega:g}, seed={cfg.seed}): "
+    console.print("\n".join(run_summary(cfg, result)), soft_wrap=True)
+
+
+def run_summary(cfg: Config, result: RunResult) -> list[str]:
+    """The lines under the rounds table: what ran and how well, what it used, where its files are."""
+    s = result.summary
+    acquired = "round 0 only" if s.rounds == 0 else f"round 0 and {plural(s.rounds, 'more round')}"
+    return [
+        f"[bold]{s.strategy}[/] ({_setting(cfg, s.strategy)}seed={cfg.seed}): "
         f"final val acc [bold]{s.final_val_acc:.4f}[/], held-out test acc [bold]{s.final_test_acc:.4f}[/] "
-        f"(best val {s.best_val_acc:.4f})\n"
-        f"pool {s.pool_size} samples from {s.generated_samples} generated in {s.rounds} rounds after round 0; "
-        f"{s.iterations} iterations; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s\n"
+        f"(best val {s.best_val_acc:.4f})",
+        f"pool {plural(s.pool_size, 'sample')} from {s.generated_samples} generated in {acquired}; "
+        f"{plural(s.iterations, 'iteration')}; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s",
         f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}",
-        soft_wrap=True,
-    )
+    ]
+
+
+def _setting(cfg: Config, strategy: str) -> str:
+    """What a strategy's rounds were made with: ω guides dp's; oversample keeps the most uncertain of an
+    unguided batch; static makes no round after round 0."""
+    dp = cfg.dp
+    if strategy == "dp":
+        return f"ω={dp.omega:g}, "
+    if strategy == "oversample":
+        return f"keeps {dp.round_size} of {dp.round_size * dp.oversample_ratio} unguided per round, "
+    return ""
+
+
+def plural(n: int, word: str) -> str:
+    """``1 round``, ``2 rounds``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def bench_table(rows: Sequence[ArmStats]) -> Table:

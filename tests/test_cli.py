@@ -110,3 +110,94 @@ def test_theory_writes_table_json_and_png(tmp_path):
     assert (tmp_path / "theory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = runner.invoke(app, ["theory", "--rho", "2"])
     assert bad.exit_code == 1 and "rho" in bad.output
+
+
+HEAVY = ("torch", "mlflow", "dvc", "optuna", "diffusers", "scipy")
+
+
+def test_version_runs_without_loading_a_heavy_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom dp_ops.cli import main\nsys.argv = ['dpops', '--version']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    from dp_ops import __version__
+
+    assert out.stdout.splitlines() == [f"dpops {__version__}", "[]"], out.stderr
+
+
+def test_shell_completion_is_offered_and_completes_the_choices():
+    result = runner.invoke(app, ["--help"])
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+    shown = runner.invoke(app, ["--show-completion", "bash"], prog_name="dpops")
+    assert shown.exit_code == 0 and "_DPOPS_COMPLETE=complete_bash" in shown.output
+    for words, choices in {
+        "dpops sweep --strategy ": ["dp", "static"],
+        "dpops scaling --metric ": ["final_test_acc", "final_val_acc"],
+        "dpops scaling --x ": ["pool_size", "generated_samples"],
+        "dpops scaling --strategy ": ["dp", "static", "oversample"],
+    }.items():
+        env = {"_DPOPS_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()))}
+        completed = runner.invoke(app, [], prog_name="dpops", env=env)
+        assert completed.output.split() == choices, (words, completed.output)
+
+
+def test_choice_options_are_the_configs_values_and_a_wrong_one_names_them():
+    from typing import get_args
+
+    from dp_ops.cli import Axis, Metric, Strategy, SweepStrategy
+    from dp_ops.config import DPConfig
+    from dp_ops.studies import scaling_report
+
+    assert [s.value for s in Strategy] == list(get_args(DPConfig.model_fields["strategy"].annotation))
+    assert {s.value for s in SweepStrategy} < {s.value for s in Strategy}
+    assert [m.value for m in Metric] == list(get_args(scaling_report.Metric))
+    assert [a.value for a in Axis] == list(get_args(scaling_report.Axis))
+    result = runner.invoke(app, ["scaling", "--x", "pool"])
+    said = " ".join(result.output.replace("│", " ").split())  # (rich wraps its error box)
+    assert result.exit_code == 2, said
+    assert "Invalid value for '--x': Value error, 'pool' is not one of 'pool_size', 'generated_samples'" in said
+
+
+def test_every_option_and_argument_of_every_command_has_help():
+    from typer.main import get_command
+
+    def commands(cmd, path):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}")
+
+    missing = [
+        f"{path} {p.name}" for path, cmd in commands(get_command(app), "dpops") for p in cmd.params if not p.help
+    ]
+    assert not missing, missing
+    walked = [path for path, _ in commands(get_command(app), "dpops")]
+    assert {"dpops data restore", "dpops generator quality", "dpops theory"} <= set(walked), walked
+
+
+def _summary(strategy, rounds):
+    from dp_ops.config import build_config
+    from dp_ops.engine.loop import RunResult, RunSummary
+    from dp_ops.render import run_summary
+
+    cfg = build_config(tiny_tree(dp={"strategy": strategy, "omega": 0.05}))  # round_size 20, oversample_ratio 3
+    pool = 40 + 20 * rounds
+    generated = pool + (40 * rounds if strategy == "oversample" else 0)
+    summary = RunSummary(strategy, 0.85, 0.84, 0.86, pool, generated, 60, rounds, 1.0, 2.0, 0)
+    return "\n".join(run_summary(cfg, RunResult(summary, (), ())))
+
+
+def test_run_summaries_say_what_ran_with_plurals_right():
+    static = _summary("static", 0)
+    assert "ω" not in static and static.startswith("[bold]static[/] (seed=0)")
+    assert "pool 40 samples from 40 generated in round 0 only; 60 iterations" in static
+    dp = _summary("dp", 1)
+    assert "[bold]dp[/] (ω=0.05, seed=0)" in dp and "in round 0 and 1 more round;" in dp
+    assert "in round 0 and 2 more rounds;" in _summary("dp", 2)
+    over = _summary("oversample", 2)
+    assert "ω" not in over and "(keeps 20 of 60 unguided per round, seed=0)" in over
+    assert "pool 80 samples from 160 generated in round 0 and 2 more rounds" in over

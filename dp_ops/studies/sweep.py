@@ -25,6 +25,11 @@ or an Optuna journal file (many workers on one file system). Three rules make th
   the sweep goes on; Ctrl-C marks the running trial FAIL, enqueues its retry and stops, and so does a
   tracking server that stops answering (no later trial could be tracked either).
 
+What Optuna's own views (optuna-dashboard, ``study.trials_dataframe()``) show: the metrics by name
+(:func:`objective_names`), each trial's validation accuracy at every evaluation as its intermediate values
+(step = iteration, pruning or not; a multi-objective trial keeps none, by Optuna's rule), the trial's MLflow
+run id and page (:func:`mlflow_run_url`); :func:`dashboard_command` is the command that opens the storage.
+
 Workers may start together on a new storage: a SQLite database or journal file is opened and the study
 created under a file lock beside it (:func:`dp_ops.records.tracking.store_lock`), so exactly one creates
 the tables and the others find them; a storage that cannot be opened (unknown scheme, driver not
@@ -35,9 +40,10 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +58,7 @@ from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, store_lock
+from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, is_server, store_lock
 from dp_ops.runner import lead_run
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
@@ -65,6 +71,7 @@ DRIVER_PACKAGES = {
     "mysqldb": "mysqlclient, or use mysql+pymysql:// with pip install PyMySQL",
     "pymysql": "PyMySQL",
 }
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a database store by default (--host, --port)
 ALLOWED_STORAGE = (
     "sqlite:///<file> (e.g. sqlite:///optuna.db), postgresql+psycopg://user@host:port/db, "
     "mysql+pymysql://user@host/db, or a journal file path (no scheme)"
@@ -190,7 +197,7 @@ def _rdb_storage(url: str, grace: int, attempts: int = 5) -> optuna.storages.RDB
                     url,
                     heartbeat_interval=max(1, grace // 10),
                     grace_period=grace,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                    heartbeat_stale_trial_callback=_retry_callback(),
                 )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             attempt += 1
@@ -246,9 +253,8 @@ def _open_study(
     pruner: optuna.pruners.BasePruner | None,
 ) -> optuna.Study:
     storage = make_storage(sc.storage, sc.stale_after)
-    directions: list[Literal["minimize", "maximize"]] = (
-        [DIRECTIONS[m] for m in OBJECTIVES[sc.objective]] if strategy != "static" else ["maximize"]
-    )
+    metrics = objective_names(sc, strategy)
+    directions = [DIRECTIONS[m] for m in metrics]
     try:
         study = optuna.create_study(
             study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner
@@ -257,17 +263,31 @@ def _open_study(
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         _wait_until_ready(study, name)
         _check_compatible(study, sc, name, strategy, directions)
+        _name_metrics(study, metrics)  # (a study made before dp_ops named them)
         return study
     study.set_user_attr("dpops.strategy", strategy)
-    study.set_user_attr(
-        "dpops.objective", list(OBJECTIVES[sc.objective]) if strategy != "static" else ["final_val_acc"]
-    )
+    study.set_user_attr("dpops.objective", list(metrics))
+    _name_metrics(study, metrics)
     if strategy == "static":
         study.set_user_attr("dpops.grid", list(sc.static_sizes))
         for n in sc.static_sizes:
             study.enqueue_trial({"dp.initial_size": n})
     study.set_user_attr("dpops.ready", True)  # last: a worker that loads the study waits for it
     return study
+
+
+def objective_names(sc: SweepConfig, strategy: str) -> tuple[str, ...]:
+    """The metrics a trial returns, in order: ``sweep.objective``'s, or validation accuracy alone for the
+    static grid."""
+    return ("final_val_acc",) if strategy == "static" else OBJECTIVES[sc.objective]
+
+
+def _name_metrics(study: optuna.Study, metrics: Sequence[str]) -> None:
+    """Optuna's metric names, so optuna-dashboard and ``trials_dataframe()`` say ``final_val_acc`` rather
+    than "Objective 0". Written only when they differ: every worker of a shared study may call it."""
+    if study.metric_names != list(metrics):
+        with _experimental():
+            study.set_metric_names(list(metrics))
 
 
 def _wait_until_ready(study: optuna.Study, name: str, timeout: float = 60.0) -> None:
@@ -325,10 +345,16 @@ def retried_trials(t: FrozenTrial) -> list[int]:
         return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t))
 
 
-def retry(study: optuna.Study, t: FrozenTrial) -> None:
-    """Enqueue ``t`` again with its parameters, exactly as Optuna's heartbeat does on RDB storage."""
+def _retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """How a killed trial is retried, on every storage: its parameters and its learning curve so far (the
+    retry resumes the same MLflow run)."""
     with _experimental():
-        optuna.storages.RetryHeartbeatStaleTrialCallback()(study, t)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+
+
+def retry(study: optuna.Study, t: FrozenTrial) -> None:
+    """Enqueue ``t`` again with its parameters and curve, exactly as Optuna's heartbeat does on RDB storage."""
+    _retry_callback()(study, t)
 
 
 def requeue_stale(study: optuna.Study, stale_after: float) -> list[int]:
@@ -355,11 +381,27 @@ def last_heartbeat(t: FrozenTrial) -> float:
 
 
 class TrialObserver(Observer):
-    """Reports validation accuracy for pruning, and keeps the trial's journal lease alive from the loop's
-    callbacks every ``beat_every`` seconds (None: Optuna's heartbeat thread does that, on RDB storage)."""
+    """Reports every evaluation's validation accuracy as the trial's intermediate value at its iteration
+    (the learning curves of optuna-dashboard), asks the pruner after each when ``prune``, and keeps the
+    trial's journal lease alive from the loop's callbacks every ``beat_every`` seconds (None: Optuna's
+    heartbeat thread does that, on RDB storage).
 
-    def __init__(self, trial: Trial, beat_every: float | None, prune: bool) -> None:
-        self.trial, self.beat_every, self.prune = trial, beat_every, prune
+    ``reported``: the steps the trial already holds. A retry inherits its killed predecessor's curve and
+    resumes the run from its last checkpoint, so the loop evaluates those iterations again (with the same
+    values: training is keyed by iteration); they are not reported twice. Optuna keeps no intermediate
+    values for a multi-objective trial (``report=False``: the Pareto objective)."""
+
+    def __init__(
+        self,
+        trial: Trial,
+        beat_every: float | None,
+        *,
+        prune: bool,
+        report: bool = True,
+        reported: Collection[int] = (),
+    ) -> None:
+        self.trial, self.beat_every, self.prune, self.report = trial, beat_every, prune, report
+        self._reported = set(reported)
         self._last = 0.0
         self.beat()
 
@@ -374,10 +416,13 @@ class TrialObserver(Observer):
 
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.beat()
-        if self.prune:
+        if not self.report:
+            return
+        if iteration not in self._reported:
             self.trial.report(val_acc, step=iteration)
-            if self.trial.should_prune():
-                raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at iteration {iteration}")
+            self._reported.add(iteration)
+        if self.prune and self.trial.should_prune():
+            raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at iteration {iteration}")
 
 
 class _Fail(Exception):
@@ -418,7 +463,7 @@ class Sweep:
             else optuna.pruners.NopPruner()
         )
         self.study = open_study(sc, study_name, strategy, sampler, pruner)
-        self.registry.experiment_id(self.experiment)
+        self.experiment_id = self.registry.experiment_id(self.experiment)  # (every trial's runs go there)
         self.budget = len(sc.static_sizes) if strategy == "static" else sc.n_trials
 
     @property
@@ -510,7 +555,14 @@ class Sweep:
         cfg = trial_config(self.cfg, overrides, trial.number, self.name)
         tags = {"dpops.study": self.name, "dpops.trial": str(trial.number)}
         lease = None if is_rdb(self.sc.storage) else self.sc.stale_after / 10
-        watch = TrialObserver(trial, lease, self.sc.prune)
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        watch = TrialObserver(
+            trial,
+            lease,
+            prune=self.sc.prune,
+            report=len(self.study.directions) == 1,
+            reported=frozen.intermediate_values,
+        )
         resume = self._run_to_resume(trial.number)
         if resume and not checkpoint_path(cfg.output.checkpoints, resume).is_file():
             resume = None  # killed before its first round completed (or on another machine): start afresh
@@ -523,12 +575,19 @@ class Sweep:
         except Exception as exc:  # a failed trial is a result; the sweep goes on
             trial.set_user_attr("dpops.error", f"{type(exc).__name__}: {exc}"[:500])
             return self._finish(trial, params, TrialState.FAIL, error=f"{type(exc).__name__}: {exc}")
-        trial.set_user_attr("dpops.mlflow_run_id", run_id)
+        self._link_run(trial, run_id)
         s = result.summary
         for key in ("pool_size", "generated_samples", "iterations", "rounds"):
             trial.set_user_attr(f"dpops.{key}", getattr(s, key))
-        values = tuple(float(getattr(s, m)) for m in self._objective)
+        values = tuple(float(getattr(s, m)) for m in objective_names(self.sc, self.strategy))
         return TrialOutcome(trial.number, "COMPLETE", params, values, run_id)
+
+    def _link_run(self, trial: Trial, run_id: str) -> None:
+        """The trial's MLflow run: its id, and a link to its page (:func:`mlflow_run_url`)."""
+        trial.set_user_attr("dpops.mlflow_run_id", run_id)
+        url = mlflow_run_url(self.registry.uri, self.experiment_id, run_id)
+        if url is not None:
+            trial.set_user_attr("dpops.mlflow_run_url", url)
 
     def _run_to_resume(self, number: int) -> str | None:
         """A retry resumes the MLflow run of the trial it retries: the latest of the retry history that has
@@ -539,10 +598,6 @@ class Sweep:
     def _run_of(self, number: int) -> str | None:
         """The MLflow run of a trial that returned none (raised, pruned, killed), found by its tags."""
         return self.registry.find_run(self.experiment, {"dpops.study": self.name, "dpops.trial": str(number)})
-
-    @property
-    def _objective(self) -> tuple[str, ...]:
-        return ("final_val_acc",) if self.strategy == "static" else OBJECTIVES[self.sc.objective]
 
     def _suggest(self, trial: Trial) -> dict[str, Any]:
         sc = self.sc
@@ -561,7 +616,7 @@ class Sweep:
     ) -> TrialOutcome:
         run_id = self._run_of(trial.number)
         if run_id:
-            trial.set_user_attr("dpops.mlflow_run_id", run_id)
+            self._link_run(trial, run_id)
             if state == TrialState.PRUNED:  # the run ended FAILED when the loop raised TrialPruned
                 self.registry.end_run(run_id, "KILLED", tags={"dpops.pruned": "true"})
         return TrialOutcome(trial.number, state.name, params, None, run_id, error)
@@ -588,6 +643,23 @@ def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, 
         return tracked.result, tracked.run_id
 
     return run
+
+
+def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """A run's page in the MLflow UI: on a tracking server, under its URL; for a database (SQLite,
+    PostgreSQL, …) where ``mlflow ui`` would serve it by default (``http://127.0.0.1:5000``, what
+    :func:`~dp_ops.records.tracking.browse_hint` prints). None on Databricks (its workspace URL is not in
+    the tracking URI)."""
+    if uri == "databricks" or uri.startswith("databricks://"):
+        return None
+    base = uri.rstrip("/") if is_server(uri) else MLFLOW_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def dashboard_command(storage: str) -> str:
+    """The optuna-dashboard command for a study's storage: its SQLAlchemy URL, or a journal file's path
+    (optuna-dashboard opens an existing file as a journal)."""
+    return f"optuna-dashboard {shlex.quote(storage)}"
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -1,9 +1,13 @@
 """`dpops sweep` on real Optuna storages (SQLite, journal file) and a real MLflow SQLite store."""
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+import warnings
+import wsgiref.util
 
 import optuna
 import pytest
@@ -20,7 +24,9 @@ from dp_ops.studies.sweep import (
     Sweep,
     TrialObserver,
     counted_trials,
+    dashboard_command,
     make_storage,
+    mlflow_run_url,
     replay_command,
     retried_trials,
     retry,
@@ -86,7 +92,8 @@ def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
         assert float(run.data.params["dp.omega"]) == pytest.approx(t.params["dp.omega"])
         assert run.data.metrics["final_val_acc"] == pytest.approx(t.value)
     assert "replay the best: dpops run" in result.output and "dvc exp run -S" in result.output
-    assert "the study has 3/3" in result.output
+    assert "this worker ran 3 trials; the study has 3/3 of its budget (raise --n-trials" in result.output
+    assert f"study: optuna-dashboard sqlite:///{ws / 'optuna.db'}" in result.output
 
     # the printed replay command rebuilds the best trial's exact config
     best = study.best_trial
@@ -100,10 +107,10 @@ def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
 
     again = runner.invoke(app, [*args[:-4], "--n-trials", "4", "--study-name", "s1"])
     assert again.exit_code == 0, again.output
-    assert "this worker ran 1 trial(s); the study has 4/4" in again.output
+    assert "this worker ran 1 trial; the study has 4/4" in again.output
     assert len(optuna.load_study(study_name="s1", storage=f"sqlite:///{ws / 'optuna.db'}").trials) == 4
     done = runner.invoke(app, [*args[:-4], "--n-trials", "4", "--study-name", "s1"])
-    assert "this worker ran 0 trial(s)" in done.output
+    assert "this worker ran 0 trials" in done.output
 
 
 class Boom(Observer):
@@ -162,6 +169,93 @@ def test_heartbeat_observer_reports_and_prunes():
         watch.on_eval(20, 0.5)
 
 
+def test_observer_reports_every_evaluation_without_pruning_and_skips_steps_the_trial_holds():
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(lower=0.9))  # would prune 0.5
+    trial = study.ask()
+    watch = TrialObserver(trial, beat_every=None, prune=False, reported=[10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns when a step is reported twice
+        for step, acc in [(10, 0.3), (20, 0.5), (30, 0.6), (30, 0.6)]:
+            watch.on_eval(step, acc)
+    assert study.trials[0].intermediate_values == {20: 0.5, 30: 0.6}  # 10 was the trial's already
+    assert "dpops.heartbeat" not in study.trials[0].user_attrs  # RDB storage: Optuna's heartbeat thread
+
+
+def _dashboard_get(app, path):
+    """GET ``path`` from optuna-dashboard's WSGI app: what its browser page reads."""
+    environ: dict = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ["PATH_INFO"] = path
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status[0].startswith("200"), (status, body[:300])
+    return json.loads(body)
+
+
+def _dashboard_study(storage, name):
+    """The study as optuna-dashboard shows it, opened from the argument of the printed command."""
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    command = shlex.split(dashboard_command(storage))
+    assert command[0] == "optuna-dashboard" and len(command) == 2
+    app = optuna_dashboard.wsgi(command[1])
+    (study_id,) = [
+        s["study_id"] for s in _dashboard_get(app, "/api/studies")["study_summaries"] if s["study_name"] == name
+    ]
+    return _dashboard_get(app, f"/api/studies/{study_id}")
+
+
+def test_optuna_views_name_the_metric_draw_every_trials_curve_and_link_its_mlflow_run(ws, tiny_generator, real):
+    worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=1")  # pruning off (the default)
+    worker.run(run_trial)
+    study = worker.study
+    (t,) = study.get_trials()
+    assert study.metric_names == ["final_val_acc"]
+    assert "value_final_val_acc" in study.trials_dataframe().columns  # not "value"
+    run_id = t.user_attrs["dpops.mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    curve = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
+    assert len(curve) > 1 and t.intermediate_values == pytest.approx(curve, abs=1e-6)  # step = iteration
+    experiment_id = client.get_experiment_by_name("s").experiment_id
+    url = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"  # where `mlflow ui` serves it
+    assert t.user_attrs["dpops.mlflow_run_url"] == url
+
+    seen = _dashboard_study(worker.sc.storage, "s")
+    assert seen["objective_names"] == ["final_val_acc"] and seen["has_intermediate_values"]
+    (shown,) = seen["trials"]
+    assert {v["step"] for v in shown["intermediate_values"]} == set(curve)
+    assert {"key": "dpops.mlflow_run_url", "value": url} in shown["user_attrs"]
+
+    again, _ = _worker(ws, tiny_generator, real, "sweep.n_trials=1")  # a second worker of the same study
+    assert again.study.metric_names == ["final_val_acc"]
+
+
+def test_a_study_made_before_metric_names_gets_them_and_a_journal_opens_in_the_dashboard(ws):
+    journal = ws / "old.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    old = optuna.create_study(study_name="old", storage=storage, directions=["maximize", "minimize"])
+    for key, value in {"dpops.strategy": "dp", "dpops.objective": ["final_val_acc", "generated_samples"]}.items():
+        old.set_user_attr(key, value)
+    old.set_user_attr("dpops.ready", True)
+    assert old.metric_names is None
+    worker, _ = _worker(ws, None, None, f"sweep.storage={journal}", "sweep.objective=pareto", name="old")
+    assert worker.study.metric_names == ["final_val_acc", "generated_samples"]
+    assert _dashboard_study(str(journal), "old")["objective_names"] == ["final_val_acc", "generated_samples"]
+
+
+def test_mlflow_run_url_on_a_server_a_database_and_databricks():
+    assert mlflow_run_url("https://mlflow.example.org/", "3", "ab12") == (
+        "https://mlflow.example.org/#/experiments/3/runs/ab12"
+    )
+    assert (
+        mlflow_run_url("http://10.0.0.5:5000/prefix", "0", "x") == "http://10.0.0.5:5000/prefix/#/experiments/0/runs/x"
+    )
+    db = "http://127.0.0.1:5000/#/experiments/7/runs/r"  # `mlflow ui --backend-store-uri …`'s default address
+    assert mlflow_run_url("sqlite:////tmp/mlflow.db", "7", "r") == db
+    assert mlflow_run_url("postgresql+psycopg://u@h/db", "7", "r") == db
+    assert mlflow_run_url("databricks", "7", "r") is None
+    assert dashboard_command("my sweeps/sweep.journal") == "optuna-dashboard 'my sweeps/sweep.journal'"
+
+
 def test_static_grid_runs_each_size_once_and_pareto_objective_has_two_values(ws, tiny_generator, real):
     grid, run_trial = _worker(ws, tiny_generator, real, strategy="static", name="g")
     grid.run(run_trial)
@@ -173,6 +267,11 @@ def test_static_grid_runs_each_size_once_and_pareto_objective_has_two_values(ws,
     outcome = pareto.run(run_trial)
     assert all(len(o.values) == 2 for o in outcome.ran) and outcome.best
     assert [d.name for d in pareto.study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert pareto.study.metric_names == ["final_val_acc", "generated_samples"]
+    assert grid.study.metric_names == ["final_val_acc"]
+    assert all(t.intermediate_values for t in grid.study.trials)
+    # Optuna keeps no intermediate values for a multi-objective trial (Trial.report refuses them)
+    assert not any(t.intermediate_values for t in pareto.study.trials)
 
 
 def test_bad_sweep_input_fails_in_one_line_before_work(ws):
@@ -180,12 +279,16 @@ def test_bad_sweep_input_fails_in_one_line_before_work(ws):
     cases = {
         ("-S", "sweep.objective=pareto", "-S", "sweep.prune=true"): "sweep.prune=true needs sweep.objective=accuracy",
         ("--storage", f"sqlite:///{ws / 'mlflow.db'}"): "is MLflow's database",
-        ("--strategy", "random"): "--strategy random: allowed dp",
         ("-S", "sweep.omega.low=2", "-S", "sweep.omega.high=1"): "low=2 must be <= high=1",
     }
     for args, message in cases.items():
         result = runner.invoke(app, [*base, *args])
         assert result.exit_code == 1 and message in result.output, result.output
+    result = runner.invoke(app, [*base, "--strategy", "random"])  # a choice: Typer names the allowed values
+    said = " ".join(result.output.replace("│", " ").split())  # (rich wraps the error box at the terminal's width)
+    assert result.exit_code == 2 and "--strategy': Value error, 'random' is not one of 'dp', 'static'" in said, said
+    with pytest.raises(ConfigError, match="--strategy random: allowed dp"):  # (the library checks it too)
+        _worker(ws, None, None, strategy="random")
     _worker(ws, None, None, strategy="static", name="s")
     with pytest.raises(ConfigError, match="study s holds the grid"):
         _worker(ws, None, None, "sweep.static_sizes=[10,20]", strategy="static", name="s")
@@ -271,6 +374,9 @@ def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_ru
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], (again.output, trials[-1].user_attrs)
     assert retried_trials(trials[1]) == [0] and trials[1].params == trials[0].params
     assert trials[1].user_attrs["dpops.mlflow_run_id"] == killed_run.name  # resumed, not started over
+    # the retry's curve (inherited, then continued by the resumed run) is the run's whole validation curve
+    curve = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_metric_history(killed_run.name, "val_acc")
+    assert trials[1].intermediate_values == pytest.approx({m.step: m.value for m in curve}, abs=1e-6)
     run = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed_run.name)
     assert run.info.status == "FINISHED" and run.data.tags["dpops.trial"] == "1"
 
@@ -307,10 +413,15 @@ def test_ctrl_c_on_rdb_storage_retries_the_trial_with_optunas_callback_and_the_r
     assert retried_trials(trials[1]) == [0] and trials[1].params == trials[0].params
     killed = worker._run_of(0)
     assert MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(killed).info.status == "KILLED"
+    assert trials[0].intermediate_values and trials[1].intermediate_values == trials[0].intermediate_values
 
-    outcome = worker.run(run_trial)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is already reported")  # the resume evaluates them again
+        outcome = worker.run(run_trial)
     trials = worker.study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    curve = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_metric_history(killed, "val_acc")
+    assert trials[1].intermediate_values == pytest.approx({m.step: m.value for m in curve}, abs=1e-6)
     assert outcome.ran[0].number == 1 and outcome.ran[0].mlflow_run_id == killed  # resumed, not started over
     assert len(counted_trials(trials)) == outcome.counted == 1  # the retry took the killed trial's place
 
