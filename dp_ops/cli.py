@@ -290,11 +290,15 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
     print_run(console, cfg, run.result)
     tracker, versioner = run.tracker, run.versioner
     assert tracker is not None and versioner is not None  # (rank 0's run)
-    registry = tracker.registry
+    registry, model = tracker.registry, run.model
+    registered = (
+        "" if model is None or model.version is None else f", registered as {model.registered_name} v{model.version}"
+    )
     console.print(
         f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
-        f"'{cfg.tracking.experiment}' at {registry.uri}\n  browse: {browse_hint(registry.uri)}\n"
-        f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
+        f"'{cfg.tracking.experiment_name}' at {registry.uri}\n  browse: {browse_hint(registry.uri)}\n"
+        + (f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})\n" if model else "")
+        + f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
         soft_wrap=True,  # never break a path or a command in two
     )
 
@@ -684,7 +688,8 @@ def scaling(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     experiment: Annotated[
-        list[str] | None, typer.Option(help="MLflow experiment(s) to read (default: tracking.experiment); repeatable")
+        list[str] | None,
+        typer.Option(help="MLflow experiment(s) to read (default: the config's, see tracking.experiment); repeatable"),
     ] = None,
     study: Annotated[str | None, typer.Option(help="only runs of this sweep study (tag dpops.study)")] = None,
     strategy: Annotated[list[Strategy] | None, typer.Option(help="only these strategies; repeatable")] = None,
@@ -713,7 +718,7 @@ def scaling(
     )
 
     cfg = _config(params, set_)
-    registry, experiments = Registry.from_config(cfg), experiment or [cfg.tracking.experiment]
+    registry, experiments = Registry.from_config(cfg), experiment or [cfg.tracking.experiment_name]
     if metrics:
         runs = points_from_files(metrics)
     else:
@@ -737,11 +742,11 @@ def scaling(
             report,
             files,
             registry,
-            cfg.tracking.experiment,
+            cfg.tracking.experiment_name,
             {**source, "metric": metric.value, "x": x.value, "runs": str(len(runs))},
         )
         console.print(
-            f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment}' at {registry.uri}",
+            f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment_name}' at {registry.uri}",
             soft_wrap=True,
         )
 

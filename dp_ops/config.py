@@ -241,6 +241,7 @@ class TrackingConfig(_Section):
 
     uri: str = ""
     experiment: str = Field("", description="MLflow experiment; empty: $MLFLOW_EXPERIMENT_NAME, else dp-ops")
+    log_model: bool = Field(True, description="log the run's final classifier as an MLflow model (seconds per run)")
     register_model: str = Field(
         "", description="register the run's final classifier under this MLflow model name; empty: log it only"
     )

@@ -46,6 +46,7 @@ TINY = {
     },
     "learner": {"model": "dpops_convnet_tiny", "drop_rate": 0.0},
     "train": {"iterations": 60, "eval_every": 10, "batch_size": 16},
+    "tracking": {"log_model": False},  # (seconds per run; tests/records/test_run_outputs.py logs models)
 }
 
 

@@ -804,10 +804,11 @@ class MlflowTracker(Observer):
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True
         )
 
-    def log_outputs(self, model: torch.nn.Module, example: torch.Tensor, files: Sequence[Path]) -> SavedModel:
+    def log_outputs(self, model: torch.nn.Module, example: torch.Tensor, files: Sequence[Path]) -> SavedModel | None:
         """At the end of a run: the config as it ran (``config/params.yaml``, replayable with ``dpops run
-        --params``), the report ``files`` and the generator's metadata as artifacts, and the final
-        classifier (call after :meth:`on_finish`: the model is linked to the summary metrics)."""
+        --params``), the report ``files`` and the generator's metadata as artifacts, and with
+        ``tracking.log_model`` the final classifier (call after :meth:`on_finish`: the model is linked to
+        the summary metrics)."""
         with tempfile.TemporaryDirectory() as tmp:
             params = Path(tmp) / "params.yaml"
             params.write_text(yaml.safe_dump(to_tree(self.cfg), sort_keys=False))
@@ -816,7 +817,7 @@ class MlflowTracker(Observer):
             self.client.log_artifact(self.run_id, str(path), "reports")
         if self.generator.meta_file is not None:
             self.client.log_artifact(self.run_id, str(self.generator.meta_file), "generator")
-        return self.log_model(model, example)
+        return self.log_model(model, example) if self.cfg.tracking.log_model else None
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> SavedModel:
         """``model`` (the final classifier: raw logits of float images in [-1, 1], shape ``example``'s with

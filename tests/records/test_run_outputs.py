@@ -52,7 +52,7 @@ def workspace(tmp_path, monkeypatch):
 def _cfg(uri, generator_path, tracking=None, **sections):
     # the config says 999 generator iterations; the generator on disk was trained for 30
     generator = {"path": str(generator_path), "train_iterations": 999}
-    tracking = {"uri": uri, "experiment": "t", **(tracking or {})}
+    tracking = {"uri": uri, "experiment": "t", "log_model": True, **(tracking or {})}
     return build_config(tiny_tree(tracking=tracking, generator=generator, **sections))
 
 
