@@ -284,21 +284,26 @@ def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[s
 
 
 def _print_tracked(cfg: Config, run: TrackedRun) -> None:
-    from dp_ops.records.tracking import browse_hint
+    from dp_ops.records.tracking import browse_hint, run_url
     from dp_ops.render import plural, print_run
 
     print_run(console, cfg, run.result)
     tracker, versioner = run.tracker, run.versioner
     assert tracker is not None and versioner is not None  # (rank 0's run)
     registry, model = tracker.registry, run.model
-    registered = (
-        "" if model is None or model.version is None else f", registered as {model.registered_name} v{model.version}"
-    )
-    console.print(
+    page = run_url(registry.uri, tracker.experiment_id, run.run_id)
+    lines = [
         f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
-        f"'{cfg.tracking.experiment_name}' at {registry.uri}\n  browse: {browse_hint(registry.uri)}\n"
-        + (f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})\n" if model else "")
-        + f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})",
+        f"'{cfg.tracking.experiment_name}' at {registry.uri}",
+        f"  browse: {browse_hint(registry.uri)}",
+        *([f"  page:   {page}"] if page else []),
+    ]
+    if model is not None:
+        registered = "" if model.version is None else f", registered as {model.registered_name} v{model.version}"
+        lines.append(f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})")
+    lines.append(f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})")
+    console.print(
+        "\n".join(lines),
         soft_wrap=True,  # never break a path or a command in two
     )
 

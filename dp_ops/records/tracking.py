@@ -162,6 +162,24 @@ def browse_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a database store by default (--host, --port)
+# MLflow 3.17's UI opens every experiment in its GenAI mode unless told otherwise (a browser setting; the
+# experiment's mlflow.experimentKind tag does not switch it): a link carries the model-training mode.
+TRAINING_MODE = "workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """A run's (or an experiment's) page in the MLflow UI, in its model-training mode: on a tracking
+    server, under its URL; for a database (SQLite, PostgreSQL, …) where ``mlflow ui`` serves it by default
+    (``http://127.0.0.1:5000``, see :func:`browse_hint`). None on Databricks (its workspace URL is not in
+    the tracking URI)."""
+    if uri == "databricks" or uri.startswith("databricks://"):
+        return None
+    base = uri.rstrip("/") if is_server(uri) else MLFLOW_UI
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{TRAINING_MODE}"
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory unless absolute)."""
     if not uri.startswith("sqlite:///"):
@@ -834,7 +852,14 @@ class MlflowTracker(Observer):
         with torch.no_grad():
             signature = infer_signature(x.numpy(), model(x).numpy())
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-        logged = self.client.create_logged_model(self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id)
+        note = (
+            f"The final classifier of run {self.run_id} ({self.cfg.learner.model}): float32 images (N, "
+            f"{', '.join(map(str, x.shape[1:]))}) in [-1, 1] -> logits over the classes."
+        )
+        params = {k: str(v) for k, v in flatten(self.cfg).items()}
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=params, tags={NOTE_TAG: note}
+        )
         with _use_tracking_uri(self.uri), _quiet("mlflow"):  # (mlflow.pytorch reads the global tracking URI)
             mlflow.pytorch.log_model(
                 model,

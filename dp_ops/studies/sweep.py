@@ -28,7 +28,8 @@ or an Optuna journal file (many workers on one file system). Three rules make th
 What Optuna's own views (optuna-dashboard, ``study.trials_dataframe()``) show: the metrics by name
 (:func:`objective_names`), each trial's validation accuracy at every evaluation as its intermediate values
 (step = iteration, pruning or not; a multi-objective trial keeps none, by Optuna's rule), the trial's MLflow
-run id and page (:func:`mlflow_run_url`); :func:`dashboard_command` is the command that opens the storage.
+run id and page (:func:`~dp_ops.records.tracking.run_url`); :func:`dashboard_command` is the command that
+opens the storage.
 
 Workers may start together on a new storage: a SQLite database or journal file is opened and the study
 created under a file lock beside it (:func:`dp_ops.records.tracking.store_lock`), so exactly one creates
@@ -58,7 +59,7 @@ from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, is_server, store_lock
+from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, run_url, store_lock
 from dp_ops.runner import lead_run
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
@@ -71,7 +72,6 @@ DRIVER_PACKAGES = {
     "mysqldb": "mysqlclient, or use mysql+pymysql:// with pip install PyMySQL",
     "pymysql": "PyMySQL",
 }
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a database store by default (--host, --port)
 ALLOWED_STORAGE = (
     "sqlite:///<file> (e.g. sqlite:///optuna.db), postgresql+psycopg://user@host:port/db, "
     "mysql+pymysql://user@host/db, or a journal file path (no scheme)"
@@ -583,9 +583,9 @@ class Sweep:
         return TrialOutcome(trial.number, "COMPLETE", params, values, run_id)
 
     def _link_run(self, trial: Trial, run_id: str) -> None:
-        """The trial's MLflow run: its id, and a link to its page (:func:`mlflow_run_url`)."""
+        """The trial's MLflow run: its id, and a link to its page (:func:`~dp_ops.records.tracking.run_url`)."""
         trial.set_user_attr("dpops.mlflow_run_id", run_id)
-        url = mlflow_run_url(self.registry.uri, self.experiment_id, run_id)
+        url = run_url(self.registry.uri, self.experiment_id, run_id)
         if url is not None:
             trial.set_user_attr("dpops.mlflow_run_url", url)
 
@@ -643,17 +643,6 @@ def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, 
         return tracked.result, tracked.run_id
 
     return run
-
-
-def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    """A run's page in the MLflow UI: on a tracking server, under its URL; for a database (SQLite,
-    PostgreSQL, …) where ``mlflow ui`` would serve it by default (``http://127.0.0.1:5000``, what
-    :func:`~dp_ops.records.tracking.browse_hint` prints). None on Databricks (its workspace URL is not in
-    the tracking URI)."""
-    if uri == "databricks" or uri.startswith("databricks://"):
-        return None
-    base = uri.rstrip("/") if is_server(uri) else MLFLOW_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def dashboard_command(storage: str) -> str:

@@ -6,6 +6,7 @@ workspace, a real tiny generator saved to disk."""
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -122,7 +123,7 @@ def test_the_run_and_its_rounds_say_what_ran(
     assert from_flat(config_params(params)).generator.train_iterations == 30  # (what a resume rebuilds)
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config", "reports", "generator"} <= artifacts
-    conf = yaml.safe_load(open(client.download_artifacts(run.run_id, "config/params.yaml", str(workspace))))
+    conf = yaml.safe_load(Path(client.download_artifacts(run.run_id, "config/params.yaml", str(workspace))).read_text())
     assert flatten(build_config(conf)) == flatten(from_flat(config_params(params)))  # the config that ran
     assert [a.path for a in client.list_artifacts(run.run_id, "generator")] == ["generator/dpops_generator.json"]
 

@@ -20,13 +20,13 @@ from dp_ops.cli import app
 from dp_ops.config import build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
+from dp_ops.records.tracking import run_url
 from dp_ops.studies.sweep import (
     Sweep,
     TrialObserver,
     counted_trials,
     dashboard_command,
     make_storage,
-    mlflow_run_url,
     replay_command,
     retried_trials,
     retry,
@@ -216,14 +216,14 @@ def test_optuna_views_name_the_metric_draw_every_trials_curve_and_link_its_mlflo
     curve = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
     assert len(curve) > 1 and t.intermediate_values == pytest.approx(curve, abs=1e-6)  # step = iteration
     experiment_id = client.get_experiment_by_name("s").experiment_id
-    url = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"  # where `mlflow ui` serves it
-    assert t.user_attrs["dpops.mlflow_run_url"] == url
+    url = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    assert t.user_attrs["dpops.run_url"] == url
 
     seen = _dashboard_study(worker.sc.storage, "s")
     assert seen["objective_names"] == ["final_val_acc"] and seen["has_intermediate_values"]
     (shown,) = seen["trials"]
     assert {v["step"] for v in shown["intermediate_values"]} == set(curve)
-    assert {"key": "dpops.mlflow_run_url", "value": url} in shown["user_attrs"]
+    assert {"key": "dpops.run_url", "value": url} in shown["user_attrs"]
 
     again, _ = _worker(ws, tiny_generator, real, "sweep.n_trials=1")  # a second worker of the same study
     assert again.study.metric_names == ["final_val_acc"]
@@ -242,17 +242,18 @@ def test_a_study_made_before_metric_names_gets_them_and_a_journal_opens_in_the_d
     assert _dashboard_study(str(journal), "old")["objective_names"] == ["final_val_acc", "generated_samples"]
 
 
-def test_mlflow_run_url_on_a_server_a_database_and_databricks():
-    assert mlflow_run_url("https://mlflow.example.org/", "3", "ab12") == (
-        "https://mlflow.example.org/#/experiments/3/runs/ab12"
+def test_run_url_on_a_server_a_database_and_databricks():
+    assert run_url("https://mlflow.example.org/", "3", "ab12") == (
+        "https://mlflow.example.org/#/experiments/3/runs/ab12?workflowType=machine_learning"
     )
     assert (
-        mlflow_run_url("http://10.0.0.5:5000/prefix", "0", "x") == "http://10.0.0.5:5000/prefix/#/experiments/0/runs/x"
+        run_url("http://10.0.0.5:5000/prefix", "0")
+        == "http://10.0.0.5:5000/prefix/#/experiments/0?workflowType=machine_learning"
     )
-    db = "http://127.0.0.1:5000/#/experiments/7/runs/r"  # `mlflow ui --backend-store-uri …`'s default address
-    assert mlflow_run_url("sqlite:////tmp/mlflow.db", "7", "r") == db
-    assert mlflow_run_url("postgresql+psycopg://u@h/db", "7", "r") == db
-    assert mlflow_run_url("databricks", "7", "r") is None
+    db = "http://127.0.0.1:5000/#/experiments/7/runs/r?workflowType=machine_learning"  # `mlflow ui`'s default address
+    assert run_url("sqlite:////tmp/mlflow.db", "7", "r") == db
+    assert run_url("postgresql+psycopg://u@h/db", "7", "r") == db
+    assert run_url("databricks", "7", "r") is None
     assert dashboard_command("my sweeps/sweep.journal") == "optuna-dashboard 'my sweeps/sweep.journal'"
 
 
