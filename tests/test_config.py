@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from dp_ops.config import flatten, load_config
+from dp_ops.config import build_config, flatten, load_config
 from dp_ops.errors import ConfigError
 
 
@@ -168,3 +168,11 @@ def test_a_params_file_that_is_not_utf8_is_named(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(params)
     assert str(info.value) == f"--params {params}: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"
+
+
+def test_the_experiment_is_the_configs_else_mlflow_experiment_name_else_dp_ops(monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert build_config({}).tracking.experiment_name == "dp-ops"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert build_config({}).tracking.experiment_name == "from-env"
+    assert build_config({"tracking": {"experiment": "mine"}}).tracking.experiment_name == "mine"

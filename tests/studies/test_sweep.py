@@ -20,7 +20,7 @@ from dp_ops.cli import app
 from dp_ops.config import build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
-from dp_ops.records.tracking import run_url
+from dp_ops.records.tracking import config_params, run_url
 from dp_ops.studies.sweep import (
     Sweep,
     TrialObserver,
@@ -100,7 +100,7 @@ def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
     overrides = [o for o in replay_command(best).split(" -S ")[1:]]
     replay = flatten(load_config(ws / "params.yaml", overrides))
     replay["train.micro_batches"] = replay["train.micro_batches"] or 1  # runs record 0 (one per process) resolved
-    logged = runs[best.user_attrs["dpops.mlflow_run_id"]].data.params
+    logged = config_params(runs[best.user_attrs["dpops.mlflow_run_id"]].data.params)  # (less generator_meta.*)
     assert {k: str(v) for k, v in replay.items() if not k.startswith("output.")} == {
         k: v for k, v in logged.items() if not k.startswith("output.")
     }
@@ -217,13 +217,13 @@ def test_optuna_views_name_the_metric_draw_every_trials_curve_and_link_its_mlflo
     assert len(curve) > 1 and t.intermediate_values == pytest.approx(curve, abs=1e-6)  # step = iteration
     experiment_id = client.get_experiment_by_name("s").experiment_id
     url = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-    assert t.user_attrs["dpops.run_url"] == url
+    assert t.user_attrs["dpops.mlflow_run_url"] == url
 
     seen = _dashboard_study(worker.sc.storage, "s")
     assert seen["objective_names"] == ["final_val_acc"] and seen["has_intermediate_values"]
     (shown,) = seen["trials"]
     assert {v["step"] for v in shown["intermediate_values"]} == set(curve)
-    assert {"key": "dpops.run_url", "value": url} in shown["user_attrs"]
+    assert {"key": "dpops.mlflow_run_url", "value": url} in shown["user_attrs"]
 
     again, _ = _worker(ws, tiny_generator, real, "sweep.n_trials=1")  # a second worker of the same study
     assert again.study.metric_names == ["final_val_acc"]
