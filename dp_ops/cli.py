@@ -302,6 +302,9 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
         registered = "" if model.version is None else f", registered as {model.registered_name} v{model.version}"
         lines.append(f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})")
     lines.append(f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})")
+    hint = versioner.commit_hint()  # (none inside dvc repro, whose dvc.lock records the outputs, or without DVC)
+    if hint:
+        lines.append(f"  {hint}")
     console.print(
         "\n".join(lines),
         soft_wrap=True,  # never break a path or a command in two
@@ -311,7 +314,7 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
 VERSIONING_NOTES = {
     "none": "not in a DVC workspace: md5s recorded, files not versioned",
     "dvc stage outs": "versioned by the dvc.yaml stage outputs",
-    "dvc add": "each round added to DVC",
+    "dvc add": "each round added to DVC, one .dvc file for the run",
 }
 
 

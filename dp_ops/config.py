@@ -252,9 +252,14 @@ class TrackingConfig(_Section):
         return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+# A run's report files and the names they keep when a study puts them in a folder of their own.
+RUN_FILES = {"metrics": "metrics.json", "rounds": "rounds.json", "curve": "curve.json"}
+
+
 class OutputConfig(_Section):
-    metrics: str = Field("metrics.json", min_length=1, description="JSON summary metrics (DVC stage metrics)")
-    rounds: str = Field("rounds.json", min_length=1, description="JSON round records and validation curve")
+    metrics: str = Field(RUN_FILES["metrics"], min_length=1, description="JSON summary numbers (DVC stage metrics)")
+    rounds: str = Field(RUN_FILES["rounds"], min_length=1, description="JSON run header and round records")
+    curve: str = Field(RUN_FILES["curve"], min_length=1, description="JSON validation curve: iteration, val_acc")
     shards: str = Field("data/runs", min_length=1, description="one folder per run, one folder of part files per round")
     checkpoints: str = Field("checkpoints", min_length=1, description="per-run resume state, one file per run")
 
@@ -328,6 +333,11 @@ class Config(_Section):
                 f"({data.resolution}); use 0"
             )
         return self
+
+
+def run_files(folder: str | Path) -> list[str]:
+    """The overrides that put a run's report files (``output.metrics``/``rounds``/``curve``) in ``folder``."""
+    return [f"output.{key}={Path(folder) / name}" for key, name in RUN_FILES.items()]
 
 
 def load_config(params: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

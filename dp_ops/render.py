@@ -88,7 +88,7 @@ def run_summary(cfg: Config, result: RunResult) -> list[str]:
         f"(best val {s.best_val_acc:.4f})",
         f"pool {plural(s.pool_size, 'sample')} from {s.generated_samples} generated in {acquired}; "
         f"{plural(s.iterations, 'iteration')}; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s",
-        f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}",
+        f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}   curve: {cfg.output.curve}",
     ]
 
 

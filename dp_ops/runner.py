@@ -96,6 +96,7 @@ def output_locations(cfg: Config) -> dict[str, tuple[str, bool]]:
     where = {
         "output.metrics": (o.metrics, False),
         "output.rounds": (o.rounds, False),
+        "output.curve": (o.curve, False),
         "output.shards": (o.shards, True),
         "output.checkpoints": (o.checkpoints, True),
     }
@@ -311,11 +312,10 @@ def run_tracked(
                     _restore_loop(loop, records, ckpt)
                     world.barrier()  # the other processes read the restored parts and the checkpoint next
                 result = loop.run()
-            report = result.to_dict()
-            write_json(cfg.output.metrics, report.pop("summary"))  # flat summary: DVC stage metrics
-            write_json(cfg.output.rounds, report)  # round records and the validation curve
+            write_reports(cfg, result, tracker.run_id)
             example = from_uint8(real.val.images[:4])  # (the model's input: float images in [-1, 1])
-            model = tracker.log_outputs(loop.trainer.eval_model, example, [Path(cfg.output.rounds)])
+            reports = [Path(cfg.output.rounds), Path(cfg.output.curve)]
+            model = tracker.log_outputs(loop.trainer.eval_model, example, reports)
     except KeyboardInterrupt as exc:  # (ended KILLED by the lifecycle)
         raise RunInterrupted(tracker.run_id, ckpt.is_file()) from exc
     except Exception as exc:  # (ended FAILED by the lifecycle)
@@ -327,6 +327,18 @@ def run_tracked(
     finally:
         lease.release()
     return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards), model)
+
+
+def write_reports(cfg: Config, result: RunResult, run_id: str) -> None:
+    """A run's files for DVC, each what one DVC view reads: ``output.metrics`` the summary numbers (stage
+    metrics: ``dvc exp show`` columns), ``output.rounds`` the run's strategy and id and its round records,
+    ``output.curve`` the validation curve (each a list of points, as ``dvc plots`` wants one per file)."""
+    report = result.to_dict()
+    summary = report["summary"]
+    header = {"strategy": summary.pop("strategy"), "run_id": run_id}
+    write_json(cfg.output.metrics, summary)
+    write_json(cfg.output.rounds, {**header, "rounds": report["rounds"]})
+    write_json(cfg.output.curve, report["curve"])
 
 
 def _disk_line(why: str, run_id: str, resumable: bool) -> str:

@@ -19,6 +19,7 @@ def _params(tmp_path, **sections):
     tree["output"] = {
         "metrics": str(out / "metrics.json"),
         "rounds": str(out / "rounds.json"),
+        "curve": str(out / "curve.json"),
         "shards": str(out / "runs"),
         "checkpoints": str(out / "checkpoints"),
     }
@@ -62,7 +63,10 @@ def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path, mlf
     assert (tmp_path / "gen" / "dpops_generator.json").is_file()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rounds = json.loads((tmp_path / "out" / "rounds.json").read_text())
-    assert metrics["strategy"] == "dp" and metrics["iterations"] == 60
+    assert rounds["strategy"] == "dp" and metrics["iterations"] == 60
+    assert all(isinstance(v, int | float) for v in metrics.values())  # numbers only: `dvc exp show` columns
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert [c["iteration"] for c in curve] == list(range(10, 61, 10))  # (train.eval_every=10, 60 iterations)
     assert metrics["pool_size"] == rounds["rounds"][-1]["pool_size"]
     # the second run finds the cached generator
     again = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.strategy=static"])

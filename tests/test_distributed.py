@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, to_tree
+from dp_ops.config import build_config, run_files, to_tree
 from dp_ops.records.tracking import Registry
 from dp_ops.studies.sweep import make_storage
 
@@ -76,11 +76,21 @@ def _start(ws, env, launcher, *args):
 
 def _run(ws, env, launcher, name, *args):
     """A run whose metrics, rounds and checkpoints go to ``name/``; returns (its output, its MLflow run)."""
-    outs = [f"output.{k}={name}/{v}" for k, v in (("metrics", "metrics.json"), ("rounds", "rounds.json"))]
-    proc = _start(ws, env, launcher, "run", *[x for o in outs for x in ("-S", o)], *args)
+    proc = _start(ws, env, launcher, "run", *_files(name), *args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    return out, json.loads((ws / name / "rounds.json").read_text())
+    return out, _report(ws, name)
+
+
+def _files(name):
+    """``-S`` options that put a run's report files in ``name/``."""
+    return [x for o in run_files(name) for x in ("-S", o)]
+
+
+def _report(ws, name):
+    """The round records and the validation curve a run wrote in ``name/``."""
+    rounds = json.loads((ws / name / "rounds.json").read_text())["rounds"]
+    return {"rounds": rounds, "curve": json.loads((ws / name / "curve.json").read_text())}
 
 
 def _experiment_runs(ws):
@@ -155,13 +165,13 @@ def test_two_nodes_through_a_c10d_rendezvous_equal_one_rank(workspace, one_rank)
         "-m",
         "dp_ops",
     ]
-    args = ["run", "-S", "output.metrics=nodes/metrics.json", "-S", "output.rounds=nodes/rounds.json"]
+    args = ["run", *_files("nodes")]
     agents = [_start(ws, env, node, *args) for _ in range(2)]
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs
     (out,) = [o for o in outs if "MLflow run " in o]  # rank 0's node reports; the other says nothing
     run_id = _run_id(out)
-    got = json.loads((ws / "nodes" / "rounds.json").read_text())
+    got = _report(ws, "nodes")
     assert _digests(ws, run_id) == _digests(ws, ref_id)
     assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
     metrics = _experiment_runs(ws)[0].get_run(run_id).data.metrics
@@ -185,9 +195,7 @@ def test_sigkill_of_two_ranks_then_resume_on_one_equals_uninterrupted(workspace,
     ws, env = workspace
     _, ref = one_rank
     before = {r.info.run_id for r in _experiment_runs(ws)[1]}
-    victim = _start(
-        ws, env, TORCHRUN, "run", "-S", "output.metrics=kill/metrics.json", "-S", "output.rounds=kill/rounds.json"
-    )
+    victim = _start(ws, env, TORCHRUN, "run", *_files("kill"))
     runs, deadline, found = ws / "data" / "runs", time.time() + 300, []
     while not found and victim.poll() is None and time.time() < deadline:
         found = [p for p in runs.glob("*/round_001/part_*.safetensors") if p.parts[-3] not in before]
@@ -203,7 +211,7 @@ def test_sigkill_of_two_ranks_then_resume_on_one_equals_uninterrupted(workspace,
     resumed = _start(ws, env, DPOPS, "run", "--resume", run_id)  # one process now
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    got = json.loads((ws / "kill" / "rounds.json").read_text())
+    got = _report(ws, "kill")
     assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
     client, _ = _experiment_runs(ws)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -249,7 +257,7 @@ def test_a_sweep_worker_on_two_ranks_runs_the_trials_one_rank_runs(workspace):
     for name, launcher, extra in (("one", DPOPS, ["-S", "train.micro_batches=2"]), ("two", TORCHRUN, [])):
         storage = ws / f"sweep-{name}.journal"
         args = ["sweep", "--n-trials", "2", "--study-name", f"s-{name}", "--storage", str(storage), *space, *extra]
-        args += ["-S", f"output.metrics=sweep-{name}/metrics.json", "-S", f"output.rounds=sweep-{name}/rounds.json"]
+        args += _files(f"sweep-{name}")
         proc = _start(ws, env, launcher, *args)
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out

@@ -17,6 +17,8 @@ from dp_ops.records.versioning import cache_path
 from conftest import tiny_tree
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SIZES = yaml.safe_load((REPO / "params.yaml").read_text())["sweep"]["static_sizes"]
+PLOTS = ["validation accuracy (dp and static)", "dp pool size per round", "dp entropy of each round's new samples"]
 
 
 def _run(args, cwd, env):
@@ -33,6 +35,10 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, m
     shutil.copytree(REPO / "dp_ops", ws / "dp_ops", ignore=shutil.ignore_patterns("__pycache__"))
     tree = to_tree(build_config(tiny_tree(dp={"max_rounds": 1})))  # DVC needs every declared param present
     tree["sweep"] = {"static_sizes": [20, 40, 60, 80]}
+    pipeline = (ws / "dvc.yaml").read_text()
+    for default, tiny in zip(DEFAULT_SIZES, tree["sweep"]["static_sizes"], strict=True):  # the plot's files
+        pipeline = pipeline.replace(f"results/static/{default}/curve.json", f"results/static/{tiny}/curve.json")
+    (ws / "dvc.yaml").write_text(pipeline)
     (ws / "params.yaml").write_text(yaml.safe_dump(tree))
     env = {
         **os.environ,
@@ -81,9 +87,57 @@ def test_dvc_repro_runs_the_pipeline_and_a_second_repro_does_nothing(tmp_path, m
         listing = json.loads(Path(client.download_artifacts(r.info.run_id, "parts.json", str(ws / ".."))).read_text())
         assert all(cache_path(ws, e["md5"]).is_file() for e in listing)
 
+    _check_metrics(ws, env)
+    _check_plots(ws, env)
+
     lock_before, runs_before = (ws / "dvc.lock").read_text(), len(client.search_runs([exp.experiment_id]))
     second = _run([sys.executable, "-m", "dvc", "repro"], ws, env)
     assert "Running stage" not in second
     assert "up to date" in second
     assert (ws / "dvc.lock").read_text() == lock_before  # nothing re-recorded ...
     assert len(client.search_runs([exp.experiment_id])) == runs_before  # ... and nothing re-run or re-tracked
+
+
+def _check_metrics(ws, env):
+    """The pipeline's metrics are the dp stage's numbers only, so `dvc exp show` names them bare."""
+    shown = json.loads(_stdout([sys.executable, "-m", "dvc", "metrics", "show", "--json"], ws, env))
+    (metrics,) = shown.values()
+    assert list(metrics["data"]) == ["results/dp/metrics.json"]
+    values = metrics["data"]["results/dp/metrics.json"]["data"]
+    assert "final_test_acc" in values and all(isinstance(v, int | float) for v in values.values())
+
+
+def _stdout(args, cwd, env):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _check_plots(ws, env):
+    """`dvc plots show --json` reads each plot from its own list: round k at its own iteration."""
+    shown = json.loads(_stdout([sys.executable, "-m", "dvc", "plots", "show", "--json"], ws, env))
+    rounds = json.loads((ws / "results" / "dp" / "rounds.json").read_text())
+    assert rounds["strategy"] == "dp"  # (a string: in the run's header, not among the metrics)
+    data = shown["data"]
+    assert [p for p in PLOTS if p in data] == PLOTS
+    values = data[PLOTS[0]][0]["content"]["data"]["values"]
+    curve = json.loads((ws / "results" / "dp" / "curve.json").read_text())
+    assert [(v["iteration"], v["val_acc"]) for v in values if v["filename"] == "dp/curve.json"] == [
+        (c["iteration"], c["val_acc"]) for c in curve
+    ]
+    assert {v["filename"] for v in values} == {"dp/curve.json"} | {f"static/{n}/curve.json" for n in (20, 40, 60, 80)}
+    pool = data[PLOTS[1]][0]["content"]["data"]["values"]
+    records = rounds["rounds"]
+    assert [(v["iteration"], v["pool_size"]) for v in pool] == [(r["iteration"], r["pool_size"]) for r in records]
+    assert "val_acc" not in pool[0]  # (no curve point zipped into a round: round 1 at its own iteration)
+    entropy = data[PLOTS[2]][0]["content"]["data"]["values"]
+    assert [v["entropy_mean"] for v in entropy] == [r["entropy_mean"] for r in records]
+    (image,) = data["results/scaling/scaling.png"]
+    assert image["type"] == "image"
+    assert [e["source"] for e in shown["errors"]] == ["results/bench/bench.png"]  # (until `dpops bench` runs)
+
+
+def test_the_validation_plot_names_the_static_runs_of_params_yaml():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    plot = next(p for p in pipeline["plots"] if isinstance(p, dict) and PLOTS[0] in p)[PLOTS[0]]
+    assert list(plot["y"]) == ["results/dp/curve.json"] + [f"results/static/{n}/curve.json" for n in DEFAULT_SIZES]

@@ -172,6 +172,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     [
         ("output.metrics", "blocker/m/metrics.json"),
         ("output.rounds", "blocker/rounds.json"),
+        ("output.curve", "blocker/curve.json"),
         ("output.checkpoints", "blocker"),
         ("generator.path", "blocker/gen"),
     ],

@@ -1,30 +1,36 @@
 """Data versioning with DVC: each round is one directory output, content-addressed, restorable by md5.
 
 A round is a folder ``<output.shards>/<run id>/round_<k>/`` of immutable part files
-(:mod:`dp_ops.engine.shards`). Outside a pipeline the folder is versioned with ``dvc add`` (DVC's
-Python API, in process): DVC hashes each part once, copies (or, with ``cache.type`` hardlink/reflink,
-links) it into the cache, and records the folder by its ``.dir`` digest — ``<md5>.dir``, 36 characters,
-which fits MLflow's dataset digest column. Inside ``dvc repro`` DVC holds the repository lock and sets
-``DVC_STAGE``: the stage's declared outputs do the versioning and we hash the parts ourselves (one pass
-each) and compute the same ``.dir`` digest DVC would. Either way the round's :class:`ShardInfo` (the
-digest and every part's md5 and size) goes to MLflow, and :func:`restore_file` rebuilds any part from the
-DVC cache (or the default remote) with nothing but its md5.
+(:mod:`dp_ops.engine.shards`). Outside a pipeline the run's folder is versioned with ``dvc add`` (DVC's
+Python API, in process) after every round, as ONE directory output: one ``<run id>.dvc`` file per run,
+whatever its number of rounds, so ad hoc runs do not flood ``dvc dag`` / ``dvc data status`` (DVC's
+state database knows the earlier rounds' md5s: re-adding hashes only the new parts). DVC copies (or, with
+``cache.type`` hardlink/reflink, links) each part into the cache once. Each round is still recorded by
+its own ``.dir`` digest — ``<md5>.dir`` of that round's parts, computed as DVC computes one, 36
+characters, which fits MLflow's dataset digest column. Inside ``dvc repro`` DVC holds the repository lock
+and sets ``DVC_STAGE``: the stage's declared outputs do the versioning and we hash the parts ourselves
+(one pass each). Either way the round's :class:`ShardInfo` (the digest and every part's md5 and size) goes
+to MLflow, and :func:`restore_file` rebuilds any part from the DVC cache (or the default remote) with
+nothing but its md5. (A run begun before this layout, with one ``round_<k>.dvc`` per round, goes on so.)
 
-With a default DVC remote configured, each round's folder is pushed (that target only) in a background
-thread while the round's MLflow run is logged, and joined before the loop checkpoints: a machine that
-dies loses no finished round.
+With a default DVC remote configured, the run's folder is pushed in a background thread while the
+round's MLflow run is logged, and joined before the loop checkpoints: a machine that dies loses no
+finished round. Every DVC call runs inside :func:`quiet_dvc`: DVC's progress bars, lock and status
+lines stay off the terminal (the CLI has its own progress view); its warnings and errors do not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +118,59 @@ def cache_path(root: Path, md5: str) -> Path:
     return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
+# `import dvc` gives these loggers handlers (INFO to stdout, WARNING and up to stderr); during our calls
+# they pass warnings and errors only.
+_DVC_LOGGERS = ("dvc", "dvc_objects", "dvc_data")
+# DVC's and dvc_data's tqdm bars (the lock's "Waiting to acquire lock" line among them) are drawn only
+# while these loggers' level is ERROR or lower: above it they are off. They log nothing else.
+_BAR_LOGGERS = ("dvc.progress", "dvc_data.callbacks")
+
+
+@dataclass
+class _Quiet:
+    """What :func:`quiet_dvc` changed, kept until the last of any overlapping calls (the push thread's and
+    the loop's) ends."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    depth: int = 0
+    levels: dict[str, int] = field(default_factory=dict)
+    console_quiet: bool = False
+
+
+_QUIET = _Quiet()
+
+
+@contextmanager
+def quiet_dvc() -> Iterator[None]:
+    """DVC's own output off for the calls inside: its INFO lines, tqdm bars and the rich status spinner of
+    ``dvc.ui`` (on DVC's console, not ours). Warnings and errors still reach stderr. Everything changed is
+    put back as it was when the last overlapping call ends."""
+    from dvc.ui import ui  # (importing DVC sets its loggers up: before their levels are saved)
+
+    with _QUIET.lock:
+        if _QUIET.depth == 0:
+            _QUIET.levels = {name: logging.getLogger(name).level for name in (*_DVC_LOGGERS, *_BAR_LOGGERS)}
+            for name in _DVC_LOGGERS:
+                logger = logging.getLogger(name)
+                logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+            for name in _BAR_LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            _QUIET.console_quiet, ui.error_console.quiet = ui.error_console.quiet, True
+        _QUIET.depth += 1
+    try:
+        yield
+    finally:
+        with _QUIET.lock:
+            _QUIET.depth -= 1
+            if _QUIET.depth == 0:
+                for name, level in _QUIET.levels.items():
+                    logging.getLogger(name).setLevel(level)
+                ui.error_console.quiet = _QUIET.console_quiet
+
+
 class DvcVersioner:
-    """Versions one round folder per round and says what it versioned (a :class:`ShardInfo`), so that
-    the round's MLflow run can link exactly those bytes."""
+    """Versions a run's folder after each of its rounds and says what each round added (a
+    :class:`ShardInfo`), so that the round's MLflow run can link exactly those bytes."""
 
     def __init__(self, data_dir: str | Path) -> None:
         """``data_dir``: the run's folder of round folders."""
@@ -139,24 +195,43 @@ class DvcVersioner:
         rel = folder.resolve().relative_to(self.root) if self.root is not None else folder
         return ShardInfo(round_index, rel, dir_md5(entries), versioned_by, parse_parts(entries))
 
+    @property
+    def dvc_file(self) -> Path:
+        """The run's one ``.dvc`` file, beside its folder."""
+        return self.data_dir.with_name(self.data_dir.name + ".dvc")
+
+    def _target(self, folder: Path) -> Path:
+        """What ``dvc add`` versions: the run's folder, or for a run begun with one ``.dvc`` file per round
+        (DVC refuses overlapping outputs) the round's folder."""
+        return folder if any(self.data_dir.glob("round_*.dvc")) else self.data_dir
+
     def version(self, round_index: int, parts: RoundParts) -> ShardInfo:
-        """Version a round's folder; with a default remote, start pushing it (see :meth:`wait_pushed`)."""
+        """Version the run's folder with this round's; with a default remote, start pushing it (see
+        :meth:`wait_pushed`)."""
         md5s: dict[str, str] = {}
+        target = self._target(parts.folder)
         if self.mode == "dvc add" and self.root is not None:
-            md5s = _dvc_add(self.root, parts.folder)  # DVC's own hash pass: not hashed twice
-        entries = [
-            {
-                "relpath": p.path.name,
-                "md5": md5s.get(p.path.name) or md5_file(p.path),
-                "size": p.nbytes,
-                "count": p.count,
-            }
-            for p in parts.parts
-        ]
+            md5s = _dvc_add(self.root, target)  # DVC's own hash pass: not hashed twice
+        entries = []
+        for p in parts.parts:
+            md5 = md5s.get(p.path.resolve().relative_to(target.resolve()).as_posix()) or md5_file(p.path)
+            entries.append({"relpath": p.path.name, "md5": md5, "size": p.nbytes, "count": p.count})
         shard = self.info(round_index, parts.folder, entries, self.mode)
-        if self.mode == "dvc add" and self.root is not None and _has_default_remote(self.root):
-            self._start_push(parts.folder)
+        if self.mode == "dvc add" and self.root is not None and _dvc_core(self.root).get("remote"):
+            self._start_push(target)
         return shard
+
+    def commit_hint(self) -> str | None:
+        """The one line that says what to commit to keep this run's data (its ``.dvc`` file, which keeps
+        ``dvc gc`` from deleting the data); None inside ``dvc repro`` (the stage's outs are in
+        ``dvc.lock``), without DVC, or before anything was versioned."""
+        if self.mode != "dvc add" or self.root is None or not self.dvc_file.is_file():
+            return None
+        dvc_file = os.path.relpath(self.dvc_file)
+        if _dvc_core(self.root).get("no_scm"):
+            return f"to keep this run's data: keep {dvc_file} (dvc gc deletes cached data no .dvc file names)"
+        ignore = os.path.relpath(self.dvc_file.with_name(".gitignore"))
+        return f"to keep this run's data: git add {dvc_file} {ignore} && git commit"
 
     def _start_push(self, folder: Path) -> None:
         self.wait_pushed()
@@ -181,11 +256,11 @@ class DvcVersioner:
 
 
 def _dvc_add(root: Path, folder: Path) -> dict[str, str]:
-    """``dvc add`` a round folder; returns each file's md5 from the ``.dir`` listing DVC wrote."""
+    """``dvc add`` a folder; returns each file's md5 (by path below it) from the ``.dir`` listing DVC wrote."""
     from dvc.repo import Repo
 
     # Concurrent sweep workers in one workspace take turns on DVC's repository lock instead of failing.
-    with Repo(str(root), _wait_for_lock=True) as repo:
+    with quiet_dvc(), Repo(str(root), _wait_for_lock=True) as repo:
         repo.scm_context.quiet = True  # library code prints nothing (DVC would print a `git add` hint)
         (stage,) = repo.add([str(folder.resolve())])
         digest = stage.outs[0].hash_info.value
@@ -193,16 +268,17 @@ def _dvc_add(root: Path, folder: Path) -> dict[str, str]:
     return {e["relpath"]: e["md5"] for e in listing}
 
 
-def _has_default_remote(root: Path) -> bool:
+def _dvc_core(root: Path) -> dict[str, Any]:
+    """The ``core`` section of the workspace's DVC config (``remote``: the default remote; ``no_scm``)."""
     from dvc.config import Config as DvcConfig
 
-    return bool(DvcConfig(dvc_dir=str(root / ".dvc")).get("core", {}).get("remote"))
+    return dict(DvcConfig(dvc_dir=str(root / ".dvc")).get("core", {}))
 
 
 def _dvc_push(root: Path, folder: Path) -> None:
     from dvc.repo import Repo
 
-    with Repo(str(root), _wait_for_lock=True) as repo:
+    with quiet_dvc(), Repo(str(root), _wait_for_lock=True) as repo:
         repo.push(targets=[str(folder.resolve())])
 
 
@@ -243,7 +319,7 @@ def _fetch_object(root: Path, md5: str) -> None:
     from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo
 
-    with Repo(str(root)) as repo:
+    with quiet_dvc(), Repo(str(root)) as repo:
         try:
             repo.cloud.pull([HashInfo("md5", md5)])
         except NoRemoteError:

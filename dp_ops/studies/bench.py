@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dp_ops import runner
-from dp_ops.config import Config, flatten, load_config, load_tree, sweep_config
+from dp_ops.config import Config, flatten, load_config, load_tree, run_files, sweep_config
 from dp_ops.engine.devices import resolve_device
 from dp_ops.engine.dist import World
 from dp_ops.engine.loop import Observer
@@ -135,8 +135,7 @@ def jobs(
                 *bp.base,
                 *arm.overrides,
                 f"seed={seed}",
-                f"output.metrics={run_dir / 'metrics.json'}",
-                f"output.rounds={run_dir / 'rounds.json'}",
+                *run_files(run_dir),
             )
             todo.append(Job(arm, seed, overrides, resumable.get((arm.name, seed))))
     position = {arm.name: i for i, arm in enumerate(bp.arms)}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from dp_ops.config import RUN_FILES
 from dp_ops.errors import ConfigError, DataError, FitError
 from dp_ops.files import json_ready, write_json
 from dp_ops.studies.scaling import MIN_POINTS, PowerLawFit, data_multiplier, fit_power_law, plot_scaling
@@ -129,21 +130,22 @@ def points_from_mlflow(
 
 
 def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
-    """``metrics.json`` files of runs (with the validation curve from a ``rounds.json`` beside them); a
-    folder stands for every ``metrics.json`` below it."""
+    """``metrics.json`` files of runs, each with the ``rounds.json`` beside it (the run's strategy) and
+    the ``curve.json`` beside it if there is one (the validation curve); a folder stands for every
+    ``metrics.json`` below it."""
     out = []
-    files = [f for p in map(Path, paths) for f in (sorted(p.rglob("metrics.json")) if p.is_dir() else [p])]
+    name = RUN_FILES["metrics"]
+    files = [f for p in map(Path, paths) for f in (sorted(p.rglob(name)) if p.is_dir() else [p])]
     for path in files:
         try:
-            m = json.loads(path.read_text())
-            if not isinstance(m, dict):
-                raise ValueError(f"holds a JSON {type(m).__name__}, not an object of summary metrics")
-            rounds = path.with_name("rounds.json")
-            curve = json.loads(rounds.read_text())["curve"] if rounds.is_file() else []
+            m = _json(path, dict)
+            header = _json(path.with_name(RUN_FILES["rounds"]), dict, f"{RUN_FILES['rounds']} beside it ")
+            curve_file = path.with_name(RUN_FILES["curve"])
+            curve = _json(curve_file, list, f"{RUN_FILES['curve']} beside it ") if curve_file.is_file() else []
             out.append(
                 RunPoint(
                     str(path),
-                    m["strategy"],
+                    str(header["strategy"]),
                     int(m["pool_size"]),
                     int(m["generated_samples"]),
                     int(m["iterations"]),
@@ -153,8 +155,17 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
                 )
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"--metrics {path}: not a dp_ops metrics.json ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"--metrics {path}: not a dp_ops {name} ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def _json(path: Path, kind: type[dict] | type[list], label: str = "") -> Any:
+    """A JSON file that must hold an object (``dict``) or a list."""
+    value = json.loads(path.read_text())
+    if not isinstance(value, kind):
+        wanted = "an object" if kind is dict else "a list"
+        raise ValueError(f"{label}holds a JSON {type(value).__name__}, not {wanted}")
+    return value
 
 
 # ---- the report ----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, to_tree
+from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, run_files, to_tree
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
@@ -626,8 +626,7 @@ def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str)
     """The sweep's base config with the trial's overrides; its metrics files go to
     ``<folder of output.metrics>/sweeps/<study>/trial_<n>/``."""
     out = Path(cfg.output.metrics).parent / "sweeps" / study / f"trial_{number:04d}"
-    files = [f"output.metrics={out}/metrics.json", f"output.rounds={out}/rounds.json"]
-    return build_config(apply_overrides(to_tree(cfg), [*overrides, *files]))
+    return build_config(apply_overrides(to_tree(cfg), [*overrides, *run_files(out)]))
 
 
 def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, world: World = SINGLE) -> RunTrial:

@@ -1,6 +1,8 @@
 """Real git + DVC workspace in a temporary directory, real MLflow on a temporary SQLite store."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -52,21 +54,25 @@ def _parts(folder):
     return sorted(folder.glob("part_*.safetensors"))
 
 
-def test_each_round_is_one_dvc_added_folder_whose_digest_mlflow_links(tracked_run, workspace):
+def test_a_run_is_one_dvc_added_folder_and_each_round_its_own_digest_mlflow_links(tracked_run, workspace):
     cfg, run = tracked_run
     result = run.result
     client = MlflowClient(cfg.tracking.uri)
     children = round_runs(client, run.run_id)
     assert len(children) == len(result.records) == len(run.shards) == 3
+    runs = workspace / "data" / "runs"
+    assert sorted(p.name for p in runs.rglob("*.dvc")) == [f"{run.run_id}.dvc"]  # one per run, not per round
+    dvc_file = yaml.safe_load((runs / f"{run.run_id}.dvc").read_text())
+    listing = json.loads(cache_path(workspace, dvc_file["outs"][0]["md5"]).read_text())  # DVC's own listing ...
+    assert dir_md5(listing) == dvc_file["outs"][0]["md5"]  # ... whose digest we compute exactly as DVC does
     for child, record in zip(children, result.records, strict=True):
         shard = run.shards[record.round]
         assert shard.path.parts[:3] == ("data", "runs", run.run_id)  # relative to the DVC root
         folder = workspace / shard.path
-        dvc_file = yaml.safe_load(folder.with_name(folder.name + ".dvc").read_text())
-        assert dvc_file["outs"][0]["md5"] == shard.md5 and shard.md5.endswith(".dir") and len(shard.md5) == 36
-        listing = json.loads(cache_path(workspace, shard.md5).read_text())  # DVC's own .dir listing ...
-        assert dir_md5(listing) == shard.md5  # ... whose digest we compute exactly as DVC does
-        assert {e["relpath"]: e["md5"] for e in listing} == {p.relpath: p.md5 for p in shard.parts}
+        assert shard.md5.endswith(".dir") and len(shard.md5) == 36
+        mine = [{**e, "relpath": e["relpath"].split("/")[1]} for e in listing if e["relpath"].startswith(folder.name)]
+        assert dir_md5(mine) == shard.md5  # the round's digest: of its parts as DVC lists them
+        assert {e["relpath"]: e["md5"] for e in mine} == {p.relpath: p.md5 for p in shard.parts}
         assert [p.md5 for p in shard.parts] == [md5_file(f) for f in _parts(folder)]
         assert child.data.tags["dpops.shard_md5"] == shard.md5 and shard.versioned_by == "dvc add"
         (dataset_input,) = child.inputs.dataset_inputs
@@ -157,4 +163,151 @@ def test_a_configured_remote_holds_every_finished_round_after_the_run(workspace,
     for shard in run.shards.values():  # pushed round by round, by the run itself: no `dvc push` here
         for p in shard.parts:
             assert (remote / "files" / "md5" / p.md5[:2] / p.md5[2:]).is_file()
-        assert (remote / "files" / "md5" / shard.md5[:2] / shard.md5[2:]).is_file()  # the .dir listing too
+    listing = yaml.safe_load((workspace / "data" / "runs" / f"{run.run_id}.dvc").read_text())["outs"][0]["md5"]
+    assert (remote / "files" / "md5" / listing[:2] / listing[2:]).is_file()  # the run's .dir listing too: pullable
+
+
+def test_the_commit_hint_names_what_keeps_the_run_and_dvc_gc_keeps_it(tracked_run, workspace, tmp_path):
+    import shutil
+
+    cfg, run = tracked_run
+    hint = run.versioner.commit_hint()
+    files = [f"data/runs/{run.run_id}.dvc", "data/runs/.gitignore"]
+    assert hint == f"to keep this run's data: git add {' '.join(files)} && git commit"
+    _sh("git", "add", *files, cwd=workspace)
+    untracked = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "data"], cwd=workspace, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert sorted(untracked) == [f"A  {f}" for f in sorted(files)]  # the rounds' parts are DVC's, not git's
+    _sh("git", "commit", "-q", "-m", "run", cwd=workspace)
+    _sh(sys.executable, "-m", "dvc", "gc", "-w", "-f", cwd=workspace)  # what no .dvc file names goes ...
+    shutil.rmtree(workspace / "data" / "runs" / run.run_id)
+    out = restore_run_data(run.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri)  # ... this run stays
+    assert len(out) == sum(len(s.parts) for s in run.shards.values())
+
+
+def test_no_commit_hint_inside_dvc_repro_or_without_dvc(workspace, tmp_path, monkeypatch):
+    from dp_ops.records.versioning import DvcVersioner
+
+    run = workspace / "data" / "runs" / "r1"
+    (run / "round_000").mkdir(parents=True)
+    (run.parent / "r1.dvc").write_text("outs: []\n")
+    assert DvcVersioner(run).commit_hint() is not None
+    assert DvcVersioner(tmp_path / "elsewhere" / "r1").commit_hint() is None  # no DVC workspace above it
+    monkeypatch.setenv("DVC_STAGE", "dp")
+    assert DvcVersioner(run).commit_hint() is None  # the stage's outs are in dvc.lock
+    monkeypatch.delenv("DVC_STAGE")
+    _sh(sys.executable, "-m", "dvc", "config", "core.no_scm", "true", cwd=workspace)
+    assert DvcVersioner(run).commit_hint() == (
+        "to keep this run's data: keep data/runs/r1.dvc (dvc gc deletes cached data no .dvc file names)"
+    )
+
+
+def test_a_run_begun_with_one_dvc_file_per_round_goes_on_so(workspace):
+    import numpy as np
+
+    from dp_ops.engine.rounds import RoundParts
+    from dp_ops.engine.shards import Part
+    from dp_ops.records.versioning import DvcVersioner, _dvc_add
+
+    run = workspace / "data" / "runs" / "old"
+
+    def round_parts(k):
+        path = run / f"round_{k:03d}" / "part_00000.safetensors"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(bytes([k]) * 64)
+        part = Part(path, k, 0, 0, 1, 64, "raw")
+        return RoundParts(path.parent, (part,), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1), 0.0, 0)
+
+    _dvc_add(workspace, round_parts(0).folder)  # as runs were versioned before
+    shard = DvcVersioner(run).version(1, round_parts(1))  # (DVC refuses an output over round_000's)
+    assert sorted(p.name for p in run.glob("*.dvc")) == ["round_000.dvc", "round_001.dvc"]
+    assert not run.with_name("old.dvc").exists()
+    assert shard.parts[0].md5 == md5_file(run / "round_001" / "part_00000.safetensors")
+
+
+def test_quiet_dvc_turns_off_dvc_output_keeps_its_warnings_and_restores_everything(caplog):
+    import io
+    import logging
+
+    from dvc.progress import Tqdm
+    from dvc.ui import ui
+
+    from dp_ops.records.versioning import quiet_dvc
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    names = ("dvc", "dvc_objects", "dvc_data", "dvc.progress", "dvc_data.callbacks")
+    before = {n: logging.getLogger(n).level for n in names}
+    assert not Tqdm(total=3, file=Terminal()).disable  # a terminal gets DVC's bars ...
+    log = logging.getLogger("dvc.repo.add")
+    with quiet_dvc():
+        with quiet_dvc():  # (the push thread's call may overlap the loop's)
+            pass
+        assert Tqdm(total=3, file=Terminal()).disable  # ... but not during our calls
+        assert ui.error_console.quiet  # (the "Checking graph" status spinner)
+        log.info("Adding...")
+        log.warning("a DVC warning")
+        log.error("a DVC error")
+    assert [r.getMessage() for r in caplog.records] == ["a DVC warning", "a DVC error"]
+    assert {n: logging.getLogger(n).level for n in names} == before and not ui.error_console.quiet
+    assert not Tqdm(total=3, file=Terminal()).disable
+
+
+def test_a_real_dvc_warning_still_shows(workspace, caplog):
+    from dp_ops.records.versioning import restore_file
+
+    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(workspace.parent / "remote"), cwd=workspace)
+    with pytest.raises(DataError, match="not in the DVC cache"):
+        restore_file(workspace, "0" * 32, workspace / "x")
+    assert any("do not exist neither locally nor on remote" in r.getMessage() for r in caplog.records)
+
+
+def _in_a_terminal(args, cwd, env):
+    """Run ``args`` on a pseudo-terminal of 120 columns (so DVC and rich draw what they draw for a user);
+    returns (exit code, everything it wrote)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_dpops_run_in_a_dvc_workspace_shows_no_dvc_output(workspace, mlflow_store):
+    tree = tiny_tree(dp={"max_rounds": 2})
+    tree["generator"]["path"] = "gen"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tree))
+    mlflow_store(workspace)  # the default store, sqlite:///mlflow.db, already migrated
+    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(workspace.parent / "remote"), cwd=workspace)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE")}
+    code, out = _in_a_terminal([sys.executable, "-m", "dp_ops", "run", "--params", "params.yaml"], workspace, env)
+    assert code == 0, out
+    assert "train learner" in out and "final val acc" in out  # dp_ops's own progress view and summary
+    for fragment in ("Waiting to acquire lock", "Checking graph", "Adding", "Collecting", "Checking out", "Querying"):
+        assert fragment not in out, fragment  # DVC's bars, lock line and status spinner
+    assert "\x1b[A" not in out and not re.search(r"(^|[\r\n])!", out)  # tqdm's cursor-ups and bar stubs
+    assert len(list((workspace / "data" / "runs").glob("*.dvc"))) == 1  # versioned ...
+    assert (workspace.parent / "remote" / "files" / "md5").is_dir()  # ... and pushed

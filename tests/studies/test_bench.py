@@ -116,6 +116,7 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
     assert todo[0].arm.name == "oversample r=8" and todo[-1].arm.strategy == "dp"  # the most generation first
     assert next(j for j in todo if j.arm.name == "dp ω=0" and j.seed == 2).resume_run_id == "abc"
     assert "dp.omega=0" in next(j for j in todo if j.arm.name == "dp ω=0").overrides
+    assert all(f"output.curve={tmp_path / 'out' / 'runs'}" in " ".join(j.overrides) for j in todo)  # beside metrics
     # the same config is the same benchmark; another config is another one
     assert plan(params_file, [], static_sizes=(30, 60), seeds=[0], experiment="e")[0].bench_id == bp.bench_id
     assert (

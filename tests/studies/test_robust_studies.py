@@ -165,10 +165,16 @@ def test_a_metrics_file_that_is_not_an_object_is_one_line(tmp_path, payload):
         points_from_files([path])
 
 
-def test_a_rounds_file_of_the_wrong_shape_is_one_line(tmp_path):
-    metrics = {"strategy": "dp", "pool_size": 1, "generated_samples": 1, "iterations": 1}
+def test_report_files_of_the_wrong_shape_are_one_line(tmp_path):
+    metrics = {"pool_size": 1, "generated_samples": 1, "iterations": 1}
     (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "final_val_acc": 0.5, "final_test_acc": 0.5}))
-    (tmp_path / "rounds.json").write_text(json.dumps({"curve": [1, 2]}))
+    with pytest.raises(DataError, match=r"not a dp_ops metrics.json \(FileNotFoundError: .*rounds.json"):
+        points_from_files([tmp_path / "metrics.json"])  # (the run's strategy is in its rounds.json)
+    (tmp_path / "rounds.json").write_text(json.dumps([]))
+    with pytest.raises(DataError, match=r"\(ValueError: rounds.json beside it holds a JSON list, not an object\)"):
+        points_from_files([tmp_path / "metrics.json"])
+    (tmp_path / "rounds.json").write_text(json.dumps({"strategy": "dp", "rounds": []}))
+    (tmp_path / "curve.json").write_text(json.dumps([1, 2]))
     with pytest.raises(DataError, match=r"not a dp_ops metrics.json \(TypeError"):
         points_from_files([tmp_path / "metrics.json"])
 

@@ -114,7 +114,6 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
         folder.mkdir()
         acc = law(n, mult)
         summary = {
-            "strategy": strategy,
             "final_val_acc": acc,
             "final_test_acc": acc,
             "pool_size": n,
@@ -122,7 +121,8 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
             "iterations": 500,
         }
         (folder / "metrics.json").write_text(json.dumps(summary))
-        (folder / "rounds.json").write_text(json.dumps({"curve": [{"iteration": 100, "val_acc": acc}]}))
+        (folder / "rounds.json").write_text(json.dumps({"strategy": strategy, "rounds": []}))
+        (folder / "curve.json").write_text(json.dumps([{"iteration": 100, "val_acc": acc}]))
         paths.append(folder / "metrics.json")
     runs = points_from_files(paths)
     assert next(r.curve for r in runs) == ((100, law(200)),)
