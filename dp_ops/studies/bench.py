@@ -235,7 +235,7 @@ def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     rows = summarise(done, p.plan.arms, p.plan.seeds)
     h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
     json_path, png, run_id = write_report(
-        p.plan, rows, h, out, registry=p.registry, experiment=p.cfg.tracking.experiment, wall_seconds=wall_seconds
+        p.plan, rows, h, out, registry=p.registry, experiment=p.cfg.tracking.experiment_name, wall_seconds=wall_seconds
     )
     return BenchReport(tuple(rows), h, json_path, png, run_id)
 
@@ -243,7 +243,7 @@ def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
 def scaling_command(p: Prepared) -> str:
     """``dpops scaling`` over this benchmark's runs (DP at ω = 0 left out: it is not the dp strategy's law)."""
     return (
-        f"dpops scaling --experiment {p.cfg.tracking.experiment} --x generated_samples --filter "
+        f"dpops scaling --experiment {p.cfg.tracking.experiment_name} --x generated_samples --filter "
         f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\""
     )
 
