@@ -689,8 +689,8 @@ class MlflowTracker(Observer):
     def _log_real(self, cfg: Config, real: RealData) -> None:
         """The real validation split (it drives every decision) and the held-out test split (reported
         only) as the run's inputs, with their schema, profile and a digest of their content."""
-        import mlflow.data
         from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.numpy_dataset import from_numpy
 
         d = cfg.data
         inputs = []
@@ -701,7 +701,7 @@ class MlflowTracker(Observer):
                 if d.name == "folder"
                 else CodeDatasetSource({"mlflow.source.name": DIGITS_SOURCE, "split_seed": d.split_seed})
             )
-            dataset = mlflow.data.from_numpy(
+            dataset = from_numpy(
                 images.images.numpy(), targets=images.labels.numpy(), source=source, name=f"{d.name}-{split}"
             )
             tag = InputTag(key="mlflow.data.context", value=context)
