@@ -78,6 +78,22 @@ def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
     )
 
 
+@pytest.fixture(autouse=True)
+def _dvc_logs_to_this_tests_streams():
+    """DVC's log handlers hold the sys.stdout/sys.stderr of when DVC was first imported; under pytest those
+    are one test's captured streams, closed when it ends, and DVC raises on a closed stream. Point them at
+    the running test's streams (as in a real process, where the streams outlive the run)."""
+    import logging
+    import sys
+
+    if "dvc.logger" in sys.modules:
+        for name in ("dvc", "dvc_objects", "dvc_data"):
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    # (not setStream: it flushes the closed one)
+                    handler.stream = sys.stderr if handler.level >= logging.WARNING else sys.stdout
+
+
 # ---- MLflow stores: one migrated template, a copy per test ---------------------------------------------
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, to_tree
-from dp_ops.records.tracking import Registry
+from dp_ops.config import build_config, load_config, to_tree
+from dp_ops.records.tracking import MlflowTracker, Registry
 from dp_ops.records.versioning import md5_file
 
 from conftest import tiny_tree
@@ -108,12 +108,10 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
 @pytest.mark.slow
 def test_resume_refuses_a_finished_run(workspace):
     ws, env = workspace
-    done = _dpops(ws, env, "run")
-    assert done.wait(timeout=600) == 0
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("dp-ops").experiment_id], "tags.`dpops.role` = 'experiment'"
-    )
-    again = _dpops(ws, env, "run", "--resume", run.info.run_id)
+    cfg = load_config(ws / "params.yaml", [f"tracking.uri=sqlite:///{ws / 'mlflow.db'}"])
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg)  # a dp_ops parent run, as `dpops run` opens it,
+    with tracker.lifecycle():  # ended FINISHED (what its rounds were does not matter here)
+        pass
+    again = _dpops(ws, env, "run", "--resume", tracker.run_id)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 1 and "already FINISHED; nothing to resume" in out

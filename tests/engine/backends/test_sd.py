@@ -23,7 +23,7 @@ from dp_ops.engine.data import LabelledImages, quantize
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.shards import PartReader, scan_round
 from dp_ops.errors import ConfigError, GeneratorError
-from dp_ops.records.tracking import round_runs
+from dp_ops.records.tracking import config_params, round_runs
 from dp_ops.records.versioning import dir_md5, md5_file
 from dp_ops.runner import preflight, restore_run_data
 
@@ -256,7 +256,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
         data = PartReader(path).images()
         assert data.shape[1:] == (3, 24, 24) and data.dtype == np.uint8
     recorded = {**tree, "train": {**tree.get("train", {}), "micro_batches": 1}}  # (0, one per process, resolved)
-    assert from_flat(run.data.params) == build_config(recorded)  # the run can be rebuilt (resumed) from MLflow
+    assert from_flat(config_params(run.data.params)) == build_config(recorded)  # rebuilt (resumed) from MLflow
 
 
 def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
