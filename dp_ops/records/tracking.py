@@ -706,7 +706,7 @@ class MlflowTracker(Observer):
             )
             tag = InputTag(key="mlflow.data.context", value=context)
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[tag]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        _log_inputs(self.client, self.run_id, inputs)
 
     @property
     def uri(self) -> str:
@@ -795,7 +795,7 @@ class MlflowTracker(Observer):
         self.client.log_artifact(child_id, str(tmp / PARTS_FILE))
         dataset = ShardDataset.of(shard, increment, name=f"{self.run_id}/round-{shard.round}")
         context = InputTag(key="mlflow.data.context", value="training")
-        self.client.log_inputs(child_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+        _log_inputs(self.client, child_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
         for key, value in (
             ("dpops.shard_md5", shard.md5),
             ("dpops.shard_path", str(shard.path)),
@@ -878,9 +878,10 @@ class MlflowTracker(Observer):
             except MlflowException as exc:  # (registered by an earlier run)
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = self.client.create_model_version(
+            created = self.client.create_model_version(
                 name, f"models:/{logged.model_id}", run_id=self.run_id, model_id=logged.model_id
-            ).version
+            )
+            version = str(created.version)
         return SavedModel(logged.model_id, f"models:/{logged.model_id}", name or None, version)
 
     # ---- run status ----------------------------------------------------------------------------
@@ -970,6 +971,21 @@ def parts_listing(client: MlflowClient, run_id: str) -> list[dict] | None:
         except (MlflowException, OSError):
             return None
         return json.loads(Path(path).read_text())
+
+
+def _log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput], tries: int = 4) -> None:
+    """``log_inputs``, tried again when it fails: MLflow's SQL store adds a dataset it has not seen with a
+    check, then an insert, so two runs logging the same dataset at once (sweep workers starting together:
+    the same validation split) make one of them fail on the experiment's unique (name, digest); the retry
+    finds the dataset there and links it."""
+    for attempt in range(tries):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _image(path: Path):  # -> PIL.Image.Image
