@@ -321,7 +321,10 @@ def _show_side_by_side(page: Page, *titles: str) -> None:
     _filter_charts(page, f"^({'|'.join(titles)})$")
     try:
         shown = lambda: {h.get_attribute("title") for h in page.driver.find_elements(By.XPATH, f"{CARD}//h4")}
-        page.wait("the filtered charts", lambda: bool(shown()) and shown() <= set(titles))
+        # (the search filters metric charts; image cards, e.g. `entropy`, stay): wait until the round_* ones went
+        page.wait(
+            "the filtered charts", lambda: set(titles) <= shown() and not any(t.startswith("round_") for t in shown())
+        )
         for img in page.driver.find_elements(By.XPATH, "//img[contains(@src, 'get-artifact?path=images')]")[:1]:
             page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", img)
     except (CheckFailed, WebDriverException):

@@ -169,3 +169,32 @@ def test_the_sample_grid_names_its_classes(tmp_path, tiny_generator):
     assert plain.height == named.height == 10 * 9 * 3 and named.width > plain.width > 2 * 9 * 3
     ink = np.asarray(named)[:, : named.width - 2 * 9 * 3] < 128
     assert ink.any(axis=1).reshape(10, -1).any(axis=1).all()  # a label in every row
+
+
+def test_a_dataset_another_run_adds_at_the_same_moment_is_linked_on_the_retry(mlflow_uri, tmp_path, monkeypatch):
+    """MLflow's SQL store checks for a dataset, then inserts it: two sweep workers starting together race on the
+    validation split's row. The loser is played here by letting the other run add it between the two steps."""
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput
+    from mlflow.exceptions import MlflowException
+
+    from dp_ops.records.tracking import _log_inputs
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("race", artifact_location=(tmp_path / "a").as_uri())
+    mine, theirs = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    datasets = [DatasetInput(from_numpy(np.zeros((3, 2)), name="digits-val")._to_mlflow_entity())]
+    log_inputs, calls = client.log_inputs, []
+
+    def lose_the_race_once(run_id, datasets=None, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            log_inputs(theirs, datasets=datasets)  # the other worker inserts the row first
+            raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+        return log_inputs(run_id, datasets=datasets, **kw)
+
+    monkeypatch.setattr(client, "log_inputs", lose_the_race_once)
+    _log_inputs(client, mine, datasets)
+    assert calls == [mine, mine]
+    for run_id in (mine, theirs):
+        assert [i.dataset.name for i in client.get_run(run_id).inputs.dataset_inputs] == ["digits-val"]
