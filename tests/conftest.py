@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +17,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import pytest
 import torch
+import yaml
 
-from dp_ops.config import Config, build_config
+from dp_ops.config import Config, build_config, to_tree
 from dp_ops.engine.backends.pixel import GeneratorMeta, PixelDiffusion, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
 
@@ -126,6 +129,28 @@ def mlflow_store(mlflow_template: Path) -> Callable[[Path], str]:
 def mlflow_uri(mlflow_store: Callable[[Path], str], tmp_path: Path) -> str:
     """The URI of a fresh migrated store at ``tmp_path/mlflow.db``."""
     return mlflow_store(tmp_path)
+
+
+@pytest.fixture
+def dvc_workspace(tmp_path: Path, tiny_generator: PixelDiffusion, mlflow_store: Callable[[Path], str]):
+    """``dvc_workspace(**sections)``: a git + DVC workspace ``tmp_path/ws`` with the tiny generator at
+    ``models/generator``, the default MLflow store (already migrated) and a ``params.yaml`` of TINY with
+    ``sections`` replaced; returns it and the environment for ``dpops`` subprocesses there."""
+
+    def make(**sections: dict) -> tuple[Path, dict[str, str]]:
+        ws = tmp_path / "ws"
+        ws.mkdir()
+        mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("DVC_STAGE", None)
+        subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
+        tiny_generator.save(ws / "models" / "generator")
+        (ws / "params.yaml").write_text(yaml.safe_dump(to_tree(build_config(tiny_tree(**sections)))))
+        return ws, env
+
+    return make
 
 
 # ---- the text-to-image world: tiny image folders --------------------------------------------------------

@@ -1,21 +1,17 @@
 """Kill a real `dpops run` with SIGKILL mid-run, resume it, and get the uninterrupted numbers."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, load_config, to_tree
+from dp_ops.config import load_config
 from dp_ops.records.tracking import MlflowTracker, Registry
 from dp_ops.records.versioning import md5_file
-
-from conftest import tiny_tree
 
 DPOPS = [sys.executable, "-m", "dp_ops"]
 TIMINGS = {"gen_seconds", "train_seconds"}
@@ -26,19 +22,9 @@ def _strip(rounds):
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_generator, mlflow_store):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace, already migrated
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("DVC_STAGE", None)
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
-    tiny_generator.save(ws / "models" / "generator")
-    tree = to_tree(build_config(tiny_tree(train={"iterations": 160, "eval_every": 10}, dp={"max_rounds": 4})))
-    (ws / "params.yaml").write_text(yaml.safe_dump(tree))
-    return ws, env
+def workspace(dvc_workspace):
+    """A git + DVC workspace with the tiny generator and a run of a few rounds."""
+    return dvc_workspace(train={"iterations": 160, "eval_every": 10}, dp={"max_rounds": 4})
 
 
 def _dpops(ws, env, *args, **kw):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, to_tree
+from dp_ops.config import build_config
 from dp_ops.files import atomic_path, disk_error, unwritable, write_json
 from dp_ops.records.tracking import Registry
 
@@ -23,20 +23,9 @@ DPOPS = [sys.executable, "-m", "dp_ops"]
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_generator, mlflow_store):
+def workspace(dvc_workspace):
     """A git + DVC workspace with a trained tiny generator and a run long enough to be stopped mid-way."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    mlflow_store(ws)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("DVC_STAGE", None)
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
-    tiny_generator.save(ws / "models" / "generator")
-    tree = to_tree(build_config(tiny_tree(train={"iterations": 400, "eval_every": 10}, dp={"max_rounds": 3})))
-    (ws / "params.yaml").write_text(yaml.safe_dump(tree))
-    return ws, env
+    return dvc_workspace(train={"iterations": 400, "eval_every": 10}, dp={"max_rounds": 3})
 
 
 def _dpops(ws, env, *args):
