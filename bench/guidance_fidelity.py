@@ -54,7 +54,8 @@ def main() -> None:
         "learner H",
         "diversity",
         "img/s",
-        title=f"entropy guidance vs ω ({g.steps} DDIM steps, guided every {g.guide_every}; {ARGS.n} samples)",
+        title=f"entropy guidance vs ω ({g.steps} DDIM steps, guided every {g.guide_every}, {g.guidance_gradient} "
+        f"gradient, {g.precision}; {ARGS.n} samples)",
         title_justify="left",
     )
     for scale in ARGS.cfg:
@@ -64,6 +65,7 @@ def main() -> None:
             steps=g.steps,
             cfg_scale=scale,
             learner=judge.classify,
+            precision=g.precision,
             batch_size=g.batch_size,
         )
         pool = LabelledImages(quantize(warm.images), warm.labels)
@@ -79,6 +81,8 @@ def main() -> None:
                 learner=learner.classify,
                 omega=omega,
                 guide_every=g.guide_every,
+                gradient=g.guidance_gradient,
+                precision=g.precision,
                 batch_size=g.batch_size,
             )
             seconds = time.perf_counter() - t0

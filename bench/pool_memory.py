@@ -119,9 +119,10 @@ def gen_peak(folder: Path, mode: str, n: int, part_size: int, batch: int) -> dic
     import torch
 
     from dp_ops.config import GeneratorConfig
-    from dp_ops.engine.backends.pixel import GeneratorMeta, PixelDiffusion, build_scheduler, build_unet
+    from dp_ops.engine.backends.pixel import PixelDiffusion, build_scheduler, build_unet
     from dp_ops.engine.loop import round_labels, round_seeds
     from dp_ops.engine.rounds import Sampling, generate_round
+    from dp_ops.engine.saved import GeneratorMeta
 
     torch.set_num_threads(1)
     meta = GeneratorMeta(resolution=GEN_RES, num_classes=10, split_seed=0, data="digits", train_iterations=0)

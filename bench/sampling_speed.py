@@ -1,10 +1,13 @@
-"""Images/s of unguided vs entropy-guided DDIM sampling with the embedded generator, and their ratio.
+"""Images/s of DDIM sampling with the embedded generator: precision, memory layout and the entropy gradient,
+each mode against today's path (float32, contiguous, full gradient) in the same process.
 
-The paper measured a guided image at 1.82× the cost of an unguided one (SD-1.5 on an H100). Here the
-gradient flows through the UNet (x̂0 depends on ε̂(x_t)), and guidance runs every k-th step, so the
-ratio depends on k: this prints it for several k.
+Unguided and guided sampling (ω > 0, every ``generator.guide_every``-th step) are measured in each mode,
+interleaved (drifting machine load hits every mode alike), best of ``--repeats``. The last table puts the
+measured rates against this machine's ceiling: the peak GFLOP/s of a 2048² matmul in float32 and in
+bfloat16 (measured here too) over the UNet FLOPs one image costs (counted by ``torch.utils.flop_counter``).
+The paper measured a guided image at 1.82× an unguided one (SD-1.5, H100).
 
-    .venv/bin/python bench/sampling_speed.py [--params params.yaml] [-n 512] [--repeats 2]
+    .venv/bin/python bench/sampling_speed.py [--params params.yaml] [-S key=value] [-n 256] [--repeats 3]
 
 Uses the generator at generator.path (trains one first if absent, like `dpops run`).
 """
@@ -13,60 +16,115 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dp_ops import runner
 from dp_ops.config import load_config
 from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.paths import generator_exists
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    precision: str
+    channels_last: bool
+    gradient: str = "full"
+
+
+MODES = (
+    Mode("float32 (today)", "float32", False),
+    Mode("float32 + channels-last", "float32", True),
+    Mode("bfloat16", "bfloat16", False),
+    Mode("bfloat16 + channels-last", "bfloat16", True),
+    Mode("float32, x0 gradient", "float32", False, "x0"),
+    Mode("bfloat16, x0 gradient", "bfloat16", False, "x0"),
+)
+
+
+def peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
     ap.add_argument("-S", "--set", action="append", default=[])
-    ap.add_argument("-n", type=int, default=512, help="images per measurement")
+    ap.add_argument("-n", type=int, default=256, help="images per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config(args.params, args.set)
     real = runner.load_real_data(cfg)
-    generator = (
-        runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
-    )
+    generator = runner.load_generator(cfg) if generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
     learner = Trainer(build_learner(cfg.learner, real.num_classes, 1, cfg.seed), cfg.train, cfg.seed)
-    g = cfg.generator
-    labels = torch.arange(args.n) % real.num_classes
-    seeds = np.arange(args.n)
+    g, omega = cfg.generator, cfg.dp.omega or 0.05
+    labels, seeds = torch.arange(args.n) % real.num_classes, np.arange(args.n)
 
-    def seconds(omega: float, every: int, n: int = args.n) -> float:
-        t0 = time.perf_counter()
-        generator.sample(
-            labels[:n],
-            seeds[:n],
-            steps=g.steps,
-            cfg_scale=g.cfg_scale,
-            learner=learner.classify,
-            omega=omega,
-            guide_every=every,
-            batch_size=g.batch_size,
+    def seconds(mode: Mode, w: float, n: int = args.n) -> float:
+        layout = torch.channels_last if mode.channels_last else torch.contiguous_format
+        generator.unet.to(memory_format=layout)
+        return _timed(
+            lambda: generator.sample(
+                labels[:n],
+                seeds[:n],
+                steps=g.steps,
+                cfg_scale=g.cfg_scale,
+                learner=learner.classify,
+                omega=w,
+                guide_every=g.guide_every,
+                gradient=mode.gradient,
+                precision=mode.precision,
+                batch_size=g.batch_size,
+            )
         )
-        return time.perf_counter() - t0
 
-    omega = cfg.dp.omega or 0.05
-    modes = [("unguided", 0.0, 1)] + [(f"guided every {k} step(s)", omega, k) for k in sorted({1, 2, 5, g.guide_every})]
-    seconds(omega, 1, n=64)  # warm-up: allocator, thread pool, autograd graph
-    best = {name: float("inf") for name, _, _ in modes}
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every mode alike
-        for name, w, k in modes:
-            best[name] = min(best[name], seconds(w, k))
+    runs = [(m, "unguided", 0.0) for m in MODES if m.gradient == "full"] + [(m, "guided", omega) for m in MODES]
+    for m, _, w in runs:
+        seconds(m, w, n=min(64, args.n))  # warm-up: allocator, thread pool, oneDNN kernels, autograd graph
+    best = {(m.name, kind): float("inf") for m, kind, _ in runs}
+    for _ in range(args.repeats):
+        for m, kind, w in runs:
+            best[m.name, kind] = min(best[m.name, kind], seconds(m, w))
     print(
-        f"# {g.steps} DDIM steps, CFG {g.cfg_scale:g}, batch {g.batch_size}, {args.n} images, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved repeats, ω={omega:g}"
+        f"# {g.steps} DDIM steps, CFG {g.cfg_scale:g}, guided every {g.guide_every} step(s) at ω={omega:g}, "
+        f"batch {g.batch_size}, {args.n} images, {torch.get_num_threads()} threads, best of {args.repeats} interleaved"
     )
-    print(f"{'mode':<28}{'img/s':>10}{'cost ratio':>12}")
-    for name, _, _ in modes:
-        print(f"{name:<28}{args.n / best[name]:>10.1f}{best[name] / best['unguided']:>12.2f}")
+    base = MODES[0].name
+    print(f"{'mode':<28}{'unguided img/s':>16}{'× today':>9}{'guided img/s':>14}{'× today':>9}{'guided/unguided':>17}")
+    for m in MODES:
+        u, gd = best.get((m.name, "unguided")), best[m.name, "guided"]
+        cells = [f"{args.n / u:>16.1f}{best[base, 'unguided'] / u:>9.2f}" if u else f"{'—':>16}{'':>9}"]
+        cells.append(f"{args.n / gd:>14.1f}{best[base, 'guided'] / gd:>9.2f}")
+        cells.append(f"{gd / u:>17.2f}" if u else f"{'':>17}")
+        print(f"{m.name:<28}{''.join(cells)}")
+
+    generator.unet.to(memory_format=torch.contiguous_format)
+    x = generator.noise(np.arange(2))
+    with FlopCounterMode(display=False) as counter:
+        generator.eps(x, torch.tensor(500), torch.tensor([0, 1]), g.cfg_scale)
+    per_image = counter.get_total_flops() / 2 * g.steps  # (the CFG pair is one call of 2× the batch)
+    print(f"\n# ceiling: {per_image / 1e9:.2f} GFLOP per unguided image ({g.steps} steps, CFG pair)")
+    print(f"{'precision':<12}{'matmul GFLOP/s':>16}{'ceiling img/s':>15}{'best img/s':>12}{'share':>8}")
+    for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        peak = peak_gflops(dtype)
+        rate = max(
+            args.n / best[m.name, "unguided"] for m in MODES if m.precision == precision and m.gradient == "full"
+        )
+        ceiling = peak * 1e9 / per_image
+        print(f"{precision:<12}{peak:>16.0f}{ceiling:>15.0f}{rate:>12.1f}{rate / ceiling:>8.1%}")
 
 
 if __name__ == "__main__":

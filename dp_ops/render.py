@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -82,14 +83,19 @@ def run_summary(cfg: Config, result: RunResult) -> list[str]:
     """The lines under the rounds table: what ran and how well, what it used, where its files are."""
     s = result.summary
     acquired = "round 0 only" if s.rounds == 0 else f"round 0 and {plural(s.rounds, 'more round')}"
+    ood = "" if s.final_ood_acc is None else f"; OOD acc {s.final_ood_acc:.4f} on {OOD_SETS[cfg.data.name]}"
     return [
         f"[bold]{s.strategy}[/] ({_setting(cfg, s.strategy)}seed={cfg.seed}): "
         f"final val acc [bold]{s.final_val_acc:.4f}[/], held-out test acc [bold]{s.final_test_acc:.4f}[/] "
-        f"(best val {s.best_val_acc:.4f})",
+        f"(best val {s.best_val_acc:.4f}){ood}",
         f"pool {plural(s.pool_size, 'sample')} from {s.generated_samples} generated in {acquired}; "
         f"{plural(s.iterations, 'iteration')}; generation {s.gen_seconds:.1f} s, training {s.train_seconds:.1f} s",
         f"metrics: {cfg.output.metrics}   rounds: {cfg.output.rounds}   curve: {cfg.output.curve}",
     ]
+
+
+# what an embedded world's learner is also scored on at the end (RealData.ood), by data.name
+OOD_SETS = {"digits": "the 5,000 MNIST digits", "mnist": "the 1,797 scikit-learn digits"}
 
 
 def _setting(cfg: Config, strategy: str) -> str:
@@ -121,6 +127,7 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
         "UNet evals",
         "val acc",
         "test acc",
+        "OOD acc",
         title=f"DP vs static vs oversample-then-prune: mean ± sd over {'/'.join(map(str, seeds))} seed(s)",
         title_justify="left",
     )
@@ -136,8 +143,15 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
             f"{m['unet_evals']:.3g}",
             f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
             f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}",
+            _mean_sd(m, sd, "final_ood_acc"),
         )
     return table
+
+
+def _mean_sd(mean: dict[str, float], sd: dict[str, float], key: str) -> str:
+    """``mean±sd`` to 4 places; ``—`` where no run of the arm has the metric (NaN)."""
+    value = mean.get(key, math.nan)
+    return "—" if math.isnan(value) else f"{value:.4f}±{sd[key]:.4f}"
 
 
 def print_bench_result(console: Console, r: JobResult) -> None:

@@ -27,15 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dp_ops.config import Config, flatten, from_flat
-from dp_ops.engine.backends.pixel import (
-    CHECKSUMS,
-    META_FILE,
-    GeneratorMeta,
-    PixelDiffusion,
-    check_saved,
-    train_generator,
-)
-from dp_ops.engine.data import RealData, from_uint8, load_digits_data
+from dp_ops.engine.backends.pixel import PixelDiffusion, train_generator
+from dp_ops.engine.data import RealData, from_uint8, load_digits_data, load_mnist_data
 from dp_ops.engine.devices import DTYPES, check_devices
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.learner import known_models, micro_batches
@@ -44,9 +37,11 @@ from dp_ops.engine.pool import Pool
 from dp_ops.engine.quality import Quality, measure_quality
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.sampling import Generator
+from dp_ops.engine.saved import CHECKSUMS, META_FILE, GeneratorMeta
 from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError, RunAborted
-from dp_ops.files import disk_error, unwritable, write_json
+from dp_ops.files import disk_error, write_json
+from dp_ops.paths import check_generator, check_outputs, output_locations
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.lease import RunLease, check_free, lease_path
 from dp_ops.records.tracking import (
@@ -76,56 +71,7 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
         from dp_ops.engine.folders import scan_folders
 
         scan_folders(cfg.data)  # layout only; unreadable files surface in load_real_data, still before work
-    if cfg.generator.backend == "sd":
-        _check_sd_model(cfg.generator.model)
-        return
-    path = Path(cfg.generator.path)
-    if (path / META_FILE).is_file():
-        check_saved(path)  # a damaged generator folder is one line now, not a traceback when it loads
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())):  # (an empty folder: trained into)
-        raise ConfigError(
-            f"generator.path={cfg.generator.path!r}: exists but holds no trained generator "
-            f"({META_FILE} missing); use an empty or new folder to train one there"
-        )
-
-
-def output_locations(cfg: Config) -> dict[str, tuple[str, bool]]:
-    """Every place a run writes: config key -> (path, is a folder). ``generator.path`` only when the pixel
-    generator is still to be trained there."""
-    o = cfg.output
-    where = {
-        "output.metrics": (o.metrics, False),
-        "output.rounds": (o.rounds, False),
-        "output.curve": (o.curve, False),
-        "output.shards": (o.shards, True),
-        "output.checkpoints": (o.checkpoints, True),
-    }
-    if not generator_exists(cfg):
-        where["generator.path"] = (cfg.generator.path, True)
-    return where
-
-
-def check_outputs(cfg: Config) -> None:
-    """Each output location can be written (a read-only workspace, a path under a regular file): found out
-    now, not after round 0 was generated."""
-    for key, (path, folder) in output_locations(cfg).items():
-        why = unwritable(path, folder=folder)
-        if why is not None:
-            raise ConfigError(f"{key}={path!r}: cannot be written ({why})")
-
-
-def _check_sd_model(model: str) -> None:
-    """A local pipeline folder must have diffusers' layout; anything else is taken for a hub id."""
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if not looks_local:
-        return
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
-    if missing:
-        raise ConfigError(
-            f"generator.model={model!r}: not a Stable Diffusion pipeline folder (no {', '.join(missing)}/; "
-            "expected the save_pretrained layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-        )
+    check_generator(cfg)
 
 
 def load_real_data(cfg: Config) -> RealData:
@@ -133,14 +79,7 @@ def load_real_data(cfg: Config) -> RealData:
         from dp_ops.engine.folders import load_folder_data
 
         return load_folder_data(cfg.data)
-    return load_digits_data(cfg.data)
-
-
-def generator_exists(cfg: Config) -> bool:
-    """Is the generator ready to load (a pretrained ``sd`` pipeline always is; ``pixel`` once trained)?"""
-    if cfg.generator.backend != "pixel":
-        return True
-    return (Path(cfg.generator.path) / META_FILE).is_file()
+    return load_mnist_data(cfg.data) if cfg.data.name == "mnist" else load_digits_data(cfg.data)
 
 
 def train_and_save_generator(
@@ -165,7 +104,7 @@ def load_pixel(cfg: Config, world: World = SINGLE) -> PixelDiffusion:
     ``device`` (where the learner runs)."""
     generator = PixelDiffusion.load(cfg.generator.path)
     generator.check_matches(cfg.data)
-    return generator.to(world.device(cfg.device))
+    return generator.to(world.device(cfg.device), channels_last=cfg.generator.channels_last)
 
 
 def load_sd(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
@@ -213,6 +152,7 @@ def generator_facts(cfg: Config) -> GeneratorFacts:
     settings = {"train_iterations": raw["train_iterations"], **raw.get("training", {})}
     sums = raw.get(CHECKSUMS) or {}
     meta: dict[str, object] = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
+    meta["train_precision"] = raw.get("train_precision", "float32")
     meta.update({f"quality.{k}": v for k, v in raw.get("quality", {}).items()})
     if sums:
         listing = "".join(f"{name} {digest}\n" for name, digest in sorted(sums.items()))

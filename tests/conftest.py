@@ -20,8 +20,9 @@ import torch
 import yaml
 
 from dp_ops.config import Config, build_config, to_tree
-from dp_ops.engine.backends.pixel import GeneratorMeta, PixelDiffusion, train_generator
+from dp_ops.engine.backends.pixel import PixelDiffusion, train_generator
 from dp_ops.engine.data import RealData, load_digits_data
+from dp_ops.engine.saved import GeneratorMeta
 
 torch.set_num_threads(1)
 

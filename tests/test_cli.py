@@ -65,6 +65,7 @@ def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path, mlf
     rounds = json.loads((tmp_path / "out" / "rounds.json").read_text())
     assert rounds["strategy"] == "dp" and metrics["iterations"] == 60
     assert all(isinstance(v, int | float) for v in metrics.values())  # numbers only: `dvc exp show` columns
+    assert 0 <= metrics["final_ood_acc"] <= 1 and "OOD acc" in result.output  # scored on MNIST, reported only
     curve = json.loads((tmp_path / "out" / "curve.json").read_text())
     assert [c["iteration"] for c in curve] == list(range(10, 61, 10))  # (train.eval_every=10, 60 iterations)
     assert metrics["pool_size"] == rounds["rounds"][-1]["pool_size"]
@@ -132,6 +133,31 @@ def test_version_runs_without_loading_a_heavy_library():
     from dp_ops import __version__
 
     assert out.stdout.splitlines() == [f"dpops {__version__}", "[]"], out.stderr
+
+
+def test_bad_config_and_bad_paths_are_refused_before_any_heavy_import(tmp_path):
+    """Issue 19: the config and the paths are checked before torch & co. are imported, so the error is
+    immediate (one line, exit code 1, and no heavy library in the process)."""
+    import subprocess
+    import sys
+
+    params = _params(tmp_path)
+    (tmp_path / "blocker").write_text("x")
+    under_a_file = tmp_path / "blocker" / "runs"
+    cases = [["-S", "dp.omega=-1"], ["-S", f"output.shards={under_a_file}"]]
+    code = (
+        "import json, sys\nfrom dp_ops.cli import main\n"
+        f"for args in {cases!r}:\n"
+        f"    sys.argv = ['dpops', 'run', '--params', {str(params)!r}, *args]\n"
+        "    try:\n        main()\n    except SystemExit as exc:\n        code = exc.code\n"
+        f"    print(json.dumps([code, sorted(m for m in {HEAVY!r} if m in sys.modules)]), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.stdout.splitlines() == ["[1, []]", "[1, []]"], out.stderr
+    assert out.stderr.splitlines() == [
+        "error: dp.omega=-1: input should be greater than or equal to 0",
+        f"error: output.shards='{under_a_file}': cannot be written ({tmp_path / 'blocker'} is a file, not a folder)",
+    ]
 
 
 def test_shell_completion_is_offered_and_completes_the_choices():
@@ -206,3 +232,16 @@ def test_run_summaries_say_what_ran_with_plurals_right():
     over = _summary("oversample", 2)
     assert "ω" not in over and "(keeps 20 of 60 unguided per round, seed=0)" in over
     assert "pool 80 samples from 160 generated in round 0 and 2 more rounds" in over
+
+
+def test_the_run_summary_names_the_ood_set_of_its_world_and_only_when_there_is_one():
+    from dp_ops.config import build_config
+    from dp_ops.engine.loop import RunResult, RunSummary
+    from dp_ops.render import run_summary
+
+    summary = RunSummary("static", 0.85, 0.84, 0.86, 40, 40, 60, 0, 1.0, 2.0, 0, final_ood_acc=0.4321)
+    for name, names in (("digits", "the 5,000 MNIST digits"), ("mnist", "the 1,797 scikit-learn digits")):
+        cfg = build_config(tiny_tree(data={"name": name, "resolution": 8}))
+        first = run_summary(cfg, RunResult(summary, (), ()))[0]
+        assert first.endswith(f"(best val 0.8600); OOD acc 0.4321 on {names}"), first
+    assert "OOD" not in _summary("static", 0)  # no OOD set (image folders)

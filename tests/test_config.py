@@ -176,3 +176,33 @@ def test_the_experiment_is_the_configs_else_mlflow_experiment_name_else_dp_ops(m
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
     assert build_config({}).tracking.experiment_name == "from-env"
     assert build_config({"tracking": {"experiment": "mine"}}).tracking.experiment_name == "mine"
+
+
+def test_the_mnist_world_runs_the_pixel_generator_and_refuses_what_it_cannot():
+    cfg = load_config(None, ["data.name=mnist", "data.resolution=20"])
+    assert cfg.data.name == "mnist" and cfg.generator.backend == "pixel"
+    refused = {
+        "data.name=mnist data.resolution=65": "data.resolution=65: must be <= 64 for data.name='mnist' (28x28 images)",
+        "data.name=mnist generator.backend=sd generator.model=m": "generator.backend='sd': needs real images from "
+        "folders, set data.name=folder (not 'mnist')",
+        "data.name=mnist data.shard_resolution=32": "data.shard_resolution=32: the pixel generator samples at",
+        "data.name=cifar": "data.name='cifar': input should be 'digits', 'mnist' or 'folder'",
+    }
+    for overrides, expected in refused.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides.split())
+        message = str(info.value)
+        assert message.startswith(expected) and "\n" not in message, message
+
+
+def test_the_mnist_example_is_params_yaml_in_the_mnist_world():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    example, default = (flatten(load_config(root / p)) for p in ("examples/params-mnist.yaml", "params.yaml"))
+    changed = {k: (default[k], v) for k, v in example.items() if default[k] != v}
+    assert changed == {
+        "data.name": ("digits", "mnist"),
+        "generator.path": ("models/generator", "models/generator-mnist"),
+    }
+    assert example["data.resolution"] == 16  # chosen by measurement (README, "The MNIST world")

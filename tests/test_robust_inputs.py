@@ -12,9 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from dp_ops.config import build_config
-from dp_ops.engine.backends.pixel import META_FILE, WEIGHTS, PixelDiffusion
+from dp_ops.engine.backends.pixel import PixelDiffusion
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.loop import DPLoop, Observer
+from dp_ops.engine.saved import META_FILE, WEIGHTS
 from dp_ops.errors import DataError, GeneratorError, NonFiniteError
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 

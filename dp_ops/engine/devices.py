@@ -10,12 +10,23 @@ on every device (what differs between devices is only floating-point arithmetic)
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from dp_ops.config import Config
 from dp_ops.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager[object]:
+    """The one precision mechanism (``generator.precision``, ``train.precision``): ``bfloat16`` runs the
+    matrix products and convolutions inside in bfloat16 (AMX on recent x86 CPUs, tensor cores on GPUs)
+    while weights, their gradients and everything outside stay float32; ``float32`` changes nothing."""
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
 
 
 def resolve_device(name: str) -> torch.device:

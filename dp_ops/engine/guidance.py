@@ -62,17 +62,25 @@ def entropy_guidance(
     learner: Callable[[Tensor], Tensor],
     omega: float,
     to_learner: Callable[[Tensor], Tensor] = lambda x0: x0,
+    *,
+    through_eps: bool = True,
 ) -> GuidedStep:
     """One entropy-guided update of x_t (before the scheduler step).
 
-    ``eps_fn`` maps x_t to ε̂ (with classifier-free guidance already applied). The gradient flows through
-    ε̂ as well as through x̂0, i.e. it is the true ∇_{x_t}. The returned ε̂ was computed at the *unmoved*
+    ``eps_fn`` maps x_t to ε̂ (with classifier-free guidance already applied). With ``through_eps`` the
+    gradient flows through ε̂ as well as through x̂0, i.e. it is the true ∇_{x_t}; without, ε̂ is held
+    constant, so g = ∇_{x̂0}H / √ᾱ_t (the same direction as ∇_{x̂0}H, which the normalised step keeps) and
+    no backward pass goes through the model that gives ε̂. The returned ε̂ was computed at the *unmoved*
     x_t and is detached: the caller passes it to ``scheduler.step`` together with the moved x_t, so the
     scheduler is stepped exactly once per timestep and guidance costs one backward pass.
     """
     x = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
-        eps = eps_fn(x)
+        if through_eps:
+            eps = eps_fn(x)
+        else:
+            with torch.no_grad():
+                eps = eps_fn(x_t.detach())
         x0 = predict_x0(x, eps, alpha_bar_t)
         h = entropy(learner(to_learner(x0)))
         (g,) = torch.autograd.grad(h.sum(), x)

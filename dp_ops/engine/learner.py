@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dp_ops.config import LearnerConfig, TrainConfig
 from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
 from dp_ops.engine.data import AUGMENT, DROPOUT, MIX, LabelledImages, from_uint8, resize, step_seed
+from dp_ops.engine.devices import autocast
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.guidance import entropy
 from dp_ops.engine.pool import Pool
@@ -146,7 +147,9 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         self.device = torch.device(device)
+        self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(self.device)
+        self.model.to(memory_format=self.layout)  # type: ignore[call-overload]  # torch stubs lack memory_format
         self.cfg, self.world = cfg, world
         m = micro_batches(cfg, world)
         self.micro_size, self.mine = cfg.batch_size // m, world.block(m)  # this process's micro-batches
@@ -235,10 +238,15 @@ class Trainer:
         return self._to_input(images)
 
     def _loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, t: int, m: int) -> torch.Tensor:
-        if self.mixcut is None:
-            return F.cross_entropy(net(images), labels, label_smoothing=self.cfg.label_smoothing)
-        images, targets = self.mixcut(images, labels, step_seed(self.seed, t, MIX, m))  # (smoothing: in targets)
-        return soft_target_loss(net(images), targets)
+        """The training loss: the forward pass in ``train.precision`` and layout, the loss in float32."""
+        targets = None
+        if self.mixcut is not None:
+            images, targets = self.mixcut(images, labels, step_seed(self.seed, t, MIX, m))  # (smoothing: in targets)
+        with autocast(self.device, self.cfg.precision):
+            logits = net(images.contiguous(memory_format=self.layout)).float()
+        if targets is None:
+            return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        return soft_target_loss(logits, targets)
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the model reads them: resized to ``input_size`` when stored at another size."""

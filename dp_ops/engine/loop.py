@@ -84,9 +84,11 @@ class RunSummary:
     gen_seconds: float
     train_seconds: float
     unet_evals: int
+    final_ood_acc: float | None = None  # on the other embedded world's real digits (real.ood): reported only
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, less an absent OOD accuracy (metrics files hold numbers only)."""
+        return {k: v for k, v in asdict(self).items() if not (k == "final_ood_acc" and v is None)}
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,9 @@ class DPLoop:
         parts; for ``keep`` < n the candidates go to a scratch folder and only the ``keep`` of highest
         learner entropy (chosen by rank 0) become the round."""
         g, d, folder, world = self.cfg.generator, self.cfg.data, round_dir(self.shards, k), self.world
-        how = Sampling(g.steps, g.cfg_scale, g.guide_every, g.batch_size, self.trainer.classify)
+        how = Sampling(
+            g.steps, g.cfg_scale, g.guide_every, g.batch_size, self.trainer.classify, g.guidance_gradient, g.precision
+        )
         fmt = self.cfg.shard_format if keep == n else "raw"  # (candidates: a scratch format)
         out = folder if keep == n else folder.with_name(folder.name + ".candidates")
         if world.main:  # a round interrupted before its checkpoint is made again
@@ -331,6 +335,7 @@ class DPLoop:
             gen_seconds=sum(r.gen_seconds for r in self.records),
             train_seconds=train_seconds,
             unet_evals=sum(r.unet_evals for r in self.records),
+            final_ood_acc=None if self.real.ood is None else self.trainer.accuracy(self.real.ood),  # never decides
         )
         result = RunResult(summary, tuple(self.records), tuple(self.curve))
         self._emit("on_checkpoint", self.state_dict())  # the weights behind the final accuracies

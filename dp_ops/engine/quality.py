@@ -57,6 +57,7 @@ def measure_quality(
         steps=cfg.steps,
         cfg_scale=cfg.cfg_scale,
         learner=judge.classify,
+        precision=cfg.precision,
         batch_size=cfg.batch_size,
         progress=progress,
     )

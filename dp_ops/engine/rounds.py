@@ -62,6 +62,8 @@ class Sampling:
     guide_every: int
     batch_size: int
     learner: Callable[[torch.Tensor], torch.Tensor]
+    gradient: str = "full"  # generator.guidance_gradient
+    precision: str = "float32"  # generator.precision
 
 
 def generate_round(
@@ -97,6 +99,8 @@ def generate_round(
                     learner=how.learner,
                     omega=omega,
                     guide_every=how.guide_every,
+                    gradient=how.gradient,
+                    precision=how.precision,
                     batch_size=how.batch_size,
                 )
                 _check_finite(s, round_index, b)  # before anything of it is written (to_uint8 makes NaN 0)

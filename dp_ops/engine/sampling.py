@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dp_ops.engine.data import resize
+from dp_ops.engine.devices import autocast
 from dp_ops.engine.guidance import entropy, entropy_guidance
 
 Tensor = torch.Tensor
@@ -85,12 +86,15 @@ class Generator(ABC):
         learner: Learner,
         omega: float = 0.0,
         guide_every: int = 1,
+        gradient: str = "full",
+        precision: str = "float32",
         batch_size: int = 256,
         progress: Progress | None = None,
     ) -> Samples:
         """One image per label from per-sample seeds (sample i is reproducible alone, in any batch), on the
         CPU, in [-1, 1]; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps
-        (ω > 0) and scores the entropy of the returned images either way."""
+        (ω > 0) and scores the entropy of the returned images either way. ``gradient`` and ``precision``:
+        ``generator.guidance_gradient`` and ``generator.precision`` (see :func:`ddim`)."""
         images, ents = [], []
         for start in range(0, len(labels), batch_size):
             sl = slice(start, start + batch_size)
@@ -103,6 +107,8 @@ class Generator(ABC):
                 learner=learner,
                 omega=omega,
                 guide_every=guide_every,
+                gradient=gradient,
+                precision=precision,
             )
             with torch.no_grad():
                 x = self.to_images(x0).clamp(-1, 1)
@@ -137,9 +143,15 @@ def ddim(
     learner: Learner,
     omega: float = 0.0,
     guide_every: int = 1,
+    gradient: str = "full",
+    precision: str = "float32",
 ) -> Tensor:
     """The final x_0 of one batch: DDIM (η = 0) from seeded noise, entropy-guided at every ``guide_every``-th
-    step when ω > 0. Written out step by step so that guidance can move x_t before each ``scheduler.step``."""
+    step when ω > 0. Written out step by step so that guidance can move x_t before each ``scheduler.step``.
+
+    ``gradient``: ``full`` differentiates H through ε̂ (the UNet) and x̂0, ``x0`` through the learner and x̂0
+    only (ε̂ held constant: no UNet backward). ``precision``: the model calls (ε̂, the learner, the decode)
+    run under :func:`~dp_ops.engine.devices.autocast`; x_t, ε̂ as stepped and the scheduler stay float32."""
     scheduler = type(backend.scheduler).from_config(backend.scheduler.config)  # a private copy: set_timesteps mutates
     scheduler.set_timesteps(steps)
     x = backend.noise(seeds) * scheduler.init_noise_sigma
@@ -147,10 +159,20 @@ def ddim(
     for i, t in enumerate(scheduler.timesteps):
 
         def eps_fn(x_t: Tensor, t: Tensor = t) -> Tensor:
-            return backend.eps(scheduler.scale_model_input(x_t, t), t, labels, cfg_scale)
+            with autocast(x_t.device, precision):
+                return backend.eps(scheduler.scale_model_input(x_t, t), t, labels, cfg_scale).float()
 
         if omega > 0 and i % guide_every == 0:
-            step = entropy_guidance(x, eps_fn, scheduler.alphas_cumprod[t], learner, omega, backend.to_learner)
+            with autocast(x.device, precision):  # (the learner and the decode of x̂0)
+                step = entropy_guidance(
+                    x,
+                    eps_fn,
+                    scheduler.alphas_cumprod[t],
+                    learner,
+                    omega,
+                    backend.to_learner,
+                    through_eps=gradient == "full",
+                )
             x, eps = step.x_t, step.eps  # x_t moved up the entropy gradient; ε̂ from before the move
         else:
             with torch.no_grad():

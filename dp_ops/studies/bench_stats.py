@@ -33,6 +33,8 @@ FIELDS = (
     "final_val_acc",
     "final_test_acc",
 )
+# reported where the runs have it (not image-folder runs, nor runs made before it existed): NaN where none has
+OPTIONAL_FIELDS = ("final_ood_acc",)
 
 
 @dataclass(frozen=True)
@@ -88,22 +90,28 @@ def summarise(
     """One row per arm that has finished runs (``runs`` by (arm name, seed)), in the order of ``arms``."""
     rows = []
     for arm in arms:
-        per_seed = {seed: runs[(arm.name, seed)] for seed in seeds if (arm.name, seed) in runs}
+        per_seed = {seed: _fields(runs[(arm.name, seed)]) for seed in seeds if (arm.name, seed) in runs}
         if not per_seed:
             continue
-        values = {f: [float(m[f]) for m in per_seed.values()] for f in FIELDS}
+        values = {f: [m[f] for m in per_seed.values() if f in m] for f in (*FIELDS, *OPTIONAL_FIELDS)}
         rows.append(
             ArmStats(
                 arm.name,
                 arm.strategy,
                 arm.setting,
                 len(per_seed),
-                mean={f: statistics.fmean(v) for f, v in values.items()},
-                sd={f: statistics.stdev(v) if len(v) > 1 else 0.0 for f, v in values.items()},
-                per_seed={s: {f: float(m[f]) for f in FIELDS} for s, m in per_seed.items()},
+                mean={f: statistics.fmean(v) if v else math.nan for f, v in values.items()},
+                sd={f: (statistics.stdev(v) if len(v) > 1 else 0.0) if v else math.nan for f, v in values.items()},
+                per_seed=per_seed,
             )
         )
     return rows
+
+
+def _fields(metrics: dict[str, Any]) -> dict[str, float]:
+    """A run's averaged fields: every one of :data:`FIELDS`, and the optional ones it has."""
+    present = [f for f in OPTIONAL_FIELDS if metrics.get(f) is not None]
+    return {f: float(metrics[f]) for f in (*FIELDS, *present)}
 
 
 def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | None:

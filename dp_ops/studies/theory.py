@@ -8,20 +8,41 @@ Setting (Askari-Hemmat et al., ICML 2025, arXiv 2502.15588, Section 4)
   fraction ``p`` fixes ``ξ`` (hard: ``p = 2Φ(ξ) − 1``; easy: ``p = 2(1 − Φ(ξ))``); **keep all** is
   ``p = 1`` (no selection);
 * the learner is ridge on the ``n`` kept points,
-  ``ŵ = (XᵀX/n + λI)⁻¹ Xᵀy/n``, with ``d/n → φ``;
+  ``ŵ = (XᵀX/n + λI)⁻¹ Xᵀy/n``, with ``d/n → φ``. The paper normalises by the *pool* size ``n/p``
+  instead; its ``(φ_paper, λ_paper)`` are ``(p·φ, p·λ)`` here, for the very same ``ŵ`` (below):
+  ``λ = λ_paper/p`` (:func:`lam_from_paper`; the curves take ``lam_paper=`` and convert per point);
 * test error on fresh *unpruned* data: ``err = arccos(m0/√ν0)/π`` with ``m0 = w0ᵀŵ`` and
   ``ν0 = ‖ŵ‖²`` (the angle between ``ŵ`` and ``w0``, over π). ``m0 ≥ 0`` in the limit for every
   setting, so this equals the ``arccos(|m0|/√ν0)/π`` form; we keep the sign because it is the error
   of the classifier ``sign(ŵᵀx)`` itself.
 
-Source of the formulas: DERIVED HERE, not transcribed
------------------------------------------------------
-The paper's Theorem 1 (a "pruned Marchenko–Pastur" law) could not be retrieved in full from the
-reference corpus available while this module was written, so the limits below are our own
-derivation. They are checked against Monte Carlo in ``tests/test_theory.py`` (agreement within
-0.01 test error at d = 256 over p ∈ {1, 0.5, 0.2}, φ ∈ {0.5, 2}, λ ∈ {0.1, 1}, ρ ∈ {0.9, 1}, hard
-and easy). They should coincide with the paper's theorem written in different variables; no
-term-by-term comparison with the paper has been made.
+The paper's Theorem 1 and this derivation: the same limit
+---------------------------------------------------------
+:func:`paper_overlaps` is Theorem 1 as printed (the last term of ``ν0`` read as ``2φm′r/(1+φm)``;
+the camera-ready's ``2φm′/(1+φmr)`` is a typo). Its ridge ``(XᵀDX/N + λ_p I)⁻¹XᵀDY/N`` on the pool of
+``N = n/p`` points, ``D = diag(q)``, is *exactly* ridge on the ``n`` kept points with ``λ = λ_p/p``
+(``XᵀDX/N = p·X_keptᵀX_kept/n``), so ``ŵ`` is one vector and ``φ = φ_p/p``, ``λ = λ_p/p``. With
+``k = 1 + φ_p·m = 1 + φ·m_MP`` (one number in both variables; ``m_MP`` is the ``m`` below), term by term:
+
+====================================  ============================================================
+paper (pool-normalised)               here (kept-normalised)
+====================================  ============================================================
+``γ, β, β̃``                          ``p·κ, p·B, p·A`` (over the pool, not given kept)
+``m(−λ_p)``, ``m′(−λ_p)``             ``m_MP/p = k/(p(1+λ_eff))``, ``m′_MP/p²``
+``m̃(−λ_p)``                          ``k/(p(κ+λ_eff))`` (``m̃`` is ``m`` for the ``w_s`` direction)
+``βm``, ``β̃m̃``                      ``k·a_u``, ``k·a_s``
+``r = β²m + β̃²m̃``                   ``p·k·(A a_s + B a_u)``
+``r′``                                ``k²(a_s² + a_u²) + pφ_p m′·(κ a_s² + a_u²)``
+``ν0 − r′ = pφ_p m′ − 2φ_p m′r/k``    ``k²‖b‖² − pφ_p m′·(κ a_s² + a_u²)``, as ``k²‖b‖² = pφ_p m′·σ_r²``
+``m0``, ``ν0``                        ``k·m0``, ``k²·ν0``
+====================================  ============================================================
+
+So the theorem's ``m0``, ``ν0`` are the overlaps of ``k·ŵ``, not of ``ŵ`` (Monte Carlo of ``w0ᵀŵ``
+and ``‖ŵ‖²`` matches the values here and is off by ``k``, ``k²`` from the theorem's); the factor
+cancels in the angle, so the two test errors agree to rounding: ≤ 1e-14 over hard/easy/all, p down
+to 0.1, φ_p and φ around and away from 1, λ_p ∈ {0.01, 0.1, 1}, ρ ∈ {0.9, 1}; 2e-8 at ρ = 1 − 1e-9,
+where the quadrature of ``A`` (a near-step integrand) limits it. No regime differs. Both are checked
+against Monte Carlo in ``tests/studies/test_theory.py``.
 
 Derivation (sketch)
 -------------------
@@ -37,8 +58,8 @@ coordinates ``x⊥`` stay i.i.d. ``N(0, 1)``, independent of ``(s, y)``. Hence t
 
 Split ``ŵ = (a, b)`` into its ``z``-part ``a ∈ R²`` and its ``x⊥``-part ``b``. For fixed ``a`` the
 problem in ``b`` is ridge with an isotropic Gaussian design ``X⊥`` and a response
-``r = y − Z a`` independent of ``X⊥``; profiling ``b`` out leaves
-``(λ/2n)·rᵀ(X⊥X⊥ᵀ/n + λ)⁻¹r + (λ/2)‖a‖²``. By rotational invariance the quadratic forms concentrate:
+``ε = y − Z a`` independent of ``X⊥``; profiling ``b`` out leaves
+``(λ/2n)·εᵀ(X⊥X⊥ᵀ/n + λ)⁻¹ε + (λ/2)‖a‖²``. By rotational invariance the quadratic forms concentrate:
 ``vᵀ(X⊥X⊥ᵀ/n + λ)⁻¹w/n → τ·E[v w]`` for ``v, w`` independent of ``X⊥``, where ``τ`` is the companion
 Stieltjes transform. Minimising the limit over ``a`` and evaluating ``‖b‖²`` gives
 
@@ -91,12 +112,16 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 __all__ = [
     "MonteCarloResult",
     "Overlaps",
+    "PaperOverlaps",
     "SelectionMoments",
     "TheoryPoint",
     "kept_size_curve",
+    "lam_from_paper",
     "monte_carlo_error",
     "mp_stieltjes",
     "oversampling_curve",
+    "paper_error",
+    "paper_overlaps",
     "plot_theory",
     "selection_moments",
     "theory_error",
@@ -146,10 +171,33 @@ class Overlaps:
 
 
 @dataclass(frozen=True)
+class PaperOverlaps:
+    """Theorem 1's quantities at ``z = −λ_p``, in the paper's variables (``φ_p = d/N``, ``N`` the pool).
+
+    ``m0`` and ``ν0`` are the overlaps of ``(1 + φ_p·m)·ŵ`` (module docstring); ``error`` is the angle's.
+    """
+
+    gamma: float
+    beta: float
+    beta_tilde: float
+    m: float
+    m_prime: float
+    m_tilde: float
+    m_tilde_prime: float
+    r: float
+    r_prime: float
+    m0: float
+    nu0: float
+    error: float
+
+
+@dataclass(frozen=True)
 class TheoryPoint:
     """One point of a theory curve, with its Monte Carlo check (``mc`` is None when not run).
 
-    ``curve`` is ``"kept_size"`` (x = ``n``) or ``"oversampling"`` (x = ``ratio = 1/p``).
+    ``curve`` is ``"kept_size"`` (x = ``n``) or ``"oversampling"`` (x = ``ratio = 1/p``). ``lam`` is the
+    kept-normalised penalty used; ``lam_paper`` the paper's pool-normalised one when the curve held that
+    fixed (then ``lam = lam_paper/p``), None when it held ``lam`` fixed.
     """
 
     curve: str
@@ -161,6 +209,7 @@ class TheoryPoint:
     lam: float
     theory_error: float
     mc: MonteCarloResult | None = None
+    lam_paper: float | None = None
 
     @property
     def phi(self) -> float:
@@ -194,6 +243,7 @@ class TheoryPoint:
             "phi": self.phi,
             "rho": self.rho,
             "lam": self.lam,
+            "lam_paper": self.lam_paper,
             "theory_error": self.theory_error,
             "theory_accuracy": self.theory_accuracy,
             "mc_error_mean": None if self.mc is None else self.mc.mean,
@@ -235,10 +285,10 @@ def _check_rho(rho: Any) -> float:
     return v
 
 
-def _check_lam(lam: Any) -> float:
-    v = _as_float("lam", lam)
+def _check_lam(lam: Any, name: str = "lam") -> float:
+    v = _as_float(name, lam)
     if not v > 0.0:
-        raise ConfigError(f"lam={lam!r} is not allowed: the ridge penalty must be > 0")
+        raise ConfigError(f"{name}={lam!r} is not allowed: the ridge penalty must be > 0")
     return v
 
 
@@ -387,6 +437,78 @@ def theory_error(*, phi: float, p: float, rho: float, lam: float, keep: Keep = "
 
 
 # --------------------------------------------------------------------------------------------------
+# the paper's Theorem 1, as printed (pool-normalised variables)
+# --------------------------------------------------------------------------------------------------
+
+
+def lam_from_paper(lam_paper: float, p: float) -> float:
+    """The kept-normalised ``λ`` of this module for the paper's pool-normalised ``λ_p``: ``λ_p/p``.
+
+    ``(XᵀDX/N + λ_p I)⁻¹XᵀDY/N = (X_keptᵀX_kept/n + (λ_p/p) I)⁻¹X_keptᵀy/n`` with ``n = p·N``: the same
+    ``ŵ``. Likewise ``φ = d/n = φ_p/p``.
+    """
+    return _check_lam(lam_paper, "lam_paper") / _check_p(p)
+
+
+def _paper_moments(p: float, rho: float, keep: Keep) -> tuple[float, float, float]:
+    """``γ = E[qG²]``, ``β = 2E[qφ(τG)]``, ``β̃ = 2E[qΦ(τG)G]`` (over the pool; ``τ = ρ/σ``), closed form."""
+    sigma = math.sqrt(max(0.0, 1.0 - rho * rho))
+    xi = _xi(p, keep)
+    if keep == "all" or p >= 1.0:
+        lo, hi, gamma = 0.0, math.inf, 1.0
+    elif keep == "hard":  # γ = p − 2ξφ(ξ), without its cancellation at small p
+        lo, hi, gamma = 0.0, xi, float(special.gammainc(1.5, xi * xi / 2.0))
+    else:  # γ = p + 2ξφ(ξ)
+        lo, hi, gamma = xi, math.inf, float(special.gammaincc(1.5, xi * xi / 2.0))
+    # q is even: integrate over G ≥ 0 and double; ∫φ(τg)φ(g)dg = σ/√(2π)·Φ(g/σ) as 1 + τ² = 1/σ²
+    band = _phi_ratio(hi, sigma) - _phi_ratio(lo, sigma)
+    beta = 4.0 * sigma * _INV_SQRT_2PI * band
+
+    def edge(g: float) -> float:  # φ(g)·h(g), h = 2Φ(τg) − 1
+        if math.isinf(g):
+            return 0.0
+        h = math.copysign(2.0 * _phi_ratio(abs(rho) * g, sigma) - 1.0, rho)
+        return _INV_SQRT_2PI * math.exp(-g * g / 2.0) * h
+
+    # β̃ = E[qG·h(G)] (E[qG] = 0); by parts with h′ = 2τφ(τG) and τσ = ρ
+    beta_tilde = 2.0 * (edge(lo) - edge(hi)) + 4.0 * rho * _INV_SQRT_2PI * band
+    return gamma, beta, beta_tilde
+
+
+def paper_overlaps(*, phi: float, p: float, rho: float, lam: float, keep: Keep = "hard") -> PaperOverlaps:
+    """Theorem 1 as printed (camera-ready typo in ``ν0`` corrected, module docstring), at ``z = −λ``.
+
+    ``phi = d/N`` and ``lam`` are the paper's, normalised by the POOL size ``N`` (kept ``n = p·N``):
+    the same limit as :func:`theory_overlaps` at ``phi/p`` and ``lam/p``. ``keep="all"`` means ``p = 1``.
+    """
+    keep = _check_keep(keep)
+    phi = _check_phi(phi)
+    p = 1.0 if keep == "all" else _check_p(p)
+    rho = _check_rho(rho)
+    lam = _check_lam(lam)
+    gamma, beta, beta_t = _paper_moments(p, rho, keep)
+    # m(z) = (p−φ−z−√((p−φ−z)²−4φz))/(2φz) at z = −λ, in its cancellation-free form
+    c = p - phi + lam
+    disc = math.sqrt(c * c + 4.0 * phi * lam)
+    m = 2.0 / (c + disc) if c >= 0 else (disc - c) / (2.0 * phi * lam)
+    m_p = (phi * m * m + m) / (c + 2.0 * phi * lam * m)
+    k = 1.0 + phi * m
+    m_t = 1.0 / (gamma / k + lam)
+    m_tp = m_t * m_t * (1.0 + gamma * phi * m_p / (k * k))
+    r = beta * beta * m + beta_t * beta_t * m_t
+    r_p = beta * beta * m_p + beta_t * beta_t * m_tp
+    m0 = math.sqrt(max(0.0, 1.0 - rho * rho)) * beta * m + rho * beta_t * m_t
+    nu0 = p * phi * m_p + r_p - 2.0 * phi * m_p * r / k
+    err = _angle_error(abs(m0), nu0)
+    return PaperOverlaps(gamma, beta, beta_t, m, m_p, m_t, m_tp, r, r_p, m0, nu0, err)
+
+
+def paper_error(*, phi: float, p: float, rho: float, lam: float, keep: Keep = "hard") -> float:
+    """Theorem 1's test error ``arccos(|m0|/√ν0)/π``, in the paper's pool-normalised ``phi`` and ``lam``."""
+    return paper_overlaps(phi=phi, p=p, rho=rho, lam=lam, keep=keep).error
+
+
+# --------------------------------------------------------------------------------------------------
 # Monte Carlo
 # --------------------------------------------------------------------------------------------------
 
@@ -481,25 +603,44 @@ def _child_seeds(seed: int | np.random.Generator, count: int) -> list[np.random.
     return [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(count)]
 
 
+def _check_curve_lam(lam: Any, lam_paper: Any) -> tuple[float | None, float | None]:
+    """Exactly one of ``lam`` (normalised by the kept size) and ``lam_paper`` (by the pool size)."""
+    if (lam is None) == (lam_paper is None):
+        raise ConfigError(
+            f"lam={lam!r}, lam_paper={lam_paper!r} is not allowed: give exactly one "
+            "(lam normalises the ridge by the kept size, lam_paper by the pool size as the paper does)"
+        )
+    if lam_paper is None:
+        return _check_lam(lam), None
+    return None, _check_lam(lam_paper, "lam_paper")
+
+
+def _lam_at(lam: float | None, lam_paper: float | None, p: float) -> float:
+    """The kept-normalised ``λ`` of a point of kept fraction ``p``: ``lam``, or ``lam_paper/p``."""
+    return lam_from_paper(lam_paper, p) if lam_paper is not None else cast(float, lam)
+
+
 def kept_size_curve(
     *,
     d: int,
     kept_sizes: Sequence[int],
     p: float,
     rho: float,
-    lam: float,
+    lam: float | None = None,
+    lam_paper: float | None = None,
     mc_reps: int,
     seed: int | np.random.Generator = 0,
 ) -> list[TheoryPoint]:
     """Keep-all vs keep-hard (fraction ``p`` of a pool of ``⌈n/p⌉``) at each kept size ``n``.
 
     Returns, for every ``n`` in order, the keep-all point then the keep-hard point (``φ = d/n``).
-    ``mc_reps = 0`` skips Monte Carlo (``mc`` is None).
+    Give ``lam`` (kept-normalised) or ``lam_paper`` (the paper's, pool-normalised: each point uses
+    ``λ = lam_paper/p``, so keep-all and keep-hard differ). ``mc_reps = 0`` skips Monte Carlo.
     """
     d = _check_int("d", d, 3)
     p = _check_p(p)
     rho = _check_rho(rho)
-    lam = _check_lam(lam)
+    lam, lam_paper = _check_curve_lam(lam, lam_paper)
     mc_reps = _check_int("mc_reps", mc_reps, 0)
     sizes = [_check_int("kept_sizes[]", k, 1) for k in kept_sizes]
     gens = _child_seeds(seed, 2 * len(sizes))
@@ -507,12 +648,13 @@ def kept_size_curve(
     rules: tuple[tuple[Keep, float], ...] = (("all", 1.0), ("hard", p))
     for i, n in enumerate(sizes):
         for j, (keep, pk) in enumerate(rules):
-            th = theory_error(phi=d / n, p=pk, rho=rho, lam=lam, keep=keep)
+            lk = _lam_at(lam, lam_paper, pk)
+            th = theory_error(phi=d / n, p=pk, rho=rho, lam=lk, keep=keep)
             mc = None
             if mc_reps > 0:
                 gen = gens[2 * i + j]
-                mc = monte_carlo_error(d=d, n=n, p=pk, rho=rho, lam=lam, keep=keep, reps=mc_reps, seed=gen)
-            out.append(TheoryPoint("kept_size", keep, d, n, pk, rho, lam, th, mc))
+                mc = monte_carlo_error(d=d, n=n, p=pk, rho=rho, lam=lk, keep=keep, reps=mc_reps, seed=gen)
+            out.append(TheoryPoint("kept_size", keep, d, n, pk, rho, lk, th, mc, lam_paper))
     return out
 
 
@@ -522,15 +664,20 @@ def oversampling_curve(
     n: int,
     ratios: Sequence[float],
     rho: float,
-    lam: float,
+    lam: float | None = None,
+    lam_paper: float | None = None,
     mc_reps: int,
     seed: int | np.random.Generator = 0,
 ) -> list[TheoryPoint]:
-    """Keep the ``n`` hardest of a pool of ``ratio·n`` points (``p = 1/ratio``), for each ratio ≥ 1."""
+    """Keep the ``n`` hardest of a pool of ``ratio·n`` points (``p = 1/ratio``), for each ratio ≥ 1.
+
+    Give ``lam`` (kept-normalised, fixed along the curve) or ``lam_paper`` (the paper's, fixed along
+    the curve: each point uses ``λ = lam_paper·ratio``).
+    """
     d = _check_int("d", d, 3)
     n = _check_int("n", n, 1)
     rho = _check_rho(rho)
-    lam = _check_lam(lam)
+    lam, lam_paper = _check_curve_lam(lam, lam_paper)
     mc_reps = _check_int("mc_reps", mc_reps, 0)
     rs = []
     for r in ratios:
@@ -542,11 +689,12 @@ def oversampling_curve(
     out: list[TheoryPoint] = []
     for r, gen in zip(rs, gens, strict=True):
         p = 1.0 / r
-        th = theory_error(phi=d / n, p=p, rho=rho, lam=lam, keep="hard")
+        lk = _lam_at(lam, lam_paper, p)
+        th = theory_error(phi=d / n, p=p, rho=rho, lam=lk, keep="hard")
         mc = None
         if mc_reps > 0:
-            mc = monte_carlo_error(d=d, n=n, p=p, rho=rho, lam=lam, keep="hard", reps=mc_reps, seed=gen)
-        out.append(TheoryPoint("oversampling", "hard", d, n, p, rho, lam, th, mc))
+            mc = monte_carlo_error(d=d, n=n, p=p, rho=rho, lam=lk, keep="hard", reps=mc_reps, seed=gen)
+        out.append(TheoryPoint("oversampling", "hard", d, n, p, rho, lk, th, mc, lam_paper))
     return out
 
 
@@ -563,7 +711,12 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
 
     def acc(q: TheoryPoint, n: float, p: float) -> float:
         keep: Any = q.keep
-        return 1.0 - theory_error(phi=q.d / n, p=min(1.0, p), rho=q.rho, lam=q.lam, keep=keep)
+        p = min(1.0, p)
+        lam = q.lam if q.lam_paper is None else lam_from_paper(q.lam_paper, p)
+        return 1.0 - theory_error(phi=q.d / n, p=p, rho=q.rho, lam=lam, keep=keep)
+
+    def lam_label(q: TheoryPoint) -> str:
+        return f"λ={q.lam:g}" if q.lam_paper is None else f"λ_paper={q.lam_paper:g}"
 
     def mc_of(pts: Sequence[TheoryPoint]) -> list[tuple[TheoryPoint, MonteCarloResult]]:
         return [(q, q.mc) for q in pts if q.mc is not None]
@@ -609,7 +762,7 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
     if kept_points:
         q0 = kept_points[0]
         ax1.axvline(q0.d, color="0.6", lw=0.8, ls=":")
-        ax1.set_title(f"accuracy vs kept size (d={q0.d}, ρ={q0.rho:g}, λ={q0.lam:g})")
+        ax1.set_title(f"accuracy vs kept size (d={q0.d}, ρ={q0.rho:g}, {lam_label(q0)})")
         ax1.legend(fontsize=7)
 
     pts = sorted(ratio_points, key=lambda q: q.ratio)
@@ -635,7 +788,7 @@ def plot_theory(kept_points: Sequence[TheoryPoint], ratio_points: Sequence[Theor
                 capsize=2,
                 label="keep hard, Monte Carlo (±1 sd)",
             )
-        ax2.set_title(f"keep the n hardest of ratio·n (n={q0.n}, d={q0.d}, ρ={q0.rho:g}, λ={q0.lam:g})", fontsize=9)
+        ax2.set_title(f"keep the n hardest of ratio·n (n={q0.n}, d={q0.d}, ρ={q0.rho:g}, {lam_label(q0)})", fontsize=9)
         ax2.legend(fontsize=7)
     ax2.set_xscale("log")
     ax2.set_xlabel("oversampling ratio (pool / kept)")

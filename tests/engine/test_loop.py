@@ -66,7 +66,13 @@ def test_dp_triggers_guided_rounds_that_grow_the_pool_by_p(tiny_generator, real)
     assert s.iterations == 60 and s.rounds == len(rounds) - 1
     assert rec.evals == [10, 20, 30, 40, 50, 60] and len(result.curve) == 6
     assert 0.0 <= s.final_test_acc <= 1.0 and s.final_val_acc == result.curve[-1][1]
+    assert 0.0 <= s.final_ood_acc <= 1.0 and s.to_dict()["final_ood_acc"] == s.final_ood_acc  # on MNIST, reported
     assert [r.round for r in rec.rounds] == list(range(len(rounds)))
+
+
+def test_a_world_without_an_ood_set_reports_no_ood_accuracy(tiny_generator, real):
+    result, _ = _run(tiny_generator, dataclasses.replace(real, ood=None), dp={"strategy": "static"})
+    assert result.summary.final_ood_acc is None and "final_ood_acc" not in result.summary.to_dict()
 
 
 def test_static_never_adds_data(tiny_generator, real):
@@ -127,3 +133,12 @@ def test_same_seed_same_records_different_seed_different(tiny_generator, real):
     assert decisions(a) == decisions(b)
     assert decisions(a) != decisions(c)
     assert not math.isnan(a.summary.final_test_acc)
+    # the fast settings too: bfloat16 generation and training, channels-last learner, the x0 gradient
+    fast = dict(
+        generator={"precision": "bfloat16", "guidance_gradient": "x0"},
+        train={"precision": "bfloat16", "channels_last": True},
+    )
+    d, _ = _run(tiny_generator, real, **fast)
+    e, _ = _run(tiny_generator, real, **fast)
+    assert decisions(d) == decisions(e)
+    assert decisions(d) != decisions(a)

@@ -33,7 +33,9 @@ from conftest import tiny_tree
 def saved_generator(tmp_path, tiny_generator):
     """The tiny generator (trained for 30 iterations) saved with a quality figure, as a cached one is."""
     g = PixelDiffusion(
-        tiny_generator.unet, tiny_generator.scheduler, replace(tiny_generator.meta, quality={"judge": 0.5})
+        tiny_generator.unet,
+        tiny_generator.scheduler,
+        replace(tiny_generator.meta, quality={"judge": 0.5}, train_precision="bfloat16"),
     )
     g.save(tmp_path / "generator")
     return tmp_path / "generator"
@@ -120,6 +122,7 @@ def test_the_run_and_its_rounds_say_what_ran(
     # the generator that ran, not the config's idea of it
     assert params["generator.train_iterations"] == "30" and params["generator.channels"] == "[8, 16]"
     assert params["generator_meta.quality.judge"] == "0.5" and len(params["generator_meta.sha256"]) == 64
+    assert params["generator_meta.train_precision"] == "bfloat16"  # (how it was trained: recorded apart)
     assert from_flat(config_params(params)).generator.train_iterations == 30  # (what a resume rebuilds)
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config", "reports", "generator"} <= artifacts

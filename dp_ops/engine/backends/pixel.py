@@ -6,66 +6,31 @@ A ``UNet2DModel`` with a class embedding predicts ε; one extra class index (``n
 (:mod:`dp_ops.engine.guidance`) when ω > 0; this module supplies ε̂, the initial noise, and x̂0 as is.
 
 Saved with diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
-``<path>/dpops_generator.json`` (what it was trained on, its measured quality, and the sha256 of every
-other file of the folder). :func:`check_saved` reads that folder without loading a model (the runner's
-preflight calls it, :meth:`PixelDiffusion.load` too): a damaged file, a missing key or weights whose
-checksum does not match are one :class:`~dp_ops.errors.GeneratorError` line naming the file, never a
-model that loads and samples silently wrong.
+``<path>/dpops_generator.json``: the folder's layout, its metadata and
+:func:`~dp_ops.engine.saved.check_saved` (which :meth:`PixelDiffusion.load` calls first) live in
+:mod:`dp_ops.engine.saved`, light enough for the CLI to check a folder before it imports this module.
 """
 
 from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 
-from dp_ops.config import Config, DataConfig, GeneratorConfig
+from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
+from dp_ops.engine.devices import autocast
 from dp_ops.engine.sampling import Generator, Progress, seeded_noise
+from dp_ops.engine.saved import CHECKSUMS, META_FILE, REDO, GeneratorMeta, check_saved, file_sha256
 from dp_ops.errors import GeneratorError
 from dp_ops.files import atomic_path, write_json
-
-META_FILE = "dpops_generator.json"
-CHECKSUMS = "sha256"  # the meta's key: relative path -> sha256 of every other file of the folder
-# the generator.* keys that shape a trained generator (recorded in its meta, so a run can say what it loaded)
-TRAINING_KEYS = ("channels", "train_iterations", "train_batch_size", "train_lr", "label_dropout")
-# what a folder needs besides the meta (diffusers' save_pretrained layout, safetensors weights)
-UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG = (
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-)
-_REDO = "retrain it (dpops generator train replaces the folder) or point generator.path elsewhere"
-
-
-@dataclass(frozen=True)
-class GeneratorMeta:
-    """What a saved generator was trained on; a run refuses a generator that does not match its data."""
-
-    resolution: int
-    num_classes: int
-    split_seed: int
-    data: str
-    train_iterations: int
-    quality: dict[str, float] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)  # the other generator.* keys it was trained with
-
-    @classmethod
-    def of(cls, cfg: Config, num_classes: int) -> GeneratorMeta:
-        """What a generator trained now with ``cfg`` on its data's generator-train split is trained on."""
-        d, g = cfg.data, cfg.generator
-        training = {key: getattr(g, key) for key in TRAINING_KEYS if key != "train_iterations"}
-        return cls(d.resolution, num_classes, d.split_seed, d.name, g.train_iterations, training=training)
 
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
@@ -112,12 +77,13 @@ class PixelDiffusion(Generator):
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
-            write_json(tmp / META_FILE, {**asdict(self.meta), CHECKSUMS: {f: _sha256(tmp / f) for f in files}})
+            write_json(tmp / META_FILE, {**asdict(self.meta), CHECKSUMS: {f: file_sha256(tmp / f) for f in files}})
 
-    def to(self, device: torch.device | str) -> PixelDiffusion:
-        """Move the UNet to ``device`` (where the learner runs); noise is still drawn on the CPU, so the same
-        seeds give the same starting points on every device."""
-        self.unet.to(device)
+    def to(self, device: torch.device | str, *, channels_last: bool = False) -> PixelDiffusion:
+        """Move the UNet to ``device`` (where the learner runs), in channels-last layout if asked
+        (``generator.channels_last``); noise is still drawn on the CPU, so the same seeds give the same
+        starting points on every device."""
+        self.unet.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
 
     @classmethod
@@ -129,7 +95,7 @@ class PixelDiffusion(Generator):
             scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
         except Exception as exc:  # (a folder from before checksums, damaged in a way check_saved cannot see)
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
-            raise GeneratorError(f"{path}: diffusers cannot load the generator ({cause}); {_REDO}") from None
+            raise GeneratorError(f"{path}: diffusers cannot load the generator ({cause}); {REDO}") from None
         return cls(unet, scheduler, meta)
 
     def check_matches(self, data: DataConfig) -> None:
@@ -155,9 +121,9 @@ class PixelDiffusion(Generator):
         unconditional half from the null class, in one batched UNet call."""
         n = x_t.shape[0]
         if cfg_scale == 1.0:
-            return self.unet(x_t, t.expand(n), class_labels=labels).sample
+            return self.unet(x_t, t.expand(n), class_labels=labels).sample.float()
         null = torch.full_like(labels, self.null_class)
-        out = self.unet(torch.cat([x_t, x_t]), t.expand(2 * n), class_labels=torch.cat([labels, null])).sample
+        out = self.unet(torch.cat([x_t, x_t]), t.expand(2 * n), class_labels=torch.cat([labels, null])).sample.float()
         eps_c, eps_u = out[:n], out[n:]
         return eps_u + cfg_scale * (eps_c - eps_u)
 
@@ -168,64 +134,6 @@ class PixelDiffusion(Generator):
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Pixels are the images: the final x_0 itself."""
         return x0
-
-
-def check_saved(path: str | Path) -> GeneratorMeta:
-    """The meta of the generator saved at ``path``, after checking the folder without loading a model: the
-    meta and both configs are JSON with the keys they need, the weights are there and not empty, and every
-    file's sha256 is the one recorded at save (a folder saved before checksums: the rest only)."""
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
-    raw = _json_object(path / META_FILE)
-    names = [f.name for f in fields(GeneratorMeta)]
-    missing = [n for n in names if n not in raw and n not in ("quality", "training")]
-    if missing:
-        raise GeneratorError(f"{path / META_FILE}: missing key {missing[0]!r} (it needs {', '.join(names)}); {_REDO}")
-    meta = GeneratorMeta(**{n: raw[n] for n in names if n in raw})
-    kinds = {"resolution": int, "num_classes": int, "split_seed": int, "train_iterations": int, "data": str}
-    for key, kind in kinds.items():
-        value = getattr(meta, key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise GeneratorError(f"{path / META_FILE}: {key}={value!r} is not a {kind.__name__}; {_REDO}")
-    for name in (UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG):
-        file = path / name
-        if not file.is_file():
-            raise GeneratorError(f"{file}: missing from the generator folder; {_REDO}")
-        if file.stat().st_size == 0:
-            raise GeneratorError(f"{file}: empty file (0 bytes); {_REDO}")
-    for name, key in ((UNET_CONFIG, "sample_size"), (SCHEDULER_CONFIG, "num_train_timesteps")):
-        if key not in _json_object(path / name):
-            raise GeneratorError(f"{path / name}: missing key {key!r}; {_REDO}")
-    sums = raw.get(CHECKSUMS)
-    if sums is not None:
-        if not isinstance(sums, dict):
-            raise GeneratorError(f"{path / META_FILE}: {CHECKSUMS} must map file names to checksums; {_REDO}")
-        for name, digest in sums.items():
-            file = path / str(name)
-            if not file.is_file():
-                raise GeneratorError(f"{file}: missing from the generator folder; {_REDO}")
-            if _sha256(file) != digest:
-                raise GeneratorError(f"{file}: damaged (its sha256 is not the one recorded at save); {_REDO}")
-    return meta
-
-
-def _json_object(file: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GeneratorError(f"{file}: not valid JSON ({exc}); {_REDO}") from None
-    if not isinstance(value, dict):
-        raise GeneratorError(f"{file}: not a JSON object of keys; {_REDO}")
-    return value
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with file.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train_generator(
@@ -254,7 +162,9 @@ def train_generator(
         y[torch.rand(len(y), generator=rng) < cfg.label_dropout] = meta.num_classes
         noise = torch.randn(x0.shape, generator=rng)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=rng)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        with autocast("cpu", cfg.precision):
+            eps = unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample
+        loss = F.mse_loss(eps.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

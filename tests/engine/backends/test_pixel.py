@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dp_ops.config import DataConfig
-from dp_ops.engine.backends.pixel import META_FILE, PixelDiffusion
+from dp_ops.engine.backends.pixel import PixelDiffusion
 from dp_ops.engine.learner import build_learner
+from dp_ops.engine.saved import META_FILE
 from dp_ops.errors import GeneratorError
 
 

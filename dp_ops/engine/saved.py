@@ -1,0 +1,124 @@
+"""A saved pixel generator's folder, read without loading a model: its file names, its metadata
+(:class:`GeneratorMeta`) and :func:`check_saved`. Standard library only (no torch, no diffusers), so the CLI
+checks a generator folder before it imports them; :mod:`dp_ops.engine.backends.pixel` writes and loads
+the folder.
+
+Layout: diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
+``<path>/dpops_generator.json`` (what it was trained on, its measured quality, and the sha256 of every
+other file of the folder). A damaged file, a missing key or weights whose checksum does not match are one
+:class:`~dp_ops.errors.GeneratorError` line naming the file, never a model that loads and samples silently
+wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dp_ops.config import Config
+from dp_ops.errors import GeneratorError
+
+META_FILE = "dpops_generator.json"
+CHECKSUMS = "sha256"  # the meta's key: relative path -> sha256 of every other file of the folder
+# the generator.* keys that shape a trained generator (recorded in its meta, so a run can say what it loaded)
+TRAINING_KEYS = ("channels", "train_iterations", "train_batch_size", "train_lr", "label_dropout")
+# what a folder needs besides the meta (diffusers' save_pretrained layout, safetensors weights)
+UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG = (
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+)
+REDO = "retrain it (dpops generator train replaces the folder) or point generator.path elsewhere"
+
+
+@dataclass(frozen=True)
+class GeneratorMeta:
+    """What a saved generator was trained on; a run refuses a generator that does not match its data."""
+
+    resolution: int
+    num_classes: int
+    split_seed: int
+    data: str
+    train_iterations: int
+    quality: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # the other generator.* keys it was trained with
+    # generator.precision when it was trained (that key also sets how a run samples, so it is kept apart;
+    # folders from before it were trained in float32)
+    train_precision: str = "float32"
+
+    @classmethod
+    def of(cls, cfg: Config, num_classes: int) -> GeneratorMeta:
+        """What a generator trained now with ``cfg`` on its data's generator-train split is trained on."""
+        d, g = cfg.data, cfg.generator
+        training = {key: getattr(g, key) for key in TRAINING_KEYS if key != "train_iterations"}
+        return cls(
+            d.resolution,
+            num_classes,
+            d.split_seed,
+            d.name,
+            g.train_iterations,
+            training=training,
+            train_precision=g.precision,
+        )
+
+
+def check_saved(path: str | Path) -> GeneratorMeta:
+    """The meta of the generator saved at ``path``, after checking the folder without loading a model: the
+    meta and both configs are JSON with the keys they need, the weights are there and not empty, and every
+    file's sha256 is the one recorded at save (a folder saved before checksums: the rest only)."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
+    raw = _json_object(path / META_FILE)
+    names = [f.name for f in fields(GeneratorMeta)]
+    missing = [n for n in names if n not in raw and n not in ("quality", "training", "train_precision")]
+    if missing:
+        raise GeneratorError(f"{path / META_FILE}: missing key {missing[0]!r} (it needs {', '.join(names)}); {REDO}")
+    meta = GeneratorMeta(**{n: raw[n] for n in names if n in raw})
+    kinds = {"resolution": int, "num_classes": int, "split_seed": int, "train_iterations": int, "data": str}
+    for key, kind in kinds.items():
+        value = getattr(meta, key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise GeneratorError(f"{path / META_FILE}: {key}={value!r} is not a {kind.__name__}; {REDO}")
+    for name in (UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG):
+        file = path / name
+        if not file.is_file():
+            raise GeneratorError(f"{file}: missing from the generator folder; {REDO}")
+        if file.stat().st_size == 0:
+            raise GeneratorError(f"{file}: empty file (0 bytes); {REDO}")
+    for name, key in ((UNET_CONFIG, "sample_size"), (SCHEDULER_CONFIG, "num_train_timesteps")):
+        if key not in _json_object(path / name):
+            raise GeneratorError(f"{path / name}: missing key {key!r}; {REDO}")
+    sums = raw.get(CHECKSUMS)
+    if sums is not None:
+        if not isinstance(sums, dict):
+            raise GeneratorError(f"{path / META_FILE}: {CHECKSUMS} must map file names to checksums; {REDO}")
+        for name, digest in sums.items():
+            file = path / str(name)
+            if not file.is_file():
+                raise GeneratorError(f"{file}: missing from the generator folder; {REDO}")
+            if file_sha256(file) != digest:
+                raise GeneratorError(f"{file}: damaged (its sha256 is not the one recorded at save); {REDO}")
+    return meta
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GeneratorError(f"{file}: not valid JSON ({exc}); {REDO}") from None
+    if not isinstance(value, dict):
+        raise GeneratorError(f"{file}: not a JSON object of keys; {REDO}")
+    return value
+
+
+def file_sha256(file: Path) -> str:
+    """The sha256 of ``file``'s bytes, read in 1 MiB chunks (what the meta records for every file)."""
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
