@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--guide-every", type=int, default=5)
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--omega", type=float, default=0.05)
+    ap.add_argument("--gradient", default="full", choices=["full", "x0"], help="generator.guidance_gradient")
     ap.add_argument("--resolution", type=int, default=None, help="default 512; tiny 32")
     ap.add_argument("--learner", default=None, help="timm model (default resnet50; tiny dpops_convnet_tiny)")
     ap.add_argument("--learner-size", type=int, default=None, help="learner input side (default 224; tiny 16)")
@@ -106,6 +107,7 @@ def main() -> None:
             learner=learner.classify,
             omega=omega,
             guide_every=every,
+            gradient=args.gradient,
             batch_size=args.batch_size,
         )
         if device.type == "cuda":

@@ -111,10 +111,18 @@ class DataConfig(_Section):
 
 
 # Sampling defaults per backend, used for keys a params file leaves out (the sd values are the paper's:
-# 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step).
+# 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step; the pixel model's
+# bfloat16 and x0 gradient were chosen by measurement on a CPU, README "Speed").
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "pixel": {"steps": 6, "cfg_scale": 2.0, "guide_every": 2},
-    "sd": {"steps": 30, "cfg_scale": 4.0, "guide_every": 5, "batch_size": 8, "precision": "float32"},
+    "sd": {
+        "steps": 30,
+        "cfg_scale": 4.0,
+        "guide_every": 5,
+        "batch_size": 8,
+        "precision": "float32",  # (generator.dtype sets an sd pipeline's precision)
+        "guidance_gradient": "full",  # (x0, measured on the pixel model only, awaits a GPU measurement)
+    },
 }
 
 
@@ -135,13 +143,13 @@ class GeneratorConfig(_Section):
     attention_slicing: bool = Field(False, description="sd: compute attention in slices (less memory)")
     batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="samples generated per forward pass")
     precision: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="compute precision (autocast) of sampling, guided sampling and pixel generator training; "
-        "weights, x_t and the scheduler stay float32",
+        "bfloat16",
+        description="compute precision (autocast) of sampling and guided sampling; weights, x_t and the "
+        "scheduler stay float32",
     )
     channels_last: bool = Field(False, description="pixel: the UNet in channels-last memory layout")
     guidance_gradient: Literal["full", "x0"] = Field(
-        "full",
+        "x0",
         description="entropy gradient through ε̂ and x̂0 (full: the true ∇x_t, one UNet backward) or through the "
         "learner and x̂0 only (x0: ε̂ held constant, no UNet backward)",
     )
@@ -149,6 +157,9 @@ class GeneratorConfig(_Section):
     train_iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
     train_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     train_lr: float = Field(2e-3, gt=0)
+    train_precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="pixel: compute precision (autocast) of generator training; weights stay float32"
+    )
     label_dropout: float = Field(0.1, ge=0, lt=1, description="probability of the null class (for CFG)")
 
     @model_validator(mode="before")
@@ -175,8 +186,9 @@ class GeneratorConfig(_Section):
             for key, default in (("resolution", 0), ("dtype", "float32")):
                 if getattr(self, key) != default:
                     raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='sd'")
-        if self.backend == "sd" and self.channels_last:
-            raise ValueError("generator.channels_last=true: only for generator.backend='pixel'")
+        for key, default in (("channels_last", False), ("train_precision", "float32")):
+            if self.backend == "sd" and getattr(self, key) != default:
+                raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='pixel'")
         if self.backend == "sd" and self.dtype != "float32" and self.precision != "float32":
             raise ValueError(
                 f"generator.precision={self.precision!r}: the pipeline's weights are already {self.dtype} "
@@ -242,7 +254,7 @@ class TrainConfig(_Section):
         "(their number must divide M); 0 = one per process",
     )
     precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute precision (autocast) of the learner's training steps; weights stay float32"
+        "bfloat16", description="compute precision (autocast) of the learner's training steps; weights stay float32"
     )
     channels_last: bool = Field(False, description="the learner in channels-last memory layout")
     eval_batch_size: int = Field(

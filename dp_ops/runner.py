@@ -152,7 +152,6 @@ def generator_facts(cfg: Config) -> GeneratorFacts:
     settings = {"train_iterations": raw["train_iterations"], **raw.get("training", {})}
     sums = raw.get(CHECKSUMS) or {}
     meta: dict[str, object] = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
-    meta["train_precision"] = raw.get("train_precision", "float32")
     meta.update({f"quality.{k}": v for k, v in raw.get("quality", {}).items()})
     if sums:
         listing = "".join(f"{name} {digest}\n" for name, digest in sorted(sums.items()))

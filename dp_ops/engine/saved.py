@@ -24,7 +24,7 @@ from dp_ops.errors import GeneratorError
 META_FILE = "dpops_generator.json"
 CHECKSUMS = "sha256"  # the meta's key: relative path -> sha256 of every other file of the folder
 # the generator.* keys that shape a trained generator (recorded in its meta, so a run can say what it loaded)
-TRAINING_KEYS = ("channels", "train_iterations", "train_batch_size", "train_lr", "label_dropout")
+TRAINING_KEYS = ("channels", "train_iterations", "train_batch_size", "train_lr", "train_precision", "label_dropout")
 # what a folder needs besides the meta (diffusers' save_pretrained layout, safetensors weights)
 UNET_CONFIG, WEIGHTS, SCHEDULER_CONFIG = (
     "unet/config.json",
@@ -45,24 +45,13 @@ class GeneratorMeta:
     train_iterations: int
     quality: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # the other generator.* keys it was trained with
-    # generator.precision when it was trained (that key also sets how a run samples, so it is kept apart;
-    # folders from before it were trained in float32)
-    train_precision: str = "float32"
 
     @classmethod
     def of(cls, cfg: Config, num_classes: int) -> GeneratorMeta:
         """What a generator trained now with ``cfg`` on its data's generator-train split is trained on."""
         d, g = cfg.data, cfg.generator
         training = {key: getattr(g, key) for key in TRAINING_KEYS if key != "train_iterations"}
-        return cls(
-            d.resolution,
-            num_classes,
-            d.split_seed,
-            d.name,
-            g.train_iterations,
-            training=training,
-            train_precision=g.precision,
-        )
+        return cls(d.resolution, num_classes, d.split_seed, d.name, g.train_iterations, training=training)
 
 
 def check_saved(path: str | Path) -> GeneratorMeta:
@@ -74,7 +63,7 @@ def check_saved(path: str | Path) -> GeneratorMeta:
         raise GeneratorError(f"generator.path={str(path)!r}: no trained generator there ({META_FILE} missing)")
     raw = _json_object(path / META_FILE)
     names = [f.name for f in fields(GeneratorMeta)]
-    missing = [n for n in names if n not in raw and n not in ("quality", "training", "train_precision")]
+    missing = [n for n in names if n not in raw and n not in ("quality", "training")]
     if missing:
         raise GeneratorError(f"{path / META_FILE}: missing key {missing[0]!r} (it needs {', '.join(names)}); {REDO}")
     meta = GeneratorMeta(**{n: raw[n] for n in names if n in raw})

@@ -28,6 +28,8 @@ from dp_ops.runner import run_tracked
 
 from conftest import tiny_tree
 
+BF16 = {"train_precision": "bfloat16"}  # (recorded as if trained so: a run's params say what the generator was)
+
 
 @pytest.fixture
 def saved_generator(tmp_path, tiny_generator):
@@ -35,7 +37,7 @@ def saved_generator(tmp_path, tiny_generator):
     g = PixelDiffusion(
         tiny_generator.unet,
         tiny_generator.scheduler,
-        replace(tiny_generator.meta, quality={"judge": 0.5}, train_precision="bfloat16"),
+        replace(tiny_generator.meta, quality={"judge": 0.5}, training=tiny_generator.meta.training | BF16),
     )
     g.save(tmp_path / "generator")
     return tmp_path / "generator"
@@ -122,7 +124,7 @@ def test_the_run_and_its_rounds_say_what_ran(
     # the generator that ran, not the config's idea of it
     assert params["generator.train_iterations"] == "30" and params["generator.channels"] == "[8, 16]"
     assert params["generator_meta.quality.judge"] == "0.5" and len(params["generator_meta.sha256"]) == 64
-    assert params["generator_meta.train_precision"] == "bfloat16"  # (how it was trained: recorded apart)
+    assert params["generator.train_precision"] == "bfloat16"  # (the config said float32)
     assert from_flat(config_params(params)).generator.train_iterations == 30  # (what a resume rebuilds)
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"config", "reports", "generator"} <= artifacts

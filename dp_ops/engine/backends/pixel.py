@@ -162,7 +162,7 @@ def train_generator(
         y[torch.rand(len(y), generator=rng) < cfg.label_dropout] = meta.num_classes
         noise = torch.randn(x0.shape, generator=rng)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=rng)
-        with autocast("cpu", cfg.precision):
+        with autocast("cpu", cfg.train_precision):
             eps = unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample
         loss = F.mse_loss(eps.float(), noise)
         opt.zero_grad(set_to_none=True)
