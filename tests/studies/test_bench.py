@@ -192,6 +192,8 @@ def _bench(params_file, *args, **kw):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # as a program started in a terminal: a shell's background job (`make test &`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kw,
     )
 
