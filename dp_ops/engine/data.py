@@ -157,11 +157,7 @@ def to_resolution(images01: np.ndarray, resolution: int) -> torch.Tensor:
 
 def _embedded_arrays(name: EmbeddedWorld) -> tuple[np.ndarray, np.ndarray]:
     """An embedded world's images as float32 (n, H, H) in [0, 1] and int64 labels (read-only, cached)."""
-    if name == "digits":
-        return _digits_arrays()
-    if name == "mnist":
-        return _mnist_arrays()
-    raise DataError(f"data.name={name!r}: not an embedded world (digits, mnist)")
+    return _digits_arrays() if name == "digits" else _mnist_arrays()
 
 
 @lru_cache(maxsize=1)
