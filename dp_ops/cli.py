@@ -195,7 +195,12 @@ def _config(params: Path | None, overrides: list[str] | None) -> Config:
 def _quiet_libraries() -> None:
     """MLflow announces database creation and migrations at INFO, Optuna every trial: the CLI keeps the
     user's screen for what dp_ops has to say (their warnings and errors still show). By logger name, so
-    that commands which never touch MLflow do not import it."""
+    that commands which never touch MLflow do not import it; MLflow resets its logger's level when it is
+    imported, to ``MLFLOW_LOGGING_LEVEL`` (which worker processes inherit), so that is set too unless the
+    user set it, as is ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` (its tqdm bars when a resume downloads a
+    checkpoint)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -531,7 +536,11 @@ def bench(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quick: Annotated[
-        bool, typer.Option(help="smoke check: 1 seed, 2 static sizes, r=4, a third of the budget")
+        bool,
+        typer.Option(
+            help="smoke check: a third of the budget, 1 seed, the 2 smallest static sizes, DP at its N, P and at "
+            "half them, DP at ω=0, r=4, static at twice the budget"
+        ),
     ] = False,
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1 for every arm")] = 3,
     ratio: Annotated[list[int] | None, typer.Option(help="oversampling ratios (default 2, 4, 8); repeatable")] = None,
@@ -544,7 +553,7 @@ def bench(
         "results/bench"
     ),
 ) -> None:
-    """DP vs static vs oversample-then-prune, same seeds and budget: one table, two headline ratios, a plot.
+    """DP vs static vs oversample-then-prune, in series, same seeds and budget: one table, the headline ratios, a plot.
     Re-run the same command to reuse finished runs and resume interrupted ones. Under torchrun, every run
     on all the processes."""
     tree = load_tree(params, set_ or ())
@@ -594,7 +603,9 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
         else (f"in {p.workers} worker(s) × {p.threads} thread(s)")
     )
     console.print(
-        f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms × {len(p.plan.seeds)} seed(s); "
+        f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms (and static at "
+        f"{', '.join(f'{k}×' for k in p.plan.iteration_factors)} the budget at its best size) × "
+        f"{len(p.plan.seeds)} seed(s); "
         f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run {where}",
         soft_wrap=True,
     )
@@ -613,11 +624,19 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
             print_bench_result(console, r)
 
         try:
+            todo, tried = list(p.todo), list(p.todo)
+            while todo:  # then the iteration series, once static has finished and its best size is known
+                if world.distributed:
+                    bm.run_jobs_across(todo, p.plan.bench_id, params, world, on_result=on_result)
+                else:
+                    bm.run_jobs(
+                        todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result
+                    )
+                todo = bm.follow_up(p, out, tried)
+                tried += todo
+                progress.update(task, total=len(tried))
             if world.distributed:
-                bm.run_jobs_across(p.todo, p.plan.bench_id, params, world, on_result=on_result)
                 runner.end_runs(world)
-            elif p.todo:
-                bm.run_jobs(p.todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
         except KeyboardInterrupt:
             _stopped(
                 "every running run ended KILLED at its last completed round; run the same command again to resume them"
@@ -629,7 +648,7 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
     for line in lines:
         console.print(line, soft_wrap=True, highlight=False)
     console.print(
-        f"wall {wall / 60:.1f} min for the {len(p.todo)} run(s) made now; wrote {report.json_path} and "
+        f"wall {wall / 60:.1f} min for the run(s) made now; wrote {report.json_path} and "
         f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
         f"'{experiment}' — {browse_hint(p.uri)}\n"
         f"scaling laws from these runs: {bm.scaling_command(p)}",
@@ -820,9 +839,23 @@ def _print_headline(h: dict) -> None:
             else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
             + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")")
         )
+        + _laws_line(h)
         + f"\niteration multiplier: static needs {_times(h['iteration_multiplier'])} the iterations to reach val "
         f"{h['dp_val_acc']:.4f} ({h['static_iterations_to_val']:.0f} vs {h['dp_iterations_to_val']:.0f})",
         soft_wrap=True,
+    )
+
+
+def _laws_line(h: dict) -> str:
+    """The data multiplier from the two fitted laws, if both strategies have one."""
+    if "data_multiplier_laws" not in h:
+        return ""
+    lo, hi = h["data_multiplier_laws_ci"]
+    ci = "" if lo is None or math.isnan(lo) else f", 95% interval [{_times(lo)}, {_times(hi)}]"
+    need = "∞" if _unreachable(h["static_samples_needed_law"]) else f"{h['static_samples_needed_law']:,.0f}"
+    return (
+        f"\nfrom the two fitted laws: static needs {_times(h['data_multiplier_laws'])} the samples DP needs for "
+        f"{h['dp_accuracy']:.4f} ({need} vs {h['dp_samples_needed_law']:,.0f}{ci})"
     )
 
 

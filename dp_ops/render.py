@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
-from rich.table import Table
+from rich.table import Column, Table
 
 from dp_ops.config import Config
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
@@ -118,24 +118,20 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
     """The benchmark's one table: an arm per row, mean ± sd over its seeds."""
     seeds = sorted({r.seeds for r in rows})
     table = Table(
-        "strategy",
-        "ω / r / N",
+        "arm",
         "generated",
         "kept pool",
         "iters",
         "gen s",
         "UNet evals",
-        "val acc",
-        "test acc",
-        "OOD acc",
-        title=f"DP vs static vs oversample-then-prune: mean ± sd over {'/'.join(map(str, seeds))} seed(s)",
+        *(Column(name, no_wrap=True, min_width=13) for name in ("val acc", "test acc", "OOD acc")),  # mean±sd whole
+        title=f"DP vs static vs oversample-then-prune: mean ± sd over {'/'.join(map(str, seeds)) or 'no'} seed(s)",
         title_justify="left",
     )
     for r in rows:
         m, sd = r.mean, r.sd
         table.add_row(
-            r.strategy,
-            r.setting,
+            r.arm,
             f"{m['generated_samples']:,.0f}",
             f"{m['pool_size']:,.0f}",
             f"{m['iterations']:,.0f}",

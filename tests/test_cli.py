@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -245,3 +248,16 @@ def test_the_run_summary_names_the_ood_set_of_its_world_and_only_when_there_is_o
         first = run_summary(cfg, RunResult(summary, (), ()))[0]
         assert first.endswith(f"(best val 0.8600); OOD acc 0.4321 on {names}"), first
     assert "OOD" not in _summary("static", 0)  # no OOD set (image folders)
+
+
+def test_a_fresh_mlflow_store_is_created_without_mlflows_info_lines_on_the_users_screen(tmp_path):
+    """MLflow logs its migrations at INFO and resets its logger's level when imported: the CLI keeps them off."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_LOGGING_LEVEL"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "dp_ops", "scaling", "--experiment", "nope"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and (tmp_path / "mlflow.db").is_file()  # the store was created (and migrated)
+    assert (r.stdout + r.stderr).splitlines() == [
+        "error: --experiment nope: no such MLflow experiment in sqlite:///mlflow.db"
+    ]

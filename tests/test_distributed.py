@@ -280,12 +280,9 @@ def test_a_benchmark_on_two_ranks_runs_every_arm_across_both(workspace):
     assert "across 2 processes" in out
     report = json.loads((ws / "bench-two" / "bench.json").read_text())
     runs = _study_runs(ws, "bench-two")
-    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)  # static ×2, dp, dp ω=0, oversample
+    # static ×2, dp, dp at half its N and P, dp ω=0, oversample; then static at its best size with 2× the budget
+    assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.params["train.micro_batches"] for r in runs} == {"2"}
-    assert [row["arm"] for row in report["rows"]] == [
-        "static N=96",
-        "static N=160",
-        "dp ω=0.1",
-        "dp ω=0",
-        "oversample r=4",
-    ]
+    arms = [row["arm"] for row in report["rows"]]
+    assert arms[:6] == ["static N=96", "static N=160", "dp ω=0.1", "dp N=80 P=48", "dp ω=0", "oversample r=4"]
+    assert arms[6] in ("static N=96 2× iters", "static N=160 2× iters")

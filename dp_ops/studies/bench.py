@@ -1,17 +1,22 @@
 """Does DP beat static generation and oversample-then-prune? The benchmark that answers in numbers.
 
 Arms, each run with the same seeds, learner, iteration budget and evaluation (only the acquisition step
-differs; every run is an ordinary tracked experiment, so ``dpops scaling`` reads them too):
+differs; every run is an ordinary tracked experiment, so ``dpops scaling`` reads them too), in series
+(the ``dpops.series`` tag):
 
-- ``static`` at every size of ``sweep.static_sizes``: all data generated up front, unguided;
-- ``dp`` at the configured ω, and at ω = 0: the same dynamic schedule without guidance, which isolates
-  what entropy guidance adds;
+- ``scaling``: ``static`` at every size of ``sweep.static_sizes`` (all data generated up front, unguided),
+  and ``dp`` at its N and P, at N and P scaled by 0.5 and 2, and with one round: one scaling law per
+  strategy;
+- ``omega``: ``dp`` at its N and P with ω = 0 (the same dynamic schedule without guidance: what entropy
+  guidance adds), 0.02, 0.05, 0.1, 0.2;
 - ``oversample`` at ratios r (2, 4, 8): the same N, P and patience as dp, so the kept pool grows by the
-  same P per round, but each round generates r·P unguided samples and keeps the P of highest entropy.
+  same P per round, but each round generates r·P unguided samples and keeps the P of highest entropy;
+- ``iterations``: once every static run has finished, static at its best size (by validation) with 2× and
+  4× the budget (:func:`iteration_arms`), for the iteration multiplier.
 
-The table, the headline ratios (data multiplier, generation-compute multiplier vs oversample, guidance
-effect) and the plot are :mod:`dp_ops.studies.bench_stats`. The held-out test split is reported only; nothing
-here chooses anything by it.
+The table, the headline ratios (data and iteration multipliers, generation-compute multiplier vs
+oversample, OOD gain, guidance effect) and the plot are :mod:`dp_ops.studies.bench_stats`. The held-out test
+and OOD splits are reported only; nothing here chooses anything by them.
 
 Runs execute in ``workers`` processes with ``threads`` torch threads each, so every run of a benchmark
 is timed under the same conditions. On the CPU the default is one worker per core with one thread each.
@@ -48,9 +53,14 @@ from dp_ops.records.tracking import Registry, quiet_logs
 from dp_ops.studies.bench_stats import Arm, ArmStats, Headline, headline, plot, summarise
 
 RATIOS = (2, 4, 8)
+# DP's size series (the paper's Table 4 varies N, P and the rounds): N and P scaled by these, and one round
+# at the configured N and P; with DP at its own N and P that is 4 final pool sizes for DP's scaling law
+DP_SCALES: tuple[float, ...] = (0.5, 2)
+OMEGAS = (0, 0.02, 0.05, 0.1, 0.2)  # DP at its N and P with these ω (0: the schedule without guidance)
+ITERATION_FACTORS: tuple[int, ...] = (2, 4)  # static at its best size (by validation) at these × the budget
 # --quick, a smoke check of the whole benchmark in minutes: one seed, the two smallest static sizes, r = 4,
-# a third of the iteration budget
-QUICK_RATIOS = (4,)
+# DP at half its N and P, static at twice the budget, a third of the iteration budget
+QUICK_RATIOS, QUICK_SCALES, QUICK_FACTORS = (4,), (0.5,), (2,)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class BenchPlan:
     seeds: tuple[int, ...]
     dp_arm: str
     dp0_arm: str
+    iterations: int  # the budget every arm but the iteration series has
+    iteration_factors: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -99,38 +111,83 @@ def plan(
     if len(static_sizes) < 2:
         raise ConfigError(f"sweep.static_sizes={list(static_sizes)}: the benchmark needs >= 2 static sizes")
     base = [*overrides, f"tracking.experiment={experiment}"]
+    scales, factors = DP_SCALES, ITERATION_FACTORS
     if quick:
         iterations = load_config(params, base).train.iterations
         base = [f"train.iterations={max(iterations // 3, 1)}", *base]
         static_sizes, ratios, seeds = sorted(static_sizes)[:2], QUICK_RATIOS, seeds[:1]
+        scales, factors = QUICK_SCALES, QUICK_FACTORS
     cfg = load_config(params, base)
     if cfg.dp.omega == 0:
         raise ConfigError("dp.omega=0: the benchmark compares dp at dp.omega > 0 with dp at ω=0; set dp.omega > 0")
-    dp = Arm("dp", f"ω={cfg.dp.omega:g}", ("dp.strategy=dp",))
-    dp0 = Arm("dp", "ω=0", ("dp.strategy=dp", "dp.omega=0"))
-    arms = [Arm("static", f"N={n}", ("dp.strategy=static", f"dp.initial_size={n}")) for n in sorted(static_sizes)]
+    n, p = cfg.dp.initial_size, cfg.dp.round_size
+    dp = Arm("dp", f"ω={cfg.dp.omega:g}", ("dp.strategy=dp",), "scaling")
+    omegas = (0,) if quick else OMEGAS
+    arms = [
+        Arm("static", f"N={size}", ("dp.strategy=static", f"dp.initial_size={size}"), "scaling")
+        for size in sorted(set(static_sizes))
+    ]
+    arms += [dp, *(_dp_size(max(1, round(n * k)), max(1, round(p * k))) for k in scales)]
+    if not quick:
+        arms.append(Arm("dp", "1 round", ("dp.strategy=dp", "dp.max_rounds=1"), "scaling"))
+    arms += [Arm("dp", f"ω={w:g}", ("dp.strategy=dp", f"dp.omega={w}"), "omega") for w in omegas if w != cfg.dp.omega]
     arms += [
-        dp,
-        dp0,
-        *(Arm("oversample", f"r={r}", ("dp.strategy=oversample", f"dp.oversample_ratio={r}")) for r in sorted(ratios)),
+        Arm("oversample", f"r={r}", ("dp.strategy=oversample", f"dp.oversample_ratio={r}"), "oversample")
+        for r in sorted(ratios)
     ]
     for arm in arms:
         load_config(params, [*base, *arm.overrides])
+    for k in factors:  # (the size is chosen once static has finished: any of them can be it)
+        load_config(params, [*base, "dp.strategy=static", f"train.iterations={k * cfg.train.iterations}"])
     digest = hashlib.md5(repr(sorted(flatten(cfg).items())).encode()).hexdigest()[:8]
     bench_id = ("quick-" if quick else "full-") + digest
-    return BenchPlan(bench_id, tuple(base), tuple(arms), tuple(seeds), dp.name, dp0.name), cfg
+    bp = BenchPlan(bench_id, tuple(base), tuple(arms), tuple(seeds), dp.name, "dp ω=0", cfg.train.iterations, factors)
+    return bp, cfg
+
+
+def _dp_size(n: int, p: int) -> Arm:
+    return Arm("dp", f"N={n} P={p}", ("dp.strategy=dp", f"dp.initial_size={n}", f"dp.round_size={p}"), "scaling")
+
+
+def iteration_arms(bp: BenchPlan, done: dict[tuple[str, int], Any]) -> tuple[Arm, ...]:
+    """Static at ``bp.iteration_factors`` × the budget, at the static size of best mean validation accuracy
+    (ties: the smaller); none until every static run of the scaling series has finished (all seeds)."""
+    static = [a for a in bp.arms if a.strategy == "static" and a.series == "scaling"]
+    if not static or any((a.name, s) not in done for a in static for s in bp.seeds):
+        return ()
+    best = max(static, key=lambda a: (sum(done[(a.name, s)]["final_val_acc"] for s in bp.seeds), -_size(a)))
+    return tuple(
+        Arm(
+            "static",
+            f"{best.setting} {k}× iters",
+            (*best.overrides, f"train.iterations={k * bp.iterations}"),
+            "iterations",
+        )
+        for k in bp.iteration_factors
+    )
+
+
+def _size(arm: Arm) -> int:
+    return int(arm.setting.split("=")[1])
 
 
 def jobs(
-    bp: BenchPlan, done: dict[tuple[str, int], Any], resumable: dict[tuple[str, int], str], out: Path
+    bp: BenchPlan,
+    done: dict[tuple[str, int], Any],
+    resumable: dict[tuple[str, int], str],
+    out: Path,
+    arms: Sequence[Arm] | None = None,
 ) -> list[Job]:
-    """The runs still to make (interrupted ones resume), the most generation first so workers end together."""
+    """The runs of ``arms`` (default: the plan's, and the iteration series once static has finished) still
+    to make (interrupted ones resume), the most generation first so workers end together."""
+    arms = (*bp.arms, *iteration_arms(bp, done)) if arms is None else arms
     todo = []
-    for arm in bp.arms:
+    for arm in arms:
         for seed in bp.seeds:
             if (arm.name, seed) in done:
                 continue
-            run_dir = out / "runs" / f"{arm.strategy}-{arm.setting.replace('=', '')}-seed{seed}"
+            setting = arm.setting.replace("=", "").replace("×", "x").replace(" ", "-")
+            run_dir = out / "runs" / f"{arm.strategy}-{setting}-seed{seed}"
             overrides = (
                 *bp.base,
                 *arm.overrides,
@@ -138,7 +195,7 @@ def jobs(
                 *run_files(run_dir),
             )
             todo.append(Job(arm, seed, overrides, resumable.get((arm.name, seed))))
-    position = {arm.name: i for i, arm in enumerate(bp.arms)}
+    position = {arm.name: i for i, arm in enumerate(arms)}
     rank = {"oversample": 0, "static": 1, "dp": 2}
     return sorted(todo, key=lambda j: (rank[j.arm.strategy], -position[j.arm.name], j.seed))
 
@@ -229,10 +286,19 @@ class BenchReport:
     run_id: str  # the MLflow run (dpops.role=benchmark) holding both files
 
 
+def follow_up(p: Prepared, out: Path, tried: Sequence[Job]) -> list[Job]:
+    """What became possible once static finished: the iteration series' runs still to make, less those
+    ``tried`` in this invocation (a failed one is not retried until the next)."""
+    done, resumable = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
+    seen = {(j.arm.name, j.seed) for j in tried}
+    todo = jobs(p.plan, done, resumable, out, iteration_arms(p.plan, done))
+    return [j for j in todo if (j.arm.name, j.seed) not in seen]
+
+
 def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
     done, _ = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
-    rows = summarise(done, p.plan.arms, p.plan.seeds)
+    rows = summarise(done, (*p.plan.arms, *iteration_arms(p.plan, done)), p.plan.seeds)
     h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
     json_path, png, run_id = write_report(
         p.plan, rows, h, out, registry=p.registry, experiment=p.cfg.tracking.experiment_name, wall_seconds=wall_seconds
@@ -241,10 +307,11 @@ def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
 
 
 def scaling_command(p: Prepared) -> str:
-    """``dpops scaling`` over this benchmark's runs (DP at ω = 0 left out: it is not the dp strategy's law)."""
+    """``dpops scaling`` over this benchmark's scaling series: static at its sizes and DP at its sizes, both at
+    the budget (DP at other ω, oversample and static at more iterations are not points of those laws)."""
     return (
         f"dpops scaling --experiment {p.cfg.tracking.experiment_name} --x generated_samples --filter "
-        f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.arm` != '{p.plan.dp0_arm}'\""
+        f"\"tags.`dpops.bench` = '{p.plan.bench_id}' and tags.`dpops.series` = 'scaling'\""
     )
 
 
@@ -307,11 +374,15 @@ def run_jobs_across(
     generator = runner.load_generator(first, real, world)  # (the arms share both)
     for job in todo:
         cfg = load_config(params, job.overrides)
-        tags = {"dpops.bench": bench_id, "dpops.arm": job.arm.name}
+        tags = _tags(bench_id, job.arm)
         run = runner.lead_run(cfg, generator, real, resume_run_id=job.resume_run_id, tags=tags, world=world)
         results.append(_result(job, run))
         on_result(results[-1])
     return results
+
+
+def _tags(bench_id: str, arm: Arm) -> dict[str, str]:
+    return {"dpops.bench": bench_id, "dpops.arm": arm.name, "dpops.series": arm.series}
 
 
 def _result(job: Job, run: runner.TrackedRun) -> JobResult:
@@ -328,7 +399,7 @@ def _run_job(job: Job) -> JobResult:
         if "generator" not in w:
             w["real"] = runner.load_real_data(cfg)
             w["generator"] = runner.load_generator(cfg, w["real"])
-        tags = {"dpops.bench": w["bench_id"], "dpops.arm": job.arm.name}
+        tags = _tags(w["bench_id"], job.arm)
         run = runner.run_tracked(
             cfg, w["generator"], w["real"], [_Stop(w["stop"])], resume_run_id=job.resume_run_id, tags=tags
         )

@@ -1,14 +1,19 @@
 """What a benchmark's runs say: per-arm means and spreads, the headline ratios, the plot.
 
-- **data multiplier** = samples static needs to reach DP's test accuracy, read off static's mean
-  accuracies (interpolated linearly in log n, never extrapolated) ÷ samples DP generated; when no static
-  size gets there, the lower bound largest static size ÷ DP's samples;
+- **data multiplier** = samples static needs to reach DP's test accuracy, read off the mean accuracies of
+  static's size series (interpolated linearly in log n, never extrapolated) ÷ samples DP generated; when
+  no static size gets there, the lower bound largest static size ÷ DP's samples;
+- **iteration multiplier** = iterations static needs to reach DP's test accuracy at its best size (by
+  validation), read off its runs at 1×, 2×, 4× the budget the same way, ÷ DP's iterations; when none gets
+  there, the lower bound largest budget ÷ DP's;
 - **generation-compute multiplier vs oversample** = UNet evaluations (and generation seconds) of the
   cheapest oversample ratio that reaches DP's test accuracy ÷ DP's;
+- **OOD gain** = out-of-distribution accuracy of DP minus that of static at its best size, paired by seed;
 - **guidance effect** = test accuracy of DP at its ω minus DP at ω = 0, paired by seed.
 
+Each comes with its per-seed values (each DP seed read against the other arm's mean, or paired by seed).
 Everything is computed from the runs' summary metrics, so it is the same whether the runs were made now
-or read back from the registry.
+or read back from the registry. Static's best size is chosen on validation accuracy, never on test or OOD.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class Arm:
     strategy: str
     setting: str
     overrides: tuple[str, ...]
+    # scaling: a point of its strategy's scaling law (static's sizes, DP's sizes at its ω); omega: DP at
+    # another ω; oversample; iterations: static at a multiple of the budget
+    series: str = "scaling"
 
     @property
     def name(self) -> str:
@@ -58,6 +66,7 @@ class ArmStats:
     arm: str
     strategy: str
     setting: str
+    series: str
     seeds: int
     mean: dict[str, float]
     sd: dict[str, float]
@@ -73,12 +82,21 @@ class Headline:
     data_multiplier: float  # if static never got there: the lower bound largest static size ÷ DP's samples
     static_reached: bool
     data_multiplier_per_seed: dict[int, float]  # each DP seed's accuracy read off static's mean curve
+    static_best: str  # static's size of best mean validation accuracy (where the iteration series runs)
+    dp_iterations: float
+    static_iterations_needed: float | None  # None: no iteration series; inf: it never reached DP's accuracy
+    iteration_multiplier: float | None  # if never reached: the lower bound largest budget ÷ DP's iterations
+    iterations_reached: bool
+    iteration_multiplier_per_seed: dict[int, float]
     guidance_effect: float | None  # mean over seeds of test acc (dp ω) − test acc (dp ω=0), paired by seed
     guidance_effect_sd: float | None
     oversample_arm: str | None  # the cheapest ratio at DP's accuracy or better; if none, the most accurate
     oversample_reached: bool
     compute_multiplier: float | None  # UNet evaluations of that arm ÷ DP's
+    compute_multiplier_per_seed: dict[int, float]  # paired by seed
     seconds_multiplier: float | None  # generation seconds of that arm ÷ DP's
+    ood_gain: float | None  # OOD acc of DP − static's best size, paired by seed; None: no OOD set
+    ood_gain_sd: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return json_ready(asdict(self))
@@ -99,6 +117,7 @@ def summarise(
                 arm.name,
                 arm.strategy,
                 arm.setting,
+                arm.series,
                 len(per_seed),
                 mean={f: statistics.fmean(v) if v else math.nan for f, v in values.items()},
                 sd={f: (statistics.stdev(v) if len(v) > 1 else 0.0) if v else math.nan for f, v in values.items()},
@@ -115,42 +134,76 @@ def _fields(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | None:
-    """The two headline ratios (and the guidance effect); None without a DP row and >= 2 static sizes."""
+    """The headline ratios; None without a DP row and >= 2 static sizes (at the budget)."""
     by = {r.arm: r for r in rows}
-    static = sorted((r for r in rows if r.strategy == "static"), key=lambda r: r.mean["generated_samples"])
+    static = sorted(
+        (r for r in rows if r.strategy == "static" and r.series == "scaling"), key=lambda r: r.mean["generated_samples"]
+    )
     dp = by.get(dp_arm)
     if dp is None or len(static) < 2:
         return None
-    curve = [(r.mean["generated_samples"], r.mean["final_test_acc"]) for r in static]
     acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
-    need = interpolate_samples_for_accuracy([n for n, _ in curve], [a for _, a in curve], acc)
-    reached = math.isfinite(need)
-    effect, effect_sd = _paired_difference(dp, by.get(dp0_arm))
+    need, data, data_seeds = _multiplier(static, "generated_samples", dp)
+    best = max(static, key=lambda r: (r.mean["final_val_acc"], -r.mean["generated_samples"]))
+    series = [best, *(r for r in rows if r.series == "iterations")]
+    iters, iter_mult, iter_seeds = _multiplier(series, "iterations", dp) if len(series) > 1 else (None, None, {})
+    effect, effect_sd = _paired_difference(dp, by.get(dp0_arm), "final_test_acc")
+    ood, ood_sd = _paired_difference(dp, best, "final_ood_acc")
     over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
+    compute_seeds = (
+        {
+            s: by[over_arm].per_seed[s]["unet_evals"] / m["unet_evals"]
+            for s, m in dp.per_seed.items()
+            if s in by[over_arm].per_seed
+        }
+        if over_arm
+        else {}
+    )
     return Headline(
         dp_arm=dp.arm,
         dp_test_acc=acc,
         dp_samples=samples,
         static_samples_needed=need,
-        data_multiplier=(need if reached else curve[-1][0]) / samples,
-        static_reached=reached,
-        data_multiplier_per_seed={
-            s: data_multiplier(curve, m["generated_samples"], m["final_test_acc"]) for s, m in dp.per_seed.items()
-        },
+        data_multiplier=data,
+        static_reached=math.isfinite(need),
+        data_multiplier_per_seed=data_seeds,
+        static_best=best.arm,
+        dp_iterations=dp.mean["iterations"],
+        static_iterations_needed=iters,
+        iteration_multiplier=iter_mult,
+        iterations_reached=iters is not None and math.isfinite(iters),
+        iteration_multiplier_per_seed=iter_seeds,
         guidance_effect=effect,
         guidance_effect_sd=effect_sd,
         oversample_arm=over_arm,
         oversample_reached=over_reached,
         compute_multiplier=compute,
+        compute_multiplier_per_seed=compute_seeds,
         seconds_multiplier=seconds,
+        ood_gain=ood,
+        ood_gain_sd=ood_sd,
     )
 
 
-def _paired_difference(dp: ArmStats, dp0: ArmStats | None) -> tuple[float | None, float | None]:
-    if dp0 is None:
+def _multiplier(curve_rows: Sequence[ArmStats], x: str, dp: ArmStats) -> tuple[float, float, dict[int, float]]:
+    """How much of ``x`` (samples, iterations) the rows' mean test-accuracy curve needs to reach DP's mean
+    (interpolated in log x; inf if never), that ÷ DP's ``x`` (if never: the bound largest x ÷ DP's), and
+    each DP seed's own ratio read off the same curve."""
+    curve = sorted((r.mean[x], r.mean["final_test_acc"]) for r in curve_rows)
+    need = interpolate_samples_for_accuracy([n for n, _ in curve], [a for _, a in curve], dp.mean["final_test_acc"])
+    ratio = (need if math.isfinite(need) else curve[-1][0]) / dp.mean[x]
+    per_seed = {s: data_multiplier(curve, m[x], m["final_test_acc"]) for s, m in dp.per_seed.items()}
+    return need, ratio, per_seed
+
+
+def _paired_difference(dp: ArmStats, other: ArmStats | None, field: str) -> tuple[float | None, float | None]:
+    """Mean and sd over seeds of ``field`` of DP minus ``other``, paired by seed (None: no pair has it)."""
+    if other is None:
         return None, None
     diffs = [
-        dp.per_seed[s]["final_test_acc"] - dp0.per_seed[s]["final_test_acc"] for s in dp.per_seed if s in dp0.per_seed
+        m[field] - other.per_seed[s][field]
+        for s, m in dp.per_seed.items()
+        if s in other.per_seed and field in m and field in other.per_seed[s]
     ]
     if not diffs:
         return None, None
@@ -175,99 +228,123 @@ def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | No
 
 
 def headline_lines(h: Headline) -> list[str]:
-    """The headline in words, one sentence per ratio."""
-    seeds = ", ".join(_times(v) for _, v in sorted(h.data_multiplier_per_seed.items()))
+    """The headline in words, one sentence per ratio, each with its per-seed values."""
+    lines = []
     if h.static_reached:
-        data = (
+        lines.append(
             f"data multiplier: static needs {_times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
             f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
-            f"static's mean accuracies interpolated in log n; per DP seed: {seeds})"
+            f"static's mean accuracies interpolated in log n; per DP seed: {_seeds(h.data_multiplier_per_seed)})"
         )
     else:
-        data = (
-            f"data multiplier: more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s test "
-            f"accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples (per DP seed: {seeds})"
+        lines.append(
+            f"data multiplier: a bound, more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s "
+            f"test accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples "
+            f"(per DP seed: {_seeds(h.data_multiplier_per_seed)})"
         )
-    lines = [data]
+    if h.iteration_multiplier is not None and h.iterations_reached:
+        lines.append(
+            f"iteration multiplier: {h.static_best} needs {_times(h.iteration_multiplier)} DP's "
+            f"{h.dp_iterations:,.0f} iterations to reach its test accuracy ({h.static_iterations_needed:,.0f}, read "
+            f"off its 1×/2×/4× budget runs in log iterations; per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+        )
+    elif h.iteration_multiplier is not None:
+        lines.append(
+            f"iteration multiplier: a bound, more than {h.iteration_multiplier:.2f}× — {h.static_best} (static's best "
+            f"size by validation) did not reach DP's test accuracy even with {_times(h.iteration_multiplier)} DP's "
+            f"iterations (per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+        )
+    if h.oversample_arm is not None:
+        seeds = _seeds(h.compute_multiplier_per_seed)
+        if h.oversample_reached:
+            lines.append(
+                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
+                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations (per seed: {seeds}) "
+                f"and {_times(h.seconds_multiplier)} its generation seconds"
+            )
+        else:
+            lines.append(
+                f"generation compute vs oversample: a bound — no ratio reached DP's test accuracy; the most "
+                f"accurate, {h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations (per seed: "
+                f"{seeds}) and {_times(h.seconds_multiplier)} its generation seconds"
+            )
+    if h.ood_gain is not None:
+        lines.append(
+            f"OOD gain: {h.dp_arm} − {h.static_best} = {h.ood_gain:+.4f} out-of-distribution accuracy "
+            f"(sd {h.ood_gain_sd:.4f} over paired seeds)"
+        )
     if h.guidance_effect is not None:
         lines.append(
             f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
             f"(sd {h.guidance_effect_sd:.4f} over paired seeds)"
         )
-    if h.oversample_arm is not None:
-        if h.oversample_reached:
-            lines.append(
-                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                f"{_times(h.seconds_multiplier)} its generation seconds"
-            )
-        else:
-            lines.append(
-                f"generation compute vs oversample: no ratio reached DP's test accuracy; the most accurate, "
-                f"{h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations and "
-                f"{_times(h.seconds_multiplier)} its generation seconds"
-            )
     return lines
 
 
+def _seeds(values: dict[int, float]) -> str:
+    return ", ".join(_times(v) for _, v in sorted(values.items())) or "—"
+
+
+# how the plot draws each series: (strategy, series) -> legend label, colour, marker, hollow, joined by a line
+_STYLE = {
+    ("static", "scaling"): ("static", "C0", "o", False, True),
+    ("static", "iterations"): ("static, more iterations", "C0", "^", True, False),
+    ("dp", "scaling"): ("dp", "C1", "D", False, True),
+    ("dp", "omega"): ("dp, other ω", "C1", "D", True, False),
+    ("oversample", "oversample"): ("oversample", "C2", "s", False, False),
+}
+
+
 def plot(rows: Sequence[ArmStats], path: Path) -> None:
-    """Held-out test accuracy vs generated samples (log x), mean ± sd over seeds, one colour per strategy."""
+    """Held-out test accuracy (left) and OOD accuracy (right, where the runs have it) vs generated samples
+    (log x), mean ± sd over seeds; static's and DP's size series joined by lines, other arms labelled."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.0, 4.6), dpi=120)
+    fields = [("final_test_acc", "held-out test accuracy")]
+    if any(not math.isnan(r.mean.get("final_ood_acc", math.nan)) for r in rows):
+        fields.append(("final_ood_acc", "out-of-distribution accuracy"))
+    fig = Figure(figsize=(6.4 * len(fields), 4.8), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    markers = {"dp": "D", "oversample": "s"}
-    labelled = set()
-    for i, strategy in enumerate(("static", "dp", "oversample")):
-        rs = sorted((r for r in rows if r.strategy == strategy), key=lambda r: r.mean["generated_samples"])
-        for r in rs:
-            ax.scatter(
-                [m["generated_samples"] for m in r.per_seed.values()],
-                [m["final_test_acc"] for m in r.per_seed.values()],
-                s=9,
-                color=f"C{i}",
-                alpha=0.3,
-                lw=0,
+    for k, (field, label) in enumerate(fields):
+        ax = fig.add_subplot(1, len(fields), k + 1)
+        for (strategy, series), (name, colour, marker, hollow, joined) in _STYLE.items():
+            rs = sorted(
+                (r for r in rows if (r.strategy, r.series) == (strategy, series) and not math.isnan(r.mean[field])),
+                key=lambda r: r.mean["generated_samples"],
             )
-            unguided = strategy == "dp" and r.setting == "ω=0"  # hollow: DP's schedule without guidance
-            label = "dp, ω=0" if unguided else strategy
-            ax.errorbar(
-                r.mean["generated_samples"],
-                r.mean["final_test_acc"],
-                yerr=r.sd["final_test_acc"],
-                fmt=markers.get(strategy, "o"),
-                color=f"C{i}",
-                capsize=3,
-                ms=5,
-                mfc="white" if unguided else f"C{i}",
-                label=None if label in labelled else label,
-            )
-            labelled.add(label)
-            if strategy != "static":
-                ax.annotate(
-                    r.setting,
-                    (r.mean["generated_samples"], r.mean["final_test_acc"]),
-                    fontsize=7,
-                    xytext=(5, -10 if r.setting.endswith("=0") else 5),
-                    textcoords="offset points",
+            for i, r in enumerate(rs):
+                x = [m["generated_samples"] for m in r.per_seed.values() if field in m]
+                ax.scatter(x, [m[field] for m in r.per_seed.values() if field in m], s=9, color=colour, alpha=0.3, lw=0)
+                ax.errorbar(
+                    r.mean["generated_samples"],
+                    r.mean[field],
+                    yerr=r.sd[field],
+                    fmt=marker,
+                    color=colour,
+                    capsize=3,
+                    ms=5,
+                    mfc="white" if hollow else colour,
+                    label=name if i == 0 else None,
                 )
-        if strategy == "static" and rs:
-            ax.plot(
-                [r.mean["generated_samples"] for r in rs],
-                [r.mean["final_test_acc"] for r in rs],
-                "-",
-                color=f"C{i}",
-                lw=1,
-            )
-    ax.set_xscale("log")
-    ax.margins(x=0.08)
-    ax.set_xlabel("generated samples")
-    ax.set_ylabel("held-out test accuracy")
-    ax.set_title("mean ± sd over seeds (faint: single seeds)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(loc="lower right", fontsize=8)
+                if strategy != "static" or series != "scaling":
+                    ax.annotate(
+                        r.setting,
+                        (r.mean["generated_samples"], r.mean[field]),
+                        fontsize=6,
+                        xytext=(5, 4),
+                        textcoords="offset points",
+                    )
+            if joined and len(rs) > 1:
+                ax.plot([r.mean["generated_samples"] for r in rs], [r.mean[field] for r in rs], "-", color=colour, lw=1)
+        ax.set_xscale("log")
+        ax.margins(x=0.08)
+        ax.set_xlabel("generated samples")
+        ax.set_ylabel(label)
+        ax.set_title("mean ± sd over seeds (faint: single seeds)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:  # (no finished run: an empty plot, no legend)
+            ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
 

@@ -79,15 +79,7 @@ class PowerLawFit:
 
         Inverse of :meth:`accuracy`: n = (a / (1 − acc − c))^(1/α).
         """
-        if math.isnan(acc):
-            raise ValueError("target accuracy is NaN")
-        gap = (1.0 - acc) - self.c
-        if acc >= 1.0 - self.c or gap <= 0.0:
-            return math.inf
-        try:
-            return float(math.exp((math.log(self.a) - math.log(gap)) / self.alpha))
-        except OverflowError:
-            return math.inf
+        return samples_for_accuracy(self.a, self.alpha, self.c, acc)
 
     def band(self, n: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """Pointwise ``level`` interval of the bootstrap accuracy curves at ``n`` (lower, upper)."""
@@ -115,6 +107,19 @@ class PowerLawFit:
             "rmse": json_ready(self.rmse),
             "n_boot": len(self.boot),
         }
+
+
+def samples_for_accuracy(a: float, alpha: float, c: float, acc: float) -> float:
+    """n at which a·n^(−α) + c falls to 1 − ``acc``; ``math.inf`` when ``acc ≥ 1 − c``."""
+    if math.isnan(acc):
+        raise ValueError("target accuracy is NaN")
+    gap = (1.0 - acc) - c
+    if acc >= 1.0 - c or gap <= 0.0:
+        return math.inf
+    try:
+        return float(math.exp((math.log(a) - math.log(gap)) / alpha))
+    except OverflowError:
+        return math.inf
 
 
 def fit_power_law(

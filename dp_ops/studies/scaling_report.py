@@ -10,6 +10,8 @@ Headline numbers, both read against ``static``:
 * **data multiplier** = samples static needs to reach the accuracy of DP's best run (best by validation
   accuracy) ÷ samples that DP run used
   (static's need from its fitted law, and from its points interpolated without a fit);
+* **data multiplier from the two laws** = samples static's fitted law needs for that accuracy ÷ samples
+  DP's fitted law needs (with a 95% interval from the two bootstraps, paired draw by draw);
 * **iteration multiplier** = iterations the first static run to get there needed to reach that DP run's
   final validation accuracy ÷ iterations DP needed (from the validation curves; ∞ if no static run
   got there within its budget).
@@ -27,10 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from dp_ops.config import RUN_FILES
 from dp_ops.errors import ConfigError, DataError, FitError
 from dp_ops.files import json_ready, write_json
-from dp_ops.studies.scaling import MIN_POINTS, PowerLawFit, data_multiplier, fit_power_law, plot_scaling
+from dp_ops.studies.scaling import (
+    MIN_POINTS,
+    PowerLawFit,
+    data_multiplier,
+    fit_power_law,
+    plot_scaling,
+    samples_for_accuracy,
+)
 
 if TYPE_CHECKING:
     from dp_ops.records.tracking import Registry
@@ -214,12 +225,33 @@ def _headline(runs: Sequence[RunPoint], points: dict, fits: dict, metric: str, x
         out["static_samples_needed_fit"] = fits["static"].samples_for_accuracy(acc)
         out["data_multiplier_fit"] = data_multiplier(fits["static"], used, acc)
         out["fit_extrapolated"] = out["static_samples_needed_fit"] > max(n for n, _ in points["static"])
+    if "static" in fits and "dp" in fits:
+        out.update(_laws_multiplier(fits["static"], fits["dp"], acc))
     target = best.final_val_acc
     dp_iters = _first_reaching(best.curve, target)
     static_iters = min((_first_reaching(r.curve, target) for r in static), default=math.inf)
     out.update(dp_val_acc=target, dp_iterations_to_val=dp_iters, static_iterations_to_val=static_iters)
     out["iteration_multiplier"] = static_iters / dp_iters if math.isfinite(dp_iters) and dp_iters > 0 else math.nan
     return out
+
+
+def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[str, Any]:
+    """Samples static's fitted law needs for ``acc`` ÷ samples DP's law needs, with a 95% interval from the
+    two bootstraps paired draw by draw (a draw where static never gets there counts as ∞; one where DP's
+    own law does not is left out)."""
+    n_static, n_dp = static.samples_for_accuracy(acc), dp.samples_for_accuracy(acc)
+    ratios = []
+    for s_draw, d_draw in zip(static.boot, dp.boot, strict=False):
+        need_s, need_d = (samples_for_accuracy(*draw, acc) for draw in (s_draw, d_draw))
+        if math.isfinite(need_d):
+            ratios.append(need_s / need_d)
+    lo, hi = (float(np.percentile(ratios, q)) for q in (2.5, 97.5)) if ratios else (math.nan, math.nan)
+    return {
+        "static_samples_needed_law": n_static,
+        "dp_samples_needed_law": n_dp,
+        "data_multiplier_laws": n_static / n_dp if math.isfinite(n_dp) else math.nan,
+        "data_multiplier_laws_ci": [lo, hi],
+    }
 
 
 def _first_reaching(curve: Sequence[tuple[int, float]], target: float) -> float:

@@ -16,28 +16,30 @@ from mlflow import MlflowClient
 from dp_ops.config import load_config
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.studies.bench import _take_gpu, gpu_slots, jobs, plan, prepare
+from dp_ops.studies.bench import _take_gpu, gpu_slots, iteration_arms, jobs, plan, prepare
 from dp_ops.studies.bench_stats import Arm, headline, headline_lines, summarise
 
 from conftest import tiny_tree
 
 
-def _row(strategy, setting, per_seed):
-    """An ArmStats from {seed: (generated, test acc, unet evals, gen seconds)}."""
+def _row(strategy, setting, per_seed, iterations=100, series="scaling", ood=None):
+    """An ArmStats from {seed: (generated, test acc, unet evals, gen seconds)}; val acc = test acc, and OOD
+    acc = ``ood`` (+ 0.01 per seed) if given."""
     seeds = {
         s: {
             "generated_samples": g,
             "pool_size": g,
-            "iterations": 100,
+            "iterations": iterations,
             "gen_seconds": sec,
             "unet_evals": u,
             "final_val_acc": a,
             "final_test_acc": a,
+            **({} if ood is None else {"final_ood_acc": ood + 0.01 * s}),
         }
         for s, (g, a, u, sec) in per_seed.items()
     }
     runs = {(f"{strategy} {setting}", s): m for s, m in seeds.items()}
-    return summarise(runs, [Arm(strategy, setting, ())], list(per_seed))[0]
+    return summarise(runs, [Arm(strategy, setting, (), series)], list(per_seed))[0]
 
 
 STATIC = [
@@ -82,6 +84,35 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert "more than 2.50×" in headline_lines(h)[0]
     assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
     assert headline([*STATIC[:1], dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
+    assert h.iteration_multiplier is None and h.ood_gain is None  # no iteration series, no OOD set
+    assert not any("iteration multiplier" in line or "OOD" in line for line in headline_lines(h))
+
+
+def test_iteration_multiplier_reads_static_best_size_at_more_iterations_and_ood_gain_pairs_seeds():
+    static = [
+        _row("static", f"N={n}", {0: (n, a, 10 * n, 1.0), 1: (n, a, 10 * n, 1.0)}, ood=o)
+        for n, a, o in ((500, 0.94, 0.30), (1000, 0.98, 0.20), (2000, 0.97, 0.25))
+    ]
+    dp = _row("dp", "ω=0.05", {0: (800, 0.985, 1, 1.0), 1: (800, 0.995, 1, 1.0)}, ood=0.40)
+    more = [  # static at N=1000 (its best by validation) with 2× and 4× the 100 iterations
+        _row("static", f"N=1000 {k}× iters", {0: (1000, a, 1, 1.0), 1: (1000, a, 1, 1.0)}, 100 * k, "iterations")
+        for k, a in ((2, 0.985), (4, 0.995))
+    ]
+    h = headline([*static, dp, *more], "dp ω=0.05", "dp ω=0")
+    assert h.static_best == "static N=1000" and not h.static_reached  # the iteration rows are no static sizes
+    # DP's 0.99 lies halfway from 0.985 @ 200 to 0.995 @ 400 iterations: 200·√2 in log iterations
+    assert h.iterations_reached and h.static_iterations_needed == pytest.approx(200 * 2**0.5)
+    assert h.iteration_multiplier == pytest.approx(2 * 2**0.5) and h.dp_iterations == 100
+    assert h.iteration_multiplier_per_seed == {0: pytest.approx(2.0), 1: pytest.approx(4.0)}
+    assert h.ood_gain == pytest.approx(0.20) and h.ood_gain_sd == pytest.approx(0.0)  # vs N=1000, not N=2000
+    text = "\n".join(headline_lines(h))
+    assert (
+        "iteration multiplier: static N=1000 needs 2.83×" in text
+        and "OOD gain: dp ω=0.05 − static N=1000 = +0.2000" in text
+    )
+    h = headline([*static, _row("dp", "ω=0.05", {0: (800, 0.999, 1, 1.0)}), *more], "dp ω=0.05", "dp ω=0")
+    assert not h.iterations_reached and h.iteration_multiplier == pytest.approx(4.0)  # a bound: 400 ÷ 100
+    assert "iteration multiplier: a bound, more than 4.00×" in "\n".join(headline_lines(h))
 
 
 @pytest.fixture
@@ -99,24 +130,37 @@ def params_file(tmp_path, tiny_generator, mlflow_uri):
 
 def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_file, tmp_path):
     bp, cfg = plan(params_file, [], static_sizes=(60, 30, 90), seeds=range(3), experiment="e")  # sizes are sorted
-    assert [a.name for a in bp.arms] == [
+    names = [
         "static N=30",
         "static N=60",
         "static N=90",
-        "dp ω=0.1",
-        "dp ω=0",
+        "dp ω=0.1",  # DP at its own N=40, P=20, then its size series
+        "dp N=20 P=10",
+        "dp N=80 P=40",
+        "dp 1 round",
+        "dp ω=0",  # the ω series at DP's N and P
+        "dp ω=0.02",
+        "dp ω=0.05",
+        "dp ω=0.2",
         "oversample r=2",
         "oversample r=4",
         "oversample r=8",
     ]
+    assert [a.name for a in bp.arms] == names
+    assert [a.series for a in bp.arms] == ["scaling"] * 7 + ["omega"] * 4 + ["oversample"] * 3
+    assert bp.arms[5].overrides == ("dp.strategy=dp", "dp.initial_size=80", "dp.round_size=40")
     assert (bp.dp_arm, bp.dp0_arm, bp.seeds) == ("dp ω=0.1", "dp ω=0", (0, 1, 2))
+    assert (bp.iterations, bp.iteration_factors) == (200, (2, 4))
     assert cfg.tracking.experiment == "e" and bp.bench_id.startswith("full-")
     todo = jobs(bp, {("static N=30", 0): {}}, {("dp ω=0", 2): "abc"}, tmp_path / "out")
-    assert len(todo) == 8 * 3 - 1
+    assert len(todo) == 14 * 3 - 1  # (the iteration series waits for static)
     assert todo[0].arm.name == "oversample r=8" and todo[-1].arm.strategy == "dp"  # the most generation first
     assert next(j for j in todo if j.arm.name == "dp ω=0" and j.seed == 2).resume_run_id == "abc"
     assert "dp.omega=0" in next(j for j in todo if j.arm.name == "dp ω=0").overrides
     assert all(f"output.curve={tmp_path / 'out' / 'runs'}" in " ".join(j.overrides) for j in todo)  # beside metrics
+    assert "output.curve=" + str(tmp_path / "out" / "runs" / "dp-N20-P10-seed0") in " ".join(
+        next(j for j in todo if j.arm.name == "dp N=20 P=10" and j.seed == 0).overrides
+    )
     # the same config is the same benchmark; another config is another one
     assert plan(params_file, [], static_sizes=(30, 60), seeds=[0], experiment="e")[0].bench_id == bp.bench_id
     assert (
@@ -124,8 +168,15 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
         != bp.bench_id
     )
     quick, _ = plan(params_file, [], static_sizes=(90, 30, 60), seeds=range(3), experiment="e", quick=True)
-    assert [a.name for a in quick.arms] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=4"]
-    assert quick.seeds == (0,) and "train.iterations=66" in quick.base
+    assert [a.name for a in quick.arms] == [
+        "static N=30",
+        "static N=60",
+        "dp ω=0.1",
+        "dp N=20 P=10",
+        "dp ω=0",
+        "oversample r=4",
+    ]
+    assert quick.seeds == (0,) and "train.iterations=66" in quick.base and quick.iteration_factors == (2,)
     for overrides, kw, message in (
         (["dp.omega=0"], {}, "dp.omega=0: the benchmark compares"),
         (["dp.omegaa=1"], {}, "dp.omegaa: unknown key"),
@@ -138,6 +189,22 @@ def test_plan_has_every_arm_validated_and_refuses_bad_input_in_one_line(params_f
             plan(params_file, overrides, **args)
 
 
+def test_static_runs_at_more_iterations_at_its_best_size_by_validation_once_every_static_run_finished(
+    params_file, tmp_path
+):
+    bp, _ = plan(params_file, [], static_sizes=(30, 60, 90), seeds=range(2), experiment="e")
+    static = [a.name for a in bp.arms if a.strategy == "static"]  # N=30, 60, 90
+    val = {"static N=30": 0.90, "static N=60": 0.95, "static N=90": 0.95}  # a tie: the smaller size
+    done = {(arm, s): {"final_val_acc": val[arm], "final_test_acc": 0.0} for arm in static for s in (0, 1)}
+    arms = iteration_arms(bp, done)
+    assert [a.name for a in arms] == ["static N=60 2× iters", "static N=60 4× iters"]
+    assert arms[1].overrides == ("dp.strategy=static", "dp.initial_size=60", "train.iterations=800")
+    assert {a.series for a in arms} == {"iterations"}
+    assert [j.arm.name for j in jobs(bp, done, {}, tmp_path)].count("static N=60 4× iters") == 2
+    del done[("static N=90", 1)]  # one static run still to come: nothing chosen yet
+    assert iteration_arms(bp, done) == ()
+
+
 def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i(params_file, tmp_path, monkeypatch):
     import multiprocessing as mp
 
@@ -146,12 +213,12 @@ def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # four GPUs, the one thing faked
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     args = {"seeds": 1, "ratios": (2,), "quick": False, "experiment": "e", "out": tmp_path / "out"}
-    p = prepare(params_file, [], **args)  # device=auto: 5 runs on 4 GPUs
-    assert len(p.todo) == 5 and p.workers == 4 and p.threads == max(1, (os.cpu_count() or 1) // 4)
+    p = prepare(params_file, [], **args)  # device=auto: 11 runs (1 seed) on 4 GPUs
+    assert len(p.todo) == 11 and p.workers == 4 and p.threads == max(1, (os.cpu_count() or 1) // 4)
     gpus = gpu_slots(p.cfg)
     assert gpus == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
     started = mp.get_context("spawn").Value("i", 0)  # what run_jobs hands its workers
-    taken = [_take_gpu(gpus, started) for _ in range(5)]  # the workers in start order (a fifth wraps round)
+    taken = [_take_gpu(gpus, started) for _ in range(5)]  # the first workers in start order (a fifth wraps round)
     assert taken == [("device=cuda:0",), ("device=cuda:1",), ("device=cuda:2",), ("device=cuda:3",), ("device=cuda:0",)]
     job = p.todo[0]
     assert load_config(params_file, [*job.overrides, *taken[3]]).device == "cuda:3"  # the run worker 3 makes
@@ -160,7 +227,7 @@ def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i
     pinned = prepare(params_file, ["device=cuda:2"], **args)  # one GPU chosen: every run there, one worker
     assert gpu_slots(pinned.cfg) == () and pinned.workers == 1
     cpu = prepare(params_file, ["device=cpu"], **args)
-    assert gpu_slots(cpu.cfg) == () and cpu.workers == min(5, os.cpu_count() or 1)
+    assert gpu_slots(cpu.cfg) == () and cpu.workers == min(11, os.cpu_count() or 1)
     assert _take_gpu((), started) == ()  # no GPU: the run's own device
 
 
@@ -200,7 +267,8 @@ def _bench(params_file, *args, **kw):
 
 @pytest.mark.slow
 def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_reports(params_file, tmp_path):
-    first = _bench(params_file)
+    # --quick: 6 arms at a third of the budget, then static at twice that at its best size; 1 seed
+    first = _bench(params_file, "--quick")
     deadline = time.time() + 300
     while not list((tmp_path / "checkpoints").glob("*/state.pt")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -219,7 +287,7 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     resumable = {rid for rid in killed if checkpoint_path(tmp_path / "checkpoints", rid).is_file()}
     assert resumable
 
-    second = _bench(params_file)
+    second = _bench(params_file, "--quick")
     out = second.communicate(timeout=600)[0]
     assert second.returncode == 0, out
     assert "(resumed)" in out and "to resume" in out
@@ -227,24 +295,35 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
         [exp.experiment_id], "tags.`dpops.role` = 'experiment' and attributes.status = 'FINISHED'"
     )
     keys = [(r.data.tags["dpops.arm"], r.data.params["seed"]) for r in runs]
-    assert len(keys) == len(set(keys)) == 5 * 2  # 2 static, 2 dp, 1 oversample arm; 2 seeds; each run once
+    assert len(keys) == len(set(keys)) == 7  # 3 static, 3 dp, 1 oversample run (1 seed); each run once
     finished = {r.info.run_id for r in runs}
     assert resumable <= finished  # the checkpointed runs themselves finished: resumed, not redone
     assert not (killed - resumable) & finished  # the others were made again as new runs
-    assert all(r.data.tags["dpops.bench"].startswith("full-") for r in runs)
+    assert all(r.data.tags["dpops.bench"].startswith("quick-") for r in runs)
+    by_arm = {r.data.tags["dpops.arm"]: r for r in runs}
+    # static's best size by validation, at twice the budget, made once static had finished
+    (more,) = [arm for arm in by_arm if arm.endswith("2× iters")]
+    assert (
+        by_arm[more].data.tags["dpops.series"] == "iterations" and by_arm[more].data.params["train.iterations"] == "132"
+    )
+    assert by_arm["dp N=20 P=10"].data.tags["dpops.series"] == "scaling"
 
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert [r["arm"] for r in report["rows"]] == ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0", "oversample r=2"]
-    assert all(r["seeds"] == 2 for r in report["rows"]) and report["headline"]["dp_arm"] == "dp ω=0.1"
+    arms = ["static N=30", "static N=60", "dp ω=0.1", "dp N=20 P=10", "dp ω=0", "oversample r=4", more]
+    assert [r["arm"] for r in report["rows"]] == arms
+    h = report["headline"]
+    assert h["dp_arm"] == "dp ω=0.1" and h["static_best"] == more.removesuffix(" 2× iters")
+    assert h["iteration_multiplier"] > 0 and set(h["iteration_multiplier_per_seed"]) == {"0"}
     assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
-    assert "data multiplier" in out and "mean ± sd over 2 seed(s)" in out
+    assert "data multiplier" in out and "iteration multiplier" in out and "OOD gain" in out
+    assert "mean ± sd over 1 seed(s)" in out
     (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'benchmark'")
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.json", "bench.png"}
 
-    third = _bench(params_file)  # nothing left to do: every run is reused
+    third = _bench(params_file, "--quick")  # nothing left to do: every run is reused
     out = third.communicate(timeout=300)[0]
     assert third.returncode == 0, out
-    assert "10 run(s) finished earlier, 0 to resume, 0 to run" in out
+    assert "7 run(s) finished earlier, 0 to resume, 0 to run" in out
 
 
 def test_ood_accuracy_is_averaged_where_runs_have_it_and_shown_as_a_column():

@@ -68,6 +68,13 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
     assert h["dp_run"] == best and h["dp_samples"] == 900
     assert h["data_multiplier_fit"] == pytest.approx(3.0, rel=0.05)  # DP's pool is worth 3x the samples
     assert 2.5 < h["data_multiplier_points"] < 3.5
+    # both strategies have a law: static's need ÷ DP's at DP's accuracy, 2700 ÷ 900, with a bootstrap interval
+    assert h["static_samples_needed_law"] == pytest.approx(2700, rel=0.05)
+    assert h["dp_samples_needed_law"] == pytest.approx(900, rel=0.05)
+    assert h["data_multiplier_laws"] == pytest.approx(3.0, rel=0.05)
+    lo, hi = h["data_multiplier_laws_ci"]
+    assert lo <= h["data_multiplier_laws"] <= hi and hi < 4
+    assert "from the two fitted laws: static needs 3.0" in result.output
     assert h["iteration_multiplier"] == pytest.approx(3.0)  # static reached DP's accuracy at 900, DP at 300
     need = report["samples_for_target"]["static"]["0.95"]
     assert need == pytest.approx(2500, rel=0.05)  # 2/sqrt(n) + 0.01 = 0.05 at n = 2500
