@@ -253,8 +253,9 @@ def plot_scaling(
     *,
     targets: Sequence[float] | None = None,
     title: str | None = None,
+    xlabel: str = "pool size n (samples)",
 ) -> Path:
-    """Write a PNG: accuracy vs pool size (log x), points, fitted law and its bootstrap 95% band.
+    """Write a PNG: accuracy vs ``xlabel`` (log x), points, fitted law and its bootstrap 95% band.
 
     ``targets`` are accuracies drawn as dotted horizontal lines (e.g. DP's final accuracy, to read
     off the data multiplier by eye). Uses a bare Agg :class:`~matplotlib.figure.Figure`, so no GUI
@@ -311,7 +312,7 @@ def plot_scaling(
         span = max(max(accs) - min(accs), 0.01)
         ax.set_ylim(max(0.0, min(accs) - 0.5 * span), min(1.0, max(accs) + 0.25 * span))
     ax.set_xscale("log")
-    ax.set_xlabel("pool size n (samples)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_title(title or "accuracy = 1 − (a·n^(−α) + c)")
     ax.grid(True, which="both", alpha=0.25)

@@ -245,7 +245,8 @@ def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[s
         need_s, need_d = (samples_for_accuracy(*draw, acc) for draw in (s_draw, d_draw))
         if math.isfinite(need_d):
             ratios.append(need_s / need_d)
-    lo, hi = (float(np.percentile(ratios, q)) for q in (2.5, 97.5)) if ratios else (math.nan, math.nan)
+    # (nearest rank, not interpolated: a draw may be ∞, and ∞ − ∞ would make the interval NaN)
+    lo, hi = (float(np.percentile(ratios, q, method="nearest")) for q in (2.5, 97.5)) if ratios else (math.nan,) * 2
     return {
         "static_samples_needed_law": n_static,
         "dp_samples_needed_law": n_dp,
@@ -268,6 +269,7 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
         out_dir / "scaling.png",
         targets=[dp_acc] if dp_acc is not None else None,
         title=title,
+        xlabel="generated samples" if report.x == "generated_samples" else "pool size n (samples)",
     )
     return out_dir / "scaling.json", png
 

@@ -1,6 +1,7 @@
 """`dpops scaling`: points from a real MLflow SQLite registry (or metrics files), fits, report, logged run."""
 
 import json
+import math
 import time
 
 import pytest
@@ -140,3 +141,24 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
     assert report.headline["data_multiplier_fit"] == pytest.approx(3.0, rel=0.1)
     with pytest.raises(FitError, match="too few points"):
         scaling_report(runs[:2])
+
+
+def test_the_laws_multiplier_interval_reaches_infinity_when_static_draws_never_get_there():
+    import warnings
+
+    from dp_ops.studies.scaling import PowerLawFit
+    from dp_ops.studies.scaling_report import _laws_multiplier
+
+    def fit(a, alpha, c, boot):
+        return PowerLawFit(a, alpha, c, (a, a), (alpha, alpha), (c, c), 5, 0.0, tuple(boot))
+
+    # static plateaus at 0.98 in half its draws (error floor c = 0.02 > 1 − 0.985); DP reaches 0.985 at n = 2500
+    static = fit(2.0, 0.5, 0.0, [(2.0, 0.5, 0.0)] * 50 + [(2.0, 0.5, 0.02)] * 50)
+    dp = fit(0.5, 0.5, 0.005, [(0.5, 0.5, 0.005)] * 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an interpolated percentile of ∞ and ∞ warns and gives NaN)
+        got = _laws_multiplier(static, dp, 0.985)
+    assert got["static_samples_needed_law"] == pytest.approx(2.0**2 / 0.015**2)
+    assert got["dp_samples_needed_law"] == pytest.approx(2500)
+    assert got["data_multiplier_laws"] == pytest.approx((2.0 / 0.015) ** 2 / 2500)  # 7.1×
+    assert got["data_multiplier_laws_ci"] == [pytest.approx((2.0 / 0.015) ** 2 / 2500), math.inf]
