@@ -255,6 +255,9 @@ def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[s
     }
 
 
+_X_LABELS = {"pool_size": "pool size n (samples)", "generated_samples": "generated samples"}
+
+
 def _first_reaching(curve: Sequence[tuple[int, float]], target: float) -> float:
     return next((float(i) for i, a in curve if a >= target), math.inf)
 
@@ -269,7 +272,7 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
         out_dir / "scaling.png",
         targets=[dp_acc] if dp_acc is not None else None,
         title=title,
-        xlabel="generated samples" if report.x == "generated_samples" else "pool size n (samples)",
+        xlabel=_X_LABELS[report.x],
     )
     return out_dir / "scaling.json", png
 

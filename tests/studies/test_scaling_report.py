@@ -3,6 +3,7 @@
 import json
 import math
 import time
+import warnings
 
 import pytest
 import yaml
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 from dp_ops.cli import app
 from dp_ops.errors import FitError
 from dp_ops.records.tracking import Registry
-from dp_ops.studies.scaling_report import points_from_files, points_from_mlflow, scaling_report
+from dp_ops.studies.scaling import PowerLawFit
+from dp_ops.studies.scaling_report import _laws_multiplier, points_from_files, points_from_mlflow, scaling_report
 
 from conftest import tiny_tree
 
@@ -144,11 +146,6 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
 
 
 def test_the_laws_multiplier_interval_reaches_infinity_when_static_draws_never_get_there():
-    import warnings
-
-    from dp_ops.studies.scaling import PowerLawFit
-    from dp_ops.studies.scaling_report import _laws_multiplier
-
     def fit(a, alpha, c, boot):
         return PowerLawFit(a, alpha, c, (a, a), (alpha, alpha), (c, c), 5, 0.0, tuple(boot))
 
