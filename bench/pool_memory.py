@@ -11,7 +11,14 @@
    baseline is the peak of generating one batch: the models and one batch's activations, which any round
    needs whatever its size (the UNet's working set, freed and re-taken every batch).
 3. Resume: seconds from ``run_tracked(..., resume_run_id=…)`` to the first training step at pools 10× apart
-   (target ratio ≤ 1.2): the part table comes from headers, nothing is decoded or hashed.
+   (target ratio ≤ 1.2): the part table comes from headers, nothing is decoded, and (4.) only changed parts
+   are hashed.
+4. The integrity check a resume makes on every finished round's parts (``versioning.adopt_round``: each
+   part's md5 against the registry's, its header against where it is used, its labels in range) at 10⁵
+   parts, side by side: every part hashed vs. DVC's state database answering for unchanged files (filled
+   with ``State.save_many``, as ``dvc add`` fills it; ``dvc add`` of 10⁵ files itself is not the figure).
+   Parts are small (64 grey 8² images, ~4.6 kB), so hashing here is mostly per-file cost; its MB/s says what
+   real parts (a 1024-image 64² RGB part is 12 MB) would cost. Files are in the page cache (just written).
 
 Every measurement runs in a fresh process. Usage: ``python bench/pool_memory.py [--quick]``.
 """
@@ -28,6 +35,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 RES, CHANNELS = 64, 3
 IMAGE_BYTES = RES * RES * CHANNELS
@@ -230,6 +241,55 @@ def resume_seconds(folder: Path, n: int, part_size: int) -> dict:
     return {"seconds": again.at - t0}
 
 
+# ---- 4. the integrity check on resume -------------------------------------------------------------------
+CHECK_PART = 64  # images per part: 64 grey 8² images, ~4.6 kB a part
+
+
+def write_checked_round(folder: Path, parts: int) -> None:
+    """A DVC workspace ``folder`` with one round of ``parts`` small parts, DVC's state database told their
+    md5s (as ``dvc add`` leaves it), and the registry's listing of them in ``parts.json``."""
+    import numpy as np
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    from dp_ops.engine.shards import part_name, write_part
+    from dp_ops.records.versioning import md5_file
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=folder, check=True)
+    round_folder = folder / "round_000"
+    rng, entries = np.random.default_rng(0), []
+    for p in range(parts):
+        images = rng.integers(0, 256, (CHECK_PART, 1, 8, 8), dtype=np.uint8)
+        rows = np.arange(p * CHECK_PART, (p + 1) * CHECK_PART)
+        path = round_folder / part_name(p)
+        write_part(
+            path, images, rows % 10, np.zeros(CHECK_PART), rows, round_index=0, index=p, start=int(rows[0]), omega=0.0
+        )
+        entries.append({"relpath": path.name, "md5": md5_file(path), "size": path.stat().st_size, "count": CHECK_PART})
+    with Repo(str(folder)) as repo:
+        paths = [str((round_folder / e["relpath"]).resolve()) for e in entries]
+        repo.state.save_many(
+            ((p, HashInfo("md5", e["md5"]), None) for p, e in zip(paths, entries, strict=True)), repo.fs
+        )
+    (folder / "parts.json").write_text(json.dumps(entries))
+
+
+def check_seconds(folder: Path, mode: str) -> dict:
+    """Seconds of the resume's check of the round: ``md5`` (what changed only, via DVC's state database),
+    ``hash all`` (every part read and hashed: no state), ``adopt`` (md5 via state, then headers and labels)."""
+    from dp_ops.records.versioning import adopt_round, damaged_parts, parse_parts
+
+    entries = parse_parts(json.loads((folder / "parts.json").read_text()))
+    round_folder = folder / "round_000"
+    t0 = time.perf_counter()
+    if mode == "adopt":
+        assert len(adopt_round(folder, entries, round_folder, 0, 10)) == len(entries)
+    else:
+        assert damaged_parts(folder if mode == "state" else None, entries, round_folder) == []
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "mb": sum(e.size for e in entries) / 2**20}
+
+
 # ---- driver --------------------------------------------------------------------------------------------
 def child(kind: str, args: list[str]) -> dict:
     out = subprocess.run(
@@ -242,81 +302,136 @@ def child(kind: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def train_section(tmp: str, a: argparse.Namespace, console: Console) -> None:
+    """1. training: peak anonymous memory, streamed vs. in memory."""
+    from rich.table import Table
+
+    rows = []
+    for n in a.sizes:
+        folder = Path(tmp) / f"pool{n}"
+        child("write", [str(folder), str(n), str(a.part_size)])
+        rows.append((n, *(child("train", [str(folder), mode, str(a.steps)]) for mode in ("streamed", "memory"))))
+    t = Table(
+        "pool",
+        "pool MB",
+        "streamed: peak anon MB",
+        "in memory: peak anon MB",
+        "streamed s/step",
+        title=f"1. training, {a.steps} steps of 128 (64² RGB, parts of {a.part_size})",
+        title_justify="left",
+    )
+    for n, s, m in rows:
+        t.add_row(
+            f"{n:,}",
+            f"{n * IMAGE_BYTES / 2**20:,.0f}",
+            f"{s['peak_kb'] / 1024:,.0f}",
+            f"{m['peak_kb'] / 1024:,.0f}",
+            f"{s['seconds'] / a.steps:.4f}",
+        )
+    console.print(t)
+    grow = a.sizes[-1] // a.sizes[0]
+    console.print(
+        f"peak anon, largest/smallest pool ({grow}× the pool): streamed "
+        f"{rows[-1][1]['peak_kb'] / rows[0][1]['peak_kb']:.3f}× (target ≤ 1.1), in memory "
+        f"{rows[-1][2]['peak_kb'] / rows[0][2]['peak_kb']:.3f}×"
+    )
+
+
+def gen_section(tmp: str, a: argparse.Namespace, console: Console) -> None:
+    """2. generating one round: the rise of peak memory per part."""
+    from rich.table import Table
+
+    gen_part_mb = a.part_size * GEN_BYTES / 2**20
+    t = Table(
+        "round P",
+        "round MB",
+        "parts: rise / part",
+        "one call: rise / part",
+        "parts s",
+        title=f"2. generating one round (32² RGB; part = {a.part_size} images = {gen_part_mb:.1f} MB)",
+        title_justify="left",
+    )
+    for p in a.rounds:
+        g = {
+            mode: child("gen", [str(Path(tmp) / f"gen{p}{mode}"), mode, str(p), str(a.part_size), "128"])
+            for mode in ("parts", "one-call")
+        }
+        rise = {m: (r["peak_kb"] - r["base_kb"]) / 1024 / gen_part_mb for m, r in g.items()}
+        t.add_row(
+            f"{p:,}",
+            f"{p * GEN_BYTES / 2**20:,.0f}",
+            f"{rise['parts']:.2f}",
+            f"{rise['one-call']:.2f}",
+            f"{g['parts']['seconds']:.1f}",
+        )
+    console.print(t)
+    console.print("target: parts ≤ 3 at both sizes (a round's memory is bounded by a part)")
+
+
+def resume_section(tmp: str, a: argparse.Namespace, console: Console) -> None:
+    """3. resume: seconds to the first training step at pools 10× apart."""
+    from rich.table import Table
+
+    r = {n: child("resume", [str(Path(tmp) / f"resume{n}"), str(n), str(a.part_size)]) for n in a.rounds}
+    t = Table("pool", "parts", "resume → first step s", title="3. resume", title_justify="left")
+    for n, v in r.items():
+        t.add_row(f"{n:,}", str(-(-n // a.part_size)), f"{v['seconds']:.2f}")
+    console.print(t)
+    console.print(f"ratio at a 10× pool: {r[a.rounds[1]]['seconds'] / r[a.rounds[0]]['seconds']:.2f} (target ≤ 1.2)")
+
+
+def check_section(tmp: str, a: argparse.Namespace, console: Console) -> None:
+    """4. the integrity check on resume: hashing vs. DVC state lookup."""
+    from rich.table import Table
+
+    folder = Path(tmp) / "check"
+    folder.mkdir()
+    child("check-write", [str(folder), str(a.check_parts)])
+    c = {mode: child("check", [str(folder), mode]) for mode in ("hash", "state", "adopt")}
+    t = Table(
+        "parts",
+        "MB",
+        "md5, every part hashed s",
+        "md5, DVC state lookup s",
+        "whole check (state + headers + labels) s",
+        "hashing MB/s",
+        title=f"4. integrity check on resume ({CHECK_PART} grey 8² images a part)",
+        title_justify="left",
+    )
+    t.add_row(
+        f"{a.check_parts:,}",
+        f"{c['hash']['mb']:,.0f}",
+        f"{c['hash']['seconds']:.2f}",
+        f"{c['state']['seconds']:.2f}",
+        f"{c['adopt']['seconds']:.2f}",
+        f"{c['hash']['mb'] / c['hash']['seconds']:,.0f}",
+    )
+    console.print(t)
+    real_mb = a.check_parts * 1024 * IMAGE_BYTES / 2**20  # parts of 1024 64² RGB images: 12 MB each
+    hours = real_mb / c["hash"]["mb"] * c["hash"]["seconds"] / 3600
+    console.print(
+        f"the state lookup reads no part, whatever its size; hashing {a.check_parts:,} parts of 1024 64² RGB "
+        f"images ({real_mb / 2**20:,.1f} TB) at the rate above would take {hours:,.1f} h"
+    )
+
+
 def main() -> None:
     from rich.console import Console
-    from rich.table import Table
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="pools 1k/10k/20k, rounds 1k/10k (a smoke run)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--part-size", type=int, default=1024)
+    ap.add_argument("--check-parts", type=int, default=100_000, help="parts in the integrity check's round (4.)")
+    ap.add_argument("--sections", default="1234", help="which figures, e.g. 4 for the integrity check alone")
     a = ap.parse_args()
-    sizes = [1_000, 10_000, 20_000] if a.quick else [2_000, 20_000, 200_000]
-    rounds = [1_024, 10_240] if a.quick else [2_048, 20_480]
-    gen_part_mb = a.part_size * GEN_BYTES / 2**20
+    a.sizes = [1_000, 10_000, 20_000] if a.quick else [2_000, 20_000, 200_000]
+    a.rounds = [1_024, 10_240] if a.quick else [2_048, 20_480]
     console = Console(width=120)
+    sections = {"1": train_section, "2": gen_section, "3": resume_section, "4": check_section}
     with tempfile.TemporaryDirectory(prefix="dpops-bench-") as tmp:
-        rows = []
-        for n in sizes:
-            folder = Path(tmp) / f"pool{n}"
-            child("write", [str(folder), str(n), str(a.part_size)])
-            rows.append((n, *(child("train", [str(folder), mode, str(a.steps)]) for mode in ("streamed", "memory"))))
-        t = Table(
-            "pool",
-            "pool MB",
-            "streamed: peak anon MB",
-            "in memory: peak anon MB",
-            "streamed s/step",
-            title=f"1. training, {a.steps} steps of 128 (64² RGB, parts of {a.part_size})",
-            title_justify="left",
-        )
-        for n, s, m in rows:
-            t.add_row(
-                f"{n:,}",
-                f"{n * IMAGE_BYTES / 2**20:,.0f}",
-                f"{s['peak_kb'] / 1024:,.0f}",
-                f"{m['peak_kb'] / 1024:,.0f}",
-                f"{s['seconds'] / a.steps:.4f}",
-            )
-        console.print(t)
-        grow = sizes[-1] // sizes[0]
-        console.print(
-            f"peak anon, largest/smallest pool ({grow}× the pool): streamed "
-            f"{rows[-1][1]['peak_kb'] / rows[0][1]['peak_kb']:.3f}× (target ≤ 1.1), in memory "
-            f"{rows[-1][2]['peak_kb'] / rows[0][2]['peak_kb']:.3f}×"
-        )
-
-        t = Table(
-            "round P",
-            "round MB",
-            "parts: rise / part",
-            "one call: rise / part",
-            "parts s",
-            title=f"2. generating one round (32² RGB; part = {a.part_size} images = {gen_part_mb:.1f} MB)",
-            title_justify="left",
-        )
-        for p in rounds:
-            g = {
-                mode: child("gen", [str(Path(tmp) / f"gen{p}{mode}"), mode, str(p), str(a.part_size), "128"])
-                for mode in ("parts", "one-call")
-            }
-            rise = {m: (r["peak_kb"] - r["base_kb"]) / 1024 / gen_part_mb for m, r in g.items()}
-            t.add_row(
-                f"{p:,}",
-                f"{p * GEN_BYTES / 2**20:,.0f}",
-                f"{rise['parts']:.2f}",
-                f"{rise['one-call']:.2f}",
-                f"{g['parts']['seconds']:.1f}",
-            )
-        console.print(t)
-        console.print("target: parts ≤ 3 at both sizes (a round's memory is bounded by a part)")
-
-        r = {n: child("resume", [str(Path(tmp) / f"resume{n}"), str(n), str(a.part_size)]) for n in rounds}
-        t = Table("pool", "parts", "resume → first step s", title="3. resume", title_justify="left")
-        for n, v in r.items():
-            t.add_row(f"{n:,}", str(-(-n // a.part_size)), f"{v['seconds']:.2f}")
-        console.print(t)
-        console.print(f"ratio at a 10× pool: {r[rounds[1]]['seconds'] / r[rounds[0]]['seconds']:.2f} (target ≤ 1.2)")
+        for key in a.sections:
+            sections[key](tmp, a, console)
 
 
 if __name__ == "__main__":
@@ -330,6 +445,11 @@ if __name__ == "__main__":
         elif kind == "gen":
             Path(rest[0]).mkdir(parents=True, exist_ok=True)
             print(json.dumps(gen_peak(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), int(rest[4]))))
+        elif kind == "check-write":
+            write_checked_round(Path(rest[0]), int(rest[1]))
+            print(json.dumps({}))
+        elif kind == "check":
+            print(json.dumps(check_seconds(Path(rest[0]), rest[1])))
         elif kind == "resume":
             Path(rest[0]).mkdir(parents=True, exist_ok=True)
             print(json.dumps(resume_seconds(Path(rest[0]), int(rest[1]), int(rest[2]))))

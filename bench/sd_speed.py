@@ -9,8 +9,11 @@ next to the paper's 1.82× (SD-1.5 on an H100).
     .venv/bin/python bench/sd_speed.py                      # GPU: full size, bf16
     .venv/bin/python bench/sd_speed.py --tiny               # CPU smoke check: tiny random components
     .venv/bin/python bench/sd_speed.py --dtype float16 -n 64 --batch-size 16 --json out.json
+    .venv/bin/python bench/sd_speed.py --gradient full x0   # both guidance gradients, one guided mode each
 
-Modes are measured in interleaved repeats (best of), after a warm-up, so drifting load hits each alike.
+Modes are measured in interleaved repeats (best of), after a warm-up, so drifting load hits each alike. A mode
+that fails (out of memory, a device error) is reported as FAILED with its first error line, the others still
+run, and the script exits 1 (``--json`` rows carry ``error``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from dp_ops.config import LearnerConfig, TrainConfig
 from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components
-from dp_ops.engine.devices import DTYPES, resolve_device
+from dp_ops.engine.devices import DTYPES, resolve_device, resolve_dtype
 from dp_ops.engine.learner import Trainer, build_learner
 
 PAPER_RATIO = 1.82
@@ -42,7 +45,13 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--guide-every", type=int, default=5)
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--omega", type=float, default=0.05)
-    ap.add_argument("--gradient", default="full", choices=["full", "x0"], help="generator.guidance_gradient")
+    ap.add_argument(
+        "--gradient",
+        nargs="+",
+        default=["full"],
+        choices=["full", "x0"],
+        help="generator.guidance_gradient: one guided mode each (e.g. --gradient full x0)",
+    )
     ap.add_argument("--resolution", type=int, default=None, help="default 512; tiny 32")
     ap.add_argument("--learner", default=None, help="timm model (default resnet50; tiny dpops_convnet_tiny)")
     ap.add_argument("--learner-size", type=int, default=None, help="learner input side (default 224; tiny 16)")
@@ -50,6 +59,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vae-slicing", action="store_true")
     ap.add_argument("--attention-slicing", action="store_true")
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_true", help="UNet and VAE decoder (generator.gradient_checkpointing)"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     tiny = args.tiny
@@ -70,84 +82,111 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         dtype=dtype,
         vae_slicing=args.vae_slicing,
         attention_slicing=args.attention_slicing,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    sd = StableDiffusion(
-        parts["unet"],
-        parts["vae"],
-        parts["text_encoder"],
-        parts["tokenizer"],
-        parts["scheduler"].config,
-        names,
-        settings,
-    )
+    sd = StableDiffusion.from_components(parts, names, settings)
     model = build_learner(LearnerConfig(model=args.learner, drop_rate=0.0), args.classes, 3, seed=0)
     return sd, Trainer(model, TrainConfig(), 0, input_size=args.learner_size, device=device)
+
+
+Mode = tuple[float, int, str]  # (ω, guide_every, gradient)
 
 
 def main() -> None:
     args = parse()
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = resolve_dtype(args.dtype or "auto", device)
     if device.type != "cuda" and not args.tiny and args.resolution > 64:
         raise SystemExit("full-size SD at 512² on a CPU takes hours: use --tiny (or --resolution 64), or a GPU")
     sd, learner = build(args, device, dtype)
+    modes: dict[str, Mode] = {"unguided": (0.0, 1, "full")}
+    modes.update({f"guided {g}": (args.omega, args.guide_every, g) for g in args.gradient})
+    best, errors = measure(args, device, sd, learner, modes)
+    report(args, device, dtype, list(modes), best, errors)
+    if errors:
+        raise SystemExit(1)
+
+
+def measure(
+    args: argparse.Namespace, device: torch.device, sd: StableDiffusion, learner: Trainer, modes: dict[str, Mode]
+) -> tuple[dict[str, tuple[float, float | None]], dict[str, str]]:
+    """Best seconds and highest peak GiB per mode, and the first line of the error of each mode that failed
+    (out of memory, a device error): a failed mode is left out of the later repeats, the others go on."""
     labels = torch.arange(args.n) % args.classes
     seeds = np.arange(args.n)
+    best: dict[str, tuple[float, float | None]] = {}
+    errors: dict[str, str] = {}
 
-    def seconds(omega: float, every: int, n: int) -> tuple[float, float]:
+    def seconds(name: str, n: int) -> tuple[float, float | None] | None:
+        omega, every, gradient = modes[name]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        sd.sample(
-            labels[:n],
-            seeds[:n],
-            steps=args.steps,
-            cfg_scale=args.cfg_scale,
-            learner=learner.classify,
-            omega=omega,
-            guide_every=every,
-            gradient=args.gradient,
-            batch_size=args.batch_size,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        try:
+            sd.sample(
+                labels[:n],
+                seeds[:n],
+                steps=args.steps,
+                cfg_scale=args.cfg_scale,
+                learner=learner.classify,
+                omega=omega,
+                guide_every=every,
+                gradient=gradient,
+                batch_size=args.batch_size,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as exc:  # (reported in the table; the other modes still run)
+            errors[name] = first_line(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return time.perf_counter() - t0, peak
 
-    modes = [("unguided", 0.0, 1), (f"guided every {args.guide_every}", args.omega, args.guide_every)]
-    for _, omega, every in modes:  # warm-up: kernels, allocator, autograd graph
-        seconds(omega, every, min(args.n, args.batch_size))
-    best = {name: (float("inf"), 0.0) for name, _, _ in modes}
+    for name in modes:  # warm-up: kernels, allocator, autograd graph
+        seconds(name, min(args.n, args.batch_size))
     for _ in range(args.repeats):
-        for name, omega, every in modes:
-            s, peak = seconds(omega, every, args.n)
-            best[name] = (min(best[name][0], s), max(best[name][1], peak))
-    report(args, device, dtype, best)
+        for name in modes:
+            if name not in errors and (measured := seconds(name, args.n)):
+                s, peak = best.get(name, measured)
+                best[name] = (min(s, measured[0]), None if peak is None else max(peak, measured[1] or 0.0))
+    return best, errors
 
 
-def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, best: dict) -> None:
-    base = best["unguided"][0]
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def report(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    names: list[str],
+    best: dict[str, tuple[float, float | None]],
+    errors: dict[str, str],
+) -> None:
+    base = best["unguided"][0] if "unguided" in best else float("nan")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"# {'tiny random SD' if args.tiny else 'SD-1.5-shaped random weights'} on {gpu}, {dtype}, "
         f"{args.resolution}², {args.steps} DDIM steps, CFG {args.cfg_scale:g}, batch {args.batch_size}, "
         f"{args.n} images, learner {args.learner} at {args.learner_size}², ω={args.omega:g}, "
-        f"best of {args.repeats} interleaved repeats"
+        f"guided every {args.guide_every}, best of {args.repeats} interleaved repeats"
     )
     print(f"{'mode':<20}{'img/s':>10}{'s/img':>10}{'cost ratio':>12}{'peak GiB':>10}")
-    rows = []
-    for name, (s, peak) in best.items():
-        rows.append(
-            {
-                "mode": name,
-                "images_per_s": args.n / s,
-                "seconds_per_image": s / args.n,
-                "cost_ratio": s / base,
-                "peak_gib": peak,
-            }
-        )
-        mem = f"{peak:>10.1f}" if device.type == "cuda" else f"{'n/a':>10}"
+    rows: list[dict[str, object]] = []
+    for name in names:
+        if name in errors:
+            rows.append({"mode": name, "error": errors[name]})
+            print(f"{name:<20}FAILED: {errors[name]}")
+            continue
+        s, peak = best[name]
+        row = {"mode": name, "images_per_s": args.n / s, "seconds_per_image": s / args.n, "cost_ratio": s / base}
+        rows.append({**row, "peak_gib": peak, "error": None})
+        mem = f"{'n/a':>10}" if peak is None else f"{peak:>10.1f}"
         print(f"{name:<20}{args.n / s:>10.2f}{s / args.n:>10.3f}{s / base:>12.2f}{mem}")
     print(f"{'paper (H100)':<20}{'':>10}{'':>10}{PAPER_RATIO:>12.2f}{'':>10}")
     if args.json:

@@ -131,8 +131,10 @@ def _friendly_errors(fn: F) -> F:
                 where = "" if rank == "0" else f"(rank {rank}) "
                 err_console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            _stopped("")
+        except KeyboardInterrupt as exc:
+            cause = exc.__context__  # (torchrun's SIGTERM while a rank's one-line error was on its way out)
+            ranks = os.environ.get("WORLD_SIZE", "1") != "1"
+            _stopped(f"{cause}" if ranks and isinstance(cause, DpOpsError) else "")
         except RunAborted as exc:
             err_console.print(f"[bold red]error:[/] a run failed, so the study stops: {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
@@ -176,13 +178,13 @@ def _stopped(what: str) -> NoReturn:
 
 def _resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[str] | None) -> str:
     """What a stopped ``dpops run`` says: which run ended KILLED and the command that resumes it (with the
-    options that chose its tracking store)."""
+    options that chose its tracking store and its output locations)."""
     run_id, resumable = getattr(exc, "run_id", None), getattr(exc, "resumable", False)
     if run_id is None:
         return ""
     if not resumable:
         return f"run {run_id} ended KILLED before its first round completed (nothing to resume); start it again"
-    store = [f"-S {o}" for o in overrides or () if o.strip().startswith("tracking.")]
+    store = [f"-S {o}" for o in overrides or () if o.strip().startswith(("tracking.", "output."))]
     command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, f"--resume {run_id}"])
     return f"run {run_id} ended KILLED at its last completed round; resume it with: {command}"
 
@@ -240,6 +242,8 @@ def run(
 ) -> None:
     """Run one experiment (dp, static or oversample), tracked and versioned: an embedded world (digits, MNIST), or
     the text-to-image world with generator.backend=sd. Under torchrun, one run on all its processes."""
+    if resume is not None and not resume.strip():  # (`--resume "$RUN"` with RUN unset would start a fresh run)
+        raise ConfigError("--resume '': no run id given (an empty shell variable?); name the MLflow run to continue")
     cfg = _config(params, set_)
     if not resume:  # (a resumed run's own paths, read from MLflow, are checked by preflight)
         check_paths(cfg)  # before the heavy imports: a bad path is refused in a fraction of a second
@@ -257,7 +261,7 @@ def run(
                 cfg = _resumed_config(resume, registry, cfg, set_ or [])
             cfg = world.broadcast(cfg)
         runner.preflight(cfg, world)
-        real = runner.load_real_data(cfg)
+        real = runner.load_real_data(cfg, world)
         if world.main:  # (the store is opened only now: a refused run leaves none behind)
             registry = registry or Registry.from_config(cfg)
         with _progress() if world.main else nullcontext() as progress:
@@ -273,11 +277,13 @@ def run(
 
 
 def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[str]) -> Config:
-    """``--resume``: the run's own config, after checking no live process trains it; says which ``-S``
-    values it leaves unused and whether it takes over a stale lease."""
+    """``--resume``: the run's own config with the ``-S output.*`` given (where its files go on this
+    machine), after checking no live process trains it; says which ``-S`` values it leaves unused, which
+    output locations moved, and whether it takes over a stale lease."""
     from dp_ops import runner
 
-    cfg = runner.resume_config(run_id, registry)
+    recorded = runner.resume_config(run_id, registry)
+    cfg, moved = runner.resume_outputs(overrides, given, recorded)
     ignored = runner.ignored_on_resume(overrides, given, cfg)
     if ignored:
         err_console.print(
@@ -286,6 +292,14 @@ def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[s
             highlight=False,
             soft_wrap=True,
         )
+    if moved:
+        err_console.print(
+            f"[yellow]note:[/] --resume continues run {run_id} writing -S " + ", -S ".join(moved) + "; its finished "
+            "rounds' parts are restored there from DVC where missing, its checkpoint is read there",
+            highlight=False,
+            soft_wrap=True,
+        )
+    runner.check_lease(recorded, run_id)  # (a live process that still writes where the run started is refused too)
     note = runner.check_lease(cfg, run_id)
     if note:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
@@ -503,7 +517,7 @@ def sweep(
                 "use one process per worker, or sweep.prune=false"
             )
         runner.preflight(cfg, world)
-        real = runner.load_real_data(cfg)
+        real = runner.load_real_data(cfg, world)
         if not world.main:
             runner.follow_runs(_generator(cfg, real, None, world), real, world)
             return
@@ -569,7 +583,7 @@ def bench(
     try:
         if not world.main:  # (under torchrun) take part in every run rank 0 leads
             cfg = world.broadcast(None)
-            real = runner.load_real_data(cfg)
+            real = runner.load_real_data(cfg, world)
             runner.follow_runs(_generator(cfg, real, None, world), real, world)
             return
         p = bm.prepare(

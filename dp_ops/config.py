@@ -2,8 +2,10 @@
 
 Its single source is ``params.yaml`` (the file DVC tracks); the CLI overrides single values with the
 same dotted names DVC uses (``-S dp.omega=0.1``). Everything is validated before any work starts and
-any problem becomes one :class:`~dp_ops.errors.ConfigError` line naming the key, the value and what is
-allowed. :func:`flatten` gives the dotted ``key -> value`` view that trackers log as params.
+any problem becomes one :class:`~dp_ops.errors.ConfigError` line naming the key, the value (abbreviated by
+:func:`shown`) and what is allowed. Every number is bounded by what its use can take, every string by what
+MLflow or a file system stores, and a params file (or ``-S`` value) by its size, node count and depth before
+YAML builds it. :func:`flatten` gives the dotted ``key -> value`` view that trackers log as params.
 
 The ``sweep:`` section (:class:`SweepConfig`, read with :func:`sweep_config`) is not part of a run's
 config: sweeps and the benchmark read it, and it lives here so that they can without importing Optuna.
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -39,6 +43,84 @@ DEFAULT_PARAMS = Path("params.yaml")
 MAX_SAMPLES = 10_000_000
 MAX_ITERATIONS = 10_000_000
 MAX_BATCH = 65_536
+
+# Seeds, bounded by what consumes them: `seed` keys torch.manual_seed (the learner's initialisation: at most
+# 2^64 - 1) and NumPy's SeedSequence (any size); `data.split_seed` (and `sweep.sampler_seed`) also seed
+# NumPy's legacy RandomState (scikit-learn's split, Optuna's TPE), which takes 32 bits only.
+MAX_SEED = 2**64 - 1
+MAX_SEED_32 = 2**32 - 1
+# AdamW moves every weight by about lr a step (its update is normalised) and shrinks it by lr·weight_decay:
+# beyond 1 either is no training recipe, and at 1e38 the float32 weights overflow at the first step.
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 1.0
+# ω scales a step whose length is a fraction of ‖x_t‖ (ω·‖x_t‖·g/‖g‖, guidance.py): ω = 1 moves x_t by its
+# own length at each guided step, the largest step a fraction of it can mean (the paper's ω are ≤ 0.5; a
+# tiny run at ω = 1 still finishes); ω = 1e39 overflowed float32 and saturated a round silently.
+MAX_OMEGA = 1.0
+# Classifier-free guidance in diffusers' convention: ε̂ = ε̂_uncond + s·(ε̂_cond − ε̂_uncond). s = 1 is the
+# conditional model alone; s < 1 mixes in the unconditional one (s = 0 samples ignore their label: a learner
+# trained on them scores 0.09). Users of diffusers' pipelines go up to ~20; 30 leaves room above that, and
+# refuses 1e308, which started work only to stop with a misleading message.
+MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 30.0
+# Mixup/CutMix α of Beta(α, α): at 100 every pair is already mixed about half and half (sd 0.035); NumPy's
+# Beta(1e308, 1e308) draws 0.0, not ~0.5.
+MAX_MIX_ALPHA = 100.0
+# What MLflow stores (mlflow/utils/validation.py): a param value, an experiment name, a registered model name
+# (its SQL column); and what a file system does: a path, one component of it (bytes, UTF-8).
+MLFLOW_PARAM_CHARS = 6000
+MLFLOW_EXPERIMENT_CHARS = 500
+MLFLOW_MODEL_NAME_CHARS = 256
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+
+# What a params file (or one -S value, or a stored MLflow param) may be before YAML builds it: params.yaml
+# is ~100 values three levels deep in a few KB; beyond these it is hostile or broken, and refused in
+# milliseconds rather than expanded (an alias bomb doubles at every level: 13.8 GB in 7 minutes), recursed
+# into (10,000 levels exhaust Python's stack) or echoed back.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_NODES = 10_000  # scalars, lists and mappings, an alias counted as all it repeats
+MAX_PARAMS_DEPTH = 20
+
+
+def _shown_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlong, r.maxlevel = 60, 60, 40, 3
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+    return r
+
+
+_SHOWN = _shown_repr()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` abbreviated (a long string or number keeps its two ends, a long or deep list its
+    first items) so that an error line echoing any value stays one short line: built without ever
+    making the whole repr, which for an alias bomb would not fit in memory."""
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # (Python writes no int of over 4300 digits)
+        return f"<an integer of {value.bit_length()} bits>"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A key or other name as typed, cut to ``limit`` characters, control characters escaped."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-17:]}"
+
+
+def _path_limits(value: str) -> str:
+    """A path the file system can hold: 4096 bytes, 255 a component (beyond, open() fails mid-run)."""
+    if len(value.encode()) > MAX_PATH_BYTES:
+        raise ValueError(f"a path may be at most {MAX_PATH_BYTES} bytes long (this one: {len(value.encode())})")
+    name = max(re.split(r"[/\\]", value), key=lambda part: len(part.encode()))
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"a file or folder name may be at most {MAX_NAME_BYTES} bytes "
+            f"({_short(name, 40)!r} has {len(name.encode())})"
+        )
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_limits)]
 
 
 class _Section(BaseModel):
@@ -70,12 +152,14 @@ class DataConfig(_Section):
 
     name: Literal["digits", "mnist", "folder"] = "digits"
     resolution: int = Field(16, ge=8, le=1024, description="side of the square images the learner sees")
-    split_seed: int = Field(0, ge=0, description="fixed apart from `seed` so a cached generator never sees val/test")
+    split_seed: int = Field(
+        0, ge=0, le=MAX_SEED_32, description="fixed apart from `seed` so a cached generator never sees val/test"
+    )
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
-    val_root: str = Field("", description="folder: real validation images, <val_root>/<class>/*.png")
-    test_root: str = Field("", description="folder: held-out real test images, same class folders")
-    classes: tuple[str, ...] = Field((), description="folder: class folders in label order; empty = all, sorted")
+    val_root: PathText = Field("", description="folder: real validation images, <val_root>/<class>/*.png")
+    test_root: PathText = Field("", description="folder: held-out real test images, same class folders")
+    classes: tuple[PathText, ...] = Field((), description="folder: class folders in label order; empty = all, sorted")
     class_names: tuple[str, ...] = Field((), description="folder: names used in prompts; empty = folder names")
     shard_resolution: int = Field(0, ge=0, le=2048, description="side of stored synthetic images; 0 = resolution")
     shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
@@ -121,6 +205,7 @@ BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
         "guide_every": 5,
         "batch_size": 8,
         "precision": "float32",  # (generator.dtype sets an sd pipeline's precision)
+        "dtype": "auto",  # bfloat16 weights on CUDA, float32 on the CPU
         "guidance_gradient": "full",  # (x0, measured on the pixel model only, awaits a GPU measurement)
     },
 }
@@ -131,16 +216,34 @@ class GeneratorConfig(_Section):
     model (diffusers UNet2DModel + DDIM), or ``sd``, a Stable Diffusion pipeline prompted with class names."""
 
     backend: Literal["pixel", "sd"] = "pixel"
-    path: str = Field("models/generator", min_length=1, description="folder written by save_pretrained")
+    path: PathText = Field("models/generator", min_length=1, description="folder written by save_pretrained")
     steps: int = Field(6, ge=1, le=1000, description="DDIM steps per sample")
-    cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance scale (diffusers convention)")
-    guide_every: int = Field(2, ge=1, description="apply entropy guidance every k-th DDIM step")
-    model: str = Field("", description="sd: pipeline folder (save_pretrained layout) or hub id")
+    cfg_scale: float = Field(
+        2.0,
+        le=MAX_CFG_SCALE,
+        description="classifier-free guidance scale s (diffusers convention): 1 = the conditional model alone, "
+        "larger follows the label harder; below 1 mixes in the unconditional model (0: samples ignore their label)",
+    )
+    guide_every: int = Field(2, ge=1, le=1000, description="apply entropy guidance every k-th DDIM step")
+    model: PathText = Field("", description="sd: pipeline folder (save_pretrained layout) or hub id")
     prompt: str = Field("{name}", min_length=1, description="sd: prompt template, {name} = the class name")
     resolution: int = Field(0, ge=0, le=2048, description="sd: side of generated images; 0 = the model's own")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="sd: float16/bfloat16 need CUDA")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "float32",
+        description="sd: the pipeline's weights (sd default auto: bfloat16 on CUDA, float32 on the CPU); "
+        "float16/bfloat16 need CUDA",
+    )
     vae_slicing: bool = Field(False, description="sd: decode latents one image at a time (less memory)")
-    attention_slicing: bool = Field(False, description="sd: compute attention in slices (less memory)")
+    attention_slicing: bool = Field(
+        False,
+        description="sd: UNet attention in slices: less memory where nothing back-propagates through the UNet "
+        "(unguided, or guidance_gradient=x0), more where guidance does (every slice's matrix is kept for it)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="sd: guided steps keep only the UNet's and VAE decoder's block inputs and recompute the rest "
+        "in the backward pass (less memory, one more forward pass)",
+    )
     batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="samples generated per forward pass")
     precision: Literal["float32", "bfloat16"] = Field(
         "bfloat16",
@@ -156,7 +259,7 @@ class GeneratorConfig(_Section):
     channels: tuple[int, ...] = Field((32, 64, 64), min_length=2, max_length=4)
     train_iterations: int = Field(1000, ge=1, le=MAX_ITERATIONS)
     train_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    train_lr: float = Field(2e-3, gt=0)
+    train_lr: float = Field(2e-3, gt=0, le=MAX_LR)
     train_precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="pixel: compute precision (autocast) of generator training; weights stay float32"
     )
@@ -165,7 +268,7 @@ class GeneratorConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _backend_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("backend") in BACKEND_DEFAULTS:
+        if isinstance(data, dict) and isinstance(data.get("backend"), str) and data["backend"] in BACKEND_DEFAULTS:
             return {**BACKEND_DEFAULTS[data["backend"]], **data}
         return data
 
@@ -183,28 +286,41 @@ class GeneratorConfig(_Section):
         if self.backend == "sd" and not self.model:
             raise ValueError("generator.model='': generator.backend='sd' needs a pipeline folder or hub id")
         if self.backend == "pixel":
-            for key, default in (("resolution", 0), ("dtype", "float32")):
+            for key, default in (("resolution", 0), ("dtype", "float32"), ("gradient_checkpointing", False)):
                 if getattr(self, key) != default:
-                    raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='sd'")
+                    raise ValueError(f"generator.{key}={shown(getattr(self, key))}: only for generator.backend='sd'")
         for key, default in (("channels_last", False), ("train_precision", "float32")):
             if self.backend == "sd" and getattr(self, key) != default:
-                raise ValueError(f"generator.{key}={getattr(self, key)!r}: only for generator.backend='pixel'")
+                raise ValueError(f"generator.{key}={shown(getattr(self, key))}: only for generator.backend='pixel'")
         if self.backend == "sd" and self.dtype != "float32" and self.precision != "float32":
             raise ValueError(
                 f"generator.precision={self.precision!r}: the pipeline's weights are already {self.dtype} "
-                "(generator.dtype); use one of the two, the other float32"
+                "(generator.dtype; auto: bfloat16 on CUDA); use one of the two, the other float32"
             )
         try:
             self.prompt.format(name="x")
         except (KeyError, IndexError, ValueError):
-            raise ValueError(f"generator.prompt={self.prompt!r}: the only placeholder allowed is {{name}}") from None
+            raise ValueError(
+                f"generator.prompt={shown(self.prompt)}: the only placeholder allowed is {{name}}"
+            ) from None
         return self
+
+    @field_validator("cfg_scale")
+    @classmethod
+    def _follows_the_label(cls, v: float) -> float:
+        if v < MIN_CFG_SCALE:
+            raise ValueError(
+                f"must be >= {MIN_CFG_SCALE:g}: {MIN_CFG_SCALE:g} is the conditional model alone, below it mixes in "
+                "the unconditional one (0: samples ignore their class label)"
+            )
+        return v
 
     @field_validator("channels")
     @classmethod
     def _positive_channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(c < 8 or c % 8 for c in v):
-            raise ValueError("every channel count must be a positive multiple of 8")
+        if any(c < 8 or c % 8 or c > 1024 for c in v):
+            # (1024: wider than any UNet for the embedded worlds' 8 to 64 pixel images needs)
+            raise ValueError("every channel count must be a positive multiple of 8, at most 1024")
         return v
 
 
@@ -214,17 +330,27 @@ class DPConfig(_Section):
     strategy: Literal["dp", "static", "oversample"] = "dp"
     initial_size: int = Field(500, ge=1, le=MAX_SAMPLES, description="N: samples generated unguided before training")
     round_size: int = Field(250, ge=1, le=MAX_SAMPLES, description="P: samples added per round")
-    patience: int = Field(3, ge=1, description="T_max: evaluations without improvement that trigger a round")
+    patience: int = Field(
+        3, ge=1, le=MAX_ITERATIONS, description="T_max: evaluations without improvement that trigger a round"
+    )
     incremental_patience: bool = Field(True, description="scale T_max by pool size / N")
-    omega: float = Field(0.05, ge=0, description="ω: entropy-guidance strength (0 = unguided)")
+    omega: float = Field(
+        0.05,
+        ge=0,
+        le=MAX_OMEGA,
+        description="ω: entropy-guidance strength, each guided step's length as a fraction of ‖x_t‖ (0 = unguided; "
+        "at most 1: a step as long as x_t itself)",
+    )
     oversample_ratio: int = Field(4, ge=1, le=100, description="r: `oversample` generates r·P and keeps the top-P")
-    max_rounds: int = Field(0, ge=0, description="stop adding data after this many rounds (0 = no limit)")
+    max_rounds: int = Field(
+        0, ge=0, le=MAX_ITERATIONS, description="stop adding data after this many rounds (0 = no limit)"
+    )
 
 
 class LearnerConfig(_Section):
     """The classifier f_φ, built by timm model name."""
 
-    model: str = Field("dpops_convnet", min_length=1)
+    model: str = Field("dpops_convnet", min_length=1, max_length=MAX_NAME_BYTES)
     drop_rate: float = Field(0.1, ge=0, lt=1)
 
 
@@ -234,22 +360,23 @@ class TrainConfig(_Section):
     CutMix (both as Beta-distribution α, timm's ``Mixup``) and an EMA of the weights."""
 
     iterations: int = Field(2000, ge=1, le=MAX_ITERATIONS, description="total iteration budget")
-    eval_every: int = Field(50, ge=1, description="τ: iterations between validation evaluations")
+    eval_every: int = Field(50, ge=1, le=MAX_ITERATIONS, description="τ: iterations between validation evaluations")
     batch_size: int = Field(128, ge=1, le=MAX_BATCH)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
+    lr: float = Field(2e-3, gt=0, le=MAX_LR)
+    weight_decay: float = Field(0.05, ge=0, le=MAX_WEIGHT_DECAY)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     cooldown_fraction: float = Field(0.2, ge=0, lt=1, description="no data is added during the cool-down")
     augment: Literal["none", "flip", "crop_flip"] = Field("none", description="crop_flip: random-resized-crop + flip")
     crop_min_scale: float = Field(0.08, gt=0, le=1, description="smallest crop area fraction of crop_flip")
-    mixup: float = Field(0.0, ge=0, description="Mixup α (0 = off; the paper: 0.5)")
-    cutmix: float = Field(0.0, ge=0, description="CutMix α (0 = off; the paper: 1.0)")
+    mixup: float = Field(0.0, ge=0, le=MAX_MIX_ALPHA, description="Mixup α (0 = off; the paper: 0.5)")
+    cutmix: float = Field(0.0, ge=0, le=MAX_MIX_ALPHA, description="CutMix α (0 = off; the paper: 1.0)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights evaluated and guided with; 0 = off")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader processes reading/decoding pool batches")
     micro_batches: int = Field(
         0,
         ge=0,
+        le=MAX_BATCH,
         description="M: each iteration's batch in M accumulated micro-batches, shared by the run's processes "
         "(their number must divide M); 0 = one per process",
     )
@@ -280,12 +407,25 @@ class TrackingConfig(_Section):
     """MLflow: ``uri`` empty means ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db``; ``experiment``
     empty means ``MLFLOW_EXPERIMENT_NAME`` if set, else ``dp-ops`` (:attr:`experiment_name`)."""
 
-    uri: str = ""
-    experiment: str = Field("", description="MLflow experiment; empty: $MLFLOW_EXPERIMENT_NAME, else dp-ops")
+    uri: PathText = ""
+    experiment: str = Field(
+        "",
+        max_length=MLFLOW_EXPERIMENT_CHARS,
+        description="MLflow experiment; empty: $MLFLOW_EXPERIMENT_NAME, else dp-ops",
+    )
     log_model: bool = Field(True, description="log the run's final classifier as an MLflow model (seconds per run)")
     register_model: str = Field(
-        "", description="register the run's final classifier under this MLflow model name; empty: log it only"
+        "",
+        max_length=MLFLOW_MODEL_NAME_CHARS,
+        description="register the run's final classifier under this MLflow model name; empty: log it only",
     )
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if "/" in v or ":" in v:  # (MLflow refuses them when it registers: at the end of the run's work)
+            raise ValueError("an MLflow model name cannot hold '/' or ':'")
+        return v
 
     @property
     def experiment_name(self) -> str:
@@ -298,18 +438,27 @@ RUN_FILES = {"metrics": "metrics.json", "rounds": "rounds.json", "curve": "curve
 
 
 class OutputConfig(_Section):
-    metrics: str = Field(RUN_FILES["metrics"], min_length=1, description="JSON summary numbers (DVC stage metrics)")
-    rounds: str = Field(RUN_FILES["rounds"], min_length=1, description="JSON run header and round records")
-    curve: str = Field(RUN_FILES["curve"], min_length=1, description="JSON validation curve: iteration, val_acc")
-    shards: str = Field("data/runs", min_length=1, description="one folder per run, one folder of part files per round")
-    checkpoints: str = Field("checkpoints", min_length=1, description="per-run resume state, one file per run")
+    metrics: PathText = Field(
+        RUN_FILES["metrics"], min_length=1, description="JSON summary numbers (DVC stage metrics)"
+    )
+    rounds: PathText = Field(RUN_FILES["rounds"], min_length=1, description="JSON run header and round records")
+    curve: PathText = Field(RUN_FILES["curve"], min_length=1, description="JSON validation curve: iteration, val_acc")
+    shards: PathText = Field(
+        "data/runs", min_length=1, description="one folder per run, one folder of part files per round"
+    )
+    checkpoints: PathText = Field("checkpoints", min_length=1, description="per-run resume state, one file per run")
 
 
 class Config(_Section):
     """Root of the tree; field names are the top-level keys of ``params.yaml``."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("auto", description="where the learner and an sd generator run: auto | cpu | cuda | cuda:N")
+    deterministic: bool = Field(
+        False,
+        description="CUDA: deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms), slower; "
+        "on the CPU runs are deterministic already",
+    )
     data: DataConfig = DataConfig()
     generator: GeneratorConfig = GeneratorConfig()
     dp: DPConfig = DPConfig()
@@ -356,7 +505,27 @@ class Config(_Section):
                 f"data.part_size={self.data.part_size}: must be a multiple of generator.batch_size "
                 f"({self.generator.batch_size}), so that a part is made of whole generator batches"
             )
+        g, dp = self.generator, self.dp
+        if g.attention_slicing and g.guidance_gradient == "full" and dp.strategy == "dp" and dp.omega > 0:
+            raise ValueError(
+                "generator.attention_slicing=True: guided rounds back-propagate through the UNet "
+                "(generator.guidance_gradient=full, dp.omega > 0), where sliced attention keeps every slice's "
+                "attention matrix: more memory, not less; to save memory use generator.gradient_checkpointing=true, "
+                "generator.guidance_gradient=x0 or a smaller generator.batch_size"
+            )
         return self._world_matches()
+
+    @model_validator(mode="after")
+    def _params_fit_mlflow(self) -> Config:
+        # Every key is logged as an MLflow param (its str), which holds 6000 characters: MLflow cuts a longer
+        # value with a warning, and a resume would rebuild the config from the cut one.
+        for key, value in flatten(self).items():
+            if len(str(value)) > MLFLOW_PARAM_CHARS:
+                raise ValueError(
+                    f"{key}={shown(value)}: {len(str(value))} characters as an MLflow param, "
+                    f"which holds at most {MLFLOW_PARAM_CHARS}"
+                )
+        return self
 
     def _world_matches(self) -> Config:
         backend, data = self.generator.backend, self.data
@@ -431,9 +600,9 @@ class FloatRange(_Section):
 
 
 class IntRange(_Section):
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
-    step: int = Field(1, ge=1)
+    low: int = Field(ge=1, le=MAX_SAMPLES)
+    high: int = Field(ge=1, le=MAX_SAMPLES)
+    step: int = Field(1, ge=1, le=MAX_SAMPLES)
 
     @model_validator(mode="after")
     def _ordered(self) -> IntRange:
@@ -445,20 +614,33 @@ class IntRange(_Section):
 class SweepConfig(_Section):
     """The ``sweep:`` section of params.yaml: the Optuna study, its space, and the static baseline sizes."""
 
-    study: str = Field("dp-ops-sweep", min_length=1, description="Optuna study; the static grid adds '-static'")
-    storage: str = Field("sqlite:///optuna.db", min_length=1, description="SQLAlchemy URL or journal file path")
-    n_trials: int = Field(12, ge=1, description="global budget: trials of the study, over all workers")
+    study: str = Field(
+        "dp-ops-sweep",
+        min_length=1,
+        # (the study, and its static grid's '<study>-static', may name the MLflow experiment)
+        max_length=MLFLOW_EXPERIMENT_CHARS - len("-static"),
+        description="Optuna study; the static grid adds '-static'",
+    )
+    storage: PathText = Field("sqlite:///optuna.db", min_length=1, description="SQLAlchemy URL or journal file path")
+    n_trials: int = Field(
+        12, ge=1, le=MAX_ITERATIONS, description="global budget: trials of the study, over all workers"
+    )
     objective: Literal["accuracy", "pareto"] = "accuracy"
     prune: bool = Field(False, description="median pruning on per-evaluation validation accuracy")
-    sampler_seed: int | None = Field(None, description="TPE seed (one worker only: workers must differ)")
+    sampler_seed: int | None = Field(
+        None, ge=0, le=MAX_SEED_32, description="TPE seed (one worker only: workers must differ)"
+    )
     omega: FloatRange = FloatRange(low=0.01, high=0.5)
     patience: IntRange = IntRange(low=1, high=8)
     round_size: IntRange = IntRange(low=100, high=500, step=50)
     static_sizes: tuple[int, ...] = Field((500, 1000, 2000, 4000), min_length=1)
-    experiment: str = Field("", description="MLflow experiment of the trials; empty: the study name")
+    experiment: str = Field(
+        "", max_length=MLFLOW_EXPERIMENT_CHARS, description="MLflow experiment of the trials; empty: the study name"
+    )
     stale_after: float = Field(
         300.0,
         gt=0,
+        le=86_400,  # (a day: a dead trial waits that long at most; 1e308 overflows time.sleep(stale_after / 10))
         description="seconds without heartbeat before a RUNNING trial is dead and retried (RDB storage: Optuna's "
         "heartbeat, whole seconds, 3 at least; the same on every worker)",
     )
@@ -467,8 +649,16 @@ class SweepConfig(_Section):
     def _consistent(self) -> SweepConfig:
         if self.prune and self.objective == "pareto":
             raise ValueError("sweep.prune=true needs sweep.objective=accuracy (Optuna cannot prune multi-objective)")
-        if any(n < 1 for n in self.static_sizes):
-            raise ValueError(f"sweep.static_sizes={list(self.static_sizes)}: sizes must be >= 1")
+        if any(n < 1 or n > MAX_SAMPLES for n in self.static_sizes):
+            raise ValueError(f"sweep.static_sizes={shown(list(self.static_sizes))}: sizes must be 1 to {MAX_SAMPLES}")
+        # (the ranges' values become dp.omega, dp.patience and dp.round_size of a trial: the same bounds)
+        for key, high, most in (
+            ("omega", self.omega.high, MAX_OMEGA),
+            ("patience", self.patience.high, MAX_ITERATIONS),
+            ("round_size", self.round_size.high, MAX_SAMPLES),
+        ):
+            if high > most:
+                raise ValueError(f"sweep.{key}.high={shown(high)}: must be <= {most:g} (dp.{key}'s bound)")
         return self
 
 
@@ -476,7 +666,7 @@ def sweep_config(tree: dict[str, Any]) -> SweepConfig:
     """Validate the ``sweep`` section of a parameter tree (see :func:`load_tree`)."""
     section = tree.get("sweep") or {}
     if not isinstance(section, dict):
-        raise ConfigError(f"sweep={section!r}: must be a section of keys (study, storage, n_trials, …)")
+        raise ConfigError(f"sweep={shown(section)}: must be a section of keys (study, storage, n_trials, …)")
     return validate(SweepConfig, section, prefix="sweep.")
 
 
@@ -512,7 +702,11 @@ def from_flat(flat: dict[str, str]) -> Config:
     """Rebuild a config from flat string params (as MLflow stores them), e.g. to resume a run."""
     tree: dict[str, Any] = {}
     for key, raw in flat.items():
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw.strip() else raw)
+        try:
+            value = _load_bounded(raw) if raw.strip() else raw
+        except _TooBig as exc:
+            raise ConfigError(f"MLflow param {_short(key)}: the value has {exc}") from None
+        _set_dotted(tree, key, value)
     return build_config(tree)
 
 
@@ -531,7 +725,7 @@ def _plain(node: Any) -> Any:
 
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: Any, first: int, again: int) -> None:
-        super().__init__(f"key {key!r} appears twice (lines {first} and {again}); keep one")
+        super().__init__(f"key {shown(key)} appears twice (lines {first} and {again}); keep one")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -553,10 +747,79 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _TooBig(ValueError):
+    """YAML text beyond what a params file may be (:data:`MAX_PARAMS_BYTES`, ``_NODES``, ``_DEPTH``)."""
+
+
+def _load_bounded(text: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """YAML ``text`` loaded with ``loader`` once its size, node count and depth are known to be within
+    bounds (:class:`_TooBig` if not; a YAML syntax error is PyYAML's own)."""
+    if len(text) > MAX_PARAMS_BYTES:
+        raise _TooBig(f"{len(text)} characters: at most {MAX_PARAMS_BYTES} (1 MiB)")
+    _check_shape(text)
+    try:
+        return yaml.load(text, Loader=loader)
+    except ValueError as exc:  # (PyYAML's int(): Python reads no integer of over 4300 digits)
+        if isinstance(exc, yaml.YAMLError):
+            raise
+        raise _TooBig("an integer of more than 4300 digits") from None
+
+
+def _check_shape(text: str) -> None:
+    """One pass over PyYAML's events, nothing built and no recursion: every node counted, an alias as the
+    nodes and depth of what it repeats (which is what loading it would build and later code walk)."""
+    loader = yaml.SafeLoader(text)
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, depth) of its node
+    ancestors: list[list[Any]] = []  # per collection being read: [its nodes so far, its depth, its anchor]
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.CollectionStartEvent):
+                ancestors.append([1, 1, event.anchor])
+                if len(ancestors) > MAX_PARAMS_DEPTH:
+                    raise _TooBig(f"nested deeper than {MAX_PARAMS_DEPTH} levels (line {event.start_mark.line + 1})")
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                nodes, depth, anchor = ancestors.pop()
+            elif isinstance(event, yaml.AliasEvent):
+                (nodes, depth), anchor = anchors.get(event.anchor, (1, 0)), None
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes, depth, anchor = 1, 0, event.anchor
+            else:
+                continue
+            _add_node(anchors, ancestors, anchor, nodes, depth, event.start_mark.line + 1)
+    finally:
+        loader.dispose()
+
+
+def _add_node(
+    anchors: dict[str, tuple[int, int]],
+    ancestors: list[list[Any]],
+    anchor: str | None,
+    nodes: int,
+    depth: int,
+    line: int,
+) -> None:
+    """Count a finished node (``nodes`` of it, ``depth`` levels of collections) into its parent."""
+    if anchor is not None:
+        anchors[anchor] = (nodes, depth)
+    if len(ancestors) + depth > MAX_PARAMS_DEPTH:
+        raise _TooBig(f"nested deeper than {MAX_PARAMS_DEPTH} levels once aliases are expanded (line {line})")
+    if ancestors:
+        parent = ancestors[-1]
+        parent[0], parent[1] = parent[0] + nodes, max(parent[1], depth + 1)
+        nodes = parent[0]
+    if nodes > MAX_PARAMS_NODES:
+        raise _TooBig(f"more than {MAX_PARAMS_NODES} values by line {line} (an alias counts as all it repeats)")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--params {path}: file not found")
     try:
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:  # (refused before reading it)
+            raise ConfigError(f"--params {path}: {size} bytes; a params file may be at most {MAX_PARAMS_BYTES} (1 MiB)")
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
@@ -566,8 +829,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"--params {path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # (a SafeLoader subclass)
-    except _DuplicateKey as exc:
+        tree = _load_bounded(text, _UniqueKeyLoader) or {}
+    except (_DuplicateKey, _TooBig) as exc:
         raise ConfigError(f"--params {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -586,7 +849,8 @@ def _check_sections(tree: dict[str, Any], path: Path) -> None:
         *([(tree["sweep"], SweepConfig, "sweep.")] if isinstance(tree.get("sweep"), dict) else []),
     ]
     if "sweep" in tree and not isinstance(tree["sweep"], dict):
-        raise ConfigError(f"--params {path}: sweep={tree['sweep']!r}: must be a section of keys (study, storage, …)")
+        section = shown(tree["sweep"])
+        raise ConfigError(f"--params {path}: sweep={section}: must be a section of keys (study, storage, …)")
     while models:
         node, model, prefix = models.pop()
         for name, field in model.model_fields.items():
@@ -595,7 +859,9 @@ def _check_sections(tree: dict[str, Any], path: Path) -> None:
                 continue
             if not isinstance(node[name], dict):
                 keys = ", ".join(sorted(sub.model_fields))
-                raise ConfigError(f"--params {path}: {prefix}{name}={node[name]!r}: must be a section of keys ({keys})")
+                raise ConfigError(
+                    f"--params {path}: {prefix}{name}={shown(node[name])}: must be a section of keys ({keys})"
+                )
             models.append((node[name], sub, f"{prefix}{name}."))
 
 
@@ -603,10 +869,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"-S {item!r}: expected KEY=VALUE with a dotted key, e.g. dp.omega=0.1")
+        raise ConfigError(f"-S {shown(item)}: expected KEY=VALUE with a dotted key, e.g. dp.omega=0.1")
     # YAML parsing gives the same types DVC's `-S` gives (0.1 -> float, true -> bool, [1,2] -> list).
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_bounded(raw) if raw.strip() else ""
+    except _TooBig as exc:
+        raise ConfigError(f"-S {_short(key)}: the value has {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -618,7 +886,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"-S {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            raise ConfigError(f"-S {_short(key)}: '{_short('.'.join(parts[: i + 1]))}' is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -631,12 +899,14 @@ def _one_line(exc: ValidationError, tree: dict[str, Any], root: type[BaseModel],
     if err["type"] == "extra_forbidden":
         section = _section_fields(root, loc[:-1])
         allowed = ", ".join(sorted(section)) if section else "none"
-        return f"{key}: unknown key (allowed here: {allowed})"
+        return f"{_short(key)}: unknown key (allowed here: {allowed})"
     if not loc or (err["type"] == "value_error" and _section_fields(root, loc)):
-        return msg.removeprefix("Value error, ")  # a model-level check; its message already names the keys
+        # a model-level check: its message names the keys, a range's (sweep.omega) from within the range
+        msg = msg.removeprefix("Value error, ")
+        return msg if not loc or msg.startswith(loc[0]) else f"{key}.{msg}"
     value = _lookup(tree, loc)
     msg = msg.removeprefix("Value error, ")
-    return f"{key}={value!r}: {msg[0].lower()}{msg[1:]}"
+    return f"{_short(key)}={shown(value)}: {msg[0].lower()}{msg[1:]}"
 
 
 def _section_fields(root: type[BaseModel], loc: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from typing import Any
 def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``path`` (not created yet: write a file there, or with
     ``folder`` an empty directory is made for you to fill); on success it replaces ``path``; on any
-    exception it is removed and ``path`` is untouched.
+    exception it is removed and ``path`` is untouched. What is written gets the mode ``open`` gives (0644
+    under umask 022), and a full or read-only disk is raised as an ``OSError`` naming ``path``.
 
     A folder cannot be swapped in one rename: an existing one is renamed aside, the new one renamed into
     place, then the old one deleted, so ``path`` is never half-written.
@@ -47,21 +48,59 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
         tmp.mkdir()
     try:
         yield tmp
+        _usual_mode(tmp)
         if folder:
             _swap_folder(tmp, path)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            _raise_named(exc, path)
         raise
 
 
 def _sibling(path: Path, kind: str) -> Path:
-    """A hidden name beside ``path`` that no other process uses (files are created with the usual mode)."""
+    """A hidden name beside ``path`` that no other process uses."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
+def _usual_mode(tmp: Path) -> None:
+    """Give the written file(s) the mode ``open`` gives under the umask (0644 under the usual 022): some
+    writers (safetensors, ``tempfile.mkstemp``) create theirs 0600, unreadable to the group that shares a
+    workspace or a DVC cache."""
+    mode = 0o666 & ~_umask()
+    for file in tmp.rglob("*") if tmp.is_dir() else [tmp]:
+        if file.is_file() and not file.is_symlink():
+            with suppress(PermissionError):  # (a filesystem without modes: vfat, some network mounts)
+                os.chmod(file, mode)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read it back is
+    not safe while another thread creates files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _raise_named(exc: Exception, path: Path) -> None:
+    """Re-raise a full disk (or a read-only one) met while writing ``path`` as an ``OSError`` naming ``path``:
+    ``torch.save`` and safetensors report it as a ``RuntimeError`` of their own that names no file, and a
+    plain write names none or the temporary sibling."""
+    found = _disk_cause(exc, [path.parent])
+    if found is None or (found[1] is not None and path.parent not in [Path(found[1]), *Path(found[1]).parents]):
+        return  # (not a disk error, or one elsewhere, named already)
+    raise OSError(found[0], os.strerror(found[0]), str(path)) from exc
 
 
 def _swap_folder(new: Path, path: Path) -> None:
@@ -124,30 +163,59 @@ DISK_ERRORS = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
 }
-_DISK_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+# How the writers that raise no OSError say so (torch.save, safetensors: not at all; SQLite: "disk is full").
+_DISK_MESSAGES = (
+    (errno.ENOSPC, "No space left on device"),
+    (errno.ENOSPC, "database or disk is full"),
+    (errno.EDQUOT, "Disk quota exceeded"),
+    (errno.EROFS, "Read-only file system"),
+)
 
 
 def disk_error(exc: BaseException, folders: Sequence[str | Path] = ()) -> str | None:
-    """``"…: no space left on device"`` (or quota exceeded, read-only filesystem) when ``exc``, or an
-    exception it was raised from or during, is one; else ``None``. Some writers (``torch.save``,
-    safetensors) report a full disk only as a ``RuntimeError`` of their own: then a folder among ``folders``
-    (the outputs written to) with under 1 MiB free is taken for the cause."""
+    """``"<file>: no space left on device"`` (or quota exceeded, read-only filesystem) when ``exc``, or an
+    exception it was raised from or during, is one; else ``None``. A file in the temporary folder is named
+    with it (``TMPDIR=…``: what to point elsewhere). Some writers (``torch.save``, safetensors, SQLite) report
+    a full disk only in words of their own: then a folder among ``folders`` (the outputs written to), or the
+    temporary folder, with under 1 MiB free is taken for the place."""
+    found = _disk_cause(exc, folders)
+    if found is None:
+        return None
+    code, where = found
+    if where is None:
+        return DISK_ERRORS[code]
+    if _within(where, [tempfile.gettempdir()]) and not _within(where, folders):
+        where = f"TMPDIR={tempfile.gettempdir()}" + ("" if where == tempfile.gettempdir() else f" ({where})")
+    return f"{where}: {DISK_ERRORS[code]}"
+
+
+def _within(path: str | Path, folders: Sequence[str | Path]) -> bool:
+    """Is ``path`` one of ``folders`` or inside one?"""
+    path = Path(path).resolve()
+    return any(path == Path(f).resolve() or Path(f).resolve() in path.parents for f in folders)
+
+
+def _disk_cause(exc: BaseException, folders: Sequence[str | Path]) -> tuple[int, str | None] | None:
+    """(errno, the file or folder if known) of the disk error behind ``exc`` (see :func:`disk_error`)."""
     seen: set[int] = set()
     node: BaseException | None = exc
+    code = None
     while node is not None and id(node) not in seen:
         seen.add(id(node))
         if isinstance(node, OSError) and node.errno in DISK_ERRORS:
-            return (f"{node.filename}: " if node.filename else "") + DISK_ERRORS[node.errno]
-        if any(m in str(node) for m in _DISK_MESSAGES):
-            return str(node).strip().splitlines()[0]
+            if node.filename:
+                return node.errno, str(node.filename)
+            code = code or node.errno
+        for number, words in _DISK_MESSAGES:
+            code = code or (number if words in str(node) else None)
         node = node.__cause__ or node.__context__
-    for folder in folders:
+    for folder in [*folders, tempfile.gettempdir()]:
         base = Path(folder)
         while not base.exists() and base != base.parent:
             base = base.parent
         try:
             if shutil.disk_usage(base).free < 2**20:
-                return f"{folder}: {DISK_ERRORS[errno.ENOSPC]}"
+                return code or errno.ENOSPC, str(folder)
         except OSError:
             continue
-    return None
+    return None if code is None else (code, None)

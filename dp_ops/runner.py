@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -29,8 +30,8 @@ from pathlib import Path
 from dp_ops.config import Config, flatten, from_flat
 from dp_ops.engine.backends.pixel import PixelDiffusion, train_generator
 from dp_ops.engine.data import RealData, from_uint8, load_digits_data, load_mnist_data
-from dp_ops.engine.devices import DTYPES, check_devices
-from dp_ops.engine.dist import SINGLE, World
+from dp_ops.engine.devices import check_devices, resolve_device, resolve_dtype, set_deterministic
+from dp_ops.engine.dist import SINGLE, World, lost_peer
 from dp_ops.engine.learner import known_models, micro_batches
 from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
 from dp_ops.engine.pool import Pool
@@ -41,7 +42,7 @@ from dp_ops.engine.saved import CHECKSUMS, META_FILE, GeneratorMeta
 from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import disk_error, write_json
-from dp_ops.paths import check_generator, check_outputs, output_locations
+from dp_ops.paths import check_generator, check_outputs, check_sd_configs, output_locations
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.lease import RunLease, check_free, lease_path
 from dp_ops.records.tracking import (
@@ -50,9 +51,19 @@ from dp_ops.records.tracking import (
     Registry,
     SavedModel,
     config_params,
+    sqlite_path,
     system_metrics,
 )
-from dp_ops.records.versioning import DvcVersioner, ShardInfo, dvc_root, parse_parts, restore_round
+from dp_ops.records.versioning import (
+    DvcVersioner,
+    PushFailed,
+    ShardInfo,
+    adopt_round,
+    check_remote,
+    dvc_root,
+    parse_parts,
+    restore_round,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -65,8 +76,13 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
             f"learner.model={cfg.learner.model!r}: not a registered timm model "
             "(e.g. dpops_convnet, dpops_convnet_tiny, resnet18; see timm.list_models())"
         )
+    world.device(cfg.device)  # (cuda:N under torchrun is refused: a resumed run's stored config too)
     check_devices(cfg)
+    set_deterministic(cfg.deterministic)  # (before any model is built or runs)
     check_outputs(cfg)
+    versioner = DvcVersioner(cfg.output.shards)
+    if versioner.mode == "dvc add":  # (the default remote every round is pushed to; none inside dvc repro)
+        check_remote(versioner.root)
     if cfg.data.name == "folder":
         from dp_ops.engine.folders import scan_folders
 
@@ -74,12 +90,17 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
     check_generator(cfg)
 
 
-def load_real_data(cfg: Config) -> RealData:
-    if cfg.data.name == "folder":
-        from dp_ops.engine.folders import load_folder_data
+def load_real_data(cfg: Config, world: World = SINGLE) -> RealData:
+    """The real splits. An image-folder world's are read on each process of ``world`` but rank 0 only for
+    its block of their evaluation chunks (no collective: the processes may call this at different points).
+    Rank 0 reads them whole: it records them as the run's MLflow inputs, whose digest is over their pixels
+    (8 processes of ImageNet-1k hold about 1 + 7/8 copies instead of 8)."""
+    if cfg.data.name != "folder":  # (the embedded worlds are small: whole on every process)
+        return load_mnist_data(cfg.data) if cfg.data.name == "mnist" else load_digits_data(cfg.data)
+    from dp_ops.engine.folders import load_folder_data
 
-        return load_folder_data(cfg.data)
-    return load_mnist_data(cfg.data) if cfg.data.name == "mnist" else load_digits_data(cfg.data)
+    reader = SINGLE if world.main else world
+    return load_folder_data(cfg.data, world=reader, chunk=cfg.train.eval_batch_size)
 
 
 def train_and_save_generator(
@@ -109,23 +130,28 @@ def load_pixel(cfg: Config, world: World = SINGLE) -> PixelDiffusion:
 
 def load_sd(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
     """The pipeline at ``generator.model`` on ``device``, prompting with ``class_names`` (default: the
-    class folders of ``data``)."""
-    from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+    class folders of ``data``), its weights read in ``generator.dtype``. A pipeline the backend cannot drive
+    is refused from its configs before any weight is read (a hub id's here; a local folder's already in
+    :func:`check_generator`, before the heavy imports)."""
+    from dp_ops.engine.backends.sd import SDSettings, StableDiffusion, pipeline_configs
 
     if class_names is None:
         from dp_ops.engine.folders import scan_folders
 
         class_names = scan_folders(cfg.data).names
     g, d = cfg.generator, cfg.data
+    check_sd_configs(g.model, pipeline_configs(g.model))
+    device = world.device(cfg.device)
     settings = SDSettings(
         prompt=g.prompt,
         resolution=g.resolution,
         output_resolution=d.stored_resolution,
         learner_resolution=d.resolution,
-        device=str(world.device(cfg.device)),
-        dtype=DTYPES[g.dtype],
+        device=str(device),
+        dtype=resolve_dtype(g.dtype, device),
         vae_slicing=g.vae_slicing,
         attention_slicing=g.attention_slicing,
+        gradient_checkpointing=g.gradient_checkpointing,
     )
     return StableDiffusion.load(g.model, class_names, settings)
 
@@ -143,8 +169,9 @@ def generator_facts(cfg: Config) -> GeneratorFacts:
     ``generator.*`` keys it was trained with, its data, its measured quality, the sha256 of its saved
     folder: one digest of every file's), or the ``sd`` pipeline it names."""
     g = cfg.generator
-    if g.backend != "pixel":
-        return GeneratorFacts(meta={"backend": g.backend, "model": g.model})
+    if g.backend != "pixel":  # (and the precision its weights were read in: generator.dtype=auto resolved)
+        dtype = str(resolve_dtype(g.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+        return GeneratorFacts(meta={"backend": g.backend, "model": g.model, "dtype": dtype})
     file = Path(g.path) / META_FILE
     if not file.is_file():  # (a generator built in code, never saved)
         return GeneratorFacts(meta={"backend": g.backend})
@@ -258,11 +285,15 @@ def run_tracked(
     except KeyboardInterrupt as exc:  # (ended KILLED by the lifecycle)
         raise RunInterrupted(tracker.run_id, ckpt.is_file()) from exc
     except Exception as exc:  # (ended FAILED by the lifecycle)
-        folders = [path for path, _ in output_locations(cfg).values()]
-        why = disk_error(exc, folders)
+        lost = lost_peer(exc) if world.distributed else None
+        if lost is not None:  # (torchrun's SIGTERM may follow: RunInterrupted above then says it)
+            raise DataError(_lost_line(lost, tracker.run_id, ckpt.is_file())) from None
+        store = sqlite_path(tracker.uri)  # (first: SQLite's "disk is full" names no file)
+        folders: list[str | Path] = [*([store] if store else []), *(p for p, _ in output_locations(cfg).values())]
+        why = str(exc) if isinstance(exc, PushFailed) else disk_error(exc, folders)
         if why is None:
             raise
-        raise DataError(_disk_line(why, tracker.run_id, ckpt.is_file())) from exc
+        raise DataError(_disk_line(why, tracker.run_id, ckpt.is_file(), tracker.status)) from exc
     finally:
         lease.release()
     return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards), model)
@@ -280,9 +311,19 @@ def write_reports(cfg: Config, result: RunResult, run_id: str) -> None:
     write_json(cfg.output.curve, report["curve"])
 
 
-def _disk_line(why: str, run_id: str, resumable: bool) -> str:
+def _disk_line(why: str, run_id: str, resumable: bool, status: str) -> str:
+    """``status``: what the store now says of the run (RUNNING: it could not be written to end it)."""
     then = f"then: dpops run --resume {run_id}" if resumable else "then start it again (no round had completed)"
-    return f"{why}; run {run_id} stopped (FAILED) at its last completed round; free space or make it writable, {then}"
+    state = f"stopped ({status}) at its last completed round"
+    if status == "RUNNING":
+        state = "stopped at its last completed round and stays RUNNING in MLflow (its store could not be written)"
+    return f"{why}; run {run_id} {state}; free space or make it writable, {then}"
+
+
+def _lost_line(why: str, run_id: str, resumable: bool) -> str:
+    then = f"resume it with: dpops run --resume {run_id}" if resumable else "start it again (no round had completed)"
+    stopped = f"run {run_id} stopped (FAILED) at its last completed round"
+    return f"another process of the run stopped ({why}); {stopped}; {then}"
 
 
 def _resolve_micro_batches(cfg: Config, world: World) -> Config:
@@ -296,13 +337,20 @@ def _follow(cfg: Config, generator: Generator, real: RealData, world: World, *, 
     shared: tuple[str, Path, str] = world.broadcast(None)
     run_id, data_dir, uri = shared
     loop = DPLoop(cfg, generator, real, shards=data_dir, world=world)
-    with _node_metrics(uri, run_id, world, resuming):
-        if resuming:
-            world.barrier()  # rank 0 has restored every damaged part
-            state = _with_omegas(load_checkpoint(checkpoint_path(cfg.output.checkpoints, run_id)), cfg)
-            rounds = range(state["records"][-1]["round"] + 1)
-            loop.load_state_dict(state, Pool([p for k in rounds for p in scan_round(round_dir(data_dir, k))]))
-        return TrackedRun(loop.run(), run_id)
+    try:
+        with _node_metrics(uri, run_id, world, resuming):
+            if resuming:
+                world.barrier()  # rank 0 has restored every damaged part
+                state = _with_omegas(load_checkpoint(checkpoint_path(cfg.output.checkpoints, run_id)), cfg)
+                rounds = range(state["records"][-1]["round"] + 1)
+                loop.load_state_dict(state, Pool([p for k in rounds for p in scan_round(round_dir(data_dir, k))]))
+            return TrackedRun(loop.run(), run_id)
+    except Exception as exc:  # (rank 0 lost: nobody else says how to go on)
+        lost = lost_peer(exc)
+        if lost is None:
+            raise
+        resumable = checkpoint_path(cfg.output.checkpoints, run_id).is_file()
+        raise DataError(_lost_line(lost, run_id, resumable)) from None
 
 
 def _node_metrics(uri: str, run_id: str, world: World, resuming: bool) -> AbstractContextManager[None]:
@@ -370,6 +418,13 @@ def resume_config(run_id: str, registry: Registry) -> Config:
         raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
     if run.status == "FINISHED":
         raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
+    study = run.tags.get("dpops.study")
+    if study is not None:  # (resumed here, the study's retry would resume it again: a second model, trial FAIL)
+        raise DataError(
+            f"--resume {run_id}: trial {run.tags.get('dpops.trial', '?')} of sweep study {study!r} owns this run; "
+            f"a worker of that study retries the trial and resumes the run, recording its result: dpops sweep "
+            f"--study-name {shlex.quote(study)} (with the study's --storage)"
+        )
     return from_flat(config_params(run.params))
 
 
@@ -381,19 +436,37 @@ def check_lease(cfg: Config, run_id: str) -> str | None:
 
 def ignored_on_resume(overrides: Sequence[str], given: Config, resumed: Config) -> list[str]:
     """The ``-S key=value`` of a ``--resume`` that the resumed run does not use (it runs with its own
-    config): every key whose value differs from the run's, except ``tracking.*`` (where to find it)."""
+    config): every key whose value differs from the run's, except ``tracking.*`` (where to find it) and
+    ``output.*`` (where its files go: :func:`resume_outputs`)."""
     mine, theirs = flatten(given), flatten(resumed)
     keys = dict.fromkeys(o.partition("=")[0].strip() for o in overrides)
     return [
         f"{k}={mine.get(k)!r} (the run's: {theirs.get(k)!r})"
         for k in keys
-        if not k.startswith("tracking.") and mine.get(k) != theirs.get(k)
+        if not k.startswith(("tracking.", "output.")) and mine.get(k) != theirs.get(k)
     ]
 
 
+def resume_outputs(overrides: Sequence[str], given: Config, resumed: Config) -> tuple[Config, list[str]]:
+    """The resumed config with the ``-S output.*`` of a ``--resume`` applied, and each changed one as
+    ``key='given' (the run's: 'recorded')``. Output locations are where files go on this machine, so the
+    user's word wins over the registry's; a finished round's parts missing from a new ``output.shards``
+    are restored there from DVC (:func:`_restore_loop`), and the checkpoint is looked for where
+    ``output.checkpoints`` now says."""
+    mine, theirs = flatten(given), flatten(resumed)
+    keys = [k for k in dict.fromkeys(o.partition("=")[0].strip() for o in overrides) if k.startswith("output.")]
+    changed = {k.removeprefix("output."): mine[k] for k in keys if k in mine and mine[k] != theirs.get(k)}
+    if not changed:
+        return resumed, []
+    cfg = resumed.model_copy(update={"output": resumed.output.model_copy(update=changed)})
+    return cfg, [f"output.{k}={v!r} (the run's: {theirs.get('output.' + k)!r})" for k, v in changed.items()]
+
+
 def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
-    """O(parts), not O(images): the part table is rebuilt from headers; only a part that is missing or has
-    another size than the registry's is restored (DVC cache, then remote), md5-checked; nothing is decoded."""
+    """O(parts), not O(images): the pool is exactly the bytes the registry records. Each part's md5 is
+    checked (DVC's state database answers for an unchanged file; only changed files are hashed), a damaged
+    part is restored (DVC cache, then remote), its header must place it where the registry does, and its
+    labels must be classes of this run; nothing is decoded."""
     if not ckpt.is_file():
         logged = records.tracker.registry.round_runs(records.tracker.run_id)
         if logged:
@@ -414,16 +487,7 @@ def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
         if listing is None:
             raise DataError(f"{folder}: round {k} has no parts listing in its round run; cannot resume it")
         parts = parse_parts(listing, digests.get(k))
-        if versioner.root is not None:
-            restore_round(versioner.root, parts, folder, only_damaged=True)
-        damaged = [
-            p.relpath
-            for p in parts
-            if not (folder / p.relpath).is_file() or (folder / p.relpath).stat().st_size != p.size
-        ]
-        if damaged:
-            raise DataError(f"{folder}: {', '.join(damaged)} missing or damaged, and no DVC workspace to restore from")
-        pool.add(scan_round(folder))
+        pool.add(adopt_round(versioner.root, parts, folder, k, loop.real.num_classes))
         entries = [vars(p) for p in parts]
         records.shards[k] = versioner.info(k, folder, entries, "resumed")
     loop.load_state_dict(_with_omegas(state, loop.cfg), pool)

@@ -250,6 +250,7 @@ def test_the_run_summary_names_the_ood_set_of_its_world_and_only_when_there_is_o
     assert "OOD" not in _summary("static", 0)  # no OOD set (image folders)
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_a_fresh_mlflow_store_is_created_without_mlflows_info_lines_on_the_users_screen(tmp_path):
     """MLflow logs its migrations at INFO and resets its logger's level when imported: the CLI keeps them off."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -261,3 +262,13 @@ def test_a_fresh_mlflow_store_is_created_without_mlflows_info_lines_on_the_users
     assert (r.stdout + r.stderr).splitlines() == [
         "error: --experiment nope: no such MLflow experiment in sqlite:///mlflow.db"
     ]
+
+
+def test_an_empty_resume_id_is_refused_not_a_fresh_run(tmp_path):
+    """`dpops run --resume "$RUN"` with RUN unset used to start a fresh default run (issue 30)."""
+    params = _params(tmp_path)
+    for empty in ("", "  "):
+        result = runner.invoke(app, ["run", "--params", str(params), "--resume", empty])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "--resume '': no run id given (an empty shell variable?); name the MLflow run" in result.output
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "out").exists()  # nothing was started

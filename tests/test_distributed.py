@@ -218,6 +218,51 @@ def test_sigkill_of_two_ranks_then_resume_on_one_equals_uninterrupted(workspace,
     assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
 
 
+def _rank_pids(launcher_pid):
+    """The worker processes of a torchrun launcher, by their RANK."""
+    ranks = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        rank = child.environ().get("RANK")
+        if rank is not None and child.environ().get("LOCAL_RANK") is not None:
+            ranks[int(rank)] = child.pid
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["alive", "slow", "dead"])
+def test_a_rank_killed_in_training_leaves_rank_0_saying_how_to_resume(workspace, tmp_path, launcher):
+    """SIGKILL of rank 1 while round 0 trains: rank 0 says in one line that the run stopped and how to resume
+    it, whether torchrun stops it with SIGTERM first (``alive``: it watches its workers every 0.1 s), rank 0
+    meets the dead peer in DDP's gloo all-reduce first (``slow``: torchrun looks every 30 s; the run ends
+    FAILED), or torchrun was killed before (``dead``: rank 0 meets the dead peer, nobody sends SIGTERM)."""
+    ws, env = workspace
+    logs = tmp_path / "logs"
+    watch = ["--monitor-interval", "30"] if launcher == "slow" else []
+    command = [*TORCHRUN[:-2], *watch, "--log-dir", str(logs), "--redirects", "3", *TORCHRUN[-2:]]
+    before = {p.name for p in (ws / "checkpoints").glob("*")}
+    victim = _start(ws, env, command, "run", *_files("rankkill"))
+    deadline, found = time.time() + 300, []
+    while not found and victim.poll() is None and time.time() < deadline:
+        found = [p for p in (ws / "checkpoints").glob("*/state.pt") if p.parts[-2] not in before]
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    run_id, ranks = found[0].parts[-2], _rank_pids(victim.pid)
+    rank0 = psutil.Process(ranks[0])
+    if launcher == "dead":
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+    os.kill(ranks[1], signal.SIGKILL)
+    rank0.wait(timeout=180)
+    victim.wait(timeout=180)
+
+    (err,) = logs.glob("*/attempt_0/0/stderr.log")
+    lines = [line for line in err.read_text().splitlines() if line.strip()]
+    assert "Traceback" not in err.read_text(), err.read_text()
+    assert len(lines) == 1 and "dpops run " in lines[0] and lines[0].endswith(f"--resume {run_id}"), lines
+    status = _experiment_runs(ws)[0].get_run(run_id).info.status
+    assert status == "FAILED" if launcher != "alive" else status in {"FAILED", "KILLED"}
+
+
 @pytest.mark.slow
 def test_a_batchnorm_learner_guided_over_uneven_parts_finishes(workspace):
     """Guidance runs through the unwrapped learner: through DDP's wrapper, rank 0's third part would wait
@@ -286,3 +331,68 @@ def test_a_benchmark_on_two_ranks_runs_every_arm_across_both(workspace):
     arms = [row["arm"] for row in report["rows"]]
     assert arms[:6] == ["static N=96", "static N=160", "dp ω=0.1", "dp N=80 P=48", "dp ω=0", "oversample r=4"]
     assert arms[6] in ("static N=96 2× iters", "static N=160 2× iters")
+
+
+SCORE = """
+import json, sys
+from pathlib import Path
+
+import torch
+from dp_ops.config import build_config
+from dp_ops.engine import dist
+from dp_ops.engine.learner import Trainer, build_learner
+from dp_ops.runner import load_real_data
+
+cfg = build_config(json.loads(sys.argv[1]))
+world = dist.join("cpu")
+try:
+    real = load_real_data(cfg, world)
+    model = build_learner(cfg.learner, real.num_classes, 3, cfg.seed)
+    model.load_state_dict(torch.load(Path(sys.argv[2]) / "learner.pt"))
+    trainer = Trainer(model, cfg.train, cfg.seed, world=world)
+    score = [len(real.val), trainer.accuracy(real.val), trainer.accuracy(real.test)]
+    (Path(sys.argv[2]) / f"{world.rank}.json").write_text(json.dumps(score))
+finally:
+    dist.leave()
+"""
+
+
+@pytest.mark.slow
+def test_folder_splits_read_in_blocks_score_what_one_process_scores(tmp_path, tiny_cfg):
+    import torch
+
+    from dp_ops.engine.folders import load_folder_data
+    from dp_ops.engine.learner import Trainer, build_learner
+
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "val", per_class=7)  # 21 rows, chunks of 4: blocks of 12 and 9 rows
+    make_image_folder(tmp_path / "test", per_class=3, seed=1)
+    tree = tiny_tree(
+        device="cpu",
+        data={"name": "folder", "val_root": str(tmp_path / "val"), "test_root": str(tmp_path / "test")},
+        generator={"backend": "sd", "model": "unused"},
+        train={"eval_batch_size": 4},
+    )
+    cfg = build_config(tree)
+    whole = load_folder_data(cfg.data)
+    one = Trainer(build_learner(cfg.learner, 3, 3, cfg.seed), cfg.train, cfg.seed)
+    one.train(whole.val, 1)  # (a learner half-way: right on some classes, wrong on others)
+    torch.save(one.model.state_dict(), tmp_path / "learner.pt")
+    expected = [one.accuracy(whole.val), one.accuracy(whole.test)]
+    assert all(0 < a < 1 for a in expected)
+    (tmp_path / "score.py").write_text(SCORE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launch, str(tmp_path / "score.py"), json.dumps(tree), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert [r[0] for r in ranks] == [21, 9]  # rank 1 read its block only (rank 0 logs the splits: whole)
+    assert all(r[1:] == expected for r in ranks)  # and every rank scores the whole split, as one process does
+
+    (tmp_path / "val" / "cat" / "0.png").write_bytes(b"not a png")  # in rank 0's block, not rank 1's
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    errors = [line for line in done.stderr.splitlines() if "DataError: " in line]
+    assert done.returncode != 0 and len(errors) == 1 and errors[0].startswith("[rank0]"), done.stderr  # who read it
+    assert "cat/0.png: unreadable image (data.val_root)" in errors[0]

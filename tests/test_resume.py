@@ -102,3 +102,119 @@ def test_resume_refuses_a_finished_run(workspace):
     again = _dpops(ws, env, "run", "--resume", tracker.run_id)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 1 and "already FINISHED; nothing to resume" in out
+
+
+def _flip(path, where, value=None):
+    """One byte of a part changed in place, as a disk or a hand would: ``where`` is a byte offset (the
+    file's inode stays; its mtime moves, so DVC's state database no longer answers for it)."""
+    data = bytearray(path.read_bytes())
+    data[where] = (data[where] ^ 0xFF) if value is None else value
+    path.write_bytes(bytes(data))
+
+
+def _offset(path, tensor):
+    from dp_ops.engine.shards import read_header
+
+    header, start = read_header(path)
+    return start + header[tensor]["data_offsets"][0]
+
+
+def _kill_after_round_0(ws, env):
+    """A `dpops run` SIGKILLed in round 1 (round 0 checkpointed): its run id and its round-0 folder."""
+    victim = _dpops(ws, env, "run")
+    runs = ws / "data" / "runs"
+    deadline = time.time() + 600
+    while not list(runs.glob("*/round_001/part_*.safetensors")) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    (folder,) = runs.glob("*/round_000")
+    return folder.parent.name, folder
+
+
+@pytest.fixture
+def parted(dvc_workspace):
+    """A workspace whose round 0 is five parts of 8 (so that each can be damaged its own way)."""
+    return dvc_workspace(
+        train={"iterations": 160, "eval_every": 10},
+        dp={"max_rounds": 4},
+        generator={"batch_size": 8},
+        data={"resolution": 8, "part_size": 8},
+    )
+
+
+@pytest.mark.slow
+def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted_run(parted):
+    ws, env = parted
+    outs = ["metrics", "rounds", "curve", "shards", "checkpoints"]
+    where = {"metrics": "ref/metrics.json", "rounds": "ref/rounds.json", "curve": "ref/curve.json"}
+    ref = _dpops(ws, env, "run", *(a for k in outs for a in ("-S", f"output.{k}={where.get(k, 'ref/' + k)}")))
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    run_id, folder = _kill_after_round_0(ws, env)
+    parts = sorted(folder.glob("part_*.safetensors"))
+    (listing,) = (
+        Registry(f"sqlite:///{ws / 'mlflow.db'}")
+        .round_parts([c for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id) if c.round == 0])
+        .values()
+    )
+    recorded = {e["relpath"]: e["md5"] for e in listing}
+    assert len(parts) == 5 and all(md5_file(p) == recorded[p.name] for p in parts)
+    _flip(parts[0], _offset(parts[0], "images") + 3)  # an image byte: trained on silently before
+    _flip(parts[1], _offset(parts[1], "labels") + 7)  # a label's high byte: a label of -2⁵⁶-ish
+    _flip(parts[2], 20, 0xFF)  # a header byte: no longer UTF-8
+
+    resumed = _dpops(ws, env, "run", "--resume", run_id)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "Traceback" not in out
+    assert all(md5_file(p) == recorded[p.name] for p in parts)  # the registry's bytes, back from the cache
+    got, want = (json.loads(p.read_text()) for p in (ws / "rounds.json", ws / "ref" / "rounds.json"))
+    assert _strip(got["rounds"]) == _strip(want["rounds"])
+    assert json.loads((ws / "curve.json").read_text()) == json.loads((ws / "ref" / "curve.json").read_text())
+    ref_m, got_m = (json.loads(p.read_text()) for p in (ws / "ref" / "metrics.json", ws / "metrics.json"))
+    assert {k: v for k, v in got_m.items() if k not in TIMINGS} == {k: v for k, v in ref_m.items() if k not in TIMINGS}
+
+
+@pytest.mark.slow
+def test_a_changed_part_no_copy_of_which_is_left_stops_the_resume_in_one_line(parted):
+    from dp_ops.records.versioning import cache_path
+
+    ws, env = parted
+    run_id, folder = _kill_after_round_0(ws, env)
+    part = folder / "part_00001.safetensors"
+    cache_path(ws, md5_file(part)).unlink()  # the cache's copy gone too (and no remote)
+    _flip(part, _offset(part, "labels") + 7)
+    resumed = _dpops(ws, env, "run", "--resume", run_id)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 1, out
+    assert "Traceback" not in out and "IndexError" not in out
+    (line,) = [line for line in out.splitlines() if "not in the DVC cache" in line]
+    assert line.endswith("and no remote has it")
+
+
+@pytest.mark.slow
+def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_there(workspace):
+    """-S output.* on --resume is where this machine's files go: it wins over the registry's values (said in
+    one note naming both), the finished rounds' parts are restored into the new shards folder from DVC, and
+    the reports land where -S says."""
+    ws, env = workspace
+    run_id, _ = _kill_after_round_0(ws, env)
+    moved = ["output.shards=moved/runs", "output.metrics=moved/metrics.json", "output.rounds=moved/rounds.json"]
+    resumed = _dpops(ws, env, "run", *(a for o in moved for a in ("-S", o)), "--resume", run_id)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "ignored" not in out and "Traceback" not in out
+    (note,) = [line for line in out.splitlines() if line.startswith("note: --resume")]
+    assert "output.shards='moved/runs' (the run's: 'data/runs')" in note
+    rounds = json.loads((ws / "moved" / "rounds.json").read_text())
+    assert rounds["run_id"] == run_id and (ws / "moved" / "metrics.json").is_file()
+    assert not (ws / "rounds.json").exists()
+    registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
+    listings = registry.round_parts(registry.round_runs(run_id))
+    for k, listing in listings.items():  # every round, round 0 restored from the DVC cache, has its recorded bytes
+        folder = ws / "moved" / "runs" / run_id / f"round_{k:03d}"
+        assert {e["relpath"]: md5_file(folder / e["relpath"]) for e in listing} == {
+            e["relpath"]: e["md5"] for e in listing
+        }
+    assert len(listings) == len(rounds["rounds"])

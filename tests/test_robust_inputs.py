@@ -319,7 +319,7 @@ def test_a_nan_loss_stops_training(tiny_cfg, real):
     with pytest.raises(NonFiniteError) as info:
         trainer.train(real.val, 3)
     assert _one_line(info).startswith("train: the learner's loss at iteration 0 is nan (not finite)")
-    assert trainer.iteration == 0  # no step was taken with it
+    assert trainer.iteration == 3  # (checked once per train(), on the device: before any evaluation or checkpoint)
 
 
 def test_a_nan_entropy_stops_the_round_before_its_parts_are_written(tiny_cfg, tiny_generator, real, tmp_path):
@@ -344,3 +344,74 @@ def test_a_nan_entropy_stops_the_round_before_its_parts_are_written(tiny_cfg, ti
         == "round 3, samples 0-7: the learner's entropy is not finite (NaN or inf): the learner diverged"
     )
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_round_of_saturated_images_stops_before_its_parts_are_written(tiny_cfg, tiny_generator, real, tmp_path):
+    """Issue 30, defect 5: an ω far past the config's bound (generate_round does not read the config) makes
+    every pixel ±1 after the clamp (the default generator: ~10 levels): finite, and no images. The round stops
+    with one line before any part is written; at the config's bound (ω = 1) the same round is made."""
+    from dp_ops.engine.rounds import Sampling, generate_round
+
+    trainer = Trainer(build_learner(tiny_cfg.learner, real.num_classes, 1, seed=0), tiny_cfg.train, seed=0)
+    trainer.train(real.val, 20)
+    how = Sampling(steps=4, cfg_scale=2.0, guide_every=1, batch_size=8, learner=trainer.classify)
+
+    def round_at(omega, folder):
+        return generate_round(
+            tiny_generator,
+            torch.arange(16) % 10,
+            np.arange(16),
+            folder,
+            how,
+            round_index=2,
+            omega=omega,
+            part_size=8,
+            fmt="raw",
+        )
+
+    with pytest.raises(GeneratorError) as info:
+        round_at(1e39, tmp_path / "huge")
+    assert _one_line(info).startswith(
+        "round 2, samples 0-7: the generator's samples saturate (a median of 2 distinct pixel values per image; "
+        "images take over 16)"
+    ), info.value
+    assert "at ω=1e+39 the guided steps overshoot" in str(info.value)
+    assert not (tmp_path / "huge").exists() or not list((tmp_path / "huge").iterdir())
+    made = round_at(1.0, tmp_path / "bound")
+    assert len(made) == 16 and len(made.parts) == 2
+
+
+# ---- the largest values a config accepts (issue 30, defect 4) ------------------------------------------
+@pytest.mark.slow
+def test_runs_at_the_largest_accepted_values_finish_or_stop_in_one_line(dvc_workspace):
+    """The bounds of dp_ops/config.py are where a run still works: the largest seeds (torch.manual_seed takes
+    < 2**64, scikit-learn's split < 2**32; seed >= 2**64 and split_seed >= 2**32 used to stop a started run with
+    a traceback), and at once the largest lr, weight decay, ω, CFG scale and Mixup/CutMix α. Each run finishes
+    (exit 0), or stops in one line if a runtime check refuses what it made; never a traceback."""
+    import subprocess
+    import sys
+
+    ws, env = dvc_workspace()
+    runs = {
+        "seeds": ["seed=18446744073709551615", "data.split_seed=4294967295", "generator.path=models/gen-max"],
+        "recipe": [
+            "train.lr=1",
+            "train.weight_decay=1",
+            "dp.omega=1",
+            "generator.cfg_scale=30",
+            "train.mixup=100",
+            "train.cutmix=100",
+        ],
+    }
+    for name, overrides in runs.items():
+        args = [a for o in [*overrides, "tracking.log_model=true"] for a in ("-S", o)]
+        done = subprocess.run(
+            [sys.executable, "-m", "dp_ops", "run", *args], cwd=ws, env=env, capture_output=True, text=True
+        )
+        out = done.stdout + done.stderr
+        assert "Traceback" not in out, (name, out[-3000:])
+        if done.returncode:
+            errors = [line for line in out.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1, (name, out[-3000:])
+        else:
+            assert "final val acc" in out, (name, out[-3000:])

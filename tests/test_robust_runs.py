@@ -4,6 +4,7 @@ live run, SIGKILL then a take-over, an output path that cannot be written, a ful
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,7 +202,8 @@ def test_a_failed_atomic_write_leaves_no_temporary_file_and_is_named_a_full_disk
     assert caught.value.errno == errno.ENOSPC
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary sibling left
     assert json.loads(target.read_text()) == {"old": True}  # the old content, untouched
-    assert disk_error(caught.value) == "no space left on device"
+    assert caught.value.filename == str(target)  # the file meant, not its temporary sibling
+    assert disk_error(caught.value, [tmp_path]) == f"{target}: no space left on device"
     assert disk_error(RuntimeError("wrapped"), [tmp_path]) is None
 
 
@@ -259,3 +261,227 @@ def test_sigterm_to_a_benchmark_stops_every_worker_killed(workspace):
     runs = _experiment_runs(ws, "dp-ops-bench")
     assert any(r.info.status == "KILLED" for r in runs)
     assert all(r.info.status in ("KILLED", "FINISHED") for r in runs)  # nothing left RUNNING
+
+
+def _read_only_bind(source, target):
+    """``source`` seen read-only at ``target`` (a real read-only mount: root ignores file modes); None when
+    this machine allows no mount (not root, or no CAP_SYS_ADMIN in a container)."""
+    target.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode:
+        return None
+    if subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True).returncode:
+        subprocess.run(["umount", str(target)], check=True)
+        return None
+    return target
+
+
+@pytest.mark.slow
+def test_a_read_only_workspaces_runs_restore_to_a_writable_folder(
+    dvc_workspace, tiny_generator, real, tmp_path, monkeypatch
+):
+    from dp_ops.config import load_config
+    from dp_ops.records.versioning import md5_file
+    from dp_ops.runner import run_tracked
+
+    ws, env = dvc_workspace(dp={"max_rounds": 1})
+    monkeypatch.chdir(ws)  # (the run's outputs where `dpops run` puts them)
+    run = run_tracked(load_config(ws / "params.yaml"), tiny_generator, real)
+    ro = _read_only_bind(ws, tmp_path / "ro")
+    if ro is None:
+        pytest.skip("no read-only mount can be made here (mount --bind needs root with CAP_SYS_ADMIN)")
+    try:
+        assert subprocess.run(["touch", str(ro / "mlflow.db.dpops.lock")], capture_output=True).returncode
+        restore = subprocess.run(
+            [*DPOPS, "data", "restore", run.run_id, "--to", str(tmp_path / "out")],
+            cwd=ro,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+        for k, shard in run.shards.items():
+            got = sorted((tmp_path / "out" / f"round_{k:03d}").glob("part_*.safetensors"))
+            assert [md5_file(p) for p in got] == [p.md5 for p in shard.parts]
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+# ---- a full disk under the MLflow store (issue 30, defect 6) ------------------------------------------
+# `dpops run`, with the workspace's disk filled just before round 1's checkpoint: state.pt fails, and the
+# store (mlflow.db on the same disk) cannot be written either.
+_FILL_BEFORE_SECOND_CHECKPOINT = """
+import sys
+from dp_ops.records import checkpoint
+
+original, calls = checkpoint.Checkpointer.on_checkpoint, []
+
+def fill_then_checkpoint(self, state):
+    calls.append(1)
+    if len(calls) == 2:
+        with open("filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(65536))
+                    f.flush()
+            except OSError:
+                pass
+    return original(self, state)
+
+checkpoint.Checkpointer.on_checkpoint = fill_then_checkpoint
+from dp_ops.cli import app
+
+sys.argv = ["dpops", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 48 MiB tmpfs at ``tmp_path/disk`` (unmounted at the end); skipped where no mount can be made."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("no tmpfs can be mounted here (mount needs root with CAP_SYS_ADMIN)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_store_is_one_line_naming_the_checkpoint_then_resume_is_exact(
+    dvc_workspace, tmpfs, tmp_path
+):
+    ws, env = dvc_workspace(train={"iterations": 60, "eval_every": 10}, dp={"max_rounds": 1})
+    shutil.copytree(ws, tmpfs, dirs_exist_ok=True, symlinks=True)  # the workspace, store included, on the tmpfs
+    (tmp_path / "driver.py").write_text(_FILL_BEFORE_SECOND_CHECKPOINT)
+    code, out = _finish(
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "driver.py"), "run"],
+            cwd=tmpfs,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
+    assert code == 1, out
+    (run_id,) = [p.name for p in (tmpfs / "checkpoints").iterdir()]
+    line = _error_line(out)  # (and no traceback: MLflow's log of the database error is off the screen)
+    assert line == (
+        f"error: checkpoints/{run_id}/state.pt: no space left on device; run {run_id} stopped at its last "
+        "completed round and stays RUNNING in MLflow (its store could not be written); free space or make it "
+        f"writable, then: dpops run --resume {run_id}"
+    ), out
+    assert "mlflow.store" not in out and "SQLAlchemy" not in out, out
+    (tmpfs / "filler").unlink()
+    assert _client(tmpfs).get_run(run_id).info.status == "RUNNING"  # what the line says
+
+    code, out = _finish(_dpops(tmpfs, env, "run", "--resume", run_id))
+    assert code == 0, out
+    assert _client(tmpfs).get_run(run_id).info.status == "FINISHED"
+    resumed = _numbers(tmpfs / "metrics.json")
+    code, out = _finish(_dpops(tmpfs, env, "run"))  # the same config, never interrupted
+    assert code == 0, out
+    assert _numbers(tmpfs / "metrics.json") == resumed
+
+
+def _numbers(metrics):
+    """A run's summary without its timings."""
+    return {k: v for k, v in json.loads(metrics.read_text()).items() if not k.endswith("_seconds")}
+
+
+def test_shards_behind_a_symlink_that_leaves_the_workspace_are_refused_before_work(tmp_path, monkeypatch):
+    """Issue 30: DVC versions where the files really are; output.shards through a link to outside the DVC
+    workspace would leave every round unversioned without a word. A link that stays inside is fine, and so
+    is the workspace itself reached through a link."""
+    from dp_ops.errors import ConfigError
+    from dp_ops.paths import check_outputs
+
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    (ws / ".dvc").mkdir(parents=True)
+    (ws / "inside").mkdir()
+    outside.mkdir()
+    (ws / "data").symlink_to(outside)
+    (ws / "kept").symlink_to(ws / "inside")
+    (tmp_path / "ws-link").symlink_to(ws)
+    monkeypatch.chdir(ws)
+    cfg = build_config(tiny_tree(output={"shards": "data/runs"}))
+    with pytest.raises(ConfigError) as caught:
+        check_outputs(cfg)
+    assert str(caught.value) == (
+        f"output.shards='data/runs': leads through a symlink to {outside / 'runs'}, outside the DVC workspace {ws}, "
+        "where its rounds cannot be versioned; use a folder inside the workspace"
+    )
+    check_outputs(build_config(tiny_tree(output={"shards": "kept/runs"})))
+    check_outputs(build_config(tiny_tree(output={"shards": str(tmp_path / "ws-link" / "inside" / "runs")})))
+
+
+@pytest.mark.slow
+def test_a_full_temporary_folder_is_named_as_tmpdir(tmpfs, tmp_path, tiny_generator, real, mlflow_uri, monkeypatch):
+    """Issue 30: the round's pictures go through a temporary folder on their way to MLflow; with TMPDIR on a
+    full disk (one Python still accepts at startup: a little room left), the line names TMPDIR, not an output."""
+    import tempfile
+
+    from dp_ops.errors import DataError
+    from dp_ops.runner import run_tracked
+
+    (tmpfs / "filler").write_bytes(bytes((48 << 20) - (16 << 10)))  # 16 KiB left
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpfs))  # (what TMPDIR sets, read once per process)
+    cfg = build_config(
+        tiny_tree(
+            dp={"max_rounds": 1},
+            tracking={"uri": mlflow_uri, "experiment": "t"},
+            output={
+                "metrics": str(tmp_path / "metrics.json"),
+                "rounds": str(tmp_path / "rounds.json"),
+                "curve": str(tmp_path / "curve.json"),
+                "shards": str(tmp_path / "runs"),
+                "checkpoints": str(tmp_path / "checkpoints"),
+            },
+        )
+    )
+    with pytest.raises(DataError) as caught:
+        run_tracked(cfg, tiny_generator, real)
+    client = MlflowClient(mlflow_uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("t").experiment_id], "attributes.run_name LIKE 'dp%'")
+    run_id = parent.info.run_id
+    assert str(caught.value) == (
+        f"TMPDIR={tmpfs}: no space left on device; run {run_id} stopped (FAILED) at its last completed round; "
+        "free space or make it writable, then start it again (no round had completed)"
+    )
+    assert parent.info.status == "FAILED"
+
+
+def test_parts_and_a_saved_generator_get_the_mode_every_output_gets(tmp_path, tiny_generator):
+    """Issue 30: safetensors creates its files 0600; what dp_ops writes is 0644 under the usual umask (as
+    open() makes it), readable by the group that shares a workspace or a DVC cache. Under umask 027 too."""
+    import numpy as np
+
+    from dp_ops.engine.shards import write_part
+
+    def written(where):
+        write_part(
+            where / "part_00000.safetensors",
+            np.zeros((2, 1, 8, 8), np.uint8),
+            np.zeros(2),
+            np.zeros(2),
+            np.arange(2),
+            round_index=0,
+            index=0,
+            start=0,
+            omega=0.0,
+        )
+        write_json(where / "metrics.json", {})
+        tiny_generator.save(where / "generator")
+        return {p.relative_to(where).as_posix(): p.stat().st_mode & 0o777 for p in where.rglob("*") if p.is_file()}
+
+    for umask in (0o022, 0o027):
+        old = os.umask(umask)
+        try:
+            modes = written(tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        assert "generator/unet/diffusion_pytorch_model.safetensors" in modes
+        assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -61,10 +61,12 @@ def batch_indices(seed: int, iteration: int, pool_size: int, batch_size: int) ->
 @dataclass(frozen=True)
 class LabelledImages:
     """Images, shape (n, C, R, R), in [-1, 1] (float) or 0..255 (uint8: the real splits of image folders),
-    with integer labels, shape (n,)."""
+    with integer labels, shape (n,). ``split_size``: set when these n are only this process's block of a
+    split of that many rows (an image-folder split under torchrun: the processes' blocks make it whole)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    split_size: int | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -10,6 +10,7 @@ on every device (what differs between devices is only floating-point arithmetic)
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -23,10 +24,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def autocast(device: torch.device | str, precision: str) -> AbstractContextManager[object]:
     """The one precision mechanism (``generator.precision``, ``train.precision``): ``bfloat16`` runs the
     matrix products and convolutions inside in bfloat16 (AMX on recent x86 CPUs, tensor cores on GPUs)
-    while weights, their gradients and everything outside stay float32; ``float32`` changes nothing."""
-    if precision == "float32":
+    while weights, their gradients and everything outside stay float32; ``float32`` changes nothing.
+    On the ``meta`` device (shapes only, what the device tests run on) it changes nothing either: autocast
+    has no meta device type, and a meta run checks where tensors live, not their precision."""
+    device_type = torch.device(device).type
+    if precision == "float32" or device_type == "meta":
         return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+    return torch.autocast(device_type, dtype=DTYPES[precision])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,6 +38,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``generator.dtype`` as a torch dtype: ``auto`` is bfloat16 on CUDA (half float32's memory, tensor-core
+    matmuls, float32's range: nothing overflows) and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def check_devices(cfg: Config) -> torch.device:
@@ -48,9 +60,24 @@ def check_devices(cfg: Config) -> torch.device:
             )
     device = resolve_device(cfg.device)
     dtype = cfg.generator.dtype
-    if dtype != "float32" and device.type != "cuda":
+    if dtype not in ("float32", "auto") and device.type != "cuda":
         raise ConfigError(
             f"generator.dtype={dtype!r}: needs a CUDA device, but device={cfg.device!r} is the CPU here; "
             "use generator.dtype=float32"
         )
     return device
+
+
+def set_deterministic(on: bool) -> None:
+    """``deterministic``: make CUDA kernels deterministic, or leave torch's fast defaults (set both ways, since
+    a benchmark worker runs one config after another). On the CPU the sampler and the learner already give
+    the same bytes for the same seed; on a GPU the backward passes of guidance (interpolate, SDPA, cuDNN
+    convolutions) and cuBLAS's split reductions do not, unless asked: cuDNN's deterministic algorithms
+    without autotuning, a fixed cuBLAS workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so
+    before any model runs) and torch's deterministic implementations, warning where an op has none. NCCL's
+    reductions across GPUs stay order-dependent: several GPUs agree to rounding, not bit for bit."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on, warn_only=True)

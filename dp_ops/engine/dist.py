@@ -5,7 +5,7 @@ A run is started on several processes by PyTorch's own launcher, ``torchrun``, w
 (``MASTER_ADDR``/``MASTER_PORT``). :func:`join` reads them and initialises the default process group:
 gloo on a CPU machine; on a CUDA machine ``cpu:gloo,cuda:nccl``, so DDP's gradients go through NCCL
 while the small collectives here (CPU tensors and pickled objects) go through gloo. ``device=auto`` (or
-``cuda``) then means ``cuda:LOCAL_RANK``.
+``cuda``) then means ``cuda:LOCAL_RANK``; ``cuda:N`` is refused (it would put every process on GPU N).
 
 Without torchrun (``WORLD_SIZE`` unset or 1) there is no process group: :data:`SINGLE` does nothing in
 every collective, and a run behaves exactly as a plain process does.
@@ -13,7 +13,9 @@ every collective, and a run behaves exactly as a plain process does.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,6 +62,11 @@ class World:
     def device(self, name: str) -> torch.device:
         """The torch device of a ``device`` config value for this process: ``auto`` is CUDA when visible,
         and with several processes ``auto`` and ``cuda`` are this process's own GPU, ``cuda:LOCAL_RANK``."""
+        if self.distributed and name.startswith("cuda:"):  # (before any CUDA call: a CPU machine refuses it too)
+            raise ConfigError(
+                f"device={name!r}: under torchrun every process would use that one GPU; use device=cuda or "
+                "device=auto (each process then takes cuda:LOCAL_RANK, and CUDA_VISIBLE_DEVICES picks the GPUs)"
+            )
         device = resolve_device(name)
         if device.type == "cuda" and device.index is None and self.distributed:
             return torch.device("cuda", self.local_rank)
@@ -71,6 +78,12 @@ class World:
         share, extra = divmod(n, self.size)
         start = self.rank * share + min(self.rank, extra)
         return range(start, start + share + (self.rank < extra))
+
+    def chunk_rows(self, n: int, chunk: int) -> range:
+        """This rank's rows of ``n`` items taken in chunks of ``chunk``: its block of the chunks (how a real
+        split is evaluated, :meth:`dp_ops.engine.learner.Trainer.accuracy`, and read, ``folders``)."""
+        mine = self.block(math.ceil(n / chunk))
+        return range(min(mine.start * chunk, n), min(mine.stop * chunk, n))
 
     # ---- collectives (no-ops on one process) -----------------------------------------------------
     def all_sum(self, values: Sequence[int]) -> list[int]:
@@ -125,14 +138,16 @@ def from_env(env: dict[str, str] | None = None) -> World:
 
 
 def join(device: str) -> World:
-    """This process's world, its process group initialised (once) when there are several processes.
-    ``device``: the run's ``device`` config value (a CUDA one needs a GPU per local rank)."""
+    """This process's world, its process group initialised (once) when there are several processes, and
+    its CUDA device made current. ``device``: the run's ``device`` config value (a CUDA one needs a GPU
+    per local rank; ``cuda:N`` is refused under torchrun, before any work)."""
     world = from_env()
+    target = world.device(device)
     if not world.distributed or dist.is_initialized():
+        make_current(target)
         return world
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError("WORLD_SIZE > 1 but no MASTER_ADDR: start several processes with torchrun")
-    target = world.device(device)
     if target.type == "cuda":
         if torch.cuda.device_count() < world.local_size:
             raise ConfigError(
@@ -145,6 +160,26 @@ def join(device: str) -> World:
         backend = "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
     return world
+
+
+def make_current(device: torch.device) -> None:
+    """Make ``device``'s GPU the process's current one, so that what creates a CUDA context lazily (the
+    DataLoader's pin-memory thread, ``torch.cuda`` calls without a device) opens it there, not on GPU 0.
+    A GPU this machine does not have is left to :func:`dp_ops.engine.devices.check_devices`' error."""
+    if device.type == "cuda" and device.index is not None and device.index < torch.cuda.device_count():
+        torch.cuda.set_device(device)
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """What the error says when another process of the world stopped (killed, out of memory, its machine
+    gone) while this one waited for it in a collective or in DDP's gradient all-reduce, shortened to its
+    cause (``Read error [127.0.0.1]:59010: Connection reset by peer``); None for any other exception.
+    Gloo raises a plain ``RuntimeError`` that names its source file, NCCL and the store a ``DistError``."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in text)):
+        return None
+    flat = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(text.split()))  # (gloo's "[.../pair.cc:537] " prefix)
+    return flat.split(". ")[0][:200] or type(exc).__name__
 
 
 def leave() -> None:

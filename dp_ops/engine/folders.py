@@ -8,7 +8,9 @@ both splits must have the same ones. ``data.class_names`` are what prompts say (
 with ``_`` as a space).
 
 Images are converted to RGB, resized so the shorter side is ``data.resolution`` and centre-cropped to a
-square, as float tensors in [-1, 1] (the learner's input convention in every world). Every problem —
+square, and held as uint8. Under torchrun each process decodes only its block of each split's evaluation
+chunks (the ones it scores: :meth:`~dp_ops.engine.dist.World.chunk_rows`); the file lists are cheap, the
+pixels are not (ImageNet-1k's two splits are 15 GB, on every one of 8 processes). Every problem —
 no such folder, no class folders, an empty class, mismatched class sets, an unreadable file — is one
 :class:`~dp_ops.errors.DataError` line naming the key or path, raised before any generation or training.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 
 from dp_ops.config import DataConfig
 from dp_ops.engine.data import LabelledImages, RealData
+from dp_ops.engine.dist import SINGLE, World
 from dp_ops.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -96,25 +99,33 @@ def _common_classes(val: FolderSplit, test: FolderSplit) -> tuple[str, ...]:
     return tuple(sorted(val.files))
 
 
-def load_folder_data(cfg: DataConfig, workers: int | None = None) -> RealData:
-    """Read and check every image of both splits; labels follow ``data.classes`` order."""
+def load_folder_data(cfg: DataConfig, workers: int | None = None, *, world: World = SINGLE, chunk: int = 1) -> RealData:
+    """Read and check the images of both splits (under torchrun, ``world``: this process's block of their
+    chunks of ``chunk``, ``train.eval_batch_size``); labels follow ``data.classes`` order."""
     dataset = scan_folders(cfg)
-    val, test = (_read_split(split, dataset.classes, cfg.resolution, workers) for split in dataset.splits)
-    empty = LabelledImages(
-        torch.empty(0, 3, cfg.resolution, cfg.resolution, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    )
+    val, test = (_read_split(split, dataset.classes, cfg.resolution, workers, world, chunk) for split in dataset.splits)
+    empty = _images(cfg.resolution, [], [])
     return RealData(empty, val, test, len(dataset.classes), cfg.resolution, class_names=dataset.names)
 
 
-def _read_split(split: FolderSplit, classes: tuple[str, ...], resolution: int, workers: int | None) -> LabelledImages:
+def _read_split(
+    split: FolderSplit, classes: tuple[str, ...], resolution: int, workers: int | None, world: World, chunk: int
+) -> LabelledImages:
     paths = [p for c in classes for p in split.files[c]]
     labels = [i for i, c in enumerate(classes) for _ in split.files[c]]
+    rows = world.chunk_rows(len(paths), chunk)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes outside the GIL
-        arrays = list(pool.map(lambda p: read_image(p, resolution, split.key), paths))
-    # held as uint8 (¼ of float32: ImageNet-1k's two splits are 15 GB, not 60) and turned into floats a chunk
-    # at a time where they are evaluated (Trainer.logits)
-    return LabelledImages(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64))
+        arrays = list(pool.map(lambda p: read_image(p, resolution, split.key), paths[rows.start : rows.stop]))
+    mine = _images(resolution, arrays, labels[rows.start : rows.stop])
+    return replace(mine, split_size=len(paths)) if world.distributed else mine
+
+
+def _images(resolution: int, arrays: list[np.ndarray], labels: list[int]) -> LabelledImages:
+    # held as uint8 (¼ of float32) and turned into floats a chunk at a time where they are evaluated
+    # (Trainer.logits)
+    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(0, 3, resolution, resolution)
+    return LabelledImages(images.to(torch.uint8), torch.tensor(labels, dtype=torch.int64))
 
 
 def read_image(path: Path, resolution: int, key: str = "val_root") -> np.ndarray:

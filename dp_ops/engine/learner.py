@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before timm)
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -123,6 +124,19 @@ def micro_batches(cfg: TrainConfig, world: World) -> int:
     return m
 
 
+def no_forward_buffer_sync(ddp: Any) -> dict[str, Any]:
+    """The keyword of ``ddp`` (torch's DistributedDataParallel) that stops it broadcasting rank 0's buffers
+    before every forward pass (a collective per micro-batch): each rank's BatchNorm statistics follow its
+    own micro-batches, and are averaged over the ranks after each stretch of training
+    (:meth:`Trainer._share_batchnorm`), not replaced by rank 0's. torch 2.13 names it
+    ``forward_sync_buffers`` (and deprecates ``broadcast_buffers``); older torch has only
+    ``broadcast_buffers=False``, which also skips the buffers' broadcast at construction: the same here, as
+    every rank builds the learner from the same seed (and resumes from the same checkpoint)."""
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class Trainer:
     """Holds f_φ, its optimiser and schedule; steps on keyed mini-batches and evaluates.
 
@@ -156,7 +170,9 @@ class Trainer:
         self.ddp = None
         if world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=ids, **no_forward_buffer_sync(DistributedDataParallel)
+            )
         self.batchnorm = any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in model.modules())
         self.input_size = input_size
         self.iteration = 0
@@ -179,9 +195,23 @@ class Trainer:
     def train(self, data: Pool | LabelledImages, steps: int) -> float:
         """``steps`` optimiser steps on uniform mini-batches of ``data`` (the streamed pool, or images in
         memory); returns this process's mean loss. Micro-batch m of batch t is drawn, augmented and dropped
-        out by keys (seed, t, m)."""
+        out by keys (seed, t, m).
+
+        The losses stay on the device (no host synchronisation per step): they are summed there, and whether
+        each is finite is read once, at the end, before anything can evaluate or checkpoint the weights."""
+        total, bad_t, bad_loss = self._steps(data, steps)
+        self._check_finite(int(bad_t), float(bad_loss))
+        self._share_batchnorm()
+        return float(total) / max(steps, 1)
+
+    def _steps(self, data: Pool | LabelledImages, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The optimiser steps of :meth:`train`, with nothing read back from the device: the summed loss, the
+        first iteration whose loss was not finite (-1: none) and that loss, all still on the device."""
         self.model.train()
-        total, start, size, mine = 0.0, self.iteration, self.micro_size, self.mine
+        start, size, mine = self.iteration, self.micro_size, self.mine
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad_t = torch.full((), -1, dtype=torch.int64, device=self.device)  # the first non-finite loss's t (-1: none)
+        bad_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # and its value
         rows = slice(mine.start * size, mine.stop * size)  # this process's positions of each batch
         if isinstance(data, Pool):
             source = data.batches(
@@ -200,7 +230,8 @@ class Trainer:
             t = self.iteration
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(t)
-            images, labels = from_uint8(images.to(self.device, non_blocking=True)), labels.to(self.device)
+            images = from_uint8(images.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             for j, m in enumerate(mine):
                 x, y = images[j * size : (j + 1) * size], labels[j * size : (j + 1) * size]
@@ -208,19 +239,27 @@ class Trainer:
                 with self._dropout_rng(t, m), nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                     loss = self._loss(net, self._augment(x, t, m), y, t, m)
                     (loss / len(mine) if len(mine) > 1 else loss).backward()  # (DDP averages over processes)
-                value = loss.item()
-                if not math.isfinite(value):  # (stop before the step: NaN weights would be checkpointed)
-                    raise NonFiniteError(
-                        f"train: the learner's loss at iteration {t} is {value} (not finite): it diverged; "
-                        f"lower train.lr (now {self.cfg.lr:g})"
-                    )
-                total += value / len(mine)
+                loss = loss.detach().double()
+                total += loss / len(mine)
+                first = (bad_t < 0) & ~loss.isfinite()
+                bad_t, bad_loss = torch.where(first, t, bad_t), torch.where(first, loss, bad_loss)
             self.optimizer.step()
             self.iteration += 1
             if self.ema is not None:
                 self.ema.update(self.model, step=self.iteration)
-        self._share_batchnorm()
-        return total / max(steps, 1)
+        return total, bad_t, bad_loss
+
+    def _check_finite(self, t: int, loss: float) -> None:
+        """Stop every rank if any rank's loss was not finite (first at iteration ``t`` with value ``loss``
+        here; t < 0: never): the weights are not either now, and must never be evaluated, guided with or
+        checkpointed."""
+        bad = [(t, loss) for t, loss in self.world.all_gather((t, loss)) if t >= 0]
+        if bad:
+            t, loss = min(bad, key=lambda b: b[0])
+            raise NonFiniteError(
+                f"train: the learner's loss at iteration {t} is {loss} (not finite): it diverged; "
+                f"lower train.lr (now {self.cfg.lr:g})"
+            )
 
     def _share_batchnorm(self) -> None:
         """Average BatchNorm running statistics over the processes (they saw different micro-batches)."""
@@ -264,18 +303,25 @@ class Trainer:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Eval-mode logits on the CPU, in chunks of ``train.eval_batch_size`` (images may live anywhere)."""
-        model, size = self.eval_model.eval(), self.cfg.eval_batch_size
-        chunks = (images[i : i + size].to(self.device) for i in range(0, len(images), size))
-        return torch.cat([model(self._to_input(from_uint8(x))).cpu() for x in chunks])
+        size = self.cfg.eval_batch_size
+        return torch.cat([self._chunk_logits(images[i : i + size]).cpu() for i in range(0, len(images), size)])
+
+    def _chunk_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits of one chunk of uint8 images, on the learner's device."""
+        return self.eval_model.eval()(self._to_input(from_uint8(images.to(self.device))))
 
     def accuracy(self, data: LabelledImages) -> float:
         """Correct ÷ total over ``data``, counted in integers: each process scores its block of the chunks
-        and the counts are summed, so every process gets the same accuracy (and makes the same decisions)."""
-        n, size = len(data), self.cfg.eval_batch_size
-        mine = self.world.block(math.ceil(n / size))
-        lo, hi = min(mine.start * size, n), min(mine.stop * size, n)
-        correct = int((self.logits(data.images[lo:hi]).argmax(-1) == data.labels[lo:hi]).sum()) if hi > lo else 0
-        correct, total = self.world.all_sum([correct, hi - lo])
+        (or, of a split read in blocks, the block it holds) and the counts are summed, so every process
+        gets the same accuracy (and makes the same decisions)."""
+        mine, whole = data, data.split_size
+        if whole is None:  # every process holds the whole split
+            rows, whole = self.world.chunk_rows(len(data), self.cfg.eval_batch_size), len(data)
+            mine = LabelledImages(data.images[rows.start : rows.stop], data.labels[rows.start : rows.stop])
+        correct = int((self.logits(mine.images).argmax(-1) == mine.labels).sum()) if len(mine) else 0
+        correct, total = self.world.all_sum([correct, len(mine)])
+        if total != whole:
+            raise ValueError(f"the processes hold {total} of the split's {whole} rows: it was read on another world")
         return correct / total
 
     def entropy(self, images: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,7 @@ def generate_round(
                 )
                 _check_finite(s, round_index, b)  # before anything of it is written (to_uint8 makes NaN 0)
                 batch = to_uint8(s.images).numpy()
+                _check_saturated(batch, round_index, b, omega)
                 if images is None:
                     images = np.empty((sl.stop - sl.start, *batch.shape[1:]), np.uint8)
                 images[b - sl.start : b - sl.start + len(batch)] = batch
@@ -147,6 +148,31 @@ def _check_finite(s: Samples, round_index: int, start: int) -> None:
         )
     if not bool(torch.isfinite(s.entropy).all()):
         raise NonFiniteError(f"{where}: the learner's entropy is not finite (NaN or inf): the learner diverged")
+
+
+# Images whose pixels take a handful of values are no longer images: a huge ω pushes x_t far past the data
+# (ω = 1e39 stays finite in the default setup), and what comes back is a few levels, or only ±1 after the
+# clamp. Distinct uint8 values per image, measured (issue 30): the default digits generator (16 px, 256
+# pixels) 102 to 158 at ω <= 1 and CFG up to 30, a median of 13 at ω = 100 and 10 at ω = 1e39; the tiny
+# 8 px test generator 32 or more at ω <= 1, 2 at ω = 100. A batch whose median image has fewer is refused.
+MIN_DISTINCT = 16
+
+
+def _check_saturated(batch: np.ndarray, round_index: int, start: int, omega: float) -> None:
+    """Refuse a batch of saturated images (uint8 (n, C, R, R)): its median image takes fewer than
+    :data:`MIN_DISTINCT` pixel values (or a quarter of its pixels, for very small images). Versioned, they
+    would be trained on as data, as non-finite samples would."""
+    flat = batch.reshape(len(batch), -1)
+    # one bincount for the batch: image i's values counted in bins [256·i, 256·(i+1))
+    counts = np.bincount((np.arange(len(flat))[:, None] * 256 + flat).ravel(), minlength=256 * len(flat))
+    distinct = np.median((counts.reshape(len(flat), 256) > 0).sum(axis=1))
+    if distinct < min(MIN_DISTINCT, flat.shape[1] // 4):
+        raise GeneratorError(
+            f"round {round_index}, samples {start}-{start + len(batch) - 1}: the generator's samples saturate (a "
+            f"median of {distinct:g} distinct pixel values per image; images take over {MIN_DISTINCT}): at "
+            f"ω={omega:g} the guided steps overshoot (dp.omega is a fraction of ‖x_t‖: keep it at most 1), or the "
+            "generator diverged (pixel: retrain it with dpops generator train)"
+        )
 
 
 def gather_round(world: World, mine: RoundParts) -> RoundParts:

@@ -91,10 +91,13 @@ class Generator(ABC):
         batch_size: int = 256,
         progress: Progress | None = None,
     ) -> Samples:
-        """One image per label from per-sample seeds (sample i is reproducible alone, in any batch), on the
-        CPU, in [-1, 1]; ``learner`` (images in [-1, 1] at its input size -> logits) steers guided steps
-        (ω > 0) and scores the entropy of the returned images either way. ``gradient`` and ``precision``:
-        ``generator.guidance_gradient`` and ``generator.precision`` (see :func:`ddim`)."""
+        """One image per label from per-sample seeds, on the CPU, in [-1, 1]. Sample i starts from the same
+        noise alone or in any batch; its bytes are the same for the same batches on the same machine (on a GPU
+        only with ``deterministic``), while another batch shape may round differently (rounds are therefore
+        generated in fixed batches: :mod:`dp_ops.engine.rounds`). ``learner`` (images in [-1, 1] at its input
+        size -> logits) steers guided steps (ω > 0) and scores the entropy of the returned images either way.
+        ``gradient`` and ``precision``: ``generator.guidance_gradient`` and ``generator.precision`` (see
+        :func:`ddim`)."""
         images, ents = [], []
         for start in range(0, len(labels), batch_size):
             sl = slice(start, start + batch_size)
@@ -156,11 +159,15 @@ def ddim(
     scheduler.set_timesteps(steps)
     x = backend.noise(seeds) * scheduler.init_noise_sigma
     labels = labels.to(x.device)
+    # The model reads t on its own device (copied once, not once a step); the scheduler keeps its CPU copy, with
+    # which its step indexes its CPU tables (a device t would cost a host sync a step, and the meta device none).
+    model_timesteps = scheduler.timesteps.to(x.device)
+    x0_of = scheduler.config.get("prediction_type", "epsilon")
     for i, t in enumerate(scheduler.timesteps):
 
-        def eps_fn(x_t: Tensor, t: Tensor = t) -> Tensor:
+        def eps_fn(x_t: Tensor, t: Tensor = t, t_model: Tensor = model_timesteps[i]) -> Tensor:
             with autocast(x_t.device, precision):
-                return backend.eps(scheduler.scale_model_input(x_t, t), t, labels, cfg_scale).float()
+                return backend.eps(scheduler.scale_model_input(x_t, t), t_model, labels, cfg_scale).float()
 
         if omega > 0 and i % guide_every == 0:
             with autocast(x.device, precision):  # (the learner and the decode of x̂0)
@@ -172,6 +179,7 @@ def ddim(
                     omega,
                     backend.to_learner,
                     through_eps=gradient == "full",
+                    prediction_type=x0_of,
                 )
             x, eps = step.x_t, step.eps  # x_t moved up the entropy gradient; ε̂ from before the move
         else:

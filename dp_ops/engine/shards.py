@@ -12,8 +12,9 @@ array with n + 1 offsets: 256² images at a fraction of the bytes). The header's
 start, ω, format) has sorted keys, so the same part has the same bytes in every process and deduplicates
 in the DVC cache.
 
-Only headers are read to build the pool's table of parts (:func:`scan_round`); images are read lazily,
-a few at a time (:class:`PartReader`).
+Only headers are read to build the pool's table of parts (:func:`scan_round`; :func:`read_part` adds the
+labels, for a resume's checks); images are read lazily, a few at a time (:class:`PartReader`). A damaged
+header is one :class:`DataError` line, never a decoding traceback.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from dp_ops.errors import DataError
 from dp_ops.files import atomic_path
 
 FORMATS = ("raw", "png")
@@ -138,26 +140,62 @@ def decode_png(blob: bytes | np.ndarray) -> np.ndarray:
 
 def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """The safetensors header (tensor names -> dtype, shape, data_offsets; ``__metadata__``) and the byte
-    position where tensor data starts. Reads a few hundred bytes, whatever the part's size."""
+    position where tensor data starts. Reads a few hundred bytes, whatever the part's size; a damaged header
+    (a length past the file's end, bytes that are not JSON) is one :class:`DataError` line."""
     with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(size)), 8 + size
+        return _header(fh, Path(path))
+
+
+def _header(fh: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
+    size = int.from_bytes(fh.read(8), "little")
+    if size > os.fstat(fh.fileno()).st_size - 8:  # (a flipped length byte: exabytes to read, or allocate)
+        raise DataError(f"{path}: not a part file (header length {size} runs past the file's end)")
+    try:
+        header = json.loads(fh.read(size))
+    except ValueError as exc:  # (UnicodeDecodeError and JSONDecodeError alike)
+        raise DataError(f"{path}: not a part file (header unreadable: {exc})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: not a part file (header is not a table)")
+    return header, 8 + size
 
 
 def part_info(path: str | Path) -> Part:
+    """A part as its header describes it; a header without the facts every part carries is one line."""
     path = Path(path)
-    header, _ = read_header(path)
-    meta = header["__metadata__"]
-    count = int(header["labels"]["shape"][0])
-    return Part(
-        path,
-        int(meta["round"]),
-        int(meta["part"]),
-        int(meta["start"]),
-        count,
-        path.stat().st_size,
-        meta.get("format", "raw"),
-    )
+    with open(path, "rb") as fh:
+        header, _ = _header(fh, path)
+        return _part(path, header, os.fstat(fh.fileno()).st_size)
+
+
+def _part(path: Path, header: dict[str, Any], nbytes: int) -> Part:
+    try:
+        meta = header["__metadata__"]
+        fmt = meta.get("format", "raw")
+        count = int(header["labels"]["shape"][0])
+        return Part(path, int(meta["round"]), int(meta["part"]), int(meta["start"]), count, nbytes, fmt)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DataError(f"{path}: not a part file (header lacks {exc})") from None
+
+
+def read_part(path: str | Path) -> tuple[Part, np.ndarray]:
+    """A part as its header describes it and its labels (int64, one per sample), in one open: a few bytes
+    per sample, no image touched."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        header, start = _header(fh, path)
+        part = _part(path, header, os.fstat(fh.fileno()).st_size)
+        try:
+            begin, end = header["labels"]["data_offsets"]
+            ok = header["labels"]["dtype"] == "I64" and end - begin == 8 * part.count
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise DataError(f"{path}: not a part file (no int64 labels in its header)")
+        fh.seek(start + begin)
+        data = fh.read(end - begin)
+    if len(data) != end - begin:
+        raise DataError(f"{path}: not a part file (labels run past the file's end)")
+    return part, np.frombuffer(data, dtype="<i8")
 
 
 def scan_round(folder: str | Path) -> list[Part]:

@@ -7,7 +7,9 @@ optimiser, EMA, iteration, plateau counter, round records, validation curve — 
 the file then holds the final learner (the weights behind ``final_test_acc``). No random state: every draw of
 training is keyed by (seed, iteration). The pool is not in the checkpoint either: its table is rebuilt
 from the round parts' headers. It only holds tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``, and to the CPU whatever device wrote it: a GPU run resumes on a machine
+without one, and no process of a torchrun resume materialises the state on ``cuda:0``; ``Trainer.load_state_dict``
+copies it into the learner where it lives (torch casts the optimiser's moments to its parameters' device).
 
 The file carries the sha256 of the state it holds (:func:`state_digest`: every tensor's dtype, shape and
 bytes and every plain value, in order), checked on load: torch's format has no checksum of its own, so a
@@ -55,7 +57,7 @@ def load_checkpoint(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty checkpoint (0 bytes); {_NO_RESUME}")
     try:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # (the learner moves it to its device)
     except Exception as exc:  # (torch raises anything from EOFError to RuntimeError on a damaged file)
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
         raise DataError(f"{path}: damaged checkpoint, torch cannot read it ({cause}); {_NO_RESUME}") from None

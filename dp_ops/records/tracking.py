@@ -97,12 +97,15 @@ ROUND_METRICS = (
 MAX_RESULTS = 50_000  # more runs than any search here expects (MLflow pages at 1,000 by default)
 ROUND_TAG = re.compile(r"\d{1,9}")  # a round index as a tag: a non-negative integer (it names a folder)
 # MLflow's HTTP client retries 7 times with a backoff factor of 2 (about 4 minutes) and waits 120 s per
-# request: a dead server would hold a run that long. These bound it to about half a minute; a variable
-# the environment sets wins.
+# request: a dead server would hold a run that long. A hung server (stopped: it accepts connections and
+# never answers) costs every try its whole read timeout, so tries × timeout + backoff is the bound: 3 tries
+# of 7 s and 0 + 2 s of backoff (+ MLflow's jitter, under 1 s each), then the 5 s check that names the
+# cause, about 30 s in all (each read of a live server's answer still has 7 s). A variable the
+# environment sets wins.
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "7",
 }
 CHECK_TIMEOUT = 5  # seconds the first request to a tracking server may take (one try)
 LOCK_TIMEOUT = 600.0  # seconds to wait for another process that creates the same SQLite store
@@ -209,6 +212,11 @@ def store_lock(path: Path, what: str) -> Iterator[None]:
     lock = Path(f"{path}.dpops.lock")
     if not lock.parent.is_dir():
         raise DataError(f"{what}: folder {lock.parent} does not exist; create it or choose another place")
+    if Path(path).is_file() and not os.access(lock.parent, os.W_OK):
+        # A store that exists where nothing can be written (a read-only mount) can only be read there: no
+        # process can create or migrate it through this folder, which is all the lock orders.
+        yield
+        return
     try:
         with FileLock(str(lock), timeout=LOCK_TIMEOUT):
             yield
@@ -246,6 +254,12 @@ def _reason(exc: BaseException) -> str:
     if "timed out" in text or "timeout" in text.lower():
         return "timed out"
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _raised_anyway(record: logging.LogRecord) -> bool:
+    """Drop MLflow's log of a database error (a full disk: its traceback, on the screen): the SQL store
+    raises the same error next, and dp_ops reports what is raised in one line."""
+    return not record.getMessage().startswith("SQLAlchemy database error")
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -309,6 +323,7 @@ class Registry:
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         db = sqlite_path(self.uri)
+        logging.getLogger("mlflow.store.db.utils").addFilter(_raised_anyway)  # (once: a filter is added once)
         try:
             if db is None:
                 self.client = MlflowClient(tracking_uri=self.uri)
@@ -645,6 +660,7 @@ class MlflowTracker(Observer):
         self.client = registry.client
         self.round_run_ids: list[str] = []
         self._open: list[str] = []  # round runs created and not yet ended (a crash ends them with the parent)
+        self.status = "RUNNING"  # what the store says of the run: RUNNING until an end could be written there
         self._logged_evals: set[int] = set()  # val_acc steps already in the store (a resumed run's)
         self._logged_rounds: set[int] = set()  # round_* curve steps already in the store
         self.classes: tuple[str, ...] = ()
@@ -915,6 +931,7 @@ class MlflowTracker(Observer):
                 self.client.set_terminated(child_id, name)
                 self._open.remove(child_id)
             self.client.set_terminated(self.run_id, name)
+            self.status = name
         except Exception as exc:
             lost = self.registry.lost(exc, self.run_id)
             if lost is not None:

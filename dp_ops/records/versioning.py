@@ -12,10 +12,15 @@ and sets ``DVC_STAGE``: the stage's declared outputs do the versioning and we ha
 (one pass each). Either way the round's :class:`ShardInfo` (the digest and every part's md5 and size) goes
 to MLflow, and :func:`restore_file` rebuilds any part from the DVC cache (or the default remote) with
 nothing but its md5. (A run begun before this layout, with one ``round_<k>.dvc`` per round, goes on so.)
+A resume takes a finished round back only as the registry records it (:func:`adopt_round`): every part's
+md5 checked (DVC's state database answers for a file unchanged since DVC hashed it, so only changed files
+are read), a damaged part restored, its header placing it where the registry does, its labels in range.
 
 With a default DVC remote configured, the run's folder is pushed in a background thread while the
 round's MLflow run is logged, and joined before the loop checkpoints: a machine that dies loses no
-finished round. Every DVC call runs inside :func:`quiet_dvc`: DVC's progress bars, lock and status
+finished round. A remote that is a local folder (or a mount) is probed before any work
+(:func:`check_remote`); a push that fails mid-run stops the run at its last completed round
+(:class:`PushFailed`), resumable. Every DVC call runs inside :func:`quiet_dvc`: DVC's progress bars, lock and status
 lines stay off the terminal (the CLI has its own progress view); its warnings and errors do not.
 """
 
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dp_ops.engine.rounds import RoundParts
-from dp_ops.engine.shards import round_dir
+from dp_ops.engine.shards import Part, read_part, round_dir
 from dp_ops.errors import DataError
 from dp_ops.files import atomic_path
 
@@ -227,10 +233,10 @@ class DvcVersioner:
         ``dvc.lock``), without DVC, or before anything was versioned."""
         if self.mode != "dvc add" or self.root is None or not self.dvc_file.is_file():
             return None
-        dvc_file = os.path.relpath(self.dvc_file)
+        dvc_file = shlex.quote(os.path.relpath(self.dvc_file))  # (a command to paste: spaces, quotes, unicode)
         if _dvc_core(self.root).get("no_scm"):
             return f"to keep this run's data: keep {dvc_file} (dvc gc deletes cached data no .dvc file names)"
-        ignore = os.path.relpath(self.dvc_file.with_name(".gitignore"))
+        ignore = shlex.quote(os.path.relpath(self.dvc_file.with_name(".gitignore")))
         return f"to keep this run's data: git add {dvc_file} {ignore} && git commit"
 
     def _start_push(self, folder: Path) -> None:
@@ -246,13 +252,72 @@ class DvcVersioner:
         self._push.start()
 
     def wait_pushed(self) -> None:
-        """Join the round pushed last; a failed push raises here (before the round is checkpointed)."""
+        """Join the round pushed last; a failed push raises :class:`PushFailed` here (before the round is
+        checkpointed, so a resume generates it again)."""
         if self._push is not None:
             self._push.join()
             self._push = None
         if self._push_error is not None:
             exc, self._push_error = self._push_error, None
-            raise DataError(f"dvc push of the last round failed: {exc}") from exc
+            why = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{exc}"
+            raise PushFailed(f"dvc push of the last round to the default DVC remote failed ({why})") from exc
+
+
+class PushFailed(DataError):
+    """A round's push to the default DVC remote failed mid-run (a full or read-only remote, a network):
+    the run stops at its last completed round, resumable."""
+
+
+PROBE_BYTES = 1 << 20  # what a remote's probe writes: a full remote refuses it (an empty file fits anywhere)
+
+
+def check_remote(root: Path | None) -> None:
+    """Before any work: the workspace's default DVC remote, if there is one and it is a local folder (or a
+    mount), can take a push: a probe file of :data:`PROBE_BYTES` is written there and deleted. Other kinds
+    of remote (s3, ssh, http, ...) are not probed: they need credentials and a network round trip, and a
+    failed push there stops the run at its last completed round, resumable. One line if it cannot."""
+    if root is None or not _dvc_core(root).get("remote"):
+        return
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with quiet_dvc(), Repo(str(root)) as repo:
+        try:
+            remote = repo.cloud.get_remote()
+        except DvcException as exc:  # (e.g. core.remote names a remote the config does not define)
+            raise DataError(f"{root / '.dvc' / 'config'}: the default DVC remote: {exc}") from None
+        if remote.fs.protocol != "local":
+            return
+        folder = Path(remote.path)
+    why = _probe(folder)
+    if why is not None:
+        raise DataError(
+            f"DVC remote {remote.name!r} ({folder}): cannot be written ({why}); every round is pushed there: "
+            "free space or make it writable, or unset it (dvc remote default --unset)"
+        )
+
+
+def _probe(folder: Path) -> str | None:
+    """Why :data:`PROBE_BYTES` cannot be written (and deleted) in ``folder`` or its nearest existing
+    ancestor (DVC creates a missing remote folder), or None."""
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    probe = base / f".dpops-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        f = probe.open("xb")
+    except OSError as exc:  # (a read-only filesystem refuses even the name)
+        return f"{exc.strerror or exc}"
+    try:
+        with f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+    finally:
+        probe.unlink()
+    return None
 
 
 def _dvc_add(root: Path, folder: Path) -> dict[str, str]:
@@ -302,15 +367,74 @@ def restore_file(root: Path, md5: str, dest: Path) -> Path:
 
 def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path, *, only_damaged: bool = False) -> list[Path]:
     """Rebuild a round folder's parts byte for byte from the DVC cache (or remote). With ``only_damaged``,
-    only parts that are missing or differ in size are copied (a resume reads no image and hashes nothing
-    that looks intact); returns the paths restored."""
-    restored = []
+    only parts whose bytes are not the registry's are copied (:func:`damaged_parts`); returns the paths
+    restored."""
+    todo = damaged_parts(root, parts, folder) if only_damaged else parts
+    return [restore_file(root, part.md5, folder / part.relpath) for part in todo]
+
+
+def damaged_parts(root: Path | None, parts: Sequence[PartEntry], folder: Path) -> list[PartEntry]:
+    """The parts of a round folder whose bytes are not the ones the registry records: missing, another size,
+    or another md5. DVC's state database answers for a file DVC hashed and nobody changed since (same
+    inode, size and mtime); only the others are read and hashed."""
+    present, base = {}, folder.resolve()  # (DVC's state keys files by the resolved path `dvc add` was given)
     for part in parts:
-        dest = folder / part.relpath
-        if only_damaged and dest.is_file() and dest.stat().st_size == part.size:
-            continue
-        restored.append(restore_file(root, part.md5, dest))
-    return restored
+        path = base / part.relpath
+        if path.is_file() and path.stat().st_size == part.size:
+            present[part.relpath] = path
+    known = known_md5s(root, list(present.values()))
+    return [
+        part
+        for part in parts
+        if part.relpath not in present
+        or (known.get(present[part.relpath]) or md5_file(present[part.relpath])) != part.md5
+    ]
+
+
+def known_md5s(root: Path | None, paths: Sequence[Path]) -> dict[Path, str]:
+    """The md5 DVC's state database holds for each of these (absolute) files that is unchanged since DVC
+    hashed it; a file it does not know, or knows with other inode, size or mtime, is left out."""
+    if root is None or not paths:
+        return {}
+    from dvc.repo import Repo
+
+    with quiet_dvc(), Repo(str(root)) as repo:
+        infos = {str(p): repo.fs.info(str(p)) for p in paths}
+        found = repo.state.get_many(list(infos), repo.fs, infos)
+        return {Path(p): h.value for p, _, h in found if h is not None and h.name == "md5" and h.value}
+
+
+def adopt_round(
+    root: Path | None, parts: Sequence[PartEntry], folder: Path, round_index: int, classes: int
+) -> list[Part]:
+    """A finished round's parts as a resume puts them back in the pool: exactly the bytes the registry
+    records (a damaged part restored from the DVC cache or remote, md5-checked), each header agreeing with
+    where it is used (round, part, first sample, count) and every label in ``[0, classes)``. Returns the
+    parts in order; anything that cannot be made so is one :class:`DataError` line."""
+    damaged = damaged_parts(root, parts, folder)
+    if damaged and root is None:
+        names = ", ".join(p.relpath for p in damaged)
+        raise DataError(f"{folder}: {names} missing or not the registry's bytes, and no DVC workspace to restore from")
+    if root is not None:
+        for entry in damaged:
+            restore_file(root, entry.md5, folder / entry.relpath)
+    adopted: list[Part] = []
+    start = 0
+    for entry in sorted(parts, key=lambda p: p.relpath):
+        part, labels = read_part(folder / entry.relpath)
+        where = (round_index, int(Path(entry.relpath).stem.removeprefix("part_")), start, entry.count)
+        if (part.round, part.index, part.start, part.count) != where:
+            raise DataError(
+                f"{part.path}: its header says round {part.round} part {part.index} (samples {part.start}.."
+                f"+{part.count}), the registry places it as round {where[0]} part {where[1]} (samples "
+                f"{where[2]}..+{where[3]}); the registry's listing was edited"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+            bad = labels[(labels < 0) | (labels >= classes)][0]
+            raise DataError(f"{part.path}: label {bad} outside [0, {classes}); not a part of this run's classes")
+        adopted.append(part)
+        start += part.count
+    return adopted
 
 
 def _fetch_object(root: Path, md5: str) -> None:

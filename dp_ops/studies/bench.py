@@ -44,7 +44,7 @@ from typing import Any
 from dp_ops import runner
 from dp_ops.config import Config, flatten, load_config, load_tree, run_files, sweep_config
 from dp_ops.engine.devices import resolve_device
-from dp_ops.engine.dist import World
+from dp_ops.engine.dist import World, make_current
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
 from dp_ops.files import write_json
@@ -344,7 +344,10 @@ def _init_worker(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
     quiet_logs()
-    _WORKER.update(params=params, bench_id=bench_id, stop=stop, device=_take_gpu(gpus, started))
+    device = _take_gpu(gpus, started)
+    _WORKER.update(params=params, bench_id=bench_id, stop=stop, device=device)
+    for override in device:  # (its GPU made current: a CUDA context created lazily opens there, not on GPU 0)
+        make_current(torch.device(override.removeprefix("device=")))
 
 
 def _take_gpu(gpus: Sequence[str], started: Any) -> tuple[str, ...]:
@@ -370,7 +373,7 @@ def run_jobs_across(
     if not todo:
         return results
     first = load_config(params, todo[0].overrides)
-    real = runner.load_real_data(first)
+    real = runner.load_real_data(first, world)
     generator = runner.load_generator(first, real, world)  # (the arms share both)
     for job in todo:
         cfg = load_config(params, job.overrides)

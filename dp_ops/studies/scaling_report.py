@@ -146,7 +146,12 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
     ``metrics.json`` below it."""
     out = []
     name = RUN_FILES["metrics"]
-    files = [f for p in map(Path, paths) for f in (sorted(p.rglob(name)) if p.is_dir() else [p])]
+    files = []
+    for given in map(Path, paths):
+        found = sorted(given.rglob(name)) if given.is_dir() else [given]
+        if not found:  # (a folder with none: the wrong folder, or its runs have not finished)
+            raise DataError(f"--metrics {given}: no {name} files found in this folder or below it")
+        files += found
     for path in files:
         try:
             m = _json(path, dict)

@@ -3,10 +3,15 @@
 import pytest
 import torch
 
-from dp_ops.config import TrainConfig
+from dp_ops.config import TrainConfig, build_config
+from dp_ops.engine import dist, folders
 from dp_ops.engine.dist import SINGLE, World, from_env
 from dp_ops.engine.learner import micro_batches
 from dp_ops.errors import ConfigError
+
+from conftest import make_image_folder
+
+TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
 
 
 @pytest.mark.parametrize(("n", "size"), [(5, 2), (3, 2), (2, 3), (0, 2), (9, 4), (7, 1)])
@@ -43,3 +48,73 @@ def test_micro_batches_default_to_one_per_process_and_must_be_shared_evenly():
         micro_batches(TrainConfig(batch_size=16, micro_batches=2), World(size=4))
     with pytest.raises(ConfigError, match=r"train.batch_size=18: must be divisible by the 4 micro-batches"):
         micro_batches(TrainConfig(batch_size=18), World(size=4))
+
+
+def test_chunk_rows_are_the_rows_of_each_ranks_block_of_chunks():
+    assert [World(rank=r, size=2).chunk_rows(10, 3) for r in range(2)] == [range(0, 6), range(6, 10)]
+    assert [World(rank=r, size=3).chunk_rows(4, 4) for r in range(3)] == [range(0, 4), range(4, 4), range(4, 4)]
+    assert SINGLE.chunk_rows(7, 2) == range(7)
+
+
+@pytest.fixture
+def no_cuda_calls(monkeypatch):
+    """Any CUDA query fails the test: what is checked here must not need a GPU (or reach one)."""
+    for name in ("is_available", "device_count", "set_device"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, n=name: pytest.fail(f"torch.cuda.{n} called"))
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_cuda_n_under_torchrun_is_refused_before_any_work(device, monkeypatch, no_cuda_calls):
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        dist.join(device)  # (no process group was started: refused first)
+    assert str(info.value).startswith(f"device='{device}': under torchrun every process would use that one GPU; ")
+    assert "use device=cuda or device=auto (each process then takes cuda:LOCAL_RANK" in str(info.value)
+    assert not torch.distributed.is_initialized()
+    assert World(size=2).device("cpu") == torch.device("cpu")  # (the CPU, as before)
+
+
+def test_one_process_on_cuda_n_makes_that_gpu_current(monkeypatch):
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert dist.join("cuda:2") == SINGLE and current == [torch.device("cuda", 2)]  # (not GPU 0)
+    for device in ("cpu", "cuda", "cuda:7"):  # GPU 0 already; or an error of check_devices, later
+        dist.join(device)
+    assert current == [torch.device("cuda", 2)]
+
+
+def _folder_data(tmp_path):
+    make_image_folder(tmp_path / "val", per_class=5)  # 15 images: chunks of 4 are 4 + 4 | 4 + 3
+    make_image_folder(tmp_path / "test", per_class=2, seed=1)  # 6: 4 | 2
+    tree = {"name": "folder", "val_root": str(tmp_path / "val"), "test_root": str(tmp_path / "test"), "resolution": 8}
+    return build_config({"generator": {"backend": "sd", "model": "unused"}, "data": tree}).data
+
+
+def test_each_rank_decodes_only_its_block_of_a_folder_split_and_the_blocks_make_it_whole(tmp_path, monkeypatch):
+    cfg = _folder_data(tmp_path)
+    whole = folders.load_folder_data(cfg)
+    assert whole.val.split_size is None  # one process: the whole split
+    read, decode = [], folders.read_image
+    monkeypatch.setattr(folders, "read_image", lambda path, *a: read.append(path) or decode(path, *a))
+    ranks = []
+    for rank in range(2):
+        read.clear()
+        ranks.append(folders.load_folder_data(cfg, world=World(rank=rank, size=2), chunk=4))
+        assert len(read) == len(ranks[-1].val) + len(ranks[-1].test)  # decoded: its own rows, nothing else
+    assert [len(r.val) for r in ranks] == [8, 7] and [len(r.test) for r in ranks] == [4, 2]
+    for split in ("val", "test"):
+        parts = [getattr(r, split) for r in ranks]
+        assert {p.split_size for p in parts} == {len(getattr(whole, split))}
+        assert torch.equal(torch.cat([p.images for p in parts]), getattr(whole, split).images)
+        assert torch.equal(torch.cat([p.labels for p in parts]), getattr(whole, split).labels)
+
+
+def test_more_ranks_than_chunks_leaves_a_rank_an_empty_block(tmp_path):
+    cfg = _folder_data(tmp_path)
+    last = folders.load_folder_data(cfg, world=World(rank=2, size=3), chunk=8)  # 6 test rows: one chunk
+    assert last.test.images.shape == (0, 3, 8, 8) and last.test.images.dtype == torch.uint8
+    assert last.test.split_size == 6 and len(last.val) == 0

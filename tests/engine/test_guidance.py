@@ -1,11 +1,18 @@
+import copy
 import math
 
 import numpy as np
+import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from dp_ops.config import LearnerConfig
-from dp_ops.engine.guidance import entropy, entropy_guidance, normalise_step, predict_x0
+from dp_ops.engine import guidance
+from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+from dp_ops.engine.backends.sd_random import random_components
+from dp_ops.engine.guidance import X0, entropy, entropy_guidance, normalise_step, predict_x0
 from dp_ops.engine.learner import build_learner
+from dp_ops.engine.sampling import ddim
 
 
 def test_entropy_of_uniform_softmax_is_log_k():
@@ -23,6 +30,71 @@ def test_predict_x0_inverts_the_forward_noising():
     ab = torch.tensor(0.3)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     assert torch.allclose(predict_x0(x_t, eps, ab), x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler])
+@pytest.mark.parametrize("prediction_type", sorted(X0))
+def test_predict_x0_is_the_schedulers_own_estimate(scheduler_class, prediction_type):
+    scheduler = scheduler_class(prediction_type=prediction_type, clip_sample=False)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t in scheduler.timesteps[[0, 4, 9]]:
+        theirs = scheduler.step(out, t, x_t, generator=g).pred_original_sample
+        ours = predict_x0(x_t, out, scheduler.alphas_cumprod[t], prediction_type)
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_config_check_allows_exactly_the_parameterisations_guidance_decodes():
+    from dp_ops.paths import PREDICTION_TYPES
+
+    assert set(PREDICTION_TYPES) == set(X0)
+
+
+def test_guidance_decodes_the_x0_of_the_models_parameterisation(tiny_generator, tiny_cfg):
+    """A v-prediction model is guided through its own x̂0, the one its scheduler steps towards."""
+    v_model = copy.copy(tiny_generator)
+    v_model.scheduler = DDIMScheduler.from_config(tiny_generator.scheduler.config, prediction_type="v_prediction")
+    seen: list[torch.Tensor] = []
+    v_model.to_learner = lambda x0: seen.append(x0.detach()) or x0  # type: ignore[method-assign]
+    learner = build_learner(tiny_cfg.learner, 10, 1, seed=3).eval()
+    labels, seeds = torch.arange(4), np.arange(4)
+    ddim(v_model, labels, seeds, steps=3, cfg_scale=2.0, learner=learner, omega=0.1, gradient="x0")
+    scheduler = DDIMScheduler.from_config(v_model.scheduler.config, clip_sample=False)
+    scheduler.set_timesteps(3)
+    t, x = scheduler.timesteps[0], v_model.noise(seeds)
+    with torch.no_grad():
+        out = v_model.eps(x, t, labels, 2.0)
+    assert torch.allclose(seen[0], scheduler.step(out, t, x).pred_original_sample, atol=1e-5)
+
+
+def test_float16_guidance_points_where_float32_guidance_does():
+    """Through float16 weights the entropy gradient underflows unless it is scaled before the backward pass
+    (a confident learner: ∂H/∂logits is tiny); the scaled float16 step points where the float32 one does."""
+    names = ("cat", "dog", "red fox")
+    base = build_learner(LearnerConfig(drop_rate=0.0), 3, 3, seed=0).eval()
+    confident = lambda images: 100 * base(images)
+    z, labels, t = None, torch.tensor([0, 1, 2, 0]), torch.tensor(500)
+    steps = []
+    for dtype in (torch.float32, torch.float16):
+        c = random_components("tiny", seed=0)
+        settings = SDSettings(output_resolution=16, learner_resolution=16, dtype=dtype)
+        sd = StableDiffusion.from_components(c, names, settings)
+        z = sd.noise(np.arange(4)) if z is None else z
+        eps_fn = lambda x, sd=sd: sd.eps(x, t, labels, 2.0)
+        step = entropy_guidance(z, eps_fn, sd.scheduler.alphas_cumprod[t], confident, 0.05, sd.to_learner)
+        steps.append((step.x_t - z).flatten(1))
+    cos = torch.nn.functional.cosine_similarity(*steps)
+    assert steps[1].norm(dim=1).min() > 0
+    assert cos.mean() > 0.99 and cos.min() > 0.98, cos
+
+
+def test_the_gradient_scale_is_exact_in_float32(monkeypatch):
+    learner = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 10, 1, seed=0).eval()
+    x_t = torch.randn(4, 1, 8, 8)
+    scaled = entropy_guidance(x_t, torch.tanh, 0.5, learner, omega=0.05)
+    monkeypatch.setattr(guidance, "GRAD_SCALE", 1.0)
+    assert torch.equal(scaled.x_t, entropy_guidance(x_t, torch.tanh, 0.5, learner, omega=0.05).x_t)
 
 
 def test_step_is_omega_times_norm_of_x_per_sample():

@@ -61,6 +61,7 @@ def _cfg(uri, generator_path, tracking=None, **sections):
     return build_config(tiny_tree(tracking=tracking, generator=generator, **sections))
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_acc(
     workspace, saved_generator, tiny_generator, real, mlflow_store, capfd
 ):

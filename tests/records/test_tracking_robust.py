@@ -335,3 +335,23 @@ def test_filter_values_with_quotes_are_quoted_for_mlflow(cfg):
         assert run.tags["dpops.study"] == name
     with pytest.raises(ConfigError, match="both kinds of quote"):
         filter_equals("tags.x", "a'b\"c")
+
+
+@pytest.mark.slow
+def test_a_hung_server_stops_a_run_in_about_half_a_minute(server, monkeypatch):
+    """A SIGSTOPped server accepts connections and never answers: MLflow's read timeouts and retries
+    (HTTP_DEFAULTS) and the check that follows give up in about 30 s, as the README says."""
+    for key in HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    cfg = build_config(tiny_tree(tracking={"uri": server.url, "experiment": "t"}))
+    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info, tracker.lifecycle():
+            tracker.on_eval(10, 0.5)
+        took = time.monotonic() - start
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert f"the tracking server {server.url} stopped answering" in str(info.value)
+    assert 15 < took < 40, took

@@ -311,3 +311,101 @@ def test_dpops_run_in_a_dvc_workspace_shows_no_dvc_output(workspace, mlflow_stor
     assert "\x1b[A" not in out and not re.search(r"(^|[\r\n])!", out)  # tqdm's cursor-ups and bar stubs
     assert len(list((workspace / "data" / "runs").glob("*.dvc"))) == 1  # versioned ...
     assert (workspace.parent / "remote" / "files" / "md5").is_dir()  # ... and pushed
+
+
+# ---- a resume adopts a round: exactly the registry's bytes, placed where their headers say -------------
+def _flip(path, where):
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_adopting_a_round_hashes_only_what_dvc_state_does_not_know_and_restores_it(tracked_run, workspace, monkeypatch):
+    from dp_ops.records import versioning
+
+    _, run = tracked_run
+    shard = run.shards[1]
+    folder = workspace / shard.path
+    (path,) = _parts(folder)
+    hashed = []
+    monkeypatch.setattr(versioning, "md5_file", lambda p: hashed.append(p.name) or md5_file(p))
+    adopted = versioning.adopt_round(workspace, shard.parts, folder, 1, 10)
+    assert [p.path for p in adopted] == [path] and hashed == []  # unchanged since `dvc add`: DVC's state answers
+    original = path.read_bytes()
+    _flip(path, len(original) - 5)  # one image byte: same size, same inode
+    versioning.adopt_round(workspace, shard.parts, folder, 1, 10)
+    assert path.read_bytes() == original  # restored from the DVC cache
+    assert hashed[0] == path.name and len(hashed) == 2  # the changed file, then the restored (temporary) copy
+
+
+def test_adopting_a_round_refuses_a_part_whose_header_places_it_elsewhere(tracked_run, workspace):
+    from dp_ops.records.versioning import adopt_round
+
+    _, run = tracked_run
+    folder = workspace / run.shards[1].path  # a listing edited consistently (digest too) to round 2's parts
+    with pytest.raises(DataError, match=r"header says round 2 part 0 .*registry places it as round 1 part 0"):
+        adopt_round(workspace, run.shards[2].parts, folder, 1, 10)
+
+
+def _lone_part(folder, labels):
+    import numpy as np
+
+    from dp_ops.engine.shards import write_part
+    from dp_ops.records.versioning import PartEntry
+
+    n = len(labels)
+    path = folder / "part_00000.safetensors"
+    images = np.zeros((n, 1, 8, 8), np.uint8)
+    write_part(path, images, np.asarray(labels), np.zeros(n), np.arange(n), round_index=0, index=0, start=0, omega=0.0)
+    return path, PartEntry(path.name, md5_file(path), path.stat().st_size, n)
+
+
+def test_adopting_outside_dvc_checks_md5_labels_and_header_in_one_line(tmp_path):
+    from dp_ops.records.versioning import adopt_round
+
+    path, entry = _lone_part(tmp_path, [0, 9, 3])
+    (part,) = adopt_round(None, [entry], tmp_path, 0, 10)
+    assert (part.round, part.count) == (0, 3)
+    with pytest.raises(DataError, match=r"label 9 outside \[0, 5\); not a part of this run's classes"):
+        adopt_round(None, [entry], tmp_path, 0, 5)
+    _flip(path, 20)
+    with pytest.raises(DataError, match=r"part_00000.safetensors missing or not the registry's bytes, and no DVC"):
+        adopt_round(None, [entry], tmp_path, 0, 10)
+
+
+@pytest.mark.parametrize("where", [0, 7, 20])
+def test_a_damaged_header_is_one_line(tmp_path, where):
+    from dp_ops.engine.shards import part_info, read_part
+
+    path, _ = _lone_part(tmp_path, [1, 2])
+    data = bytearray(path.read_bytes())
+    data[where] = 0xFF  # the header's length (its low or high byte), or a byte of its JSON
+    path.write_bytes(bytes(data))
+    for read in (part_info, read_part):
+        with pytest.raises(DataError, match=r"part_00000.safetensors: not a part file \("):
+            read(path)
+
+
+def test_the_commit_hint_is_a_command_a_shell_runs_as_printed(workspace):
+    """Issue 30: spaces, quotes and unicode in output.shards; the printed `git add` adds exactly those files."""
+    from dp_ops.records.versioning import DvcVersioner
+
+    run = workspace / "my data" / "runs ü'x" / "r1"
+    (run / "round_000").mkdir(parents=True)
+    (run.parent / "r1.dvc").write_text("outs: []\n")
+    (run.parent / ".gitignore").write_text("/r1\n")
+    hint = DvcVersioner(run).commit_hint()
+    folder = "'my data/runs ü'\"'\"'x"  # (shlex: the ' closed, quoted as "'", reopened)
+    assert hint == f"to keep this run's data: git add {folder}/r1.dvc' {folder}/.gitignore' && git commit"
+    command = hint.removeprefix("to keep this run's data: ").removesuffix(" && git commit")
+    subprocess.run(["sh", "-c", command], cwd=workspace, check=True, capture_output=True)
+    staged = subprocess.run(
+        ["git", "-c", "core.quotepath=off", "diff", "--cached", "--name-only"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert sorted(f for f in staged if not f.startswith(".dvc")) == [  # (dvc init stages its own files)
+        "my data/runs ü'x/.gitignore",
+        "my data/runs ü'x/r1.dvc",
+    ]

@@ -56,6 +56,7 @@ def registry(tmp_path, mlflow_uri):
     return tmp_path, uri, best
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(registry):
     tmp, uri, best = registry
     out = tmp / "report"
@@ -159,3 +160,15 @@ def test_the_laws_multiplier_interval_reaches_infinity_when_static_draws_never_g
     assert got["dp_samples_needed_law"] == pytest.approx(2500)
     assert got["data_multiplier_laws"] == pytest.approx((2.0 / 0.015) ** 2 / 2500)  # 7.1×
     assert got["data_multiplier_laws_ci"] == [pytest.approx((2.0 / 0.015) ** 2 / 2500), math.inf]
+
+
+def test_an_empty_metrics_folder_is_named(tmp_path):
+    """An empty --metrics folder used to be "too few points ... have no finished experiment runs" (issue 30)."""
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+    result = runner.invoke(app, ["scaling", "--params", str(params), "--metrics", str(empty), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = " ".join(result.output.split())
+    assert f"--metrics {empty}: no metrics.json files found in this folder or below it" in line, result.output

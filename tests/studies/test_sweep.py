@@ -119,6 +119,7 @@ class Boom(Observer):
             raise RuntimeError("disk full")
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_a_trial_that_raises_is_failed_and_the_sweep_goes_on(ws, tiny_generator, real):
     worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=3")
     outcome = worker.run(run_trial, observers=lambda n: [Boom()] if n == 1 else [])
@@ -131,6 +132,7 @@ def test_a_trial_that_raises_is_failed_and_the_sweep_goes_on(ws, tiny_generator,
     assert run.info.status == "FAILED" and run.data.tags["dpops.trial"] == "1"
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_a_stale_running_trial_is_requeued_with_its_params(ws, tiny_generator, real):
     journal = f"sweep.storage={ws / 'sweep.journal'}"  # the lease is the journal's; RDB storage: Optuna's heartbeat
     worker, run_trial = _worker(ws, tiny_generator, real, "sweep.n_trials=2", "sweep.stale_after=0.5", journal)
@@ -257,6 +259,7 @@ def test_run_url_on_a_server_a_database_and_databricks():
     assert dashboard_command("my sweeps/sweep.journal") == "optuna-dashboard 'my sweeps/sweep.journal'"
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_static_grid_runs_each_size_once_and_pareto_objective_has_two_values(ws, tiny_generator, real):
     grid, run_trial = _worker(ws, tiny_generator, real, strategy="static", name="g")
     grid.run(run_trial)
@@ -401,6 +404,7 @@ class Interrupt(Observer):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_ctrl_c_on_rdb_storage_retries_the_trial_with_optunas_callback_and_the_retry_resumes_its_run(
     ws, tiny_generator, real
 ):
@@ -447,3 +451,31 @@ def test_an_rdb_storage_that_cannot_be_opened_is_one_line_naming_it():
     url = "postgresql+psycopg://nobody@127.0.0.1:1/optuna"  # port 1: nothing listens
     with pytest.raises(ConfigError, match=r"^sweep.storage='postgresql\+psycopg://nobody@127.0.0.1:1/optuna': cannot"):
         make_storage(url)
+
+
+@pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
+def test_resuming_a_sweep_trials_run_by_hand_is_refused_and_the_sweeps_retry_resumes_it(ws, tiny_generator, real):
+    """The study owns its trials' runs: a hand `dpops run --resume` of one would finish it, and the study's
+    retry would then resume it again and log a second model while the trial stays FAIL. It is refused in
+    one line naming the study; the retry resumes the run and records its result."""
+    worker, run_trial = _worker(
+        ws, tiny_generator, real, "sweep.n_trials=1", "sweep.patience.high=1", "dp.max_rounds=2"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(run_trial, observers=lambda n: [Interrupt()] if n == 0 else [])
+    killed = worker._run_of(0)
+
+    got = runner.invoke(app, ["run", "--params", str(ws / "params.yaml"), "--resume", killed])
+    assert got.exit_code == 1
+    assert got.output.strip().splitlines() == [
+        f"error: --resume {killed}: trial 0 of sweep study 's' owns this run; a worker of that study retries the "
+        "trial and resumes the run, recording its result: dpops sweep --study-name s (with the study's --storage)"
+    ]
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    assert client.get_run(killed).info.status == "KILLED"  # untouched
+
+    outcome = worker.run(run_trial)
+    assert outcome.ran[0].mlflow_run_id == killed and outcome.ran[0].state == "COMPLETE"
+    experiment = client.get_experiment_by_name(worker.experiment).experiment_id
+    models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{killed}'")
+    assert len(models) == 1

@@ -10,23 +10,36 @@ Sampling and entropy guidance are the shared DDIM sampler (:mod:`dp_ops.engine.s
 the pixel backend runs; this backend supplies ε̂ from the text embeddings, seeded latent noise, and
 ``to_learner`` = D with gradient, resized to the learner's input.
 
+Memory of a guided step: the backward pass through ε̂ (``guidance_gradient=full``) and D keeps their
+activations; ``gradient_checkpointing`` keeps only each block's input and recomputes the rest in the backward
+pass (PyTorch's non-reentrant checkpoint, which ``autograd.grad`` with respect to x_t needs, frozen weights and
+all). Attention slicing saves memory only where nothing back-propagates through the UNet: its sliced
+attention keeps every probability matrix for a backward pass, where SDPA recomputes them (the config refuses
+it with guidance_gradient=full in a guided round).
+
 The pipeline is loaded component by component with ``from_pretrained`` from a local folder in diffusers'
 ``save_pretrained`` layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a hub
-id; the safety checker is never loaded. The saved scheduler's schedule (betas, offsets) is kept, its
-sampler replaced by DDIM.
+id; the safety checker is never loaded. Weights are read in the pipeline's dtype (``torch_dtype``: never
+float32 then cast), bfloat16 on CUDA by default (:func:`~dp_ops.engine.devices.resolve_dtype`); a float16
+pipeline keeps a VAE that sets ``force_upcast`` in float32 (:func:`upcast_vae`). The saved scheduler's
+schedule (betas, offsets) is kept, its sampler replaced by DDIM. What the backend can drive (SD-1.x and
+SD-2.x pipelines) is checked from the configs before any weight is read: :func:`dp_ops.paths.check_sd_configs`
+over :func:`pipeline_configs`.
 """
 
 from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.utils import is_accelerate_available
 
 from dp_ops.engine.data import resize
 from dp_ops.engine.sampling import Generator, seeded_noise
@@ -47,6 +60,13 @@ class SDSettings:
     dtype: torch.dtype = torch.float32
     vae_slicing: bool = False
     attention_slicing: bool = False
+    gradient_checkpointing: bool = False
+
+
+def upcast_vae(dtype: torch.dtype, vae_config: Mapping[str, Any]) -> bool:
+    """Keep the VAE in float32 in a float16 pipeline when its config asks to (``force_upcast``: SDXL's VAE
+    overflows float16's range); AutoencoderKL's default, for configs that do not say (SD-1.5's), is True."""
+    return dtype == torch.float16 and bool(vae_config.get("force_upcast", True))
 
 
 @contextmanager
@@ -74,11 +94,14 @@ class StableDiffusion(Generator):
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, class_names, settings: SDSettings):
         s = settings
         self.device, self.dtype = torch.device(s.device), s.dtype
+        vae_dtype = torch.float32 if upcast_vae(s.dtype, vae.config) else s.dtype
         # diffusers warns about casting with .to() (SD-1.5 has nothing to keep) and about the saved sampler's
         # own options when DDIM takes its schedule (SD-1.5's PNDM skip_prk_steps: DDIM has no use for them).
+        # Loaded components are in their dtype already (a no-op cast); components built in code are cast here.
         with quiet_hub_libraries():
             self.unet, self.vae, self.text_encoder = (
-                m.to(self.device, self.dtype).eval().requires_grad_(False) for m in (unet, vae, text_encoder)
+                m.to(self.device, dtype).eval().requires_grad_(False)
+                for m, dtype in ((unet, s.dtype), (vae, vae_dtype), (text_encoder, s.dtype))
             )
             self.scheduler = DDIMScheduler.from_config(scheduler_config)  # the saved schedule, sampled with DDIM
         self.tokenizer = tokenizer
@@ -87,6 +110,9 @@ class StableDiffusion(Generator):
             self.vae.enable_slicing()
         if s.attention_slicing:
             self.unet.set_attention_slice("auto")
+        if s.gradient_checkpointing:  # (diffusers' default checkpoint function is the non-reentrant one)
+            for model in (self.unet, self.vae):
+                model.enable_gradient_checkpointing()
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = s.resolution or self.unet.config.sample_size * self.vae_factor
         self._check_resolution()
@@ -97,15 +123,32 @@ class StableDiffusion(Generator):
         self.uncond = self._encode([""])  # (1, L, D): the empty prompt, for classifier-free guidance
 
     @classmethod
+    def from_components(cls, parts: Mapping[str, Any], class_names, settings: SDSettings) -> StableDiffusion:
+        """From components built in code (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``:
+        what :func:`~dp_ops.engine.backends.sd_random.random_components` returns), cast to ``settings``."""
+        unet, vae, text_encoder, tokenizer = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+        return cls(unet, vae, text_encoder, tokenizer, parts["scheduler"].config, class_names, settings)
+
+    @classmethod
     def load(cls, model: str, class_names, settings: SDSettings) -> StableDiffusion:
+        """The pipeline at ``model`` (a folder or hub id), its weights read in ``settings.dtype``."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        dtype = settings.dtype
+        low_memory = is_accelerate_available()  # (diffusers reads weights without a random init first with it)
         try:
             with quiet_hub_libraries():
+                vae_config = AutoencoderKL.load_config(model, subfolder="vae")
+                vae_dtype = torch.float32 if upcast_vae(dtype, vae_config) else dtype
                 tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-                text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-                vae = AutoencoderKL.from_pretrained(model, subfolder="vae", low_cpu_mem_usage=False)
-                unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", low_cpu_mem_usage=False)
+                # (transformers 5 calls it dtype; torch_dtype is the name every supported version knows)
+                text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype)
+                vae = AutoencoderKL.from_pretrained(
+                    model, subfolder="vae", torch_dtype=vae_dtype, low_cpu_mem_usage=low_memory
+                )
+                unet = UNet2DConditionModel.from_pretrained(
+                    model, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=low_memory
+                )
                 scheduler_config = DDIMScheduler.load_config(model, subfolder="scheduler")
         except (OSError, ValueError, KeyError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -141,7 +184,7 @@ class StableDiffusion(Generator):
         """D(x̂0 / scaling_factor): latents to images in (about) [-1, 1], float32; differentiable."""
         cfg = self.vae.config
         z = z0 / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(z.to(self.dtype)).sample.float()
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
     def to_learner(self, z0: Tensor) -> Tensor:
         """How x̂0 becomes the learner's input: decode with gradient, resize to the learner's side."""
@@ -154,3 +197,26 @@ class StableDiffusion(Generator):
     def noise(self, seeds: np.ndarray) -> Tensor:
         side = self.resolution // self.vae_factor
         return seeded_noise(seeds, (self.unet.config.in_channels, side, side), self.device)
+
+
+def pipeline_configs(model: str) -> dict[str, dict[str, Any]]:
+    """The JSON configs of the pipeline at ``model`` (a folder or hub id) that
+    :func:`dp_ops.paths.check_sd_configs` reads, without any weight; {} for a config that cannot be read
+    (the load then says why)."""
+    from diffusers import DiffusionPipeline
+    from transformers import PretrainedConfig
+
+    readers = {
+        "model_index": lambda: DiffusionPipeline.load_config(model),
+        "unet": lambda: UNet2DConditionModel.load_config(model, subfolder="unet"),
+        "text_encoder": lambda: PretrainedConfig.get_config_dict(model, subfolder="text_encoder")[0],
+        "scheduler": lambda: DDIMScheduler.load_config(model, subfolder="scheduler"),
+    }
+    configs: dict[str, dict[str, Any]] = {}
+    with quiet_hub_libraries():
+        for key, read in readers.items():
+            try:
+                configs[key] = dict(read())
+            except (OSError, ValueError):
+                configs[key] = {}
+    return configs

@@ -1,8 +1,11 @@
 """The text-to-image world on tiny random Stable Diffusion components (built, saved with save_pretrained,
 loaded back with from_pretrained), an image folder made here, and a timm learner; all on the CPU."""
 
+import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
+
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,21 +14,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from mlflow import MlflowClient
+from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.config import LearnerConfig, TrainConfig, build_config, flatten, from_flat, load_config
 from dp_ops.engine import sampling
-from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+from dp_ops.engine.backends.sd import SDSettings, StableDiffusion, pipeline_configs
 from dp_ops.engine.backends.sd_random import random_components, save_pipeline
 from dp_ops.engine.data import LabelledImages, quantize
+from dp_ops.engine.devices import resolve_dtype
+from dp_ops.engine.guidance import entropy_guidance
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.shards import PartReader, scan_round
 from dp_ops.errors import ConfigError, GeneratorError
+from dp_ops.paths import check_generator, check_sd_configs
 from dp_ops.records.tracking import config_params, round_runs
 from dp_ops.records.versioning import dir_md5, md5_file
-from dp_ops.runner import preflight, restore_run_data
+from dp_ops.runner import generator_facts, load_sd, preflight, restore_run_data
 
 from conftest import make_image_folder
 
@@ -308,6 +316,8 @@ def test_sd_defaults_and_config_checks():
     assert build_config({}).generator.steps == 6  # the pixel world's defaults are untouched
     example = load_config(Path(__file__).parents[3] / "examples" / "params-sd.yaml")
     assert (example.generator.backend, example.data.stored_resolution, example.train.mixup) == ("sd", 256, 0.5)
+    assert example.train.channels_last and example.generator.gradient_checkpointing  # what a GPU wants
+    assert example.generator.dtype == "auto"  # bfloat16 on CUDA; the file also loads (and runs) on a CPU
     flat = flatten(build_config({**base, "generator": {"backend": "sd", "model": "m", "prompt": "{name}"}}))
     assert from_flat({k: str(v) for k, v in flat.items()}).generator.prompt == "{name}"  # survives YAML
     for tree, expected in (
@@ -320,3 +330,177 @@ def test_sd_defaults_and_config_checks():
         with pytest.raises(ConfigError) as info:
             build_config(tree)
         assert str(info.value).startswith(expected), str(info.value)
+
+
+# ---- GPU-facing loading: dtype, VAE upcast, gradient checkpointing, what the backend can drive --------------
+def _spy_loads(monkeypatch):
+    """The dtype of each component's parameters right after its from_pretrained returned."""
+    seen = {}
+    for cls in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel):
+
+        def spy(*args, _real=cls.from_pretrained, _name=cls.__name__, **kwargs):
+            model = _real(*args, **kwargs)
+            seen[_name] = {p.dtype for p in model.parameters()}
+            return model
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    return seen
+
+
+def test_weights_are_read_in_the_pipelines_dtype(sd_path, monkeypatch):
+    seen = _spy_loads(monkeypatch)
+    sd = StableDiffusion.load(str(sd_path), NAMES, SDSettings(dtype=torch.bfloat16))
+    assert seen == {name: {torch.bfloat16} for name in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel")}
+    assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_a_float16_pipeline_keeps_a_force_upcast_vae_in_float32(sd_path, tmp_path, monkeypatch):
+    """SDXL's VAE (and any whose config says force_upcast, AutoencoderKL's default) overflows float16."""
+    seen = _spy_loads(monkeypatch)
+    sd = StableDiffusion.load(str(sd_path), NAMES, SDSettings(dtype=torch.float16))
+    assert seen["AutoencoderKL"] == {torch.float32} and seen["UNet2DConditionModel"] == {torch.float16}
+    assert sd.vae.dtype == torch.float32 and sd.unet.dtype == torch.float16
+    images = sd.to_images(sd.noise(np.array([1, 2])))
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32) and images.isfinite().all()
+    kept = tmp_path / "no-upcast"
+    shutil.copytree(sd_path, kept)
+    _edit_json(kept / "vae" / "config.json", force_upcast=False)
+    assert StableDiffusion.load(str(kept), NAMES, SDSettings(dtype=torch.float16)).vae.dtype == torch.float16
+    parts = random_components("tiny", seed=0)  # (built in code: cast by the constructor, the same rule)
+    built = StableDiffusion.from_components(parts, NAMES, SDSettings(dtype=torch.float16))
+    assert built.vae.dtype == torch.float32 and built.text_encoder.dtype == torch.float16
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(tmp_path, sd_path):
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "meta") == torch.float32
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    cfg = build_config(_sd_tree(tmp_path, sd_path))
+    assert cfg.generator.dtype == "auto"  # the sd default
+    assert load_sd(cfg, NAMES).dtype == torch.float32  # on this CPU
+    assert generator_facts(cfg).meta["dtype"] == "float32"  # what the run records (generator_meta.dtype)
+
+
+def _guided_step(sd, through_eps):
+    """One entropy-guided step of two latents, and the bytes autograd saved for its backward pass."""
+    saved = []
+    t = torch.tensor(500)
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step = entropy_guidance(
+            sd.noise(np.array([1, 2])),
+            lambda x: sd.eps(x, t, torch.tensor([0, 2]), 4.0),
+            sd.scheduler.alphas_cumprod[t],
+            _fixed_learner,
+            0.1,
+            sd.to_learner,
+            through_eps=through_eps,
+        )
+    return step.x_t, sum(saved)
+
+
+@pytest.mark.parametrize("gradient", ["full", "x0"])
+def test_gradient_checkpointing_keeps_the_guidance_step_and_saves_memory(gradient):
+    """Frozen weights, eval mode, a gradient with respect to x_t only: checkpointing must be the non-reentrant
+    kind (the reentrant one refuses autograd.grad) and active outside training mode."""
+
+    def build(checkpointing):
+        parts = random_components("tiny", seed=0)
+        settings = SDSettings(learner_resolution=16, gradient_checkpointing=checkpointing)
+        return StableDiffusion.from_components(parts, NAMES, settings)
+
+    plain, kept = _guided_step(build(False), gradient == "full")
+    checkpointed, kept_checkpointed = _guided_step(build(True), gradient == "full")
+    start = build(False).noise(np.array([1, 2]))
+    assert not torch.equal(plain, start)  # guidance moved x_t ...
+    assert torch.equal(checkpointed, plain)  # ... the same way with checkpointing
+    assert kept_checkpointed < kept / 3, (kept_checkpointed, kept)
+
+
+def test_attention_slicing_costs_memory_when_guidance_back_propagates_through_the_unet():
+    """Why the config refuses attention_slicing with guidance_gradient=full: sliced attention keeps every
+    probability matrix for the backward pass, which SDPA does not."""
+
+    def build(slicing):
+        parts = random_components("tiny", seed=0)
+        settings = SDSettings(learner_resolution=16, attention_slicing=slicing)
+        return StableDiffusion.from_components(parts, NAMES, settings)
+
+    (sdpa, sliced) = build(False), build(True)
+    assert _guided_step(sliced, True)[1] > _guided_step(sdpa, True)[1]  # full: more, not less
+    assert _guided_step(sliced, False)[1] == _guided_step(sdpa, False)[1]  # x0: no UNet backward, no cost
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _unsupported(path, case):
+    """A copy of the tiny pipeline's configs, changed into something the backend cannot drive."""
+    shutil.copytree(path, case, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return case
+
+
+@pytest.mark.parametrize(
+    ("edits", "expected"),
+    [
+        (
+            {
+                "model_index.json": {"_class_name": "StableDiffusionXLPipeline"},
+                "unet/config.json": {"addition_embed_type": "text_time"},
+            },
+            "a StableDiffusionXLPipeline is not supported yet by generator.backend=sd",
+        ),
+        ({"model_index.json": {"_class_name": "FluxPipeline"}, "unet": None}, "a FluxPipeline is not supported yet"),
+        (
+            {"unet/config.json": {"addition_embed_type": "text_time"}},
+            "its UNet takes extra conditioning (addition_embed_type='text_time', as SDXL's does), not supported yet",
+        ),
+        ({"unet/config.json": {"class_embed_type": "timestep"}}, "extra conditioning (class_embed_type='timestep'"),
+        (
+            {"unet/config.json": {"cross_attention_dim": 32}},
+            "its UNet attends to text embeddings of width 32 but its text encoder gives 16",
+        ),
+        (
+            {"scheduler/scheduler_config.json": {"prediction_type": "flow"}},
+            "its scheduler's prediction_type='flow' is not supported by generator.backend=sd "
+            "(epsilon, v_prediction, sample)",
+        ),
+    ],
+)
+def test_a_pipeline_the_backend_cannot_drive_is_refused_before_any_weight_is_read(
+    tmp_path, sd_path, monkeypatch, edits, expected
+):
+    folder = _unsupported(sd_path, tmp_path / "unsupported")
+    for name, change in edits.items():
+        if change is None:
+            shutil.rmtree(folder / name)
+        else:
+            _edit_json(folder / name, **change)
+    cfg = build_config({**_sd_tree(tmp_path, sd_path), "generator": {"backend": "sd", "model": str(folder)}})
+    with pytest.raises(ConfigError) as early:
+        check_generator(cfg)  # the CLI's check, before torch or diffusers is imported
+    for cls in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel):
+        monkeypatch.setattr(cls, "from_pretrained", _no_weights)
+    with pytest.raises(ConfigError) as at_load:
+        load_sd(cfg, NAMES)  # what a hub id gets: its configs checked before any weight is read
+    for info in (early, at_load):
+        message = str(info.value)
+        assert message.startswith(f"generator.model={str(folder)!r}: ") and expected in message, message
+        assert "\n" not in message
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("weights were read")
+
+
+def test_the_configs_the_backend_drives_pass(tmp_path, sd_path):
+    """SD-1.x/2.x configs, v-prediction included (the shared sampler computes x̂0 for it)."""
+    folder = _unsupported(sd_path, tmp_path / "v")
+    _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
+    check_sd_configs(str(folder), pipeline_configs(str(folder)))
+    check_generator(build_config({**_sd_tree(tmp_path, sd_path), "generator": {"backend": "sd", "model": str(folder)}}))
