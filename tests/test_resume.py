@@ -53,14 +53,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     )
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
 
-    victim = _dpops(ws, env, "run")
-    runs = ws / "data" / "runs"
-    deadline = time.time() + 600
-    while not list(runs.glob("*/round_001/part_*.safetensors")) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
-    victim.send_signal(signal.SIGKILL)  # in round 1's bookkeeping, before its checkpoint
-    victim.wait(timeout=60)
+    killed, folder = _kill_after_round_0(ws, env)  # in round 1's bookkeeping, before its checkpoint
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dp-ops")
     running = client.search_runs(
@@ -68,7 +61,8 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     )
     (run,) = running  # SIGKILL leaves the parent RUNNING: exactly the run to resume
     run_id = run.info.run_id
-    (lost,) = (runs / run_id / "round_000").glob("part_*.safetensors")
+    assert run_id == killed
+    (lost,) = folder.glob("part_*.safetensors")
     lost.unlink()  # a checkpointed round's part is gone from the workspace: resume restores it from the DVC cache
 
     resumed = _dpops(ws, env, "run", "--resume", run_id)

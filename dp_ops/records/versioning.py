@@ -365,12 +365,10 @@ def restore_file(root: Path, md5: str, dest: Path) -> Path:
     return dest
 
 
-def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path, *, only_damaged: bool = False) -> list[Path]:
-    """Rebuild a round folder's parts byte for byte from the DVC cache (or remote). With ``only_damaged``,
-    only parts whose bytes are not the registry's are copied (:func:`damaged_parts`); returns the paths
-    restored."""
-    todo = damaged_parts(root, parts, folder) if only_damaged else parts
-    return [restore_file(root, part.md5, folder / part.relpath) for part in todo]
+def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path) -> list[Path]:
+    """Rebuild a round folder's parts byte for byte from the DVC cache (or remote); returns the paths
+    restored. (A resume restores only the damaged ones: :func:`adopt_round`.)"""
+    return [restore_file(root, part.md5, folder / part.relpath) for part in parts]
 
 
 def damaged_parts(root: Path | None, parts: Sequence[PartEntry], folder: Path) -> list[PartEntry]:
