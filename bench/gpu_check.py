@@ -1,6 +1,7 @@
 """One prepared check for a GPU: every CUDA path of the project run once, each in its own process, one table.
 
-Rows (sized to finish in under 10 minutes on one H100; not yet run on one):
+Rows (sized to finish in about 12 minutes on one H100, the other families' rows about 3 of them by their FLOP
+counts in ``bench/generation_cost.py``; not yet run on one):
 
 - ``dpops run``: the default digits run (``params.yaml``) on ``cuda`` at a small budget (generator training
   included), in a temporary workspace with its own MLflow store; figure: its accuracies, rounds and pool.
@@ -9,17 +10,21 @@ Rows (sized to finish in under 10 minutes on one H100; not yet run on one):
   ``full`` and ``x0`` gradients.
 - ``sd-1.5 512² bfloat16 <mode>``: ``bench/sd_speed.py`` at 512² with random SD-1.5 weights, the same modes;
   figure: images/s, cost against unguided, peak memory (``torch.cuda.max_memory_allocated``).
+- ``<family> tiny bfloat16 <mode>`` and ``<family at its real shapes> bfloat16 <mode>`` for SDXL, DiT and SD3
+  (``sd_speed.py --family``): the tiny pipeline, then the real model's shapes (random weights made on the GPU)
+  at the family's resolution, CFG and guide_every; SDXL and SD3 at fewer steps with the same share of guided
+  steps (10 steps guided every 5th, 8 every 4th), so that the cost ratio is the default's, 4 images.
 - ``torchrun``: with two or more GPUs, the digits run on 2 processes against 1 process computing the same
   2 micro-batches.
 
 Each process has a timeout and its output goes to a log; a failing row says FAILED with the first line of its
 error and the others still run; ``sd_speed.py`` also isolates its modes, so an out-of-memory guided mode
 leaves its unguided row standing. The exit status is 1 if any row failed (the workspace and logs are kept and
-named), else 0. ``--cpu`` runs the same rows on the CPU at tiny sizes (the 512² rows shrink to the tiny
-pipeline, the multi-GPU row is skipped), so a test keeps the script from rotting.
+named), else 0. ``--cpu`` runs the same rows on the CPU at tiny sizes (the real-shaped rows shrink to each
+family's tiny pipeline, the multi-GPU row is skipped), so a test keeps the script from rotting.
 
     .venv/bin/python bench/gpu_check.py            # on a machine with a GPU
-    .venv/bin/python bench/gpu_check.py --cpu      # the same rows on the CPU, tiny (about 2 minutes)
+    .venv/bin/python bench/gpu_check.py --cpu      # the same rows on the CPU, tiny (about 2 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -67,12 +72,19 @@ CPU_RUN = [
 ]
 SD_TINY = ["--tiny", "--steps", "4", "--guide-every", "1", "--repeats", "1"]
 SD_FULL = ["--dtype", "bfloat16", "--repeats", "1"]  # sd_speed's 30 steps, guided every 5th
+# The other families sd_speed drives: the label of their real shapes, and the steps of the full-size rows ([] =
+# the family's own; otherwise fewer, with the same share of guided steps: the cost ratio is the default's).
+FAMILIES = {
+    "sdxl": ("sdxl 1024²", ["--steps", "10"]),
+    "dit": ("dit-xl-2 256²", []),
+    "sd3": ("sd3-medium 1024²", ["--steps", "8"]),
+}
 
 
-def images(cpu: bool) -> list[str]:
+def images(cpu: bool, n: int = 8) -> list[str]:
     """Images per sd_speed measurement, in one batch (fewer on the CPU, where float16 kernels crawl)."""
-    n = "4" if cpu else "8"
-    return ["-n", n, "--batch-size", n]
+    k = str(min(n, 4) if cpu else n)
+    return ["-n", k, "--batch-size", k]
 
 
 @dataclass(frozen=True)
@@ -167,7 +179,7 @@ def sd_rows(c: Check, name: str, label: str, args: list[str], timeout: float) ->
             raise
     measured = json.loads(out.read_text())
     n = measured["args"]["n"]
-    by_mode = {r["mode"]: r for r in measured["rows"]}
+    by_mode = {r["mode"]: r for r in measured["rows"] if r.get("variant", "eager") == "eager"}
     rows = []
     for mode in SD_MODES:
         r = by_mode.get(mode, {"error": "not measured"})
@@ -194,6 +206,20 @@ def sd_full(cpu: bool) -> Job:
     return [f"{label} {m}" for m in SD_MODES], lambda c: sd_rows(c, "sd-full", label, args, timeout=420)
 
 
+def family_tiny(cpu: bool, family: str) -> Job:
+    label = f"{family} tiny bfloat16"
+    args = [*SD_TINY, *images(cpu), "--dtype", "bfloat16", "--family", family]
+    return [f"{label} {m}" for m in SD_MODES], lambda c: sd_rows(c, f"{family}-tiny", label, args, timeout=180)
+
+
+def family_full(cpu: bool, family: str) -> Job:
+    # On the CPU, the same modes on the family's tiny pipeline (as for sd-1.5).
+    shapes, steps = FAMILIES[family]
+    label = f"{family} tiny (for {shapes}) bfloat16" if cpu else f"{shapes} bfloat16"
+    args = [*SD_FULL, *images(cpu, 4), "--family", family, *steps, *(["--tiny"] if cpu else [])]
+    return [f"{label} {m}" for m in SD_MODES], lambda c: sd_rows(c, f"{family}-full", label, args, timeout=420)
+
+
 def two_processes(c: Check) -> list[Row]:
     """The digits run on 2 processes against 1 process computing the same 2 micro-batches."""
     one, m1 = c.dpops_run("one-process", DPOPS, ["train.micro_batches=2"], timeout=300)
@@ -215,7 +241,12 @@ def jobs(cpu: bool, gpus: int) -> list[Job]:
         multi = skipped("torchrun, 2 processes vs 1", "--cpu (needs two or more GPUs)")
     elif gpus < 2:
         multi = skipped("torchrun, 2 processes vs 1", f"{gpus} GPU visible (needs two or more)")
-    return [(["dpops run, digits"], digits_run), sd_tiny(cpu, "bfloat16"), sd_tiny(cpu, "float16"), sd_full(cpu), multi]
+    # (on the CPU both rows of a family are its tiny pipeline: one is enough to check the script runs)
+    families = [
+        job for f in FAMILIES for job in ((family_full(cpu, f),) if cpu else (family_tiny(cpu, f), family_full(cpu, f)))
+    ]
+    sd = [sd_tiny(cpu, "bfloat16"), sd_tiny(cpu, "float16"), sd_full(cpu)]
+    return [(["dpops run, digits"], digits_run), *sd, *families, multi]
 
 
 def run_all(check: Check, todo: list[Job]) -> list[Row]:

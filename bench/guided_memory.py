@@ -48,11 +48,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from dp_ops.config import LearnerConfig
-from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+from dp_ops.engine.backends.latent import PipelineSettings
+from dp_ops.engine.backends.sd import StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components
 from dp_ops.engine.devices import DTYPES
 from dp_ops.engine.guidance import entropy_guidance
 from dp_ops.engine.learner import build_learner
+from dp_ops.engine.schedulers import x0_at
 
 META = torch.device("meta")
 PHASES = ("unet", "vae", "learner", "other")
@@ -175,7 +177,7 @@ def build(args: argparse.Namespace, setup: Setup) -> tuple[StableDiffusion, torc
     with META:
         parts = random_components("tiny" if args.tiny else "sd15", seed=0)
         learner = build_learner(LearnerConfig(model=args.learner, drop_rate=0.0), args.classes, 3, seed=0)
-    settings = SDSettings(
+    settings = PipelineSettings(
         resolution=args.resolution, learner_resolution=args.learner_size, device="meta", dtype=DTYPES[setup.dtype]
     )
     names = [f"class {k}" for k in range(args.classes)]
@@ -221,14 +223,14 @@ def measure(args: argparse.Namespace, setup: Setup) -> Row:
     z_t = torch.empty(args.n, sd.unet.config.in_channels, *2 * [args.resolution // sd.vae_factor], device=META)
 
     def eps_fn(z: torch.Tensor) -> torch.Tensor:
-        return sd.eps(scheduler.scale_model_input(z, t), t, labels, args.cfg_scale)
+        return sd.model_output(scheduler.scale_model_input(z, t), t, labels, args.cfg_scale)
 
     try:
         with fused_attention(), meter.counting():
             entropy_guidance(
                 z_t,
                 eps_fn,
-                scheduler.alphas_cumprod[t_cpu],
+                x0_at(scheduler, args.steps // 2, t_cpu),
                 learner,
                 0.05,
                 sd.to_learner,

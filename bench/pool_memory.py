@@ -185,7 +185,7 @@ def resume_seconds(folder: Path, n: int, part_size: int) -> dict:
     from dp_ops.config import build_config
     from dp_ops.engine.data import load_digits_data
     from dp_ops.engine.loop import Observer
-    from dp_ops.engine.sampling import Generator, seeded_noise
+    from dp_ops.engine.sampling import Generator
     from dp_ops.records.tracking import Registry
     from dp_ops.runner import run_tracked
 
@@ -196,11 +196,10 @@ def resume_seconds(folder: Path, n: int, part_size: int) -> dict:
 
         scheduler = DDIMScheduler(num_train_timesteps=1000)
         learner_resolution = RES
+        device = torch.device("cpu")
+        noise_shape = (1, RES, RES)
 
-        def noise(self, seeds):
-            return seeded_noise(seeds, (1, RES, RES), "cpu")
-
-        def eps(self, x_t, t, labels, cfg_scale):
+        def model_output(self, x_t, t, labels, cfg_scale):
             return torch.zeros_like(x_t)
 
         def to_learner(self, x0):

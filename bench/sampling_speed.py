@@ -112,9 +112,9 @@ def main() -> None:
         print(f"{m.name:<28}{''.join(cells)}")
 
     generator.unet.to(memory_format=torch.contiguous_format)
-    x = generator.noise(np.arange(2))
+    x = torch.randn(2, *generator.noise_shape)
     with FlopCounterMode(display=False) as counter:
-        generator.eps(x, torch.tensor(500), torch.tensor([0, 1]), g.cfg_scale)
+        generator.model_output(x, torch.tensor(500), torch.tensor([0, 1]), g.cfg_scale)
     per_image = counter.get_total_flops() / 2 * g.steps  # (the CFG pair is one call of 2× the batch)
     print(f"\n# ceiling: {per_image / 1e9:.2f} GFLOP per unguided image ({g.steps} steps, CFG pair)")
     print(f"{'precision':<12}{'matmul GFLOP/s':>16}{'ceiling img/s':>15}{'best img/s':>12}{'share':>8}")

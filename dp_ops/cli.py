@@ -241,7 +241,8 @@ def run(
     ] = None,
 ) -> None:
     """Run one experiment (dp, static or oversample), tracked and versioned: an embedded world (digits, MNIST), or
-    the text-to-image world with generator.backend=sd. Under torchrun, one run on all its processes."""
+    the text-to-image world with a pretrained pipeline (generator.backend=diffusers). Under torchrun, one run on
+    all its processes."""
     if resume is not None and not resume.strip():  # (`--resume "$RUN"` with RUN unset would start a fresh run)
         raise ConfigError("--resume '': no run id given (an empty shell variable?); name the MLflow run to continue")
     cfg = _config(params, set_)
@@ -396,7 +397,7 @@ def generator_quality(
 ) -> None:
     """Measure how many of the saved generator's samples a real-digits judge recognises."""
     cfg = _config(params, set_)
-    if cfg.generator.backend != "pixel":
+    if cfg.generator.pretrained:
         raise ConfigError(
             f"generator.backend={cfg.generator.backend!r}: quality is measured for the embedded pixel "
             "generator only (the judge trains on the embedded world's generator-train split)"

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from dp_ops.errors import ConfigError
+from dp_ops.generators import BACKENDS, NAMES, SCHEDULERS, defaults_of, resolve, stored_format
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -142,6 +143,11 @@ class _Section(BaseModel):
         return v
 
 
+MAX_CLASS_ID = 99_999  # (ImageNet-21k has 21,841 classes)
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+# generator.* keys only a pretrained pipeline reads, at the value that means "unset"
+PIPELINE_ONLY = {"resolution": 0, "dtype": "float32", "gradient_checkpointing": False, "guidance_decoder": ""}
+
 EMBEDDED_SIDES = {"digits": 8, "mnist": 28}  # the embedded worlds (data.name) and their images' side
 
 
@@ -161,8 +167,11 @@ class DataConfig(_Section):
     test_root: PathText = Field("", description="folder: held-out real test images, same class folders")
     classes: tuple[PathText, ...] = Field((), description="folder: class folders in label order; empty = all, sorted")
     class_names: tuple[str, ...] = Field((), description="folder: names used in prompts; empty = folder names")
+    class_ids: tuple[Annotated[int, Field(ge=0, le=MAX_CLASS_ID)], ...] = Field(
+        (), description="folder, class-conditioned pipelines (dit): the model's class index per class folder"
+    )
     shard_resolution: int = Field(0, ge=0, le=2048, description="side of stored synthetic images; 0 = resolution")
-    shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for sd, raw for pixel")
+    shard_format: Literal["auto", "raw", "png"] = Field("auto", description="auto: png for a pipeline, raw for pixel")
     part_size: int = Field(
         1024,
         ge=1,
@@ -181,6 +190,10 @@ class DataConfig(_Section):
             for key in ("val_root", "test_root"):
                 if not getattr(self, key):
                     raise ValueError(f"data.{key}='': data.name='folder' needs it (a folder of <class>/*.png)")
+        if self.class_ids and self.classes and len(self.class_ids) != len(self.classes):
+            raise ValueError(
+                f"data.class_ids has {len(self.class_ids)} ids for {len(self.classes)} data.classes: one per folder"
+            )
         if self.class_names and len(self.class_names) != len(self.classes):
             raise ValueError(
                 f"data.class_names has {len(self.class_names)} names for {len(self.classes)} data.classes: "
@@ -194,55 +207,47 @@ class DataConfig(_Section):
         return self.shard_resolution or self.resolution
 
 
-# Sampling defaults per backend, used for keys a params file leaves out (the sd values are the paper's:
-# 30 DDIM steps, CFG 4 in diffusers' convention (λ = 3), entropy guidance every 5th step; the pixel model's
-# bfloat16 and x0 gradient were chosen by measurement on a CPU, README "Speed").
-BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pixel": {"steps": 6, "cfg_scale": 2.0, "guide_every": 2},
-    "sd": {
-        "steps": 30,
-        "cfg_scale": 4.0,
-        "guide_every": 5,
-        "batch_size": 8,
-        "precision": "float32",  # (generator.dtype sets an sd pipeline's precision)
-        "dtype": "auto",  # bfloat16 weights on CUDA, float32 on the CPU
-        "guidance_gradient": "full",  # (x0, measured on the pixel model only, awaits a GPU measurement)
-    },
-}
-
-
 class GeneratorConfig(_Section):
-    """The generator backend and how it samples: ``pixel``, the embedded class-conditional pixel diffusion
-    model (diffusers UNet2DModel + DDIM), or ``sd``, a Stable Diffusion pipeline prompted with class names."""
+    """The generator backend (an entry of :data:`dp_ops.generators.BACKENDS`, or ``diffusers``: the family a
+    pipeline folder names) and how it samples. Keys a params file leaves out take the backend's defaults."""
 
-    backend: Literal["pixel", "sd"] = "pixel"
+    backend: str = Field("pixel", description=f"one of {', '.join(NAMES)}")
     path: PathText = Field("models/generator", min_length=1, description="folder written by save_pretrained")
-    steps: int = Field(6, ge=1, le=1000, description="DDIM steps per sample")
+    steps: int = Field(6, ge=1, le=1000, description="denoising steps per sample")
     cfg_scale: float = Field(
         2.0,
         le=MAX_CFG_SCALE,
         description="classifier-free guidance scale s (diffusers convention): 1 = the conditional model alone, "
         "larger follows the label harder; below 1 mixes in the unconditional model (0: samples ignore their label)",
     )
-    guide_every: int = Field(2, ge=1, le=1000, description="apply entropy guidance every k-th DDIM step")
-    model: PathText = Field("", description="sd: pipeline folder (save_pretrained layout) or hub id")
-    prompt: str = Field("{name}", min_length=1, description="sd: prompt template, {name} = the class name")
-    resolution: int = Field(0, ge=0, le=2048, description="sd: side of generated images; 0 = the model's own")
+    guide_every: int = Field(2, ge=1, le=1000, description="apply entropy guidance every k-th denoising step")
+    scheduler: Literal["", *SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
+        "", description=f"the sampler: '' = the model's own, or one of {', '.join(SCHEDULER_NAMES)}"
+    )
+    model: PathText = Field("", description="pipeline: folder (save_pretrained layout) or hub id")
+    prompt: str = Field("{name}", min_length=1, description="pipeline: prompt template, {name} = the class name")
+    resolution: int = Field(0, ge=0, le=2048, description="pipeline: side of generated images; 0 = the model's own")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "float32",
-        description="sd: the pipeline's weights (sd default auto: bfloat16 on CUDA, float32 on the CPU); "
+        description="pipeline: its weights (pipeline default auto: bfloat16 on CUDA, float32 on the CPU); "
         "float16/bfloat16 need CUDA",
     )
-    vae_slicing: bool = Field(False, description="sd: decode latents one image at a time (less memory)")
+    vae_slicing: bool = Field(False, description="pipeline: decode latents one image at a time (less memory)")
     attention_slicing: bool = Field(
         False,
-        description="sd: UNet attention in slices: less memory where nothing back-propagates through the UNet "
+        description="pipeline: attention in slices: less memory where nothing back-propagates through the model "
         "(unguided, or guidance_gradient=x0), more where guidance does (every slice's matrix is kept for it)",
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="sd: guided steps keep only the UNet's and VAE decoder's block inputs and recompute the rest "
-        "in the backward pass (less memory, one more forward pass)",
+        description="pipeline: guided steps keep only the model's and VAE decoder's block inputs and recompute "
+        "the rest in the backward pass (less memory, one more forward pass)",
+    )
+    guidance_decoder: PathText = Field(
+        "",
+        description="pipeline: an AutoencoderTiny (TAESD-style) folder or hub id used only for the guided step's "
+        "decode of x̂0 (an approximate gradient at a fraction of the cost); '' = the VAE; final images always "
+        "use the VAE",
     )
     batch_size: int = Field(256, ge=1, le=MAX_BATCH, description="samples generated per forward pass")
     precision: Literal["float32", "bfloat16"] = Field(
@@ -268,9 +273,17 @@ class GeneratorConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _backend_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("backend"), str) and data["backend"] in BACKEND_DEFAULTS:
-            return {**BACKEND_DEFAULTS[data["backend"]], **data}
+        if isinstance(data, dict) and data.get("backend") in NAMES:
+            model = data.get("model", "")
+            return {**defaults_of(data["backend"], model if isinstance(model, str) else ""), **data}
         return data
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in NAMES:
+            raise ValueError(f"must be one of {', '.join(NAMES)}")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -282,17 +295,23 @@ class GeneratorConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _sd_keys(self) -> GeneratorConfig:
-        if self.backend == "sd" and not self.model:
-            raise ValueError("generator.model='': generator.backend='sd' needs a pipeline folder or hub id")
-        if self.backend == "pixel":
-            for key, default in (("resolution", 0), ("dtype", "float32"), ("gradient_checkpointing", False)):
+    def _backend_keys(self) -> GeneratorConfig:
+        pretrained = self.pretrained
+        if pretrained and not self.model:
+            raise ValueError(
+                f"generator.model='': generator.backend={self.backend!r} needs a pipeline folder or hub id"
+            )
+        if not pretrained:
+            for key, default in PIPELINE_ONLY.items():
                 if getattr(self, key) != default:
-                    raise ValueError(f"generator.{key}={shown(getattr(self, key))}: only for generator.backend='sd'")
+                    raise ValueError(
+                        f"generator.{key}={shown(getattr(self, key))}: only for a pretrained pipeline "
+                        f"(generator.backend: {', '.join(n for n in NAMES if n != 'pixel')})"
+                    )
         for key, default in (("channels_last", False), ("train_precision", "float32")):
-            if self.backend == "sd" and getattr(self, key) != default:
+            if pretrained and getattr(self, key) != default:
                 raise ValueError(f"generator.{key}={shown(getattr(self, key))}: only for generator.backend='pixel'")
-        if self.backend == "sd" and self.dtype != "float32" and self.precision != "float32":
+        if pretrained and self.dtype != "float32" and self.precision != "float32":
             raise ValueError(
                 f"generator.precision={self.precision!r}: the pipeline's weights are already {self.dtype} "
                 "(generator.dtype; auto: bfloat16 on CUDA); use one of the two, the other float32"
@@ -304,6 +323,11 @@ class GeneratorConfig(_Section):
                 f"generator.prompt={shown(self.prompt)}: the only placeholder allowed is {{name}}"
             ) from None
         return self
+
+    @property
+    def pretrained(self) -> bool:
+        """A pretrained pipeline at ``model`` (every backend but the pixel model trained here)."""
+        return self.backend != "pixel"
 
     @field_validator("cfg_scale")
     @classmethod
@@ -479,7 +503,7 @@ class Config(_Section):
         """``data.shard_format`` with ``auto`` resolved: PNG for the text-to-image world, raw uint8 for pixels."""
         if self.data.shard_format != "auto":
             return self.data.shard_format
-        return "png" if self.generator.backend == "sd" else "raw"
+        return "raw" if stored_format(self.generator.backend, self.generator.model) == "raw" else "png"
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -528,17 +552,25 @@ class Config(_Section):
         return self
 
     def _world_matches(self) -> Config:
-        backend, data = self.generator.backend, self.data
-        if backend == "sd" and data.name != "folder":
+        g, data = self.generator, self.data
+        if g.pretrained and data.name != "folder":
             raise ValueError(
-                f"generator.backend='sd': needs real images from folders, set data.name=folder (not {data.name!r})"
+                f"generator.backend={g.backend!r}: needs real images from folders, set data.name=folder "
+                f"(not {data.name!r})"
             )
-        if backend == "pixel" and data.name not in EMBEDDED_SIDES:
+        if not g.pretrained and data.name not in EMBEDDED_SIDES:
             raise ValueError(
-                f"data.name={data.name!r}: needs generator.backend=sd (the pixel generator is trained on an "
-                "embedded world: digits or mnist)"
+                f"data.name={data.name!r}: needs a pretrained pipeline (generator.backend: "
+                f"{', '.join(n for n in NAMES if n != 'pixel')}); the pixel generator is trained on an embedded "
+                "world: digits or mnist"
             )
-        if backend == "pixel" and data.stored_resolution != data.resolution:
+        family = resolve(g.backend, g.model)
+        if data.class_ids and family is not None and not BACKENDS[family].by_class_id:
+            raise ValueError(
+                f"data.class_ids={shown(data.class_ids)}: only for a class-conditioned pipeline "
+                f"(generator.backend: {', '.join(n for n, b in BACKENDS.items() if b.by_class_id)})"
+            )
+        if not g.pretrained and data.stored_resolution != data.resolution:
             raise ValueError(
                 f"data.shard_resolution={data.shard_resolution}: the pixel generator samples at data.resolution "
                 f"({data.resolution}); use 0"

@@ -123,7 +123,7 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
         "kept pool",
         "iters",
         "gen s",
-        "UNet evals",
+        "model evals",
         *(Column(name, no_wrap=True, min_width=13) for name in ("val acc", "test acc", "OOD acc")),  # mean±sd whole
         title=f"DP vs static vs oversample-then-prune: mean ± sd over {'/'.join(map(str, seeds)) or 'no'} seed(s)",
         title_justify="left",
@@ -136,7 +136,7 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
             f"{m['pool_size']:,.0f}",
             f"{m['iterations']:,.0f}",
             f"{m['gen_seconds']:.1f}",
-            f"{m['unet_evals']:.3g}",
+            f"{m['model_evals']:.3g}",
             f"{m['final_val_acc']:.4f}±{sd['final_val_acc']:.4f}",
             f"{m['final_test_acc']:.4f}±{sd['final_test_acc']:.4f}",
             _mean_sd(m, sd, "final_ood_acc"),

@@ -2,9 +2,9 @@
 sweeps call. Checks everything that can be checked before work starts (model names, devices, generator
 folder, image-folder layout), loads or trains the generator, runs the loop, writes the metrics files.
 
-Generator backends are chosen by name (``generator.backend``, see :func:`load_generator`): ``pixel`` is
-trained here and cached at ``generator.path``; ``sd`` is a pretrained Stable Diffusion pipeline at
-``generator.model``, never trained here.
+Generator backends are chosen by name (``generator.backend``, an entry of :data:`dp_ops.generators.BACKENDS`;
+see :func:`load_generator`): ``pixel`` is trained here and cached at ``generator.path``; every other backend is a
+pretrained diffusers pipeline at ``generator.model``, never trained here.
 
 A tracked run's records (:class:`RunRecords`): per round, the round folder (written by the loop, part by
 part) is DVC-versioned first, then the round's MLflow run is logged with exactly those parts, then (a
@@ -19,6 +19,7 @@ monitor. The run's folders (``output.*``, ``generator.path``) must be one shared
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shlex
 import time
@@ -42,7 +43,8 @@ from dp_ops.engine.saved import CHECKSUMS, META_FILE, GeneratorMeta
 from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import disk_error, write_json
-from dp_ops.paths import check_generator, check_outputs, check_sd_configs, output_locations
+from dp_ops.generators import BACKENDS, resolve
+from dp_ops.paths import CONFIG_FILES, check_generator, check_outputs, check_pipeline, output_locations
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
 from dp_ops.records.lease import RunLease, check_free, lease_path
 from dp_ops.records.tracking import (
@@ -107,7 +109,7 @@ def train_and_save_generator(
     cfg: Config, real: RealData, *, progress: Progress | None = None, quality_progress: Progress | None = None
 ) -> tuple[PixelDiffusion, Quality]:
     """Train on the generator-train split, measure quality with a real-data judge, save to generator.path."""
-    if cfg.generator.backend != "pixel":
+    if cfg.generator.pretrained:
         raise ConfigError(
             f"generator.backend={cfg.generator.backend!r}: a pretrained pipeline (generator.model) is not "
             "trained here; only the pixel generator is"
@@ -123,26 +125,27 @@ def train_and_save_generator(
 def load_pixel(cfg: Config, world: World = SINGLE) -> PixelDiffusion:
     """The trained pixel generator at ``generator.path``, checked against the configured data, on
     ``device`` (where the learner runs)."""
-    generator = PixelDiffusion.load(cfg.generator.path)
+    generator = PixelDiffusion.load(cfg.generator.path, scheduler=cfg.generator.scheduler)
     generator.check_matches(cfg.data)
     return generator.to(world.device(cfg.device), channels_last=cfg.generator.channels_last)
 
 
-def load_sd(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
-    """The pipeline at ``generator.model`` on ``device``, prompting with ``class_names`` (default: the
-    class folders of ``data``), its weights read in ``generator.dtype``. A pipeline the backend cannot drive
-    is refused from its configs before any weight is read (a hub id's here; a local folder's already in
-    :func:`check_generator`, before the heavy imports)."""
-    from dp_ops.engine.backends.sd import SDSettings, StableDiffusion, pipeline_configs
+def load_pipeline(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
+    """The pipeline at ``generator.model`` on ``device``, conditioned on ``class_names`` (default: the class
+    folders of ``data``), its weights read in ``generator.dtype``, by the adapter of the backend that drives it
+    (:data:`dp_ops.generators.BACKENDS`; ``diffusers``: the family its ``model_index.json`` names). A pipeline no
+    backend can drive is refused from its configs before any weight is read (a hub id's here; a local folder's
+    already in :func:`check_generator`, before the heavy imports)."""
+    from dp_ops.engine.backends.latent import PipelineSettings, pipeline_configs
 
     if class_names is None:
         from dp_ops.engine.folders import scan_folders
 
         class_names = scan_folders(cfg.data).names
     g, d = cfg.generator, cfg.data
-    check_sd_configs(g.model, pipeline_configs(g.model))
+    family = check_pipeline(g.model, g.backend, pipeline_configs(g.model, CONFIG_FILES), g.scheduler)
     device = world.device(cfg.device)
-    settings = SDSettings(
+    settings = PipelineSettings(
         prompt=g.prompt,
         resolution=g.resolution,
         output_resolution=d.stored_resolution,
@@ -152,33 +155,44 @@ def load_sd(cfg: Config, class_names: Sequence[str] | None = None, world: World 
         vae_slicing=g.vae_slicing,
         attention_slicing=g.attention_slicing,
         gradient_checkpointing=g.gradient_checkpointing,
+        scheduler=g.scheduler,
+        guidance_decoder=g.guidance_decoder,
+        class_ids=d.class_ids,
     )
-    return StableDiffusion.load(g.model, class_names, settings)
+    module, name = BACKENDS[family].adapter.split(":")
+    return getattr(importlib.import_module(module), name).load(g.model, class_names, settings)
 
 
 def load_generator(cfg: Config, real: RealData | None = None, world: World = SINGLE) -> Generator:
-    """The generator of ``generator.backend``, ready to sample on this process's device (``real`` saves
-    ``sd`` re-reading class names)."""
-    if cfg.generator.backend == "sd":
-        return load_sd(cfg, None if real is None else real.class_names, world)
+    """The generator of ``generator.backend``, ready to sample on this process's device (``real`` saves a
+    pipeline re-reading class names)."""
+    if cfg.generator.pretrained:
+        return load_pipeline(cfg, None if real is None else real.class_names, world)
     return load_pixel(cfg, world)
 
 
 def generator_facts(cfg: Config) -> GeneratorFacts:
     """What the generator a run loads is, for its records: a pixel generator's own metadata (the
     ``generator.*`` keys it was trained with, its data, its measured quality, the sha256 of its saved
-    folder: one digest of every file's), or the ``sd`` pipeline it names."""
+    folder: one digest of every file's), or the pipeline it names: its family, the precision its weights were
+    read in (``generator.dtype=auto`` resolved), and the guidance decoder whose gradient approximates the VAE's."""
     g = cfg.generator
-    if g.backend != "pixel":  # (and the precision its weights were read in: generator.dtype=auto resolved)
+    if g.pretrained:
         dtype = str(resolve_dtype(g.dtype, resolve_device(cfg.device))).removeprefix("torch.")
-        return GeneratorFacts(meta={"backend": g.backend, "model": g.model, "dtype": dtype})
+        meta: dict[str, object] = {"backend": g.backend, "model": g.model, "dtype": dtype}
+        family = resolve(g.backend, g.model)
+        if family is not None:
+            meta["family"] = family
+        if g.guidance_decoder:
+            meta["guidance_decoder"] = f"{g.guidance_decoder} (approximate guidance gradient; images use the VAE)"
+        return GeneratorFacts(meta=meta)
     file = Path(g.path) / META_FILE
     if not file.is_file():  # (a generator built in code, never saved)
         return GeneratorFacts(meta={"backend": g.backend})
     raw = json.loads(file.read_text())
     settings = {"train_iterations": raw["train_iterations"], **raw.get("training", {})}
     sums = raw.get(CHECKSUMS) or {}
-    meta: dict[str, object] = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
+    meta = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
     meta.update({f"quality.{k}": v for k, v in raw.get("quality", {}).items()})
     if sums:
         listing = "".join(f"{name} {digest}\n" for name, digest in sorted(sums.items()))

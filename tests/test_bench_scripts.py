@@ -1,6 +1,7 @@
 """The GPU bench scripts, run here on the CPU so that they cannot rot: the meta-device memory count of a guided
-step (bench/guided_memory.py), sd_speed's isolation of a failing mode, and the prepared GPU check
-(bench/gpu_check.py: its failure isolation, and its --cpu run of every row)."""
+step (bench/guided_memory.py), the meta-device FLOP count of every family (bench/generation_cost.py), sd_speed's
+isolation of a failing mode and its side-by-side variants, and the prepared GPU check (bench/gpu_check.py: its
+failure isolation, and its --cpu run of every row)."""
 
 import importlib.util
 import json
@@ -78,23 +79,76 @@ def test_sd_speed_reports_a_failing_mode_and_measures_the_others(capsys, tmp_pat
 
     args = Namespace(n=2, classes=3, steps=1, cfg_scale=4.0, batch_size=2, repeats=2, tiny=True, resolution=32)
     args.__dict__.update(learner="x", learner_size=16, omega=0.05, guide_every=1, json=str(tmp_path / "out.json"))
-    modes = {"unguided": (0.0, 1, "full"), "guided full": (0.05, 1, "full"), "guided x0": (0.05, 1, "x0")}
+    args.__dict__.update(family="sd", tiny_decoder=False)
+    modes = [sd_speed.Mode("unguided", 0.0, 1, "full")]
+    modes += [sd_speed.Mode(f"guided {g}", 0.05, 1, g) for g in ("full", "x0")]
     learner = Namespace(classify=None)
     best, errors = sd_speed.measure(args, torch.device("cpu"), _FailingSD(), learner, modes)
     assert set(best) == {"unguided", "guided x0"}
     assert errors == {"guided full": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
-    sd_speed.report(args, torch.device("cpu"), torch.float32, list(modes), best, errors)
+    sd_speed.report(args, torch.device("cpu"), torch.float32, modes, best, errors)
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if line.startswith("guided full")]
     assert (
-        failed and failed[0].split(None, 2)[2] == "FAILED: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        failed and failed[0].split(None, 3)[3] == "FAILED: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     )
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert [(r["mode"], r["error"] is None) for r in rows] == [
-        ("unguided", True),
-        ("guided full", False),
-        ("guided x0", True),
+    assert [(r["mode"], r["variant"], r["error"] is None) for r in rows] == [
+        ("unguided", "eager", True),
+        ("guided full", "eager", False),
+        ("guided x0", "eager", True),
     ]
+
+
+@pytest.mark.slow
+def test_sd_speed_samples_a_family_eager_and_channels_last_side_by_side(tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(BENCH / "sd_speed.py"), "--cpu", "--family", "dit", "--channels-last", "--tiny-decoder"]
+    cmd += ["--steps", "2", "--guide-every", "1", "-n", "2", "--batch-size", "2", "--repeats", "1", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tiny random dit weights" in r.stdout and "TAESD-sized AutoencoderTiny" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mode"], row["variant"]) for row in rows] == [
+        ("unguided", "eager"),
+        ("guided full", "eager"),  # (DiT's default gradient)
+        ("unguided", "channels-last"),
+        ("guided full", "channels-last"),
+    ]
+    assert all(row["error"] is None and row["images_per_s"] > 0 for row in rows)
+    assert [row["cost_ratio"] for row in rows][::2] == [1.0, 1.0]  # each variant against its own unguided
+
+
+@pytest.mark.slow
+def test_generation_cost_counts_a_family_at_real_shapes_on_the_meta_device(tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCH / "generation_cost.py"), "--families", "sd", "--resolution", "256"]
+    r = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    head = next(line for line in lines if line.startswith("family"))
+    assert head.split()[:5] == ["family", "step", "decoder", "TFLOP/step", "denoiser"]
+    assert head.split()[-3:] == ["GiB", "img/s", "ceiling"]
+    table = [line for line in lines if line.startswith("sd sd15 256²")]
+    assert [line.split()[3:5] for line in table] == [
+        ["unguided", "-"],
+        ["guided", "full*"],
+        ["guided", "full"],
+        ["guided", "x0"],
+        ["guided", "x0"],
+    ]
+    assert "not a measurement" in r.stdout
+    rows = {(row["step"], row["decoder"]): row for row in json.loads(out.read_text())}
+    plain, vae, tiny = rows["unguided", ""], rows["guided full", "vae"], rows["guided full", "tiny"]
+    x0_vae, x0_tiny = rows["guided x0", "vae"], rows["guided x0", "tiny"]
+    # an unguided step is the UNet alone (CFG: batch 2), nothing saved; a guided one adds the decode and learner
+    assert plain["step_flops"]["decoder"] == plain["step_flops"]["learner"] == plain["saved_bytes"] == 0
+    assert plain["image_ratio"] == 1.0 and 1.0 < tiny["image_ratio"] < vae["image_ratio"]
+    # x0: no backward through the UNet, whose share is then the unguided forward; the tiny decoder is TAESD's
+    assert x0_vae["step_flops"]["denoiser"] == plain["step_flops"]["denoiser"] < vae["step_flops"]["denoiser"]
+    assert 10 * tiny["step_flops"]["decoder"] < vae["step_flops"]["decoder"] == x0_vae["step_flops"]["decoder"]
+    assert 0 < x0_tiny["saved_bytes"] < x0_vae["saved_bytes"] < vae["saved_bytes"]
+    assert vae["ceiling"] == pytest.approx(989e12 / vae["image_flops"])
 
 
 def test_gpu_check_keeps_going_after_a_failing_row_and_names_its_error(tmp_path):
@@ -134,4 +188,5 @@ def test_gpu_check_cpu_runs_every_row(tmp_path):
     rows = json.loads(out.read_text())
     assert {row["status"] for row in rows if not row["what"].startswith("torchrun")} == {"ok"}, r.stdout
     assert [row["what"] for row in rows if row["status"].startswith("skipped")] == ["torchrun, 2 processes vs 1"]
-    assert len(rows) == 11 and "dpops run, digits" in r.stdout
+    assert len(rows) == 20 and "dpops run, digits" in r.stdout
+    assert {row["what"].split()[0] for row in rows} >= {"sd", "sdxl", "dit", "sd3"}

@@ -216,8 +216,8 @@ def test_sd_weights_default_to_auto_and_gpu_memory_options_are_sd_only():
     assert build_config(_SD).generator.dtype == "auto" and not build_config(_SD).generator.gradient_checkpointing
     assert build_config({}).generator.dtype == "float32"  # the pixel generator has no dtype of its own
     refused = {
-        "generator.gradient_checkpointing=true": "generator.gradient_checkpointing=True: only for generator.backend=",
-        "generator.dtype=auto": "generator.dtype='auto': only for generator.backend='sd'",
+        "generator.gradient_checkpointing=true": "generator.gradient_checkpointing=True: only for a pretrained",
+        "generator.dtype=auto": "generator.dtype='auto': only for a pretrained pipeline",
     }
     for override, expected in refused.items():
         with pytest.raises(ConfigError) as info:

@@ -2,11 +2,13 @@
 
 Notation (the paper's, Askari-Hemmat et al., ICML 2025):
     x_t        noisy sample (pixels here; a latent z_t for latent backends)
-    ε̂          ε_θ(x_t, t, y), the (classifier-free guided) model output: the noise ε for an ε-prediction
-               model, v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 for a v-prediction one, x0 itself for sample prediction
-    ᾱ_t        cumulative product of the noise schedule's alphas at t (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε)
-    x̂0         the estimate of the clean sample from x_t and ε̂, for the model's parameterisation
-               (ε: (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t; v: √ᾱ_t·x_t − √(1−ᾱ_t)·ε̂; sample: ε̂)
+    ε̂          the (classifier-free guided) model output at x_t: the noise ε for an ε-prediction model,
+               v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 for a v-prediction one, x0 itself for sample prediction, the velocity
+               ε − x0 for a flow-matching one
+    ᾱ_t, σ     the noise schedule at t: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (VP), x0 + σ·ε (σ-space, Euler),
+               (1−σ)·x0 + σ·ε (flow)
+    x̂0         the estimate of the clean sample from x_t and ε̂, for the model's parameterisation (:data:`X0`;
+               ε, VP: (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t; flow: x_t − σ·ε̂)
     f_φ        the learner; H(p) = −Σ_y p_y log p_y the entropy of its softmax
     ω          guidance strength
 
@@ -15,7 +17,7 @@ printed Eq. 7 has the sign backwards for its stated intent), with the step norma
 ω·‖x_t‖·g/‖g‖, so that ω is scale-free (as in the authors' released code for their earlier work).
 The backend only supplies ``to_learner``: how x̂0 becomes an image the learner can read (identity for
 the pixel model, VAE decoding for a latent model); the sampler that calls this is
-:func:`dp_ops.engine.sampling.ddim`.
+:func:`dp_ops.engine.sampling.denoise`.
 """
 
 from __future__ import annotations
@@ -34,20 +36,59 @@ def entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
-# x̂0 from (x_t, model output, √ᾱ_t, √(1−ᾱ_t)) for each ``prediction_type`` a diffusers scheduler config names.
-X0: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
-    "epsilon": lambda x_t, out, a, s: (x_t - s * out) / a,
-    "v_prediction": lambda x_t, out, a, s: a * x_t - s * out,
-    "sample": lambda x_t, out, a, s: out,
+@dataclass(frozen=True)
+class StepScalars:
+    """The schedule's values at one step that x̂0 needs (0-d tensors or floats): ᾱ_t, σ, and the consistency
+    boundary's c_skip and c_out (:mod:`dp_ops.engine.schedulers` reads them off a scheduler)."""
+
+    alpha_bar: Tensor | float = 1.0
+    sigma: Tensor | float = 0.0
+    c_skip: Tensor | float = 0.0
+    c_out: Tensor | float = 1.0
+
+
+def _vp(prediction: str) -> Callable[[Tensor, Tensor, StepScalars], Tensor]:
+    """x̂0 for x_t = √ᾱ·x0 + √(1−ᾱ)·ε: ε: (x_t − √(1−ᾱ)·ε̂)/√ᾱ; v: √ᾱ·x_t − √(1−ᾱ)·v̂; sample: the output."""
+
+    def x0(x_t: Tensor, out: Tensor, c: StepScalars) -> Tensor:
+        alpha_bar = torch.as_tensor(c.alpha_bar, dtype=x_t.dtype)
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if prediction == "epsilon":
+            return (x_t - s * out) / a
+        return a * x_t - s * out if prediction == "v_prediction" else out
+
+    return x0
+
+
+def _karras_v(x_t: Tensor, out: Tensor, c: StepScalars) -> Tensor:
+    sigma = torch.as_tensor(c.sigma, dtype=x_t.dtype)
+    return out * (-sigma / (sigma**2 + 1) ** 0.5) + x_t / (sigma**2 + 1)
+
+
+def _lcm(prediction: str) -> Callable[[Tensor, Tensor, StepScalars], Tensor]:
+    vp = _vp(prediction)
+    return lambda x_t, out, c: c.c_out * vp(x_t, out, c) + c.c_skip * x_t
+
+
+# x̂0 from (x_t, model output, the step's scalars), keyed "<space>:<prediction_type>" (what
+# dp_ops.engine.schedulers.x0_space names for a scheduler; the same as its own step's pred_original_sample).
+X0: dict[str, Callable[[Tensor, Tensor, StepScalars], Tensor]] = {
+    **{f"vp:{p}": _vp(p) for p in ("epsilon", "v_prediction", "sample")},
+    "karras:epsilon": lambda x_t, out, c: x_t - c.sigma * out,  # x_t = x0 + σ·ε
+    "karras:v_prediction": _karras_v,
+    "karras:sample": lambda x_t, out, c: out,
+    "flow:flow_prediction": lambda x_t, out, c: x_t - c.sigma * out,  # x_t = (1−σ)·x0 + σ·ε, v = ε − x0
+    **{f"lcm:{p}": _lcm(p) for p in ("epsilon", "v_prediction", "sample")},
 }
+# Parameterisations where x̂0 does not depend on x_t once the output is held fixed: guidance_gradient=x0 gets no
+# gradient there (only through the model).
+OUTPUT_ONLY = frozenset({"vp:sample", "karras:sample"})
 
 
-def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar_t: Tensor | float, prediction_type: str = "epsilon") -> Tensor:
-    """The estimate of the clean sample from x_t and the model output ε̂, for ``prediction_type`` (a key of
-    :data:`X0`; what the scheduler's own ``step(...).pred_original_sample`` computes). ᾱ_t stays a 0-d CPU
-    tensor: it enters device arithmetic as a scalar, with no copy to the device."""
-    alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=x_t.dtype)
-    return X0[prediction_type](x_t, eps, alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt())
+def predict_x0(x_t: Tensor, out: Tensor, space: str = "vp:epsilon", scalars: StepScalars | None = None) -> Tensor:
+    """The estimate of the clean sample from x_t and the model output, for the parameterisation ``space`` (a key of
+    :data:`X0`); what the scheduler's own ``step(...).pred_original_sample`` computes."""
+    return X0[space](x_t, out, scalars or StepScalars())
 
 
 def normalise_step(g: Tensor, x_t: Tensor, omega: float) -> Tensor:
@@ -76,22 +117,23 @@ class GuidedStep:
 def entropy_guidance(
     x_t: Tensor,
     eps_fn: Callable[[Tensor], Tensor],
-    alpha_bar_t: Tensor | float,
+    x0_of: Callable[[Tensor, Tensor], Tensor],
     learner: Callable[[Tensor], Tensor],
     omega: float,
     to_learner: Callable[[Tensor], Tensor] = lambda x0: x0,
     *,
     through_eps: bool = True,
-    prediction_type: str = "epsilon",
 ) -> GuidedStep:
     """One entropy-guided update of x_t (before the scheduler step).
 
-    ``eps_fn`` maps x_t to ε̂ (with classifier-free guidance already applied). With ``through_eps`` the
-    gradient flows through ε̂ as well as through x̂0, i.e. it is the true ∇_{x_t}; without, ε̂ is held
-    constant, so g = ∇_{x̂0}H / √ᾱ_t (the same direction as ∇_{x̂0}H, which the normalised step keeps) and
-    no backward pass goes through the model that gives ε̂. The returned ε̂ was computed at the *unmoved*
-    x_t and is detached: the caller passes it to ``scheduler.step`` together with the moved x_t, so the
-    scheduler is stepped exactly once per timestep and guidance costs one backward pass.
+    ``eps_fn`` maps x_t to the model output ε̂ (with classifier-free guidance already applied), ``x0_of``
+    (x_t, ε̂) to x̂0 for the scheduler's parameterisation at this step (:func:`predict_x0`). With ``through_eps``
+    the gradient flows through ε̂ as well as through x̂0, i.e. it is the true ∇_{x_t}; without, ε̂ is held
+    constant, so g = c·∇_{x̂0}H with c = ∂x̂0/∂x_t > 0 (1/√ᾱ_t for ε, 1 for σ-space and flow: the same direction
+    as ∇_{x̂0}H, which the normalised step keeps) and no backward pass goes through the model that gives ε̂.
+    The returned ε̂ was computed at the *unmoved* x_t and is detached: the caller passes it to ``scheduler.step``
+    together with the moved x_t, so the scheduler is stepped exactly once per timestep and guidance costs one
+    backward pass.
 
     H is scaled by :data:`GRAD_SCALE` before the backward pass (as a loss scaler does), so that a gradient
     through float16 weights (a VAE decoder, a UNet) does not underflow to zero; the step is normalised, so
@@ -104,7 +146,7 @@ def entropy_guidance(
         else:
             with torch.no_grad():
                 eps = eps_fn(x_t.detach())
-        x0 = predict_x0(x, eps, alpha_bar_t, prediction_type)
+        x0 = x0_of(x, eps)
         h = entropy(learner(to_learner(x0)))
         (g,) = torch.autograd.grad(h.sum() * GRAD_SCALE, x)
     moved = x_t.detach() + normalise_step(g, x_t.detach(), omega)

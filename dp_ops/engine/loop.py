@@ -47,6 +47,8 @@ from dp_ops.engine.rounds import RoundParts, Sampling, gather_round, generate_ro
 from dp_ops.engine.sampling import Generator
 from dp_ops.engine.shards import part_slices, round_dir
 
+RENAMED = {"unet_evals": "model_evals"}  # (a checkpoint written before 0.10 names model evaluations UNet evaluations)
+
 
 @dataclass(frozen=True)
 class RoundRecord:
@@ -65,7 +67,7 @@ class RoundRecord:
     patience: int  # T_max in force after this round
     gen_seconds: float
     train_seconds: float  # training + evaluation since the previous round
-    unet_evals: int
+    model_evals: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +85,7 @@ class RunSummary:
     rounds: int  # acquisitions after round 0
     gen_seconds: float
     train_seconds: float
-    unet_evals: int
+    model_evals: int
     final_ood_acc: float | None = None  # on the other embedded world's real digits (real.ood): reported only
 
     def to_dict(self) -> dict:
@@ -312,7 +314,7 @@ class DPLoop:
 
     def load_state_dict(self, state: dict, pool: Pool) -> None:
         """Continue from a checkpoint; ``pool``: the table of the checkpointed rounds' parts (from headers)."""
-        self.records = [RoundRecord(**r) for r in state["records"]]
+        self.records = [RoundRecord(**{RENAMED.get(k, k): v for k, v in r.items()}) for r in state["records"]]
         if len(pool) != self.records[-1].pool_size:
             raise ValueError(f"the parts hold {len(pool)} samples, the checkpoint's pool {self.records[-1].pool_size}")
         self.curve = [(int(i), float(a)) for i, a in state["curve"]]
@@ -334,7 +336,7 @@ class DPLoop:
             rounds=len(self.records) - 1,
             gen_seconds=sum(r.gen_seconds for r in self.records),
             train_seconds=train_seconds,
-            unet_evals=sum(r.unet_evals for r in self.records),
+            model_evals=sum(r.model_evals for r in self.records),
             final_ood_acc=None if self.real.ood is None else self.trainer.accuracy(self.real.ood),  # never decides
         )
         result = RunResult(summary, tuple(self.records), tuple(self.curve))
@@ -363,7 +365,7 @@ def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, 
         patience=patience,
         gen_seconds=gen_s,
         train_seconds=train_s,
-        unet_evals=samples.unet_evals,
+        model_evals=samples.model_evals,
     )
 
 

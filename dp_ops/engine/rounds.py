@@ -11,7 +11,7 @@ the whole round (entropies are small, :func:`top_order`), and copies the kept im
 (:func:`keep_top`).
 
 In a multi-process run each process makes its block of the parts; :func:`gather_round` then gives every
-process the whole round's facts (parts, entropies, UNet evaluations).
+process the whole round's facts (parts, entropies, model evaluations).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class RoundParts:
     seeds: np.ndarray  # int64 (n,)
     entropy: np.ndarray  # float32 (n,): learner entropy (nats) at generation
     omega: float
-    unet_evals: int
+    model_evals: int
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -110,7 +110,7 @@ def generate_round(
                     images = np.empty((sl.stop - sl.start, *batch.shape[1:]), np.uint8)
                 images[b - sl.start : b - sl.start + len(batch)] = batch
                 ents[b : b + len(batch)] = s.entropy.numpy()
-                evals += s.unet_evals
+                evals += s.model_evals
                 done += len(batch)
                 if progress:
                     progress(done, total)
@@ -177,7 +177,7 @@ def _check_saturated(batch: np.ndarray, round_index: int, start: int, omega: flo
 
 def gather_round(world: World, mine: RoundParts) -> RoundParts:
     """The whole round on every process, from each process's ``mine`` (its parts, and the entropies and
-    UNet evaluations of their samples; labels and seeds are the round's on every process already)."""
+    model evaluations of their samples; labels and seeds are the round's on every process already)."""
     if not world.distributed:
         return mine
     shares = world.all_gather((mine.parts, [mine.entropy[p.start : p.start + p.count] for p in mine.parts]))
@@ -186,8 +186,8 @@ def gather_round(world: World, mine: RoundParts) -> RoundParts:
         for part, ent in zip(their_parts, their_entropy, strict=True):
             entropy[part.start : part.start + part.count] = ent
             parts.append(part)
-    (evals,) = world.all_sum([mine.unet_evals])
-    return replace(mine, parts=tuple(sorted(parts, key=lambda p: p.index)), entropy=entropy, unet_evals=evals)
+    (evals,) = world.all_sum([mine.model_evals])
+    return replace(mine, parts=tuple(sorted(parts, key=lambda p: p.index)), entropy=entropy, model_evals=evals)
 
 
 def top_order(entropy: np.ndarray, keep: int) -> np.ndarray:
@@ -231,5 +231,5 @@ def keep_top(
         candidates.seeds[order],
         candidates.entropy[order],
         candidates.omega,
-        candidates.unet_evals,
+        candidates.model_evals,
     )

@@ -1,17 +1,18 @@
 """What every generator backend shares: the :class:`Generator` contract the loop calls, the
-:class:`Samples` it returns, the progress callback type, and the one DDIM sampler both backends run.
+:class:`Samples` it returns, the progress callback type, and the one sampler every backend runs.
 
 Notation (the paper's, Askari-Hemmat et al., ICML 2025):
     x_t     the sample being denoised at timestep t: pixels, or a latent z_t for a latent backend
-    ε̂       ε_θ(x_t, t, y) with classifier-free guidance, ε_u + s·(ε_c − ε_u)
+    ε̂       the model output at x_t with classifier-free guidance, ε_u + s·(ε_c − ε_u): ε, v or a flow velocity,
+            as the model predicts
     s       the classifier-free guidance scale (diffusers' convention: s = 1 is the conditional model alone)
-    ᾱ_t     cumulative product of the noise schedule's alphas at t
-    x̂0      the DDIM estimate of the clean sample from x_t and ε̂
+    x̂0      the estimate of the clean sample from x_t and ε̂ (:func:`dp_ops.engine.schedulers.x0_at`)
     ω       entropy-guidance strength (:mod:`dp_ops.engine.guidance`); ω = 0 samples plainly
 
-A backend (a :class:`Generator` subclass) supplies only what differs between models: its noise schedule, its ε̂, its
-initial noise and its decoding of x̂0. :func:`ddim` runs the denoising loop (DDIM, η = 0) and
-:meth:`Generator.sample` the batches, final decode and learner entropy; so sampling, guidance and the
+A backend (a :class:`Generator` subclass) supplies only what differs between models: loading, conditioning,
+the model output with CFG (:meth:`Generator.model_output`), the shape of its noise and the decode of x̂0.
+:func:`denoise` runs the denoising loop with any scheduler of :data:`dp_ops.engine.schedulers.SCHEDULERS`
+and :meth:`Generator.sample` the batches, final decode and learner entropy; so sampling, guidance and the
 cost count are the same code for every backend.
 """
 
@@ -27,7 +28,9 @@ import torch
 
 from dp_ops.engine.data import resize
 from dp_ops.engine.devices import autocast
-from dp_ops.engine.guidance import entropy, entropy_guidance
+from dp_ops.engine.guidance import OUTPUT_ONLY, entropy, entropy_guidance
+from dp_ops.engine.schedulers import fresh, step_kwargs, x0_at, x0_space
+from dp_ops.errors import GeneratorError
 
 Tensor = torch.Tensor
 Progress = Callable[[int, int], None]  # (completed, total)
@@ -42,31 +45,39 @@ class Samples:
     labels: torch.Tensor
     seeds: np.ndarray
     entropy: torch.Tensor
-    unet_evals: int
+    model_evals: int
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
 class Generator(ABC):
-    """A generator backend (``pixel``: :class:`~dp_ops.engine.backends.pixel.PixelDiffusion`, ``sd``:
-    :class:`~dp_ops.engine.backends.sd.StableDiffusion`). The loop calls :meth:`sample`; a backend supplies
-    only the model-specific pieces :func:`ddim` needs: its noise, its ε̂ and its decodes, plus
+    """A generator backend (the table of them: :data:`dp_ops.generators.BACKENDS`). The loop calls
+    :meth:`sample`; a backend supplies only the model-specific pieces :func:`denoise` needs:
 
-    - ``scheduler``: a diffusers DDIM scheduler holding the model's noise schedule (never stepped itself);
-    - ``learner_resolution``: side of the learner's input (the returned images are resized to it to be scored).
+    - ``scheduler``: a diffusers scheduler of :data:`~dp_ops.engine.schedulers.SCHEDULERS` holding the model's
+      noise schedule (never stepped itself: each batch steps a fresh copy);
+    - ``learner_resolution``: side of the learner's input (the returned images are resized to it to be scored);
+    - :attr:`noise_shape`, :meth:`model_output`, :meth:`to_learner`, :meth:`to_images`, and where the scheduler
+      needs more than the step count, :meth:`timestep_kwargs`.
     """
 
     scheduler: Any
     learner_resolution: int
+    device: torch.device
+
+    @property
+    @abstractmethod
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's x_T, drawn on the CPU from the sample's seed by :func:`denoise` (a sample is
+        the same alone or in any batch, on any device)."""
 
     @abstractmethod
-    def noise(self, seeds: np.ndarray) -> Tensor:
-        """x_T on the model's device (use :func:`seeded_noise`)."""
-
-    @abstractmethod
-    def eps(self, x_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
-        """ε̂ at x_t (already scaled by the scheduler's ``scale_model_input``) for ``labels``."""
+    def model_output(self, x_t: Tensor, t: Tensor, labels: Tensor, cfg_scale: float) -> Tensor:
+        """ε̂ at x_t (already scaled by the scheduler's ``scale_model_input``), with classifier-free guidance,
+        for ``labels``: the model's output as its scheduler expects it, x_t's shape, float32. ``t`` is the
+        scheduler's timestep on the model's device (a 0-d tensor; the backend converts it to its model's
+        convention)."""
 
     @abstractmethod
     def to_learner(self, x0: Tensor) -> Tensor:
@@ -75,6 +86,14 @@ class Generator(ABC):
     @abstractmethod
     def to_images(self, x0: Tensor) -> Tensor:
         """The final x_0 as the images to return (before the final clamp to [-1, 1])."""
+
+    def timestep_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``scheduler.set_timesteps`` beyond the step count (a flow model's ``mu``)."""
+        return {}
+
+    def evals_per_step(self, cfg_scale: float) -> int:
+        """Model evaluations per sample and step: two with classifier-free guidance (s ≠ 1), else one."""
+        return 1 if cfg_scale == 1.0 else 2
 
     def sample(
         self,
@@ -97,11 +116,11 @@ class Generator(ABC):
         generated in fixed batches: :mod:`dp_ops.engine.rounds`). ``learner`` (images in [-1, 1] at its input
         size -> logits) steers guided steps (ω > 0) and scores the entropy of the returned images either way.
         ``gradient`` and ``precision``: ``generator.guidance_gradient`` and ``generator.precision`` (see
-        :func:`ddim`)."""
+        :func:`denoise`)."""
         images, ents = [], []
         for start in range(0, len(labels), batch_size):
             sl = slice(start, start + batch_size)
-            x0 = ddim(
+            x0 = denoise(
                 self,
                 labels[sl],
                 seeds[sl],
@@ -119,24 +138,11 @@ class Generator(ABC):
             images.append(x.cpu())
             if progress:
                 progress(min(start + batch_size, len(labels)), len(labels))
-        evals = unet_evals(len(labels), steps, cfg_scale)
+        evals = steps * len(labels) * self.evals_per_step(cfg_scale)
         return Samples(torch.cat(images), labels.clone(), np.asarray(seeds), torch.cat(ents), evals)
 
 
-def seeded_noise(seeds: np.ndarray, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
-    """Standard normal noise of ``shape`` per seed, drawn on the CPU with one ``torch.Generator`` per seed,
-    so that a sample is the same alone or in any batch, on any device."""
-    x = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(x).to(device)
-
-
-def unet_evals(n: int, steps: int, cfg_scale: float) -> int:
-    """UNet forward passes for ``n`` samples: one per step, two with classifier-free guidance (s ≠ 1).
-    Guided steps reuse the ε̂ they differentiate, so guidance adds backward passes, not evaluations."""
-    return steps * n * (1 if cfg_scale == 1.0 else 2)
-
-
-def ddim(
+def denoise(
     backend: Generator,
     labels: Tensor,
     seeds: np.ndarray,
@@ -149,41 +155,53 @@ def ddim(
     gradient: str = "full",
     precision: str = "float32",
 ) -> Tensor:
-    """The final x_0 of one batch: DDIM (η = 0) from seeded noise, entropy-guided at every ``guide_every``-th
-    step when ω > 0. Written out step by step so that guidance can move x_t before each ``scheduler.step``.
+    """The final x_0 of one batch: the backend's scheduler from seeded noise, entropy-guided at every
+    ``guide_every``-th step when ω > 0. Written out step by step so that guidance can move x_t before each
+    ``scheduler.step``, which is called exactly once per timestep and given the model output guidance
+    differentiated; a step that draws noise draws each sample's from the generator that drew its x_T.
 
-    ``gradient``: ``full`` differentiates H through ε̂ (the UNet) and x̂0, ``x0`` through the learner and x̂0
-    only (ε̂ held constant: no UNet backward). ``precision``: the model calls (ε̂, the learner, the decode)
-    run under :func:`~dp_ops.engine.devices.autocast`; x_t, ε̂ as stepped and the scheduler stay float32."""
-    scheduler = type(backend.scheduler).from_config(backend.scheduler.config)  # a private copy: set_timesteps mutates
-    scheduler.set_timesteps(steps)
-    x = backend.noise(seeds) * scheduler.init_noise_sigma
+    ``gradient``: ``full`` differentiates H through ε̂ (the model) and x̂0, ``x0`` through the learner and x̂0
+    only (ε̂ held constant: no backward through the model). ``precision``: the model calls (ε̂, the learner, the
+    decode) run under :func:`~dp_ops.engine.devices.autocast`; x_t, ε̂ as stepped and the scheduler stay
+    float32."""
+    scheduler = fresh(backend.scheduler)
+    # The scheduler's tables stay on the CPU, where its step indexes them (a device t would cost a host sync a
+    # step, and the meta device could not be read at all); the model reads its timesteps on its own device,
+    # copied once. The step's scalars are 0-d CPU tensors, which device arithmetic takes as numbers.
+    scheduler.set_timesteps(steps, device="cpu", **backend.timestep_kwargs())
+    space = x0_space(scheduler)
+    if omega > 0 and gradient == "x0" and space in OUTPUT_ONLY:
+        raise GeneratorError(
+            f"generator.guidance_gradient='x0': the model predicts x0 itself ({space}), so x̂0 does not depend on "
+            "x_t once its output is held fixed; use guidance_gradient=full"
+        )
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(backend.noise_shape, generator=g) for g in generators]).to(backend.device)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # (σ_max for σ-space schedulers; a flow one has none)
     labels = labels.to(x.device)
-    # The model reads t on its own device (copied once, not once a step); the scheduler keeps its CPU copy, with
-    # which its step indexes its CPU tables (a device t would cost a host sync a step, and the meta device none).
     model_timesteps = scheduler.timesteps.to(x.device)
-    x0_of = scheduler.config.get("prediction_type", "epsilon")
+    scale = getattr(scheduler, "scale_model_input", lambda x_t, t: x_t)  # (a flow scheduler has none)
+    extra = step_kwargs(scheduler, generators)
     for i, t in enumerate(scheduler.timesteps):
 
         def eps_fn(x_t: Tensor, t: Tensor = t, t_model: Tensor = model_timesteps[i]) -> Tensor:
             with autocast(x_t.device, precision):
-                return backend.eps(scheduler.scale_model_input(x_t, t), t_model, labels, cfg_scale).float()
+                return backend.model_output(scale(x_t, t), t_model, labels, cfg_scale).float()
 
         if omega > 0 and i % guide_every == 0:
             with autocast(x.device, precision):  # (the learner and the decode of x̂0)
                 step = entropy_guidance(
                     x,
                     eps_fn,
-                    scheduler.alphas_cumprod[t],
+                    x0_at(scheduler, i, t),
                     learner,
                     omega,
                     backend.to_learner,
                     through_eps=gradient == "full",
-                    prediction_type=x0_of,
                 )
             x, eps = step.x_t, step.eps  # x_t moved up the entropy gradient; ε̂ from before the move
         else:
             with torch.no_grad():
                 eps = eps_fn(x)
-        x = scheduler.step(eps, t, x).prev_sample  # exactly once per timestep, guided or not
+        x = scheduler.step(eps, t, x, **extra).prev_sample  # exactly once per timestep, guided or not
     return x

@@ -832,7 +832,7 @@ class MlflowTracker(Observer):
             "rounds": s.rounds,
             "gen_seconds": s.gen_seconds,
             "train_seconds": s.train_seconds,
-            "unet_evals": s.unet_evals,
+            "model_evals": s.model_evals,
         }
         if s.final_ood_acc is not None:  # (image folders have no OOD set)
             summary["final_ood_acc"] = s.final_ood_acc

@@ -6,7 +6,7 @@
 - **iteration multiplier** = iterations static needs to reach DP's test accuracy at its best size (by
   validation), read off its runs at 1×, 2×, 4× the budget the same way, ÷ DP's iterations; when none gets
   there, the lower bound largest budget ÷ DP's;
-- **generation-compute multiplier vs oversample** = UNet evaluations (and generation seconds) of the
+- **generation-compute multiplier vs oversample** = model evaluations (and generation seconds) of the
   cheapest oversample ratio that reaches DP's test accuracy ÷ DP's;
 - **OOD gain** = out-of-distribution accuracy of DP minus that of static at its best size, paired by seed;
 - **guidance effect** = test accuracy of DP at its ω minus DP at ω = 0, paired by seed.
@@ -34,7 +34,7 @@ FIELDS = (
     "pool_size",
     "iterations",
     "gen_seconds",
-    "unet_evals",
+    "model_evals",
     "final_val_acc",
     "final_test_acc",
 )
@@ -92,7 +92,7 @@ class Headline:
     guidance_effect_sd: float | None
     oversample_arm: str | None  # the cheapest ratio at DP's accuracy or better; if none, the most accurate
     oversample_reached: bool
-    compute_multiplier: float | None  # UNet evaluations of that arm ÷ DP's
+    compute_multiplier: float | None  # model evaluations of that arm ÷ DP's
     compute_multiplier_per_seed: dict[int, float]  # paired by seed
     seconds_multiplier: float | None  # generation seconds of that arm ÷ DP's
     ood_gain: float | None  # OOD acc of DP − static's best size, paired by seed; None: no OOD set
@@ -152,7 +152,7 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
     over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
     compute_seeds = (
         {
-            s: by[over_arm].per_seed[s]["unet_evals"] / m["unet_evals"]
+            s: by[over_arm].per_seed[s]["model_evals"] / m["model_evals"]
             for s, m in dp.per_seed.items()
             if s in by[over_arm].per_seed
         }
@@ -215,14 +215,14 @@ def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | No
         return None, False, None, None
     reaching = [r for r in over if r.mean["final_test_acc"] >= dp.mean["final_test_acc"]]
     pick = (
-        min(reaching, key=lambda r: r.mean["unet_evals"])
+        min(reaching, key=lambda r: r.mean["model_evals"])
         if reaching
         else max(over, key=lambda r: r.mean["final_test_acc"])
     )
     return (
         pick.arm,
         bool(reaching),
-        pick.mean["unet_evals"] / dp.mean["unet_evals"],
+        pick.mean["model_evals"] / dp.mean["model_evals"],
         pick.mean["gen_seconds"] / dp.mean["gen_seconds"],
     )
 
@@ -259,13 +259,13 @@ def headline_lines(h: Headline) -> list[str]:
         if h.oversample_reached:
             lines.append(
                 f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's UNet evaluations (per seed: {seeds}) "
+                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's model evaluations (per seed: {seeds}) "
                 f"and {_times(h.seconds_multiplier)} its generation seconds"
             )
         else:
             lines.append(
                 f"generation compute vs oversample: a bound — no ratio reached DP's test accuracy; the most "
-                f"accurate, {h.oversample_arm}, used {_times(h.compute_multiplier)} DP's UNet evaluations (per seed: "
+                f"accurate, {h.oversample_arm}, used {_times(h.compute_multiplier)} DP's model evaluations (per seed: "
                 f"{seeds}) and {_times(h.seconds_multiplier)} its generation seconds"
             )
     if h.ood_gain is not None:

@@ -126,7 +126,10 @@ def test_listed_class_missing_and_missing_root(folders, tmp_path):
     ("overrides", "expected"),
     [
         (["data.name=folder"], "data.val_root='': data.name='folder' needs it"),
-        (["data.name=folder", "data.val_root=a", "data.test_root=b"], "data.name='folder': needs generator.backend=sd"),
+        (
+            ["data.name=folder", "data.val_root=a", "data.test_root=b"],
+            "data.name='folder': needs a pretrained pipeline",
+        ),
         (
             [
                 "data.name=folder",
@@ -159,7 +162,7 @@ def test_cli_reports_a_broken_dataset_before_any_work(folders, tmp_path):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     cfg = load_config(tmp_path / "params.yaml")
-    with pytest.raises(ConfigError, match="not a Stable Diffusion pipeline folder"):
+    with pytest.raises(ConfigError, match="not a complete StableDiffusionPipeline folder"):
         preflight(cfg)  # the model folder is checked first ...
     (tmp_path / "no-sd").mkdir()
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):

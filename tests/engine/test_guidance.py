@@ -2,17 +2,23 @@ import copy
 import math
 
 import numpy as np
-import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler
 
 from dp_ops.config import LearnerConfig
 from dp_ops.engine import guidance
-from dp_ops.engine.backends.sd import SDSettings, StableDiffusion
+from dp_ops.engine.backends.latent import PipelineSettings
+from dp_ops.engine.backends.sd import StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components
-from dp_ops.engine.guidance import X0, entropy, entropy_guidance, normalise_step, predict_x0
+from dp_ops.engine.guidance import StepScalars, entropy, entropy_guidance, normalise_step, predict_x0
 from dp_ops.engine.learner import build_learner
-from dp_ops.engine.sampling import ddim
+from dp_ops.engine.sampling import denoise
+from dp_ops.engine.schedulers import x0_at
+
+
+def _vp_eps(alpha_bar):
+    """x̂0 of an ε-prediction model at ᾱ_t = ``alpha_bar``."""
+    return lambda x_t, out: predict_x0(x_t, out, "vp:epsilon", StepScalars(alpha_bar=alpha_bar))
 
 
 def test_entropy_of_uniform_softmax_is_log_k():
@@ -29,26 +35,7 @@ def test_predict_x0_inverts_the_forward_noising():
     x0, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     ab = torch.tensor(0.3)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    assert torch.allclose(predict_x0(x_t, eps, ab), x0, atol=1e-5)
-
-
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler])
-@pytest.mark.parametrize("prediction_type", sorted(X0))
-def test_predict_x0_is_the_schedulers_own_estimate(scheduler_class, prediction_type):
-    scheduler = scheduler_class(prediction_type=prediction_type, clip_sample=False)
-    scheduler.set_timesteps(10)
-    g = torch.Generator().manual_seed(0)
-    x_t, out = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
-    for t in scheduler.timesteps[[0, 4, 9]]:
-        theirs = scheduler.step(out, t, x_t, generator=g).pred_original_sample
-        ours = predict_x0(x_t, out, scheduler.alphas_cumprod[t], prediction_type)
-        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
-
-
-def test_the_config_check_allows_exactly_the_parameterisations_guidance_decodes():
-    from dp_ops.paths import PREDICTION_TYPES
-
-    assert set(PREDICTION_TYPES) == set(X0)
+    assert torch.allclose(predict_x0(x_t, eps, "vp:epsilon", StepScalars(alpha_bar=ab)), x0, atol=1e-5)
 
 
 def test_guidance_decodes_the_x0_of_the_models_parameterisation(tiny_generator, tiny_cfg):
@@ -59,12 +46,13 @@ def test_guidance_decodes_the_x0_of_the_models_parameterisation(tiny_generator, 
     v_model.to_learner = lambda x0: seen.append(x0.detach()) or x0  # type: ignore[method-assign]
     learner = build_learner(tiny_cfg.learner, 10, 1, seed=3).eval()
     labels, seeds = torch.arange(4), np.arange(4)
-    ddim(v_model, labels, seeds, steps=3, cfg_scale=2.0, learner=learner, omega=0.1, gradient="x0")
+    denoise(v_model, labels, seeds, steps=3, cfg_scale=2.0, learner=learner, omega=0.1, gradient="x0")
     scheduler = DDIMScheduler.from_config(v_model.scheduler.config, clip_sample=False)
     scheduler.set_timesteps(3)
-    t, x = scheduler.timesteps[0], v_model.noise(seeds)
+    t = scheduler.timesteps[0]
+    x = torch.stack([torch.randn(v_model.noise_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     with torch.no_grad():
-        out = v_model.eps(x, t, labels, 2.0)
+        out = v_model.model_output(x, t, labels, 2.0)
     assert torch.allclose(seen[0], scheduler.step(out, t, x).pred_original_sample, atol=1e-5)
 
 
@@ -78,11 +66,13 @@ def test_float16_guidance_points_where_float32_guidance_does():
     steps = []
     for dtype in (torch.float32, torch.float16):
         c = random_components("tiny", seed=0)
-        settings = SDSettings(output_resolution=16, learner_resolution=16, dtype=dtype)
+        settings = PipelineSettings(output_resolution=16, learner_resolution=16, dtype=dtype)
         sd = StableDiffusion.from_components(c, names, settings)
-        z = sd.noise(np.arange(4)) if z is None else z
-        eps_fn = lambda x, sd=sd: sd.eps(x, t, labels, 2.0)
-        step = entropy_guidance(z, eps_fn, sd.scheduler.alphas_cumprod[t], confident, 0.05, sd.to_learner)
+        z = torch.randn(4, *sd.noise_shape, generator=torch.Generator().manual_seed(0)) if z is None else z
+        eps_fn = lambda x, sd=sd: sd.model_output(x, t, labels, 2.0)
+        sd.scheduler.set_timesteps(10)
+        x0_of = x0_at(sd.scheduler, 5, t)
+        step = entropy_guidance(z, eps_fn, x0_of, confident, 0.05, sd.to_learner)
         steps.append((step.x_t - z).flatten(1))
     cos = torch.nn.functional.cosine_similarity(*steps)
     assert steps[1].norm(dim=1).min() > 0
@@ -92,9 +82,10 @@ def test_float16_guidance_points_where_float32_guidance_does():
 def test_the_gradient_scale_is_exact_in_float32(monkeypatch):
     learner = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 10, 1, seed=0).eval()
     x_t = torch.randn(4, 1, 8, 8)
-    scaled = entropy_guidance(x_t, torch.tanh, 0.5, learner, omega=0.05)
+    x0_of = _vp_eps(0.5)
+    scaled = entropy_guidance(x_t, torch.tanh, x0_of, learner, omega=0.05)
     monkeypatch.setattr(guidance, "GRAD_SCALE", 1.0)
-    assert torch.equal(scaled.x_t, entropy_guidance(x_t, torch.tanh, 0.5, learner, omega=0.05).x_t)
+    assert torch.equal(scaled.x_t, entropy_guidance(x_t, torch.tanh, x0_of, learner, omega=0.05).x_t)
 
 
 def test_step_is_omega_times_norm_of_x_per_sample():
@@ -110,10 +101,10 @@ def test_guided_step_moves_up_the_entropy_gradient():
     learner = build_learner(LearnerConfig(model="dpops_convnet_tiny", drop_rate=0.0), 10, 1, seed=0).eval()
     x_t = torch.randn(16, 1, 8, 8)
     eps_fn = lambda x: 0.5 * x  # a smooth stand-in for ε_θ(x_t, t, y)
-    step = entropy_guidance(x_t, eps_fn, 0.5, learner, omega=0.02)
+    step = entropy_guidance(x_t, eps_fn, _vp_eps(0.5), learner, omega=0.02)
     with torch.no_grad():
-        before = entropy(learner(predict_x0(x_t, eps_fn(x_t), 0.5)))
-        after = entropy(learner(predict_x0(step.x_t, eps_fn(step.x_t), 0.5)))
+        before = entropy(learner(_vp_eps(0.5)(x_t, eps_fn(x_t))))
+        after = entropy(learner(_vp_eps(0.5)(step.x_t, eps_fn(step.x_t))))
     assert torch.allclose(step.entropy, before, atol=1e-5)
     assert (after > before).float().mean() > 0.9  # a small step along +∇H raises H
 
@@ -138,12 +129,12 @@ def test_x0_gradient_holds_eps_constant_and_follows_the_learner_through_x0():
         calls.append(torch.is_grad_enabled())
         return torch.tanh(x)  # (non-linear: the full gradient through ε̂ points elsewhere)
 
-    step = entropy_guidance(x_t, eps_fn, ab, learner, omega=0.02, through_eps=False)
+    step = entropy_guidance(x_t, eps_fn, _vp_eps(ab), learner, omega=0.02, through_eps=False)
     assert calls == [False]  # ε̂ evaluated once, outside autograd: no backward through the model
-    x0 = predict_x0(x_t, torch.tanh(x_t), ab).requires_grad_(True)
+    x0 = _vp_eps(ab)(x_t, torch.tanh(x_t)).requires_grad_(True)
     (g,) = torch.autograd.grad(entropy(learner(x0)).sum(), x0)
     assert torch.allclose(step.x_t - x_t, normalise_step(g, x_t, 0.02), atol=1e-5)  # ∝ ∇_{x̂0}H, per sample
-    full = entropy_guidance(x_t, torch.tanh, ab, learner, omega=0.02)
+    full = entropy_guidance(x_t, torch.tanh, _vp_eps(ab), learner, omega=0.02)
     assert torch.equal(step.eps, full.eps)  # the same ε̂ is stepped with
     assert not torch.allclose(step.x_t, full.x_t)  # (the full gradient also flows through ε̂)
 

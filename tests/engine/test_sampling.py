@@ -1,23 +1,16 @@
-"""The pieces every backend shares: seeded noise, the UNet-evaluation count, the one resize."""
+"""The pieces every backend shares: the model-evaluation count, the one resize (the sampler itself: the backend
+contract suite, tests/engine/backends/test_contract.py)."""
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dp_ops.engine.data import resize
-from dp_ops.engine.sampling import seeded_noise, unet_evals
+from dp_ops.engine.sampling import Generator
 
 
-def test_seeded_noise_is_per_sample():
-    both = seeded_noise(np.array([3, 7]), (2, 4, 4), "cpu")
-    assert both.shape == (2, 2, 4, 4)
-    assert torch.equal(both[1], seeded_noise(np.array([7]), (2, 4, 4), "cpu")[0])  # whatever the batch
-    assert not torch.equal(both[0], both[1])
-
-
-def test_unet_evals_count_one_pass_per_step_two_with_cfg():
-    assert unet_evals(12, 4, 1.0) == 48
-    assert unet_evals(12, 4, 2.0) == 96
+def test_model_evals_count_one_pass_per_step_two_with_cfg():
+    assert Generator.evals_per_step(None, 1.0) == 1  # type: ignore[arg-type]
+    assert Generator.evals_per_step(None, 2.0) == 2  # type: ignore[arg-type]
 
 
 def test_resize_is_antialiased_differentiable_and_identity_at_size():

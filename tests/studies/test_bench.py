@@ -23,7 +23,7 @@ from conftest import tiny_tree
 
 
 def _row(strategy, setting, per_seed, iterations=100, series="scaling", ood=None):
-    """An ArmStats from {seed: (generated, test acc, unet evals, gen seconds)}; val acc = test acc, and OOD
+    """An ArmStats from {seed: (generated, test acc, model evals, gen seconds)}; val acc = test acc, and OOD
     acc = ``ood`` (+ 0.01 per seed) if given."""
     seeds = {
         s: {
@@ -31,7 +31,7 @@ def _row(strategy, setting, per_seed, iterations=100, series="scaling", ood=None
             "pool_size": g,
             "iterations": iterations,
             "gen_seconds": sec,
-            "unet_evals": u,
+            "model_evals": u,
             "final_val_acc": a,
             "final_test_acc": a,
             **({} if ood is None else {"final_ood_acc": ood + 0.01 * s}),
@@ -331,7 +331,7 @@ def test_ood_accuracy_is_averaged_where_runs_have_it_and_shown_as_a_column():
 
     from dp_ops.render import bench_table
 
-    base = {f: 1.0 for f in ("generated_samples", "pool_size", "iterations", "gen_seconds", "unet_evals")}
+    base = {f: 1.0 for f in ("generated_samples", "pool_size", "iterations", "gen_seconds", "model_evals")}
     runs = {
         ("dp ω=0.05", 0): {**base, "final_val_acc": 0.9, "final_test_acc": 0.9, "final_ood_acc": 0.4},
         ("dp ω=0.05", 1): {**base, "final_val_acc": 0.9, "final_test_acc": 0.9, "final_ood_acc": 0.6},

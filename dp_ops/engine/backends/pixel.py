@@ -3,7 +3,8 @@
 A ``UNet2DModel`` with a class embedding predicts ε; one extra class index (``num_classes``) is the
 *null* class, learned by label dropout, so sampling can use classifier-free guidance
 ε̂ = ε_u + s·(ε_c − ε_u). Sampling is the shared DDIM sampler (:mod:`dp_ops.engine.sampling`), entropy-guided
-(:mod:`dp_ops.engine.guidance`) when ω > 0; this module supplies ε̂, the initial noise, and x̂0 as is.
+(:mod:`dp_ops.engine.guidance`) when ω > 0, with its own DDIM scheduler or any of ``generator.scheduler``;
+this module supplies ε̂, the noise's shape, and x̂0 as is.
 
 Saved with diffusers' ``save_pretrained`` to ``<path>/unet`` and ``<path>/scheduler``, plus
 ``<path>/dpops_generator.json``: the folder's layout, its metadata and
@@ -19,7 +20,6 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
@@ -27,8 +27,9 @@ from diffusers import DDIMScheduler, UNet2DModel
 from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
 from dp_ops.engine.devices import autocast
-from dp_ops.engine.sampling import Generator, Progress, seeded_noise
+from dp_ops.engine.sampling import Generator, Progress
 from dp_ops.engine.saved import CHECKSUMS, META_FILE, REDO, GeneratorMeta, check_saved, file_sha256
+from dp_ops.engine.schedulers import config_of, make_scheduler
 from dp_ops.errors import GeneratorError
 from dp_ops.files import atomic_path, write_json
 
@@ -86,17 +87,23 @@ class PixelDiffusion(Generator):
         self.unet.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self
 
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self.unet.device
+
     @classmethod
-    def load(cls, path: str | Path) -> PixelDiffusion:
+    def load(cls, path: str | Path, scheduler: str = "") -> PixelDiffusion:
+        """The generator saved at ``path``, sampled with its own DDIM scheduler or the one ``scheduler`` names
+        (:data:`dp_ops.generators.SCHEDULERS`), its schedule kept."""
         path = Path(path)
         meta = check_saved(path)
         try:
             unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)  # no accelerate needed
-            scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+            saved = DDIMScheduler.from_pretrained(path / "scheduler")
         except Exception as exc:  # (a folder from before checksums, damaged in a way check_saved cannot see)
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
             raise GeneratorError(f"{path}: diffusers cannot load the generator ({cause}); {REDO}") from None
-        return cls(unet, scheduler, meta)
+        return cls(unet, make_scheduler(config_of(saved), scheduler) if scheduler else saved, meta)
 
     def check_matches(self, data: DataConfig) -> None:
         """Refuse a generator trained on another split: it may have seen this run's val/test images."""
@@ -112,11 +119,11 @@ class PixelDiffusion(Generator):
                 )
 
     # ---- the pieces of a denoising step (what the shared sampler, dp_ops.engine.sampling, calls) ----
-    def noise(self, seeds: np.ndarray) -> torch.Tensor:
-        res = self.meta.resolution
-        return seeded_noise(seeds, (self.unet.config.in_channels, res, res), self.unet.device)
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.unet.config.in_channels, self.meta.resolution, self.meta.resolution)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """ε̂ with classifier-free guidance: ε_u + s·(ε_c − ε_u) (diffusers' convention for s), the
         unconditional half from the null class, in one batched UNet call."""
         n = x_t.shape[0]

@@ -22,7 +22,27 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from dp_ops.engine.backends.sd import quiet_hub_libraries
+from dp_ops.engine.backends.latent import quiet_hub_libraries
+
+# The real text encoders' shapes (SD-1.5, SDXL and SD3 share CLIP ViT-L/14; SDXL and SD3 add OpenCLIP ViT-bigG/14).
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+)
+CLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    vocab_size=49408,
+    hidden_act="gelu",
+)
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -53,15 +73,7 @@ SIZES: dict[str, dict[str, Any]] = {
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         ),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
-        "text": dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            projection_dim=768,
-            vocab_size=49408,
-            hidden_act="quick_gelu",
-        ),
+        "text": CLIP_L,
     },
 }
 

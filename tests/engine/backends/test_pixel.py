@@ -29,8 +29,8 @@ def test_ddim_sampler_shapes_range_and_bookkeeping(tiny_generator, learner):
     assert s.images.min() >= -1 and s.images.max() <= 1
     assert s.entropy.shape == (12,) and (s.entropy >= 0).all() and (s.entropy <= np.log(10) + 1e-5).all()
     assert torch.equal(s.labels, torch.arange(12) % 10)
-    assert s.unet_evals == 12 * 4 * 2  # 4 steps, conditional + unconditional pass (CFG)
-    assert _sample(tiny_generator, learner, n=12, cfg_scale=1.0).unet_evals == 12 * 4
+    assert s.model_evals == 12 * 4 * 2  # 4 steps, conditional + unconditional pass (CFG)
+    assert _sample(tiny_generator, learner, n=12, cfg_scale=1.0).model_evals == 12 * 4
 
 
 def test_sampler_is_deterministic_and_per_sample_reproducible(tiny_generator, learner):

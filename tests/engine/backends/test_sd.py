@@ -22,18 +22,19 @@ from typer.testing import CliRunner
 from dp_ops.cli import app
 from dp_ops.config import LearnerConfig, TrainConfig, build_config, flatten, from_flat, load_config
 from dp_ops.engine import sampling
-from dp_ops.engine.backends.sd import SDSettings, StableDiffusion, pipeline_configs
+from dp_ops.engine.backends.latent import PipelineSettings, pipeline_configs
+from dp_ops.engine.backends.sd import StableDiffusion
 from dp_ops.engine.backends.sd_random import random_components, save_pipeline
 from dp_ops.engine.data import LabelledImages, quantize
 from dp_ops.engine.devices import resolve_dtype
-from dp_ops.engine.guidance import entropy_guidance
+from dp_ops.engine.guidance import StepScalars, entropy_guidance, predict_x0
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.shards import PartReader, scan_round
 from dp_ops.errors import ConfigError, GeneratorError
-from dp_ops.paths import check_generator, check_sd_configs
+from dp_ops.paths import CONFIG_FILES, check_generator, check_pipeline
 from dp_ops.records.tracking import config_params, round_runs
 from dp_ops.records.versioning import dir_md5, md5_file
-from dp_ops.runner import generator_facts, load_sd, preflight, restore_run_data
+from dp_ops.runner import generator_facts, load_pipeline, preflight, restore_run_data
 
 from conftest import make_image_folder
 
@@ -49,7 +50,7 @@ def sd_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd(sd_path):
-    return StableDiffusion.load(str(sd_path), NAMES, SDSettings(output_resolution=24, learner_resolution=16))
+    return StableDiffusion.load(str(sd_path), NAMES, PipelineSettings(output_resolution=24, learner_resolution=16))
 
 
 def _fixed_learner(x):
@@ -69,24 +70,12 @@ def test_pipeline_round_trips_through_save_pretrained(sd_path, sd):
     assert sd.resolution == 32 and sd.vae_factor == 2  # 16² latents, the model's own size
     assert sd.cond.shape == (3, 77, 16) and sd.uncond.shape == (1, 77, 16)
     assert not torch.allclose(sd.cond[0], sd.cond[2])  # prompts differ by class
-    templated = StableDiffusion.load(str(sd_path), NAMES, SDSettings(prompt="a photo of a {name}"))
+    templated = StableDiffusion.load(str(sd_path), NAMES, PipelineSettings(prompt="a photo of a {name}"))
     assert templated.prompts[2] == "a photo of a red fox" and not torch.allclose(templated.cond, sd.cond)
     with pytest.raises(GeneratorError, match=r"generator\.resolution=18: must be a multiple of 4"):
-        StableDiffusion.load(str(sd_path), NAMES, SDSettings(resolution=18))
+        StableDiffusion.load(str(sd_path), NAMES, PipelineSettings(resolution=18))
     with pytest.raises(GeneratorError, match="cannot load a Stable Diffusion pipeline"):
-        StableDiffusion.load(str(sd_path / "unet"), NAMES, SDSettings())
-
-
-def test_seeded_sampling_is_reproducible_and_guidance_moves_the_latents(sd):
-    labels, seeds = torch.tensor([0, 1, 2, 0]), np.array([11, 12, 13, 14])
-    kw = dict(steps=4, cfg_scale=4.0, learner=_fixed_learner, guide_every=1)
-    plain = sampling.ddim(sd, labels, seeds, omega=0.0, **kw)
-    assert torch.equal(plain, sampling.ddim(sd, labels, seeds, omega=0.0, **kw))  # same seeds, same latents
-    alone = sampling.ddim(sd, labels[2:3], seeds[2:3], omega=0.0, **kw)
-    assert torch.allclose(alone[0], plain[2], atol=1e-4)  # a sample does not depend on its batch
-    guided = sampling.ddim(sd, labels, seeds, omega=0.1, **kw)
-    assert guided.shape == plain.shape == (4, 4, 16, 16)
-    assert ((guided - plain).flatten(1).norm(dim=1) > 1e-2 * plain.flatten(1).norm(dim=1)).all()
+        StableDiffusion.load(str(sd_path / "unet"), NAMES, PipelineSettings())
 
 
 def test_guidance_is_the_shared_function_every_kth_step(sd, monkeypatch):
@@ -110,9 +99,10 @@ def test_guidance_is_the_shared_function_every_kth_step(sd, monkeypatch):
     )
     assert len(calls) == 2 * 3  # two batches, steps 0, 2, 4 each
     assert all(fn == sd.to_learner for fn in calls)  # x̂0 -> VAE decode -> the learner's input size
-    assert out.images.shape == (3, 3, 24, 24) and out.unet_evals == 6 * 3 * 2  # CFG: two UNet halves per step
+    assert out.images.shape == (3, 3, 24, 24) and out.model_evals == 6 * 3 * 2  # CFG: two UNet halves per step
 
 
+@pytest.mark.slow
 def test_guided_samples_have_higher_learner_entropy(sd):
     """The current learner (trained on unguided samples) finds guided samples harder than unguided ones
     drawn from the same seeds."""
@@ -323,7 +313,10 @@ def test_sd_defaults_and_config_checks():
     for tree, expected in (
         ({"generator": {"backend": "sd", "model": "m"}}, "generator.backend='sd': needs real images from folders"),
         ({**base, "generator": {"backend": "sd"}}, "generator.model='': generator.backend='sd' needs"),
-        ({"generator": {"dtype": "float16"}}, "generator.dtype='float16': only for generator.backend='sd'"),
+        (
+            {"generator": {"dtype": "float16"}},
+            "generator.dtype='float16': only for a pretrained pipeline (generator.backend: sd, sdxl",
+        ),
         ({**base, "generator": {"backend": "sd", "model": "m", "prompt": "a {label}"}}, "generator.prompt='a {label}'"),
         ({"train": {"mixup": 0.5, "batch_size": 15}}, "train.batch_size=15: must be even"),
     ):
@@ -349,7 +342,7 @@ def _spy_loads(monkeypatch):
 
 def test_weights_are_read_in_the_pipelines_dtype(sd_path, monkeypatch):
     seen = _spy_loads(monkeypatch)
-    sd = StableDiffusion.load(str(sd_path), NAMES, SDSettings(dtype=torch.bfloat16))
+    sd = StableDiffusion.load(str(sd_path), NAMES, PipelineSettings(dtype=torch.bfloat16))
     assert seen == {name: {torch.bfloat16} for name in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel")}
     assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
 
@@ -357,17 +350,17 @@ def test_weights_are_read_in_the_pipelines_dtype(sd_path, monkeypatch):
 def test_a_float16_pipeline_keeps_a_force_upcast_vae_in_float32(sd_path, tmp_path, monkeypatch):
     """SDXL's VAE (and any whose config says force_upcast, AutoencoderKL's default) overflows float16."""
     seen = _spy_loads(monkeypatch)
-    sd = StableDiffusion.load(str(sd_path), NAMES, SDSettings(dtype=torch.float16))
+    sd = StableDiffusion.load(str(sd_path), NAMES, PipelineSettings(dtype=torch.float16))
     assert seen["AutoencoderKL"] == {torch.float32} and seen["UNet2DConditionModel"] == {torch.float16}
     assert sd.vae.dtype == torch.float32 and sd.unet.dtype == torch.float16
-    images = sd.to_images(sd.noise(np.array([1, 2])))
+    images = sd.to_images(_noise(sd, [1, 2]))
     assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32) and images.isfinite().all()
     kept = tmp_path / "no-upcast"
     shutil.copytree(sd_path, kept)
     _edit_json(kept / "vae" / "config.json", force_upcast=False)
-    assert StableDiffusion.load(str(kept), NAMES, SDSettings(dtype=torch.float16)).vae.dtype == torch.float16
+    assert StableDiffusion.load(str(kept), NAMES, PipelineSettings(dtype=torch.float16)).vae.dtype == torch.float16
     parts = random_components("tiny", seed=0)  # (built in code: cast by the constructor, the same rule)
-    built = StableDiffusion.from_components(parts, NAMES, SDSettings(dtype=torch.float16))
+    built = StableDiffusion.from_components(parts, NAMES, PipelineSettings(dtype=torch.float16))
     assert built.vae.dtype == torch.float32 and built.text_encoder.dtype == torch.float16
 
 
@@ -377,8 +370,13 @@ def test_auto_dtype_is_bfloat16_on_cuda_and_float32_on_the_cpu(tmp_path, sd_path
     assert resolve_dtype("float16", "cpu") == torch.float16
     cfg = build_config(_sd_tree(tmp_path, sd_path))
     assert cfg.generator.dtype == "auto"  # the sd default
-    assert load_sd(cfg, NAMES).dtype == torch.float32  # on this CPU
+    assert load_pipeline(cfg, NAMES).dtype == torch.float32  # on this CPU
     assert generator_facts(cfg).meta["dtype"] == "float32"  # what the run records (generator_meta.dtype)
+
+
+def _noise(sd, seeds):
+    """x_T of ``seeds`` as the sampler draws it."""
+    return torch.stack([torch.randn(sd.noise_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def _guided_step(sd, through_eps):
@@ -392,9 +390,9 @@ def _guided_step(sd, through_eps):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step = entropy_guidance(
-            sd.noise(np.array([1, 2])),
-            lambda x: sd.eps(x, t, torch.tensor([0, 2]), 4.0),
-            sd.scheduler.alphas_cumprod[t],
+            _noise(sd, [1, 2]),
+            lambda x: sd.model_output(x, t, torch.tensor([0, 2]), 4.0),
+            lambda x, out: predict_x0(x, out, "vp:epsilon", StepScalars(alpha_bar=sd.scheduler.alphas_cumprod[t])),
             _fixed_learner,
             0.1,
             sd.to_learner,
@@ -410,12 +408,12 @@ def test_gradient_checkpointing_keeps_the_guidance_step_and_saves_memory(gradien
 
     def build(checkpointing):
         parts = random_components("tiny", seed=0)
-        settings = SDSettings(learner_resolution=16, gradient_checkpointing=checkpointing)
+        settings = PipelineSettings(learner_resolution=16, gradient_checkpointing=checkpointing)
         return StableDiffusion.from_components(parts, NAMES, settings)
 
     plain, kept = _guided_step(build(False), gradient == "full")
     checkpointed, kept_checkpointed = _guided_step(build(True), gradient == "full")
-    start = build(False).noise(np.array([1, 2]))
+    start = _noise(build(False), [1, 2])
     assert not torch.equal(plain, start)  # guidance moved x_t ...
     assert torch.equal(checkpointed, plain)  # ... the same way with checkpointing
     assert kept_checkpointed < kept / 3, (kept_checkpointed, kept)
@@ -427,7 +425,7 @@ def test_attention_slicing_costs_memory_when_guidance_back_propagates_through_th
 
     def build(slicing):
         parts = random_components("tiny", seed=0)
-        settings = SDSettings(learner_resolution=16, attention_slicing=slicing)
+        settings = PipelineSettings(learner_resolution=16, attention_slicing=slicing)
         return StableDiffusion.from_components(parts, NAMES, settings)
 
     (sdpa, sliced) = build(False), build(True)
@@ -453,12 +451,17 @@ def _unsupported(path, case):
                 "model_index.json": {"_class_name": "StableDiffusionXLPipeline"},
                 "unet/config.json": {"addition_embed_type": "text_time"},
             },
-            "a StableDiffusionXLPipeline is not supported yet by generator.backend=sd",
+            "a StableDiffusionXLPipeline, which generator.backend=sd does not drive (use generator.backend=sdxl or "
+            "diffusers)",
         ),
-        ({"model_index.json": {"_class_name": "FluxPipeline"}, "unet": None}, "a FluxPipeline is not supported yet"),
+        (
+            {"model_index.json": {"_class_name": "FluxPipeline"}, "unet": None},
+            "a FluxPipeline, which generator.backend=sd does not drive (backends drive:",
+        ),
         (
             {"unet/config.json": {"addition_embed_type": "text_time"}},
-            "its UNet takes extra conditioning (addition_embed_type='text_time', as SDXL's does), not supported yet",
+            "its UNet takes extra conditioning (addition_embed_type='text_time', as SDXL's does), which "
+            "generator.backend=sd does not drive",
         ),
         ({"unet/config.json": {"class_embed_type": "timestep"}}, "extra conditioning (class_embed_type='timestep'"),
         (
@@ -467,8 +470,8 @@ def _unsupported(path, case):
         ),
         (
             {"scheduler/scheduler_config.json": {"prediction_type": "flow"}},
-            "its scheduler's prediction_type='flow' is not supported by generator.backend=sd "
-            "(epsilon, v_prediction, sample)",
+            "its scheduler's prediction_type='flow' is not one dp_ops can invert for x̂0 "
+            "(epsilon, v_prediction, sample, flow_prediction)",
         ),
     ],
 )
@@ -487,7 +490,7 @@ def test_a_pipeline_the_backend_cannot_drive_is_refused_before_any_weight_is_rea
     for cls in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel):
         monkeypatch.setattr(cls, "from_pretrained", _no_weights)
     with pytest.raises(ConfigError) as at_load:
-        load_sd(cfg, NAMES)  # what a hub id gets: its configs checked before any weight is read
+        load_pipeline(cfg, NAMES)  # what a hub id gets: its configs checked before any weight is read
     for info in (early, at_load):
         message = str(info.value)
         assert message.startswith(f"generator.model={str(folder)!r}: ") and expected in message, message
@@ -502,5 +505,5 @@ def test_the_configs_the_backend_drives_pass(tmp_path, sd_path):
     """SD-1.x/2.x configs, v-prediction included (the shared sampler computes x̂0 for it)."""
     folder = _unsupported(sd_path, tmp_path / "v")
     _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
-    check_sd_configs(str(folder), pipeline_configs(str(folder)))
+    assert check_pipeline(str(folder), "sd", pipeline_configs(str(folder), CONFIG_FILES)) == "sd"
     check_generator(build_config({**_sd_tree(tmp_path, sd_path), "generator": {"backend": "sd", "model": str(folder)}}))
