@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -185,7 +186,11 @@ def _resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[st
     if not resumable:
         return f"run {run_id} ended KILLED before its first round completed (nothing to resume); start it again"
     store = [f"-S {o}" for o in overrides or () if o.strip().startswith(("tracking.", "output."))]
-    command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, f"--resume {run_id}"])
+    named = [o.partition("=")[2] for o in overrides or () if o.strip().startswith("tracking.run_name=")]
+    if named:  # (a named run: the same command resumes it)
+        store = [o for o in store if not o.startswith("-S tracking.run_name=")] + [f"--run-name {named[-1]}"]
+    resume = [] if named else [f"--resume {run_id}"]
+    command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, *resume])
     return f"run {run_id} ended KILLED at its last completed round; resume it with: {command}"
 
 
@@ -239,13 +244,23 @@ def run(
     resume: Annotated[
         str | None, typer.Option(help="continue this interrupted MLflow run from its last completed round")
     ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            help="name the run (= -S tracking.run_name): the same command resumes its unfinished run, or does "
+            "nothing once it finished (a requeued batch job)"
+        ),
+    ] = None,
 ) -> None:
     """Run one experiment (dp, static or oversample), tracked and versioned: an embedded world (digits, MNIST), or
     the text-to-image world with a pretrained pipeline (generator.backend=diffusers). Under torchrun, one run on
     all its processes."""
     if resume is not None and not resume.strip():  # (`--resume "$RUN"` with RUN unset would start a fresh run)
         raise ConfigError("--resume '': no run id given (an empty shell variable?); name the MLflow run to continue")
-    cfg = _config(params, set_)
+    overrides = [*(set_ or []), *([f"tracking.run_name={run_name}"] if run_name is not None else [])]
+    if resume and run_name is not None:
+        raise ConfigError("--resume and --run-name: give one (the run name finds the run to resume by itself)")
+    cfg = _config(params, overrides)
     if not resume:  # (a resumed run's own paths, read from MLflow, are checked by preflight)
         check_paths(cfg)  # before the heavy imports: a bad path is refused in a fraction of a second
     from dp_ops import runner
@@ -253,14 +268,24 @@ def run(
     from dp_ops.records.tracking import Registry
     from dp_ops.render import RichObserver
 
+    elastic = dist.elastic_run_id()  # (torchrun --max-restarts: a restarted group resumes the run by its name)
+    if elastic is not None and not cfg.tracking.run_name and not resume:
+        cfg = load_config(params, [*overrides, f"tracking.run_name=torchrun-{_name_safe(elastic)}"])
     world = dist.join(cfg.device)
     try:
-        registry = None
-        if resume:  # the run's own config, from MLflow (rank 0 reads it); -S/--params only choose where to look
+        registry, finished = None, None
+        if resume or cfg.tracking.run_name:  # the run's own config, from MLflow (rank 0 reads it)
             if world.main:
                 registry = Registry.from_config(cfg)
-                cfg = _resumed_config(resume, registry, cfg, set_ or [])
-            cfg = world.broadcast(cfg)
+                if not resume:
+                    resume, finished = _named(cfg, registry)
+                if resume:  # (-S/--params only choose where to look, and where its files go)
+                    cfg = _resumed_config(resume, registry, cfg, overrides)
+            cfg, resume, finished = world.broadcast((cfg, resume, finished))
+        if finished is not None:  # (a requeued job whose run already finished: no work, exit 0)
+            if world.main:
+                console.print(finished, highlight=False, soft_wrap=True)
+            return
         runner.preflight(cfg, world)
         real = runner.load_real_data(cfg, world)
         if world.main:  # (the store is opened only now: a refused run leaves none behind)
@@ -270,11 +295,49 @@ def run(
             observers = [RichObserver(progress)] if progress else []
             run = runner.run_tracked(cfg, generator, real, observers, resume, registry=registry, world=world)
     except KeyboardInterrupt as exc:
-        _stopped(_resume_hint(exc, params, set_))
+        _stopped(_resume_hint(exc, params, overrides))
     finally:
         dist.leave()
     if world.main:
         _print_tracked(cfg, run)
+
+
+def _named(cfg: Config, registry: Any) -> tuple[str | None, str | None]:
+    """``--run-name``: (the run id to resume, or None to start one under the name; the line to print instead
+    when that run already finished). A run of the name that ran another config is refused in one line."""
+    from dp_ops import runner
+
+    name = cfg.tracking.run_name
+    found = runner.named_run(cfg, registry)
+    if found is None:
+        return None, None
+    if found.status == "FINISHED":
+        return None, (
+            f"run {found.run_id} named {name!r} in experiment '{cfg.tracking.experiment_name}' already FINISHED; "
+            "nothing to do"
+        )
+    differ = runner.differences(cfg, runner.resume_config(found.run_id, registry))
+    if differ:
+        raise ConfigError(
+            f"tracking.run_name={name!r}: run {found.run_id} of that name ran another config ({'; '.join(differ[:3])}"
+            f"{f'; and {len(differ) - 3} more' if len(differ) > 3 else ''}); name this one otherwise, or continue "
+            f"that run with its own config: dpops run --resume {found.run_id}"
+        )
+    return found.run_id, None
+
+
+def _one_name_per_run(cfg: Config, study: str) -> None:
+    """A study runs many runs, which one run name cannot name (each would find the first's)."""
+    if cfg.tracking.run_name:
+        raise ConfigError(
+            f"tracking.run_name={cfg.tracking.run_name!r}: {study} starts many runs and names each itself; unset it "
+            "(a run name is for one dpops run)"
+        )
+
+
+def _name_safe(text: str) -> str:
+    """``text`` with what a run name cannot hold replaced by '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text).lstrip("._-") or "run"
 
 
 def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[str]) -> Config:
@@ -499,6 +562,7 @@ def sweep(
     cli = [f"sweep.{k}={v}" for k, v in (("storage", storage), ("n_trials", n_trials)) if v is not None]
     tree = load_tree(params, [*(set_ or ()), *cli])
     sc, cfg = sweep_config(tree), build_config(tree)
+    _one_name_per_run(cfg, "a sweep")
     check_paths(cfg)  # (the trials change dp.* only: the same paths as preflight's)
     from dp_ops import runner
     from dp_ops.engine import dist
@@ -573,6 +637,7 @@ def bench(
     on all the processes."""
     tree = load_tree(params, set_ or ())
     cfg = build_config(tree)
+    _one_name_per_run(cfg, "the benchmark")
     sweep_config(tree)  # (sweep.static_sizes: the benchmark's static arms)
     check_paths(cfg)  # (the arms change dp.*, seed and train.iterations only: the same paths as preflight's)
     _quiet_libraries()

@@ -70,6 +70,8 @@ MAX_MIX_ALPHA = 100.0
 # (its SQL column); and what a file system does: a path, one component of it (bytes, UTF-8).
 MLFLOW_PARAM_CHARS = 6000
 MLFLOW_EXPERIMENT_CHARS = 500
+MLFLOW_RUN_NAME_CHARS = 250  # (MLflow's run name column)
+RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 MLFLOW_MODEL_NAME_CHARS = 256
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
 
@@ -437,12 +439,28 @@ class TrackingConfig(_Section):
         max_length=MLFLOW_EXPERIMENT_CHARS,
         description="MLflow experiment; empty: $MLFLOW_EXPERIMENT_NAME, else dp-ops",
     )
+    run_name: str = Field(
+        "",
+        max_length=MLFLOW_RUN_NAME_CHARS,
+        description="name the run: the same name resumes its unfinished run, or does nothing if it finished "
+        "(dpops run --run-name); empty: a new run each time, named by its strategy",
+    )
     log_model: bool = Field(True, description="log the run's final classifier as an MLflow model (seconds per run)")
     register_model: str = Field(
         "",
         max_length=MLFLOW_MODEL_NAME_CHARS,
         description="register the run's final classifier under this MLflow model name; empty: log it only",
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if v and not re.fullmatch(RUN_NAME_PATTERN, v):
+            raise ValueError(
+                "letters, digits, '.', '_' and '-' only, starting with a letter or digit (what MLflow, a shell and "
+                "a file name all keep as it is)"
+            )
+        return v
 
     @field_validator("register_model")
     @classmethod

@@ -51,6 +51,7 @@ from dp_ops.records.tracking import (
     GeneratorFacts,
     MlflowTracker,
     Registry,
+    RunFacts,
     SavedModel,
     config_params,
     sqlite_path,
@@ -440,6 +441,27 @@ def resume_config(run_id: str, registry: Registry) -> Config:
             f"--study-name {shlex.quote(study)} (with the study's --storage)"
         )
     return from_flat(config_params(run.params))
+
+
+def named_run(cfg: Config, registry: Registry) -> RunFacts | None:
+    """The run ``tracking.run_name`` names in the config's experiment (at most one survives its creation:
+    :meth:`MlflowTracker._claim`), or None: a new run starts under the name."""
+    runs = registry.runs_named(cfg.tracking.experiment_name, cfg.tracking.run_name)
+    return runs[0] if runs else None
+
+
+def differences(given: Config, recorded: Config) -> list[str]:
+    """The keys a command's config and a run's recorded one disagree on, beyond where the run is tracked
+    (``tracking.*``) and where its files go (``output.*``): ``key='given' (the run's: 'recorded')``.
+    ``train.micro_batches=0`` (one per process) agrees with whatever number the run resolved it to."""
+    mine, theirs = flatten(given), flatten(recorded)
+    if mine.get("train.micro_batches") == 0:
+        mine["train.micro_batches"] = theirs.get("train.micro_batches")
+    return [
+        f"{k}={mine.get(k)!r} (the run's: {theirs.get(k)!r})"
+        for k in sorted(set(mine) | set(theirs))
+        if not k.startswith(("tracking.", "output.")) and mine.get(k) != theirs.get(k)
+    ]
 
 
 def check_lease(cfg: Config, run_id: str) -> str | None:

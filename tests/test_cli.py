@@ -272,3 +272,18 @@ def test_an_empty_resume_id_is_refused_not_a_fresh_run(tmp_path):
         assert result.exit_code == 1 and "Traceback" not in result.output
         assert "--resume '': no run id given (an empty shell variable?); name the MLflow run" in result.output
     assert not (tmp_path / "gen").exists() and not (tmp_path / "out").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("command", ["sweep", "bench"])
+def test_a_study_refuses_one_run_name_for_its_many_runs(command):
+    result = runner.invoke(app, [command, "-S", "tracking.run_name=job-1"])
+    study = "a sweep" if command == "sweep" else "the benchmark"
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"error: tracking.run_name='job-1': {study}"), (
+        result.output
+    )
+
+
+def test_run_name_and_resume_together_are_one_line():
+    result = runner.invoke(app, ["run", "--run-name", "a", "--resume", "0123"])
+    assert result.exit_code == 1 and "--resume and --run-name: give one" in result.output

@@ -178,6 +178,15 @@ def test_the_experiment_is_the_configs_else_mlflow_experiment_name_else_dp_ops(m
     assert build_config({"tracking": {"experiment": "mine"}}).tracking.experiment_name == "mine"
 
 
+@pytest.mark.parametrize("name", ["job 7", "job;rm", "-job", "a/b", "$SLURM_JOB_NAME", "\u00e9t\u00e9", "x" * 251])
+def test_a_run_name_mlflow_or_a_shell_would_mangle_is_one_line(name):
+    with pytest.raises(ConfigError) as info:
+        build_config({"tracking": {"run_name": name}})
+    message = str(info.value)
+    assert message.startswith("tracking.run_name=") and "\n" not in message
+    assert build_config({"tracking": {"run_name": "dp-sweep_3.a-12"}}).tracking.run_name == "dp-sweep_3.a-12"
+
+
 def test_the_mnist_world_runs_the_pixel_generator_and_refuses_what_it_cannot():
     cfg = load_config(None, ["data.name=mnist", "data.resolution=20"])
     assert cfg.data.name == "mnist" and cfg.generator.backend == "pixel"

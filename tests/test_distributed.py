@@ -396,3 +396,31 @@ def test_folder_splits_read_in_blocks_score_what_one_process_scores(tmp_path, ti
     errors = [line for line in done.stderr.splitlines() if "DataError: " in line]
     assert done.returncode != 0 and len(errors) == 1 and errors[0].startswith("[rank0]"), done.stderr  # who read it
     assert "cat/0.png: unreadable image (data.val_root)" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_max_restarts_is_restarted_and_the_group_resumes_the_run(workspace, one_rank):
+    """``torchrun --max-restarts 1``: SIGKILL of rank 1 in round 1; torchrun stops rank 0 and restarts both,
+    which find the run by its name (``torchrun-<rdzv id>``) and resume it from round 0's checkpoint: the job
+    finishes by itself, as one MLflow run with one round run per round, equal to the uninterrupted run."""
+    ws, env = workspace
+    _, ref = one_rank
+    runs = ws / "data" / "runs"
+    before = {p.name for p in runs.glob("*")}  # (every run's folder so far, the other experiments' too)
+    job = _start(ws, env, [*TORCHRUN[:-2], "--max-restarts", "1", *TORCHRUN[-2:]], "run", *_files("elastic"))
+    deadline, found = time.time() + 300, []
+    while not found and job.poll() is None and time.time() < deadline:
+        found = [p for p in runs.glob("*/round_001/part_*.safetensors") if p.parts[-3] not in before]
+        time.sleep(0.02)
+    assert job.poll() is None, "the run finished before it could be killed: " + job.stdout.read()
+    os.kill(_rank_pids(job.pid)[1], signal.SIGKILL)
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out
+    client, _ = _experiment_runs(ws)
+    run = client.get_run(found[0].parts[-3])  # the run the first group started ...
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("torchrun-")
+    named = f"tags.`dpops.run_name` = '{run.info.run_name}'"
+    assert len(client.search_runs([run.info.experiment_id], named)) == 1  # ... the only one of its name
+    got = _report(ws, "elastic")
+    assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
+    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)] == [0, 1, 2]

@@ -212,3 +212,53 @@ def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_ther
             e["relpath"]: e["md5"] for e in listing
         }
     assert len(listings) == len(rounds["rounds"])
+
+
+@pytest.fixture
+def short(dvc_workspace):
+    """A workspace with a run of two rounds after round 0."""
+    return dvc_workspace(dp={"max_rounds": 2})
+
+
+@pytest.mark.slow
+def test_the_same_command_with_a_run_name_resumes_its_run_then_does_nothing(short):
+    """What a requeued batch job does: ``dpops run --run-name NAME`` SIGKILLed in round 1 resumes that run when
+    started again (a resumed run equals the uninterrupted one: the test above); started once more after it
+    finished, it does nothing; with another config under the name, it refuses in one line."""
+    ws, env = short
+    job = [*DPOPS, "run", "--run-name", "job-7"]
+    victim = subprocess.Popen(job, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs, deadline = ws / "data" / "runs", time.time() + 600
+    while not list(runs.glob("*/round_001/part_*.safetensors")) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.stdout.read()
+    victim.send_signal(signal.SIGKILL)  # (the lease's holder is gone: a requeue takes it over)
+    victim.wait(timeout=60)
+    (killed,) = [p for p in runs.iterdir() if p.is_dir()]
+
+    other = subprocess.run([*job, "-S", "dp.omega=0.2"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert other.stderr.strip().splitlines() == [
+        f"error: tracking.run_name='job-7': run {killed.name} of that name ran another config (dp.omega=0.2 (the "
+        f"run's: 0.1)); name this one otherwise, or continue that run with its own config: dpops run --resume "
+        f"{killed.name}"
+    ], other.stderr
+
+    again = subprocess.run(job, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dp-ops")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`dpops.run_name` = 'job-7'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "job-7" and run.info.run_id == killed.name
+    assert f"MLflow run {run.info.run_id}" in again.stdout
+    rounds = json.loads((ws / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
+    assert len(Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)) == len(rounds)
+
+    done = subprocess.run(job, cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == (
+        f"run {run.info.run_id} named 'job-7' in experiment 'dp-ops' already FINISHED; nothing to do"
+    ), done.stdout + done.stderr
+    other = subprocess.run([*job, "-S", "dp.omega=0.2"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0 and "already FINISHED" in other.stdout  # (finished: nothing to compare)
+    assert len(client.search_runs([exp.experiment_id], "tags.`dpops.run_name` = 'job-7'")) == 1

@@ -137,6 +137,22 @@ def from_env(env: dict[str, str] | None = None) -> World:
     return world
 
 
+def elastic_run_id(env: dict[str, str] | None = None) -> str | None:
+    """Under ``torchrun --max-restarts N`` (N > 0), the id its restarts share (``--rdzv-id``; a fresh one per
+    launch with ``--standalone``), which names the run so that a restarted group finds and resumes it; None
+    without restarts. One line when restarts are on but the id is torchrun's default, shared by every launch."""
+    env = dict(os.environ if env is None else env)
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) <= 0:
+        return None
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id in ("", "none"):
+        raise ConfigError(
+            "torchrun --max-restarts > 0 without --rdzv-id: a restarted group could not tell its run from another "
+            "launch's; pass --rdzv-id (e.g. the job id) or name the run: dpops run --run-name NAME"
+        )
+    return run_id
+
+
 def join(device: str) -> World:
     """This process's world, its process group initialised (once) when there are several processes, and
     its CUDA device made current. ``device``: the run's ``device`` config value (a CUDA one needs a GPU
@@ -158,7 +174,13 @@ def join(device: str) -> World:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+    # torchrun's store outlives a restart (--max-restarts) of its workers, with the addresses the dead group
+    # published in it: a restarted group keyed like the first read them and fail to connect (gloo: "Connection
+    # refused"). Each attempt keys the process group under its own prefix instead.
+    store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"dpops/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=size, timeout=TIMEOUT)
     return world
 
 

@@ -33,6 +33,7 @@ environment sets them) so that a server that dies mid-run costs seconds, not min
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -290,6 +292,7 @@ class RunFacts:
     tags: Mapping[str, str] = field(repr=False)
     params: Mapping[str, str] = field(repr=False)
     metrics: Mapping[str, float] = field(repr=False)
+    start_time: int = field(default=0, repr=False)  # (ms since the epoch)
 
     @property
     def round(self) -> int:
@@ -305,6 +308,7 @@ class RunFacts:
             dict(run.data.tags),
             dict(run.data.params),
             dict(run.data.metrics),
+            run.info.start_time or 0,
         )
 
 
@@ -449,6 +453,16 @@ class Registry:
         query = " and ".join(filter_equals(f"tags.`{k}`", v) for k, v in tags.items())
         runs = self.search([exp_id], query, max_results=1)
         return runs[0].run_id if runs else None
+
+    def runs_named(self, experiment: str, name: str) -> list[RunFacts]:
+        """The experiment runs of the experiment ``experiment`` named ``name`` (``tracking.run_name``), the first
+        started first."""
+        exp_id = self.find_experiment(experiment)
+        if exp_id is None:
+            return []
+        query = f"{filter_equals(f'tags.`{RUN_NAME_TAG}`', name)} and tags.`dpops.role` = 'experiment'"
+        runs = self.search([exp_id], query)
+        return sorted(runs, key=lambda r: (r.start_time, r.run_id))
 
     def round_runs(self, run_id: str) -> list[RunFacts]:
         """The round (child) runs of the experiment run ``run_id``, ordered by round; :class:`DataError`
@@ -628,6 +642,7 @@ class GeneratorFacts:
         return cfg.model_copy(update={"generator": cfg.generator.model_copy(update=settings)})
 
 
+RUN_NAME_TAG = "dpops.run_name"  # a named run's name (tracking.run_name), exactly as given
 GENERATOR_META = "generator_meta."  # prefix of the params describing the loaded generator (not config keys)
 
 
@@ -694,14 +709,30 @@ class MlflowTracker(Observer):
             **_dvc_tags(),
             **(tags or {}),
         }
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name(cfg))
+        named = cfg.tracking.run_name
+        if named:
+            tags[RUN_NAME_TAG] = named
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=named or run_name(cfg))
         self.run_id = run.info.run_id
+        if named:
+            self._claim(cfg.tracking.experiment_name, named)
         flat = {**flatten(cfg), **{f"{GENERATOR_META}{k}": v for k, v in self.generator.meta.items()}}
         params = [Param(k, str(v)) for k, v in flat.items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
         if real is not None:
             self._log_real(cfg, real)
+
+    def _claim(self, experiment: str, name: str) -> None:
+        """Two processes started at once under one run name (a job submitted twice) both found none and each
+        created one: the first started keeps it, the other deletes its own and stops, in one line."""
+        first = self.registry.runs_named(experiment, name)[0]
+        if first.run_id != self.run_id:
+            self.client.delete_run(self.run_id)
+            raise DataError(
+                f"tracking.run_name={name!r}: another process started run {first.run_id} under that name at the "
+                "same moment; it goes on, this one stops (the same command resumes that run once it stops)"
+            )
 
     def _log_real(self, cfg: Config, real: RealData) -> None:
         """The real validation split (it drives every decision) and the held-out test split (reported
@@ -912,6 +943,10 @@ class MlflowTracker(Observer):
         try:
             yield self
         except KeyboardInterrupt as exc:
+            # (SIGTERM raises it wherever the process was, a store write too: the frames it left keep that write's
+            # session alive, and with it a SQLite lock the end below would wait on; drop their locals first)
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
             self._end(RunStatus.KILLED, exc)
             raise
         except BaseException as exc:

