@@ -10,16 +10,17 @@ and exits 143 (128 + SIGTERM, what the scheduler expects of a terminated job; Ct
 
 from __future__ import annotations
 
+import atexit
 import functools
+import json
 import logging
 import math
 import os
 import re
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -37,11 +38,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dp_ops.config import Config, build_config, flatten, load_config, load_tree, sweep_config
+from dp_ops.config import Config, SweepConfig, build_config, flatten, load_config, load_tree, sweep_config
 from dp_ops.engine.saved import check_saved
 from dp_ops.errors import ConfigError, DataError, DpOpsError, RunAborted
 from dp_ops.files import unwritable, write_json
 from dp_ops.paths import check_paths, generator_exists
+from dp_ops.signals import sigterm_as_interrupt, terminated
 
 if TYPE_CHECKING:
     from dp_ops.engine.dist import World
@@ -81,9 +83,43 @@ err_console = Console(stderr=True)
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", "-p", help="params file (default: ./params.yaml if present)")
 ]
+
+
+def _config_keys() -> dict[str, Any]:
+    """Every key ``-S`` sets, dotted, with its default: the run's config and the ``sweep:`` section."""
+    sweep = flatten(SweepConfig())  # type: ignore[arg-type]  # (any section flattens alike)
+    return {**flatten(build_config({})), **{f"sweep.{key}": value for key, value in sweep.items()}}
+
+
+def _complete_set(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of ``-S``: ``KEY=`` for every config key that starts with what is typed, its default
+    as the help (zsh and fish show it). Where one key is left, ``KEY=DEFAULT`` is offered beside it: the
+    shell then completes to ``KEY=`` without the space it puts after a single candidate, for the value to
+    follow."""
+    found = {key: value for key, value in _config_keys().items() if f"{key}=".startswith(incomplete)}
+    offered = [(f"{key}=", f"default: {_as_typed(value)}") for key, value in found.items()]
+    if len(found) == 1:
+        ((key, value),) = found.items()
+        if not any(c.isspace() for c in _as_typed(value)):
+            offered.append((f"{key}={_as_typed(value)}", "the default"))
+    return offered
+
+
+def _as_typed(value: Any) -> str:
+    """A default as one would type it after ``-S KEY=`` (YAML: ``true``, ``[32,64,64]``, ``""``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, list) or value == "":
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", help="override one value with its dotted key, e.g. -S dp.omega=0.1 (repeatable)"),
+    typer.Option(
+        "--set",
+        "-S",
+        help="override one value with its dotted key, e.g. -S dp.omega=0.1 (repeatable)",
+        autocompletion=_complete_set,
+    ),
 ]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,7 +160,7 @@ def _friendly_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 return fn(*args, **kwargs)
         except DpOpsError as exc:
             rank = os.environ.get("RANK", "0")  # (under torchrun: every process checks the same config)
@@ -139,42 +175,29 @@ def _friendly_errors(fn: F) -> F:
         except RunAborted as exc:
             err_console.print(f"[bold red]error:[/] a run failed, so the study stops: {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            _no_colour_reset_at_exit()
 
     return wrapper  # type: ignore[return-value]
 
 
-_TERMINATED: list[int] = []  # the SIGTERM that stopped this command, if one did
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does; a
-    second one is ignored, so that ending the run KILLED is not itself cut short (SIGKILL still is)."""
-    _TERMINATED.clear()
-    if threading.current_thread() is not threading.main_thread():  # (signals reach the main thread only)
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if not _TERMINATED:
-            _TERMINATED.append(signum)
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _no_colour_reset_at_exit() -> None:
+    """Importing DVC calls ``colorama.init()``, which registers an exit hook writing a colour reset (ESC[0m)
+    to stdout when it is a terminal: one stray escape code after the command's last line, every time DVC
+    was loaded. What dp_ops prints goes through rich, which closes every style it opens: nothing to reset."""
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None:
+        atexit.unregister(initialise.reset_all)
 
 
 def _stopped(what: str) -> NoReturn:
     """The one line of a command stopped by Ctrl-C or SIGTERM (``what``: what happened and how to go on),
     and its exit code: 143 for SIGTERM, 130 for Ctrl-C (128 + the signal)."""
-    how = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+    how = "terminated (SIGTERM)" if terminated() else "interrupted"
     rank = os.environ.get("RANK", "0")
     where = "" if rank == "0" else f"(rank {rank}) "
     err_console.print(f"[yellow]{how}[/]{': ' if what else ''}{where}{what}", highlight=False, soft_wrap=True)
-    raise typer.Exit(128 + signal.SIGTERM if _TERMINATED else 130)
+    raise typer.Exit(128 + signal.SIGTERM if terminated() else 130)
 
 
 def _resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[str] | None) -> str:
@@ -286,6 +309,7 @@ def run(
             if world.main:
                 console.print(finished, highlight=False, soft_wrap=True)
             return
+        dist.use_threads(cfg.threads, world)  # (the run's own setting: a resumed run's recorded one)
         runner.preflight(cfg, world)
         real = runner.load_real_data(cfg, world)
         if world.main:  # (the store is opened only now: a refused run leaves none behind)
@@ -293,7 +317,9 @@ def run(
         with _progress() if world.main else nullcontext() as progress:
             generator = _generator(cfg, real, progress, world)
             observers = [RichObserver(progress)] if progress else []
-            run = runner.run_tracked(cfg, generator, real, observers, resume, registry=registry, world=world)
+            run = runner.run_tracked(
+                cfg, generator, real, observers, resume, dist.threads_tag(), registry=registry, world=world
+            )
     except KeyboardInterrupt as exc:
         _stopped(_resume_hint(exc, params, overrides))
     finally:
@@ -313,7 +339,7 @@ def _named(cfg: Config, registry: Any) -> tuple[str | None, str | None]:
         return None, None
     if found.status == "FINISHED":
         return None, (
-            f"run {found.run_id} named {name!r} in experiment '{cfg.tracking.experiment_name}' already FINISHED; "
+            f"run {found.run_id} named {name!r} in experiment '{registry.experiment_name(cfg)}' already FINISHED; "
             "nothing to do"
         )
     differ = runner.differences(cfg, runner.resume_config(found.run_id, registry))
@@ -381,7 +407,7 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
     page = run_url(registry.uri, tracker.experiment_id, run.run_id)
     lines = [
         f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
-        f"'{cfg.tracking.experiment_name}' at {registry.uri}",
+        f"'{tracker.experiment_name}' at {registry.uri}",
         f"  browse: {browse_hint(registry.uri)}",
         *([f"  page:   {page}"] if page else []),
     ]
@@ -392,6 +418,9 @@ def _print_tracked(cfg: Config, run: TrackedRun) -> None:
     hint = versioner.commit_hint()  # (none inside dvc repro, whose dvc.lock records the outputs, or without DVC)
     if hint:
         lines.append(f"  {hint}")
+    push = versioner.push_hint()  # (none when every round was pushed to the default remote already)
+    if push:
+        lines.append(f"  {push}")
     console.print(
         "\n".join(lines),
         soft_wrap=True,  # never break a path or a command in two
@@ -438,7 +467,9 @@ def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Train the generator on the generator-train split, measure its quality, save it to generator.path."""
     cfg = _config(params, set_)
     from dp_ops import runner
+    from dp_ops.engine.dist import use_threads
 
+    use_threads(cfg.threads)
     real = runner.load_real_data(cfg)
     with _progress() as progress:
         _, quality = runner.train_and_save_generator(
@@ -449,6 +480,11 @@ def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
         f"(real test accuracy {quality.judge_test_acc:.1%}) recognises [bold]{quality.recognition:.1%}[/] "
         f"of {quality.n_samples} unguided samples ({cfg.generator.steps} DDIM steps, CFG {cfg.generator.cfg_scale:g})."
     )
+    from dp_ops.records.versioning import dvc_root, push_hint
+
+    hint = push_hint(dvc_root(Path(cfg.generator.path)))  # (inside a dvc.yaml stage only)
+    if hint:
+        console.print(hint, highlight=False, soft_wrap=True)
 
 
 @generator_app.command("quality")
@@ -467,8 +503,10 @@ def generator_quality(
         )
     check_saved(cfg.generator.path)  # (load_pixel checks it too; here before the heavy imports)
     from dp_ops import runner
+    from dp_ops.engine.dist import use_threads
     from dp_ops.engine.quality import measure_quality
 
+    use_threads(cfg.threads)
     real = runner.load_real_data(cfg)
     generator = runner.load_pixel(cfg)
     with _progress() as progress:
@@ -575,6 +613,7 @@ def sweep(
     name = study_name or (f"{sc.study}-static" if strategy is SweepStrategy.static else sc.study)
     check_separate_stores(sc.storage, tracking_uri(cfg))
     world = dist.join(cfg.device)
+    dist.use_threads(cfg.threads, world)
     try:
         if world.distributed and sc.prune:
             raise ConfigError(
@@ -625,7 +664,10 @@ def bench(
     ratio: Annotated[list[int] | None, typer.Option(help="oversampling ratios (default 2, 4, 8); repeatable")] = None,
     workers: Annotated[
         int,
-        typer.Option(help="parallel runs (default: one per CPU core with 1 torch thread each, one per GPU on CUDA)"),
+        typer.Option(
+            help="parallel runs (default: one per CPU this process may use, with 1 torch thread each or the "
+            "`threads` key's count, one per GPU on CUDA)"
+        ),
     ] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the benchmark runs")] = "dp-ops-bench",
     out: Annotated[Path, typer.Option(help="folder for bench.json, bench.png and the runs' metrics")] = Path(
@@ -646,6 +688,7 @@ def bench(
     from dp_ops.studies import bench as bm
 
     world = dist.join(cfg.device)
+    dist.use_threads(cfg.threads, world)  # (this process's: a worker takes its share, bench.run_jobs)
     try:
         if not world.main:  # (under torchrun) take part in every run rank 0 leads
             cfg = world.broadcast(None)
@@ -864,7 +907,7 @@ def scaling(
     console.print(_scaling_table(report))
     for s, why in report.unfitted.items():
         console.print(f"{s}: no fit ({why})", soft_wrap=True)
-    _print_headline(report.headline)
+    _print_headline(report.headline, report.no_headline)
     console.print(f"wrote {files[0]} and {files[1]}")
     if log:
         source = (
@@ -904,14 +947,15 @@ def _scaling_table(report: Any) -> Table:
     return table
 
 
-def _print_headline(h: dict) -> None:
+def _print_headline(h: dict, why: str) -> None:
     if not h:
-        console.print("no data multiplier: it needs both dp and static runs")
+        console.print(f"no data multiplier: {why}", soft_wrap=True, highlight=False)
         return
     fit = h.get("data_multiplier_fit")
+    against = f", read against {h['static_group']}" if "static_group" in h else ""  # (runs of other settings)
     console.print(
         f"DP's best run (by validation accuracy): accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} "
-        f"samples (run {h['dp_run']})\n"
+        f"samples (run {h['dp_run']}){against}\n"
         f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
         + (
             ""

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from dp_ops.errors import ConfigError
+from dp_ops.files import workspace_storage
 from dp_ops.generators import BACKENDS, NAMES, SCHEDULERS, defaults_of, resolve, stored_format
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -74,6 +75,9 @@ MLFLOW_RUN_NAME_CHARS = 250  # (MLflow's run name column)
 RUN_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 MLFLOW_MODEL_NAME_CHARS = 256
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+# torch CPU threads per process: the largest machines have a few hundred cores; beyond that a number is a slip
+# (torch would start that many OpenMP threads, each taking its share of a CPU and its stack).
+MAX_THREADS = 1024
 
 # What a params file (or one -S value, or a stored MLflow param) may be before YAML builds it: params.yaml
 # is ~100 values three levels deep in a few KB; beyond these it is hostile or broken, and refused in
@@ -501,6 +505,12 @@ class Config(_Section):
         description="CUDA: deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms), slower; "
         "on the CPU runs are deterministic already",
     )
+    threads: int = Field(
+        0,
+        description="torch CPU threads per process; 0 = auto: $OMP_NUM_THREADS if set (torchrun sets 1 for "
+        "several processes), else one per process under torchrun, else the CPUs this process may use (its "
+        "affinity, cgroup CPU quota and SLURM_CPUS_PER_TASK, not every core of the machine)",
+    )
     data: DataConfig = DataConfig()
     generator: GeneratorConfig = GeneratorConfig()
     dp: DPConfig = DPConfig()
@@ -514,6 +524,13 @@ class Config(_Section):
     def _device_name(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _thread_count(cls, v: int) -> int:
+        if not 0 <= v <= MAX_THREADS:
+            raise ValueError(f"must be 0 (auto: the CPUs this process may use) or 1 to {MAX_THREADS} threads")
         return v
 
     @property
@@ -717,7 +734,9 @@ def sweep_config(tree: dict[str, Any]) -> SweepConfig:
     section = tree.get("sweep") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"sweep={shown(section)}: must be a section of keys (study, storage, n_trials, …)")
-    return validate(SweepConfig, section, prefix="sweep.")
+    sc = validate(SweepConfig, section, prefix="sweep.")
+    storage = workspace_storage(sc.storage)  # (in a DVC experiment's temporary copy: the workspace's file)
+    return sc if storage == sc.storage else sc.model_copy(update={"storage": storage})
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -219,3 +219,57 @@ def _disk_cause(exc: BaseException, folders: Sequence[str | Path]) -> tuple[int,
         except OSError:
             continue
     return None if code is None else (code, None)
+
+
+# ---- a DVC experiment's temporary copy --------------------------------------------------------------------
+# `dvc exp run --queue` (then `dvc queue start`) and `dvc exp run --temp` run each experiment's stages in a
+# copy of the workspace under `.dvc/tmp/exps/`, which DVC deletes once it has collected the stages' outs into
+# the experiment. DVC sets DVC_ROOT in the stage's environment to the user's workspace (the copy's own root
+# otherwise), so a stage can tell that it runs in such a copy, and where the workspace is.
+
+
+def experiment_copy() -> tuple[Path, Path] | None:
+    """(the copy's DVC root, the user's workspace root) while this process runs a stage of a DVC experiment
+    in a temporary copy of the workspace; None anywhere else (a plain run, ``dvc repro``, ``dvc exp run`` in
+    the workspace itself)."""
+    workspace, stage = os.environ.get("DVC_ROOT"), os.environ.get("DVC_STAGE")
+    if not workspace or not stage:
+        return None
+    here = Path.cwd().resolve()
+    copy = next((folder for folder in (here, *here.parents) if (folder / ".dvc").is_dir()), None)
+    if copy is None or copy == Path(workspace).resolve():
+        return None
+    return copy, Path(workspace)
+
+
+def workspace_path(path: str | Path) -> Path:
+    """Where a path that must outlive a DVC experiment's temporary copy lies: a relative one resolved against
+    the same folder of the user's workspace instead of the copy, which DVC deletes (a checkpoint, a tracking
+    or study database). Unchanged outside such a copy, or when absolute. A stage's declared outs must not
+    go through this: DVC collects them from the copy."""
+    path = Path(path)
+    where = experiment_copy()
+    if where is None or path.is_absolute():
+        return path
+    copy, workspace = where
+    return workspace / Path.cwd().resolve().relative_to(copy) / path
+
+
+SQLITE = "sqlite:///"
+
+
+def workspace_uri(uri: str) -> str:
+    """A ``sqlite:///<relative file>`` URI (MLflow's default ``sqlite:///mlflow.db``, Optuna's
+    ``sqlite:///optuna.db``) with its file where :func:`workspace_path` puts it; any other URI unchanged."""
+    if not uri.startswith(SQLITE):
+        return uri
+    file, sep, query = uri.removeprefix(SQLITE).partition("?")
+    if not file or Path(file).is_absolute():
+        return uri
+    return f"{SQLITE}{workspace_path(file)}{sep}{query}"
+
+
+def workspace_storage(url: str) -> str:
+    """An Optuna storage (``sweep.storage``: an SQLAlchemy URL or a journal file's path) as
+    :func:`workspace_uri` and :func:`workspace_path` place it."""
+    return workspace_uri(url) if "://" in url else str(workspace_path(url))

@@ -33,14 +33,21 @@ class RichObserver(Observer):
         if task == "train":
             if self._train is None:
                 self._train = self.progress.add_task("train learner", total=total)
-            self.progress.update(self._train, completed=completed, description=f"train (val {self._acc:.3f})")
+            self.progress.update(self._train, completed=completed, description=self._train_label())
         else:
             if self._gen is None:
                 self._gen = self.progress.add_task(f"generate round {self._round}", total=total)
             self.progress.update(self._gen, completed=completed, total=total)
 
     def on_eval(self, iteration: int, val_acc: float) -> None:
+        # (the loop reports a chunk's iterations, then evaluates: shown now, not at the next chunk's
+        # progress, the bar says the evaluation just made, the run's last one included)
         self._acc = val_acc
+        if self._train is not None:
+            self.progress.update(self._train, description=self._train_label())
+
+    def _train_label(self) -> str:
+        return f"train (val {self._acc:.3f})"
 
     def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
         if self._gen is not None:

@@ -42,7 +42,7 @@ from dp_ops.engine.sampling import Generator
 from dp_ops.engine.saved import CHECKSUMS, META_FILE, GeneratorMeta
 from dp_ops.engine.shards import round_dir, scan_round
 from dp_ops.errors import ConfigError, DataError, RunAborted
-from dp_ops.files import disk_error, write_json
+from dp_ops.files import disk_error, workspace_path, write_json
 from dp_ops.generators import BACKENDS, resolve
 from dp_ops.paths import CONFIG_FILES, check_generator, check_outputs, check_pipeline, output_locations
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
@@ -62,6 +62,7 @@ from dp_ops.records.versioning import (
     PushFailed,
     ShardInfo,
     adopt_round,
+    check_kept_by_stage,
     check_remote,
     dvc_root,
     parse_parts,
@@ -86,6 +87,7 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
     versioner = DvcVersioner(cfg.output.shards)
     if versioner.mode == "dvc add":  # (the default remote every round is pushed to; none inside dvc repro)
         check_remote(versioner.root)
+    check_kept_by_stage(cfg.output.shards)  # (in a DVC experiment's temporary copy)
     if cfg.data.name == "folder":
         from dp_ops.engine.folders import scan_folders
 
@@ -263,6 +265,7 @@ def run_tracked(
     of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and only
     its ``observers`` and ``registry`` are used)."""
     cfg = _resolve_micro_batches(cfg, world)  # (recorded resolved: a resume on other processes computes the same)
+    cfg = outliving_copy(cfg)
     if not world.main:
         return _follow(cfg, generator, real, world, resuming=resume_run_id is not None)
     lease = None
@@ -339,6 +342,18 @@ def _lost_line(why: str, run_id: str, resumable: bool) -> str:
     then = f"resume it with: dpops run --resume {run_id}" if resumable else "start it again (no round had completed)"
     stopped = f"run {run_id} stopped (FAILED) at its last completed round"
     return f"another process of the run stopped ({why}); {stopped}; {then}"
+
+
+def outliving_copy(cfg: Config) -> Config:
+    """Inside a DVC experiment's temporary copy (``dvc exp run --queue`` / ``--temp``), ``output.checkpoints``
+    in the user's workspace (:func:`~dp_ops.files.workspace_path`): a resume needs it after DVC deleted the
+    copy. The other ``output.*`` stay as given: they are the stage's outs and metrics, which DVC collects
+    from the copy into the experiment (and the tracking store is resolved as the workspace's by
+    :func:`~dp_ops.records.tracking.resolve_uri`). Unchanged anywhere else."""
+    checkpoints = str(workspace_path(cfg.output.checkpoints))
+    if checkpoints == cfg.output.checkpoints:
+        return cfg
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"checkpoints": checkpoints})})
 
 
 def _resolve_micro_batches(cfg: Config, world: World) -> Config:
@@ -446,7 +461,7 @@ def resume_config(run_id: str, registry: Registry) -> Config:
 def named_run(cfg: Config, registry: Registry) -> RunFacts | None:
     """The run ``tracking.run_name`` names in the config's experiment (at most one survives its creation:
     :meth:`MlflowTracker._claim`), or None: a new run starts under the name."""
-    runs = registry.runs_named(cfg.tracking.experiment_name, cfg.tracking.run_name)
+    runs = registry.runs_named(registry.experiment_name(cfg), cfg.tracking.run_name)
     return runs[0] if runs else None
 
 

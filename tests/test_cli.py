@@ -57,10 +57,23 @@ def test_version_is_the_package_version():
 
 @pytest.mark.slow
 def test_run_trains_missing_generator_then_runs_and_writes_metrics(tmp_path, mlflow_store):
+    import torch
+    from mlflow import MlflowClient
+
     mlflow_store(tmp_path)  # the store _params names, already migrated
     params = _params(tmp_path)
-    result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=0.2"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # (what the command must change: more threads than tests run with)
+    try:
+        result = runner.invoke(app, ["run", "--params", str(params), "-S", "dp.omega=0.2", "-S", "threads=1"])
+        assert torch.get_num_threads() == 1  # the key's count, given to torch
+    finally:
+        torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
+    (recorded,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        ["1"], "tags.`dpops.role` = 'experiment'"
+    )
+    assert recorded.data.tags["dpops.torch_threads"] == "1" and recorded.data.params["threads"] == "1"
     assert "training one first" in result.output and "final val acc" in result.output
     assert "MLflow run" in result.output and "mlflow ui --backend-store-uri sqlite:///" in result.output
     assert (tmp_path / "gen" / "dpops_generator.json").is_file()
@@ -287,3 +300,71 @@ def test_a_study_refuses_one_run_name_for_its_many_runs(command):
 def test_run_name_and_resume_together_are_one_line():
     result = runner.invoke(app, ["run", "--run-name", "a", "--resume", "0123"])
     assert result.exit_code == 1 and "--resume and --run-name: give one" in result.output
+
+
+def test_set_completes_every_config_key_in_the_shell():
+    from dp_ops.cli import _complete_set
+    from dp_ops.config import SweepConfig, build_config, flatten
+
+    def complete(words):
+        env = {"_DPOPS_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+        return runner.invoke(app, [], prog_name="dpops", env=env).output.split()
+
+    assert complete("dpops run -S tr")[:3] == ["train.iterations=", "train.eval_every=", "train.batch_size="]
+    assert complete("dpops sweep --set sweep.omega.") == ["sweep.omega.low=", "sweep.omega.high=", "sweep.omega.log="]
+    # one key left: its default beside it, so that the shell stops after '=' (no space) for the value
+    assert complete("dpops bench -S dp.strategy=static -S dp.om") == ["dp.omega=", "dp.omega=0.05"]
+    assert complete("dpops run -S generator.chann") == ["generator.channels_last=", "generator.channels="]
+    assert complete("dpops config show -S threa") == ["threads=", "threads=0"]
+    every = {key for key, _ in _complete_set("") if key.endswith("=")}
+    sweep_keys = {f"sweep.{k}" for k in flatten(SweepConfig())}  # type: ignore[arg-type]
+    assert every == {f"{k}=" for k in [*flatten(build_config({})), *sweep_keys]}
+
+
+def test_the_training_bar_shows_the_evaluation_just_made_the_last_one_included():
+    """The loop reports a chunk's iterations, then evaluates: the bar showed the evaluation before (issue 31)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from dp_ops.render import RichObserver
+
+    progress = Progress(console=Console(file=io.StringIO()))
+    observer = RichObserver(progress)
+    for iteration, acc in ((10, 0.5), (20, 0.75)):  # (the loop's order of events)
+        observer.on_progress("train", iteration, 20)
+        observer.on_eval(iteration, acc)
+        assert [t.description for t in progress.tasks] == [f"train (val {acc:.3f})"]
+
+
+def _on_a_terminal(code, cwd):
+    """What ``python -c code`` writes to a pseudo-terminal (stdout and stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "TERM": "xterm-256color"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # (EIO: the last writer closed the terminal)
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, out
+    return out
+
+
+@pytest.mark.slow  # (two python processes that import DVC: about 1 s)
+def test_a_command_leaves_no_colour_code_on_the_terminal_after_its_last_line(tmp_path):
+    """Importing DVC (every run, sweep and benchmark does) runs colorama.init(), whose exit hook wrote ESC[0m
+    to the terminal after the command's last line (issue 31)."""
+    assert _on_a_terminal("import dvc", tmp_path).endswith(b"\x1b[0m")  # (what the command inherits)
+    command = "import dvc; from dp_ops.cli import app; app(['config', 'show', '-S', 'seed=3'], prog_name='dpops')"
+    out = _on_a_terminal(command, tmp_path)
+    assert b"seed" in out and out.endswith(b"\n"), out[-200:]

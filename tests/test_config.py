@@ -399,7 +399,7 @@ def test_every_key_gives_one_short_line_or_a_valid_config(value):
         assert accepted == [], accepted
     else:
         assert set(accepted) == {
-            "seed", "deterministic", "data.split_seed", "data.shard_resolution", "generator.resolution",
+            "seed", "deterministic", "threads", "data.split_seed", "data.shard_resolution", "generator.resolution",
             "generator.vae_slicing", "generator.attention_slicing", "generator.channels_last", "dp.omega",
             "dp.incremental_patience", "dp.max_rounds", "learner.drop_rate", "train.weight_decay",
             "train.label_smoothing", "train.warmup_fraction", "train.mixup", "train.cutmix", "train.ema_decay",
@@ -459,6 +459,24 @@ def test_values_that_would_crash_a_run_at_its_start_are_refused(override, expect
         check(load_tree(None, [override]))
     message = str(info.value)
     assert message.startswith(expected) and "\n" not in message and len(message) < 300, message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("-1", "threads=-1: must be 0 (auto: the CPUs this process may use) or 1 to 1024 threads"),
+        ("1025", "threads=1025: must be 0 (auto: the CPUs this process may use) or 1 to 1024 threads"),
+        ("true", "threads=True: must be a number, not true"),
+        ("two", "threads='two': input should be a valid integer"),
+        ("1.5", "threads=1.5: input should be a valid integer"),
+    ],
+)
+def test_threads_is_auto_or_a_count_and_anything_else_is_one_line(value, expected):
+    assert load_config(None, []).threads == 0  # (auto: the default)
+    assert load_config(None, ["threads=1024"]).threads == 1024
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"threads={value}"])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value), str(info.value)
 
 
 def test_the_largest_accepted_values_are_valid():

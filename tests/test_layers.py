@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "dp_ops.errors": 0,
     "dp_ops.files": 0,
     "dp_ops.generators": 0,
+    "dp_ops.signals": 0,
     "dp_ops.engine": 1,
     "dp_ops.records": 2,
     "dp_ops.paths": 3,

@@ -18,7 +18,7 @@ from conftest import tiny_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = yaml.safe_load((REPO / "params.yaml").read_text())["sweep"]["static_sizes"]
-PLOTS = ["validation accuracy (dp and static)", "dp pool size per round", "dp entropy of each round's new samples"]
+PLOTS = ["validation accuracy (dp and static)", "dp pool size per round", "dp entropy of the new samples per round"]
 
 
 def _run(args, cwd, env):
@@ -134,7 +134,7 @@ def _check_plots(ws, env):
     assert [v["entropy_mean"] for v in entropy] == [r["entropy_mean"] for r in records]
     (image,) = data["results/scaling/scaling.png"]
     assert image["type"] == "image"
-    assert [e["source"] for e in shown["errors"]] == ["results/bench/bench.png"]  # (until `dpops bench` runs)
+    assert "errors" not in shown  # (every declared plot is a file the pipeline writes)
 
 
 def test_the_validation_plot_names_the_static_runs_of_params_yaml():

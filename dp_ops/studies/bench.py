@@ -19,7 +19,9 @@ oversample, OOD gain, guidance effect) and the plot are :mod:`dp_ops.studies.ben
 and OOD splits are reported only; nothing here chooses anything by them.
 
 Runs execute in ``workers`` processes with ``threads`` torch threads each, so every run of a benchmark
-is timed under the same conditions. On the CPU the default is one worker per core with one thread each.
+is timed under the same conditions. On the CPU the default is one worker per CPU this process may use
+with one thread each (the ``threads`` key, when set, gives each worker that many); every run records its
+count (the ``dpops.torch_threads`` tag).
 On CUDA (``device=auto`` or ``cuda`` on a machine with GPUs) it is one worker per visible GPU, and worker
 i (in start order) runs every run it takes on ``cuda:i`` (``device=cuda:i`` on top of the run's
 overrides, so the run's params say where it ran); ``device=cuda:N`` keeps every run on that one GPU.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -44,7 +45,7 @@ from typing import Any
 from dp_ops import runner
 from dp_ops.config import Config, flatten, load_config, load_tree, run_files, sweep_config
 from dp_ops.engine.devices import resolve_device
-from dp_ops.engine.dist import World, make_current
+from dp_ops.engine.dist import World, available_cpus, make_current, threads_tag
 from dp_ops.engine.loop import Observer
 from dp_ops.errors import ConfigError
 from dp_ops.files import write_json
@@ -139,7 +140,8 @@ def plan(
         load_config(params, [*base, *arm.overrides])
     for k in factors:  # (the size is chosen once static has finished: any of them can be it)
         load_config(params, [*base, "dp.strategy=static", f"train.iterations={k * cfg.train.iterations}"])
-    digest = hashlib.md5(repr(sorted(flatten(cfg).items())).encode()).hexdigest()[:8]
+    measured = {k: v for k, v in flatten(cfg).items() if k != "threads"}  # (how it ran: not what it measures)
+    digest = hashlib.md5(repr(sorted(measured.items())).encode()).hexdigest()[:8]
     bench_id = ("quick-" if quick else "full-") + digest
     bp = BenchPlan(bench_id, tuple(base), tuple(arms), tuple(seeds), dp.name, "dp ω=0", cfg.train.iterations, factors)
     return bp, cfg
@@ -251,7 +253,9 @@ def prepare(
 ) -> Prepared:
     """Plan and check everything before work starts; create the MLflow store and experiment (before any
     worker could race to create them); find what earlier invocations finished or left interrupted.
-    ``workers`` 0: one per CPU core with one torch thread each, or one per GPU (:func:`gpu_slots`)."""
+    ``workers`` 0: one per CPU this process may use (:func:`~dp_ops.engine.dist.available_cpus`) with one
+    torch thread each (``threads`` each, and as many times fewer workers, when the key is set), or one
+    per GPU (:func:`gpu_slots`); fewer workers (``--workers``) each take their share of the CPUs."""
     sizes = sweep_config(load_tree(params, overrides)).static_sizes
     bp, cfg = plan(
         params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick, ratios=ratios
@@ -261,10 +265,11 @@ def prepare(
     exp_id = registry.experiment_id(experiment)
     done, resumable = registry_state(registry, exp_id, bp.bench_id)
     todo = jobs(bp, done, resumable, out)
-    cores, gpus = os.cpu_count() or 1, gpu_slots(cfg)
-    n = workers or len(gpus) or (1 if resolve_device(cfg.device).type == "cuda" else cores)
+    cores, gpus = available_cpus(), gpu_slots(cfg)
+    per_run = cfg.threads or 1  # (the `threads` key, when set: each worker's torch threads)
+    n = workers or len(gpus) or (1 if resolve_device(cfg.device).type == "cuda" else max(1, cores // per_run))
     n = max(1, min(n, len(todo) or 1))
-    return Prepared(bp, cfg, registry, exp_id, len(done), tuple(todo), n, max(1, cores // n))
+    return Prepared(bp, cfg, registry, exp_id, len(done), tuple(todo), n, cfg.threads or max(1, cores // n))
 
 
 def gpu_slots(cfg: Config) -> tuple[str, ...]:
@@ -377,7 +382,7 @@ def run_jobs_across(
     generator = runner.load_generator(first, real, world)  # (the arms share both)
     for job in todo:
         cfg = load_config(params, job.overrides)
-        tags = _tags(bench_id, job.arm)
+        tags = {**_tags(bench_id, job.arm), **threads_tag()}
         run = runner.lead_run(cfg, generator, real, resume_run_id=job.resume_run_id, tags=tags, world=world)
         results.append(_result(job, run))
         on_result(results[-1])
@@ -402,7 +407,7 @@ def _run_job(job: Job) -> JobResult:
         if "generator" not in w:
             w["real"] = runner.load_real_data(cfg)
             w["generator"] = runner.load_generator(cfg, w["real"])
-        tags = _tags(w["bench_id"], job.arm)
+        tags = {**_tags(w["bench_id"], job.arm), **threads_tag()}
         run = runner.run_tracked(
             cfg, w["generator"], w["real"], [_Stop(w["stop"])], resume_run_id=job.resume_run_id, tags=tags
         )

@@ -43,11 +43,16 @@ _UPPER = np.array([5.0, 5.0, float(np.nextafter(1.0, 0.0))])
 _ALPHA_RANGE = (0.05, 3.0)  # where multi-start α values are spread (log-uniformly)
 _C_MAX_FRACTION = 0.95  # multi-start c values lie in [0, 0.95·min(err)]
 _BOOT_EXTRA_STARTS = 2  # bootstrap refits: best solution + this many grid starts
+# least_squares (trf) keeps its iterates strictly inside the box, so a parameter at a bound comes back a hair
+# off it, by an amount that varies from fit to fit (c = 3e-19 here, 5e-17 in a refit): within this (relative
+# to the bound's scale) it is the bound
+_AT_BOUND = 1e-9
 
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """A fitted error(n) = a·n^(−α) + c with 95% percentile-bootstrap intervals.
+    """A fitted error(n) = a·n^(−α) + c with 95% percentile-bootstrap intervals (each holds its estimate,
+    see :func:`_interval`).
 
     ``boot`` holds the bootstrap parameter samples ``(a, α, c)`` so that plots can draw a band by
     evaluating them; :meth:`to_dict` summarises it by its size only.
@@ -162,8 +167,8 @@ def fit_power_law(
 
     boot = _bootstrap(dx, err_arr, theta, grid, n_boot, f_scale, rng, x0)
     if len(boot) >= 2:
-        q = np.percentile(np.asarray(boot), [2.5, 97.5], axis=0)
-        a_ci, alpha_ci, c_ci = ((float(q[0, j]), float(q[1, j])) for j in range(3))
+        draws = np.asarray(boot)
+        a_ci, alpha_ci, c_ci = (_interval(draws[:, j], v) for j, v in enumerate((a, alpha, c)))
     else:
         a_ci = alpha_ci = c_ci = (math.nan, math.nan)
 
@@ -368,6 +373,25 @@ def _initial_b(dx: np.ndarray, err: np.ndarray, start: tuple[float, float]) -> n
     return np.clip(np.array([b, alpha, c]), _LOWER, _UPPER)
 
 
+def _interval(draws: np.ndarray, estimate: float) -> tuple[float, float]:
+    """The 2.5–97.5 percentile range of the bootstrap refits, reaching to the estimate where it lies outside.
+
+    The estimate is outside only when nearly all refits land on one side of it: at a bound of the box that
+    fewer than 2.5% of the resamples reach (c = 0, the fit on all points, while resamples with a duplicated
+    point find a floor), or in another optimum of this non-convex fit. The percentiles alone would then claim
+    95% confidence in a range that excludes what the data fitted; the interval keeps both.
+    """
+    lo, hi = (float(q) for q in np.percentile(draws, [2.5, 97.5]))
+    return min(lo, estimate), max(hi, estimate)
+
+
+def _onto_bounds(theta: np.ndarray) -> np.ndarray:
+    """``theta`` with each parameter within :data:`_AT_BOUND` of a bound of the box put on it."""
+    scale = _AT_BOUND * np.maximum(1.0, np.abs(_UPPER - _LOWER))
+    theta = np.where(theta - _LOWER <= scale, _LOWER, theta)
+    return np.where(_UPPER - theta <= scale, _UPPER, theta)
+
+
 def _best_fit(dx: np.ndarray, err: np.ndarray, starts: list[np.ndarray], f_scale: float) -> np.ndarray | None:
     best, best_cost = None, math.inf
     for theta0 in starts:
@@ -384,7 +408,7 @@ def _best_fit(dx: np.ndarray, err: np.ndarray, starts: list[np.ndarray], f_scale
         except (ValueError, FloatingPointError):
             continue
         if np.all(np.isfinite(res.x)) and res.cost < best_cost:
-            best, best_cost = res.x, float(res.cost)
+            best, best_cost = _onto_bounds(res.x), float(res.cost)
     return best
 
 

@@ -5,6 +5,11 @@ strategy or any MLflow filter string) or from the ``metrics.json`` files of DVC 
 ``scaling`` stage, which must not depend on a database's history). The fitting itself is
 :mod:`dp_ops.studies.scaling`; this module chooses the points and writes ``scaling.json`` and ``scaling.png``.
 
+A law is fitted over runs that differ in their size only (and in their seed, and in how and where they ran): a
+300-iteration run and a 2,000-iteration run are no two points of one curve. A strategy's runs that differ in
+anything else are grouped, one law per group, labelled by what differs (``static (train.iterations=300)``), and
+DP's best run is read against the static runs that share its settings, strategy aside.
+
 Headline numbers, both read against ``static``:
 
 * **data multiplier** = samples static needs to reach the accuracy of DP's best run (best by validation
@@ -22,8 +27,10 @@ is ``null``: an unreachable target, a multiplier static never reaches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,17 +69,47 @@ class RunPoint:
     final_val_acc: float
     final_test_acc: float
     curve: tuple[tuple[int, float], ...] = field(default=(), repr=False)  # (iteration, val acc)
+    # the settings that define what the run measured (:func:`measured`): flat config keys, values as text
+    config: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+# Flat config keys that say how or where a run ran, not what it measured (a seed is a replicate), and the keys
+# that set its size: runs that differ in these only are points of one law.
+UNMEASURED = (
+    "seed",
+    "device",
+    "deterministic",
+    "threads",
+    "train.num_workers",
+    "train.micro_batches",
+    "train.eval_batch_size",
+)
+UNMEASURED_PREFIXES = ("tracking.", "output.")
+SIZE_KEYS = ("dp.initial_size", "dp.round_size", "dp.max_rounds")
+# what a strategy does not use: static has no rounds and no guidance, oversample no guidance
+UNUSED = {"static": ("dp.", "generator.guide_every"), "oversample": ("dp.omega", "generator.guide_every")}
+STRATEGY_OWN = ("dp.", "generator.guide_every")  # what DP's runs may differ in from static's and still compare
+
+
+def measured(strategy: str, config: dict[str, str]) -> dict[str, str]:
+    """The settings of a ``strategy`` run that define what it measured, less its size: what two points of one
+    law share."""
+    skip = (*UNMEASURED_PREFIXES, *SIZE_KEYS, *UNUSED.get(strategy, ()), "dp.strategy")
+    return {k: v for k, v in config.items() if k not in UNMEASURED and not k.startswith(skip)}
 
 
 @dataclass(frozen=True)
 class ScalingReport:
     metric: str
     x: str
-    points: dict[str, list[tuple[float, float]]]
+    points: dict[str, list[tuple[float, float]]]  # group label -> (n, accuracy) points
     fits: dict[str, PowerLawFit]
-    unfitted: dict[str, str]  # strategy -> why it has no fit
-    targets: dict[str, dict[str, float]]  # strategy -> {target accuracy: samples needed (fit)}
+    unfitted: dict[str, str]  # group label (see group_runs) -> why it has no fit
+    targets: dict[str, dict[str, float]]  # group label -> {target accuracy: samples needed (fit)}
     headline: dict[str, Any]  # data/iteration multipliers against static; empty without dp and static
+    # label -> the strategy and the settings that set its runs apart from the strategy's other groups
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    no_headline: str = ""  # why the headline is empty
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``None``)."""
@@ -80,6 +117,7 @@ class ScalingReport:
             {
                 "metric": self.metric,
                 "x": self.x,
+                "groups": self.groups,
                 "points": {k: [list(p) for p in v] for k, v in self.points.items()},
                 "fits": {k: f.to_dict() for k, f in self.fits.items()},
                 "unfitted": self.unfitted,
@@ -102,7 +140,7 @@ def points_from_mlflow(
     """Finished experiment runs (not round runs, not earlier reports) of the named MLflow experiments.
     ``study`` is matched exactly (quoted for MLflow); a ``filter_string`` MLflow refuses is one line naming
     ``--filter``."""
-    from dp_ops.records.tracking import filter_equals
+    from dp_ops.records.tracking import config_params, filter_equals
 
     ids = []
     for name in experiments:
@@ -135,6 +173,7 @@ def points_from_mlflow(
                 m["final_val_acc"],
                 m["final_test_acc"],
                 curve,
+                measured(strategy, config_params(run.params)),
             )
         )
     return out
@@ -168,6 +207,7 @@ def points_from_files(paths: Sequence[str | Path]) -> list[RunPoint]:
                     float(m["final_val_acc"]),
                     float(m["final_test_acc"]),
                     tuple((int(c["iteration"]), float(c["val_acc"])) for c in curve),
+                    {"train.iterations": str(int(m["iterations"]))},  # (all of its config a metrics file tells)
                 )
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -194,18 +234,21 @@ def scaling_report(
     n_boot: int = 200,
     seed: int = 0,
 ) -> ScalingReport:
-    """Fit error = a·n^(−α) + c per strategy; refuse when no strategy has enough points to fit."""
-    points: dict[str, list[tuple[float, float]]] = {}
-    for r in sorted(runs, key=lambda r: (r.strategy, getattr(r, x))):
-        points.setdefault(r.strategy, []).append((float(getattr(r, x)), float(getattr(r, metric))))
+    """Fit error = a·n^(−α) + c per group of runs that differ in size only (one per strategy unless its runs
+    differ in more, see :func:`group_runs`); refuse when no group has enough points to fit."""
+    grouped, groups = group_runs(runs)
+    points = {
+        label: [(float(getattr(r, x)), float(getattr(r, metric))) for r in sorted(rs, key=lambda r: getattr(r, x))]
+        for label, rs in grouped.items()
+    }
     fits, unfitted = {}, {}
-    for strategy, pts in points.items():
+    for label, pts in points.items():
         try:
-            fits[strategy] = fit_power_law(
-                [p[0] for p in pts], [1 - p[1] for p in pts], n_boot=n_boot, seed=seed, label=strategy
+            fits[label] = fit_power_law(
+                [p[0] for p in pts], [1 - p[1] for p in pts], n_boot=n_boot, seed=seed, label=label
             )
         except FitError as exc:
-            unfitted[strategy] = str(exc)
+            unfitted[label] = str(exc)
     if not fits:
         counts = ", ".join(f"{s}: {len(p)}" for s, p in points.items()) or "no finished experiment runs"
         raise FitError(
@@ -213,31 +256,79 @@ def scaling_report(
             f"distinct sizes; have {counts})"
         )
     need = {s: {f"{t:g}": f.samples_for_accuracy(t) for t in targets} for s, f in fits.items()}
-    return ScalingReport(metric, x, points, fits, unfitted, need, _headline(runs, points, fits, metric, x))
+    headline, why = _headline(grouped, points, fits, metric, x)
+    return ScalingReport(metric, x, points, fits, unfitted, need, headline, groups, why)
 
 
-def _headline(runs: Sequence[RunPoint], points: dict, fits: dict, metric: str, x: str) -> dict[str, Any]:
-    dp = [r for r in runs if r.strategy == "dp"]
-    static = [r for r in runs if r.strategy == "static"]
-    if not dp or not static:
-        return {}
+def group_runs(runs: Sequence[RunPoint]) -> tuple[dict[str, list[RunPoint]], dict[str, dict[str, Any]]]:
+    """The runs by strategy and, within one, by the settings they share but size (:attr:`RunPoint.config`).
+
+    A strategy whose runs all share them is one group labelled by the strategy; otherwise each group is
+    labelled by the settings that set it apart, ``static (train.iterations=300)``. Returns the groups (strategy
+    order, then by label) and, per label, its strategy and those settings."""
+    by_strategy: dict[str, dict[tuple, list[RunPoint]]] = {}
+    for r in sorted(runs, key=lambda r: r.strategy):
+        by_strategy.setdefault(r.strategy, {}).setdefault(tuple(sorted(r.config.items())), []).append(r)
+    grouped: dict[str, list[RunPoint]] = {}
+    about: dict[str, dict[str, Any]] = {}
+    for strategy, found in by_strategy.items():
+        configs = [dict(key) for key in found]
+        differ = sorted({k for c in configs for k in c if any(o.get(k) != c[k] for o in configs)})
+        labelled = {}
+        for config, members in zip(configs, found.values(), strict=True):
+            settings = {k: config.get(k, "(unset)") for k in differ}
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            labelled[f"{strategy} ({shown})" if shown else strategy] = (members, settings)
+        for label in sorted(labelled):
+            grouped[label] = labelled[label][0]
+            about[label] = {"strategy": strategy, "settings": labelled[label][1]}
+    return grouped, about
+
+
+def _shared(config: dict[str, str]) -> dict[str, str]:
+    """The settings a DP run and a static run must share to be compared (all but each strategy's own)."""
+    return {k: v for k, v in config.items() if not k.startswith(STRATEGY_OWN)}
+
+
+def _headline(grouped: dict, points: dict, fits: dict, metric: str, x: str) -> tuple[dict[str, Any], str]:
+    """DP's best run against the static runs that share its settings (strategy aside): the multipliers, or
+    an empty headline and why there is none."""
+    dp = [r for rs in grouped.values() for r in rs if r.strategy == "dp"]
+    statics = [label for label, rs in grouped.items() if rs[0].strategy == "static"]
+    if not dp or not statics:
+        return {}, "it needs both dp and static runs"
     # DP's best run is chosen on validation accuracy (then fewer samples), never on the test split
     best = max(dp, key=lambda r: (r.final_val_acc, -getattr(r, x)))
+    dp_label = next(label for label, rs in grouped.items() if any(r is best for r in rs))
+    static_label = next((s for s in statics if _shared(grouped[s][0].config) == _shared(best.config)), None)
+    if static_label is None:
+        mine = _shared(best.config)
+        theirs = [_shared(grouped[s][0].config) for s in statics]
+        keys = sorted({k for t in theirs for k in {*t, *mine} if t.get(k) != mine.get(k)})
+        shown = "; ".join(f"{k}: dp {mine.get(k, '(unset)')}, static {_values(theirs, k)}" for k in keys)
+        return {}, f"no static runs share the settings of DP's best run {best.source} ({shown})"
+    static = grouped[static_label]
     acc, used = float(getattr(best, metric)), float(getattr(best, x))
     out: dict[str, Any] = {"dp_run": best.source, "dp_accuracy": acc, "dp_samples": used}
-    out["data_multiplier_points"] = data_multiplier(points["static"], used, acc)
-    if "static" in fits:
-        out["static_samples_needed_fit"] = fits["static"].samples_for_accuracy(acc)
-        out["data_multiplier_fit"] = data_multiplier(fits["static"], used, acc)
-        out["fit_extrapolated"] = out["static_samples_needed_fit"] > max(n for n, _ in points["static"])
-    if "static" in fits and "dp" in fits:
-        out.update(_laws_multiplier(fits["static"], fits["dp"], acc))
+    if static_label != "static" or dp_label != "dp":
+        out.update(dp_group=dp_label, static_group=static_label)
+    out["data_multiplier_points"] = data_multiplier(points[static_label], used, acc)
+    if static_label in fits:
+        out["static_samples_needed_fit"] = fits[static_label].samples_for_accuracy(acc)
+        out["data_multiplier_fit"] = data_multiplier(fits[static_label], used, acc)
+        out["fit_extrapolated"] = out["static_samples_needed_fit"] > max(n for n, _ in points[static_label])
+    if static_label in fits and dp_label in fits:
+        out.update(_laws_multiplier(fits[static_label], fits[dp_label], acc))
     target = best.final_val_acc
     dp_iters = _first_reaching(best.curve, target)
     static_iters = min((_first_reaching(r.curve, target) for r in static), default=math.inf)
     out.update(dp_val_acc=target, dp_iterations_to_val=dp_iters, static_iterations_to_val=static_iters)
     out["iteration_multiplier"] = static_iters / dp_iters if math.isfinite(dp_iters) and dp_iters > 0 else math.nan
-    return out
+    return out, ""
+
+
+def _values(configs: list[dict[str, str]], key: str) -> str:
+    return " or ".join(sorted({c.get(key, "(unset)") for c in configs}))
 
 
 def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[str, Any]:
@@ -285,9 +376,29 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
 def log_report(
     report: ScalingReport, files: Sequence[Path], registry: Registry, experiment: str, params: dict[str, str]
 ) -> str:
-    """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts."""
-    metrics = {f"{s}.{k}": getattr(f, k) for s, f in report.fits.items() for k in ("a", "alpha", "c", "rmse")}
+    """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts. It
+    replaces the report an earlier call logged from the same inputs (``params`` less the run count): the
+    same command run again keeps one report run, the latest, instead of piling up one per call."""
+    metrics = {f"{_metric_prefix(report, s)}.{k}": getattr(f, k) for s, f in report.fits.items() for k in FIT_METRICS}
     metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
+    inputs = json.dumps({k: v for k, v in params.items() if k != "runs"}, sort_keys=True)
     return registry.log_report_run(
-        experiment, role="scaling", run_name="scaling-report", metrics=metrics, params=params, files=files
+        experiment,
+        role="scaling",
+        run_name="scaling-report",
+        metrics=metrics,
+        params=params,
+        files=files,
+        key=hashlib.sha256(inputs.encode()).hexdigest()[:16],
     )
+
+
+FIT_METRICS = ("a", "alpha", "c", "rmse")
+
+
+def _metric_prefix(report: ScalingReport, label: str) -> str:
+    """A group's label as MLflow takes it in a metric name (letters, digits, ``_ - . : /`` and spaces):
+    ``static train.iterations:300``."""
+    about = report.groups.get(label, {"strategy": label, "settings": {}})
+    name = " ".join([about["strategy"], *(f"{k}:{v}" for k, v in about["settings"].items())])
+    return re.sub(r"[^\w.\-:/ ]", "_", name)

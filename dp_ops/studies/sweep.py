@@ -28,8 +28,8 @@ or an Optuna journal file (many workers on one file system). Three rules make th
 What Optuna's own views (optuna-dashboard, ``study.trials_dataframe()``) show: the metrics by name
 (:func:`objective_names`), each trial's validation accuracy at every evaluation as its intermediate values
 (step = iteration, pruning or not; a multi-objective trial keeps none, by Optuna's rule), the trial's MLflow
-run id and page (:func:`~dp_ops.records.tracking.run_url`); :func:`dashboard_command` is the command that
-opens the storage.
+run id and page (:func:`~dp_ops.records.tracking.run_url`), and a note holding a link to that page that
+optuna-dashboard shows (:func:`run_note`); :func:`dashboard_command` is the command that opens the storage.
 
 Workers may start together on a new storage: a SQLite database or journal file is opened and the study
 created under a file lock beside it (:func:`dp_ops.records.tracking.store_lock`), so exactly one creates
@@ -55,11 +55,19 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dp_ops.config import Config, SweepConfig, apply_overrides, build_config, run_files, to_tree
-from dp_ops.engine.dist import SINGLE, World
+from dp_ops.engine.dist import SINGLE, World, threads_tag
 from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.records.tracking import Registry, StoreUnavailable, filter_equals, run_url, store_lock
+from dp_ops.records.tracking import (
+    Registry,
+    StoreUnavailable,
+    browse_hint,
+    filter_equals,
+    is_server,
+    run_url,
+    store_lock,
+)
 from dp_ops.runner import lead_run
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
@@ -583,11 +591,13 @@ class Sweep:
         return TrialOutcome(trial.number, "COMPLETE", params, values, run_id)
 
     def _link_run(self, trial: Trial, run_id: str) -> None:
-        """The trial's MLflow run: its id, and a link to its page (:func:`~dp_ops.records.tracking.run_url`)."""
+        """The trial's MLflow run: its id, its page (:func:`~dp_ops.records.tracking.run_url`), and the
+        trial's note with a link to it (:func:`run_note`)."""
         trial.set_user_attr("dpops.mlflow_run_id", run_id)
         url = run_url(self.registry.uri, self.experiment_id, run_id)
         if url is not None:
             trial.set_user_attr("dpops.mlflow_run_url", url)
+        save_note(trial, run_note(self.registry.uri, self.experiment_id, run_id))
 
     def _run_to_resume(self, number: int) -> str | None:
         """A retry resumes the MLflow run of the trial it retries: the latest of the retry history that has
@@ -622,6 +632,43 @@ class Sweep:
         return TrialOutcome(trial.number, state.name, params, None, run_id, error)
 
 
+def run_note(uri: str, experiment_id: str, run_id: str) -> str:
+    """A trial's note (Markdown, which optuna-dashboard renders): its MLflow run as a link to the run's page
+    under the store's own URL on a tracking server; for a database, where ``mlflow ui`` serves it by default,
+    with the command that serves it and that address named as the assumption it is."""
+    url = run_url(uri, experiment_id, run_id)
+    if url is None:  # (Databricks: its workspace URL is not in the tracking URI)
+        return f"MLflow run `{run_id}` in experiment {experiment_id} at `{uri}`"
+    link = f"MLflow run [{run_id}]({url})"
+    if is_server(uri):
+        return f"{link} on the tracking server {uri}"
+    return (
+        f"{link}, once the store is served: `{browse_hint(uri)}` (the link assumes its default address, "
+        "http://127.0.0.1:5000; with --host or --port, the page is there instead)"
+    )
+
+
+NOTE_CHUNK = 2045  # (optuna-dashboard's longest note attribute, SYSTEM_ATTR_MAX_LENGTH)
+
+
+def save_note(trial: Trial, body: str) -> None:
+    """Make ``body`` (Markdown) the trial's note, where optuna-dashboard reads, shows and edits notes: the
+    study's system attributes ``dashboard:<trial id>:note_ver`` (one more than the last version) and
+    ``dashboard:<trial id>:note_str:<i>`` (the text in chunks; a longer earlier note's extra chunks
+    emptied), the layout of ``optuna_dashboard.save_note``, written here so that a sweep runs without the
+    dashboard installed (tests read it back with the dashboard)."""
+    storage = trial.storage
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    version, text = f"dashboard:{trial_id}:note_ver", f"dashboard:{trial_id}:note_str:"
+    attrs = storage.get_study_system_attrs(study_id)
+    chunks = [body[i : i + NOTE_CHUNK] for i in range(0, len(body), NOTE_CHUNK)]
+    before = sum(key.startswith(text) for key in attrs)
+    storage.set_study_system_attr(study_id, version, int(attrs.get(version, 0)) + 1)
+    for i, chunk in enumerate(chunks + [""] * (before - len(chunks))):
+        storage.set_study_system_attr(study_id, f"{text}{i}", chunk)
+
+
 def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str) -> Config:
     """The sweep's base config with the trial's overrides; its metrics files go to
     ``<folder of output.metrics>/sweeps/<study>/trial_<n>/``."""
@@ -638,7 +685,7 @@ def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, 
     def run(
         cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None
     ) -> tuple[RunResult, str]:
-        tracked = lead_run(cfg, generator, real, observers, resume, tags, registry, world)
+        tracked = lead_run(cfg, generator, real, observers, resume, {**tags, **threads_tag()}, registry, world)
         return tracked.result, tracked.run_id
 
     return run

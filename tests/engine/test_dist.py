@@ -128,3 +128,62 @@ def test_restarts_under_torchrun_name_the_run_by_the_rendezvous_id():
     assert elastic_run_id({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_RUN_ID": "4711"}) == "4711"
     with pytest.raises(ConfigError, match=r"--max-restarts > 0 without --rdzv-id.*dpops run --run-name NAME"):
         elastic_run_id({"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_RUN_ID": "none"})
+
+
+def _cgroup(tmp_path, line, files):
+    """A fake /proc/self/cgroup holding ``line`` and a /sys/fs/cgroup tree of ``files`` (path: text)."""
+    root = tmp_path / "cgroup"
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    root.mkdir(exist_ok=True)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(line + "\n")
+    return root, proc
+
+
+@pytest.mark.parametrize(
+    ("line", "files", "env", "expected"),
+    [
+        ("0::/", {}, {}, 16),  # nothing limits it: its affinity
+        ("0::/", {"cpu.max": "max 100000"}, {}, 16),
+        ("0::/job/step", {"job/step/cpu.max": "max 100000", "job/cpu.max": "400000 100000"}, {}, 4),  # a parent's
+        ("0::/job", {"job/cpu.max": "150000 100000"}, {}, 1),  # 1.5 CPUs: rounded down
+        ("0::/job", {"job/cpu.max": "20000 100000"}, {}, 1),  # at least one
+        ("0::/host/path", {"cpu.max": "300000 100000"}, {}, 3),  # (a container's own cgroup as its root)
+        ("4:cpu,cpuacct:/docker/x", {"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, {}, 2),
+        ("4:cpu,cpuacct:/", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, {}, 16),  # v1, none
+        ("0::/", {}, {"SLURM_CPUS_PER_TASK": "6"}, 6),
+        ("0::/", {"cpu.max": "300000 100000"}, {"SLURM_CPUS_PER_TASK": "6"}, 3),  # the smallest of all
+    ],
+)
+def test_available_cpus_are_the_affinity_less_a_cgroup_quota_and_slurms_share(
+    tmp_path, monkeypatch, line, files, env, expected
+):
+    """Not os.cpu_count(): a container limited to 2 of 64 cores, or a Slurm task of 6, offers that many."""
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(16)))
+    root, proc = _cgroup(tmp_path, line, files)
+    assert dist.available_cpus(env, root, proc) == expected
+
+
+def test_auto_threads_are_the_users_omp_setting_one_per_torchrun_process_or_the_cpus(monkeypatch):
+    monkeypatch.setattr(dist, "available_cpus", lambda env=None: 12)
+    two = World(rank=1, size=2, local_rank=1, local_size=2)
+    assert dist.thread_count(3, SINGLE, {"OMP_NUM_THREADS": "5"}) == 3  # the key wins
+    assert dist.thread_count(3, two, {}) == 3
+    assert dist.thread_count(0, SINGLE, {"OMP_NUM_THREADS": "5"}) == 5
+    assert dist.thread_count(0, two, {"OMP_NUM_THREADS": "1"}) == 1  # (what torchrun sets)
+    assert dist.thread_count(0, two, {}) == 1  # several processes on the node: one each
+    assert dist.thread_count(0, World(rank=1, size=2, local_size=1), {}) == 12  # (one per node)
+    assert dist.thread_count(0, SINGLE, {}) == 12
+    assert dist.thread_count(0, SINGLE, {"OMP_NUM_THREADS": "zero"}) == 12  # (unreadable: ignored)
+
+
+def test_use_threads_gives_torch_that_many_and_the_run_records_it():
+    before = torch.get_num_threads()
+    try:
+        assert dist.use_threads(2) == 2 and torch.get_num_threads() == 2
+        assert dist.threads_tag() == {"dpops.torch_threads": "2"}
+        assert dist.use_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

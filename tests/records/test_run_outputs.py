@@ -77,6 +77,7 @@ def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_a
     try:
         model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
         again = mlflow.pytorch.load_model(run.model.uri)
+        metadata = mlflow.models.get_model_info(run.model.uri).metadata
     finally:
         mlflow.set_tracking_uri(None)
     for loaded in (model, again):
@@ -87,10 +88,26 @@ def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_a
             )
         correct = int((logits.argmax(-1) == real.test.labels).sum())
         assert correct / len(real.test) == final_test_acc
+    # what a user needs to feed it and read its logits
+    assert metadata == {"classes": list(real.class_names), "input_range": [-1.0, 1.0], "input_dtype": "float32"}
     logged = client.get_logged_model(run.model.model_id)
     assert logged.source_run_id == run.run_id and logged.name == "model" and logged.status.to_int() == 2  # READY
-    assert {m.key for m in logged.metrics} >= {"final_test_acc", "final_val_acc"}
-    assert [o.model_id for o in parent.outputs.model_outputs] == [run.model.model_id]
+    assert logged.tags["mlflow.user"] == parent.data.tags["mlflow.user"]  # (the UI's "Created by")
+    # linked to the summary only (not to what else the run logged at some step: round 0's curve, system metrics),
+    # at the step it was measured at, the accuracies to the real split they were measured on
+    summary = run.result.summary.to_dict()
+    del summary["strategy"]
+    assert {m.key: m.value for m in logged.metrics} == pytest.approx(summary)
+    assert {m.step for m in logged.metrics} == {cfg.train.iterations}
+    splits = {i.tags[0].value: i.dataset for i in parent.inputs.dataset_inputs}
+    on = {m.key: (m.dataset_name, m.dataset_digest) for m in logged.metrics}
+    assert (
+        on["final_test_acc"] == (splits["test"].name, splits["test"].digest) == ("digits-test", splits["test"].digest)
+    )
+    assert on["final_val_acc"] == on["best_val_acc"] == (splits["validation"].name, splits["validation"].digest)
+    assert on["pool_size"] == (None, None)
+    assert [m.step for m in client.get_metric_history(run.run_id, "final_test_acc")] == [cfg.train.iterations]  # once
+    assert [(o.model_id, o.step) for o in parent.outputs.model_outputs] == [(run.model.model_id, cfg.train.iterations)]
     version = client.get_model_version("dg", run.model.version)
     assert version.source == run.model.uri and version.run_id == run.run_id and run.model.registered_name == "dg"
 

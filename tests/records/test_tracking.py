@@ -6,7 +6,16 @@ from mlflow import MlflowClient
 from dp_ops.config import build_config
 from dp_ops.engine.loop import run_experiment
 from dp_ops.errors import DataError
-from dp_ops.records.tracking import DEFAULT_URI, PARENT_ID_TAG, MlflowTracker, Registry, artifact_root, resolve_uri
+from dp_ops.records.tracking import (
+    DEFAULT_URI,
+    NOTE_TAG,
+    PARENT_ID_TAG,
+    MlflowTracker,
+    Registry,
+    artifact_root,
+    resolve_uri,
+    run_note,
+)
 
 from conftest import tiny_tree
 
@@ -32,6 +41,10 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
     assert parent.data.metrics["pool_size"] == result.summary.pool_size
     history = client.get_metric_history(tracker.run_id, "val_acc")
     assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
+    # the learning rate of the last step before each evaluation: warm-up (6 steps), stable, cosine to 0 at 60
+    lr = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "lr")}
+    assert sorted(lr) == [10, 20, 30, 40, 50, 60] and lr[10] == lr[40] == cfg.train.lr
+    assert 0 < lr[50] < cfg.train.lr and lr[60] == pytest.approx(0, abs=1e-12)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "round_pool_size")] == list(
         range(len(result.records))
     )
@@ -48,8 +61,21 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
         assert child.data.metrics["entropy_mean"] == pytest.approx(record.entropy_mean)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert names == {f"samples_round{record.round}.png", f"entropy_round{record.round}.png"}
+        # the standard tags (the UI's "Created by", "Source"), its pictures atop its description
+        assert child.data.tags["mlflow.user"] == parent.data.tags["mlflow.user"] and child.data.tags["mlflow.user"]
+        assert child.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        picture = f"(get-artifact?path=samples_round{record.round}.png&run_uuid={child.info.run_id})"
+        assert child.data.tags[NOTE_TAG].startswith(f"![samples_round{record.round}.png]{picture}")
         # no grandchildren: nesting stays at one level
         assert not client.search_runs([exp.experiment_id], f"tags.`{PARENT_ID_TAG}` = '{child.info.run_id}'")
+    # the parent's description leads with its last round's pictures, then says what ran
+    last = by_round[result.records[-1].round]
+    note = parent.data.tags[NOTE_TAG]
+    assert (
+        note.startswith(f"![samples_round{result.records[-1].round}.png](get-artifact?path=")
+        and last.info.run_id in note
+    )
+    assert note.endswith(run_note(cfg))
 
 
 @pytest.mark.parametrize(("exc", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
@@ -154,3 +180,82 @@ def test_differences_say_what_a_command_changes_beyond_tracking_and_outputs(cfg)
         f"dp.omega=0.3 (the run's: {build_config({}).dp.omega!r})",
         "seed=4 (the run's: 0)",
     ]
+
+
+def test_a_run_under_an_outer_run_is_its_child_and_leaves_the_outer_run_as_it_was(
+    mlflow_uri, tiny_generator, real, monkeypatch
+):
+    """MLFLOW_RUN_ID (a notebook's or pipeline's run): a new run nests under it, in its experiment when the config
+    names none (where the UI shows it under its parent); the outer run is the user's, never changed or ended."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    client = MlflowClient(mlflow_uri)
+    mine = client.create_experiment("notebook", tags={"owner": "me"})
+    outer = client.create_run(mine, run_name="my-pipeline", tags={"stage": "train"})
+    client.log_param(outer.info.run_id, "who", "me")
+    before = client.get_run(outer.info.run_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer.info.run_id)
+    cfg = build_config(
+        tiny_tree(
+            tracking={"uri": mlflow_uri, "run_name": "job-1"}, dp={"strategy": "static"}, train={"iterations": 20}
+        )
+    )
+    registry = Registry.from_config(cfg)
+    assert registry.experiment_name(cfg) == "notebook"  # (where `--run-name job-1` looks the run up again)
+
+    tracker = MlflowTracker(registry, cfg)
+    with tracker.lifecycle():
+        result = run_experiment(cfg, tiny_generator, real, [tracker])
+
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.experiment_id == mine
+    assert run.data.tags[PARENT_ID_TAG] == outer.info.run_id
+    assert [r.run_id for r in registry.runs_named("notebook", "job-1")] == [tracker.run_id]
+    rounds = registry.round_runs(tracker.run_id)  # (two levels: the rounds are the dp_ops run's children)
+    assert len(rounds) == len(result.records) and {r.experiment_id for r in rounds} == {mine}
+    after = client.get_run(outer.info.run_id)
+    assert after.info.status == "RUNNING" and after.info.end_time is None
+    assert (after.data.tags, after.data.params, after.data.metrics) == (
+        before.data.tags,
+        before.data.params,
+        before.data.metrics,
+    )
+    assert client.get_experiment(mine).tags == {"owner": "me"}  # (no dp_ops kind or description on the user's)
+
+    # a resume stays where the run is, under the parent it was made under, whatever MLFLOW_RUN_ID says now
+    other = client.create_run(mine).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", other)
+    resumed = MlflowTracker(registry, cfg, run_id=tracker.run_id)
+    with resumed.lifecycle():
+        pass
+    assert (
+        resumed.experiment_id == mine and client.get_run(tracker.run_id).data.tags[PARENT_ID_TAG] == outer.info.run_id
+    )
+
+    # a config that names its experiment keeps it: the run is there, its parent in the user's
+    named = build_config(tiny_tree(tracking={"uri": mlflow_uri, "experiment": "t"}))
+    elsewhere = MlflowTracker(registry, named)
+    with elsewhere.lifecycle():
+        pass
+    placed = client.get_run(elsewhere.run_id)
+    assert placed.info.experiment_id == registry.find_experiment("t") and placed.data.tags[PARENT_ID_TAG] == other
+    assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_an_outer_run_that_cannot_be_a_parent_is_refused_in_one_line(cfg, monkeypatch):
+    registry = Registry.from_config(cfg)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
+    with pytest.raises(DataError) as info:
+        MlflowTracker(registry, cfg)
+    assert str(info.value) == (
+        f"MLFLOW_RUN_ID='0123456789abcdef0123456789abcdef': no such run in {registry.uri} to nest this run under; "
+        "unset MLFLOW_RUN_ID, or track to the store that holds it (tracking.uri)"
+    )
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    own = MlflowTracker(registry, cfg)
+    with own.lifecycle():
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", own.run_id)
+    with pytest.raises(
+        DataError, match=f"a dp_ops experiment run; .* \\(to continue it: dpops run --resume {own.run_id}\\)"
+    ):
+        MlflowTracker(registry, cfg)

@@ -409,3 +409,66 @@ def test_the_commit_hint_is_a_command_a_shell_runs_as_printed(workspace):
         "my data/runs ü'x/.gitignore",
         "my data/runs ü'x/r1.dvc",
     ]
+
+
+@pytest.mark.parametrize(
+    "cache_type",
+    ["copy", pytest.param("hardlink", marks=pytest.mark.slow), pytest.param("symlink", marks=pytest.mark.slow)],
+)
+def test_a_shared_cache_outside_the_workspace_versions_and_restores_every_round(
+    workspace, tiny_generator, real, mlflow_store, tmp_path, cache_type
+):
+    """Issue 31: `dvc cache dir` elsewhere (a team's cache on one file system) and any cache.type; the
+    cache's layout is DVC's to say, never .dvc/cache/files/md5 (round 0 crashed)."""
+    import shutil
+
+    shared = tmp_path / "team-cache"
+    _sh(sys.executable, "-m", "dvc", "cache", "dir", str(shared), cwd=workspace)
+    _sh(sys.executable, "-m", "dvc", "config", "cache.type", cache_type, cwd=workspace)
+    cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 1}))
+    run = run_tracked(cfg, tiny_generator, real)
+    assert sorted(run.shards) == [0, 1] and {s.versioned_by for s in run.shards.values()} == {"dvc add"}
+    assert not (workspace / ".dvc" / "cache").exists()
+    parts = [p for s in run.shards.values() for p in s.parts]
+    assert all((shared / "files" / "md5" / p.md5[:2] / p.md5[2:]).is_file() for p in parts)
+    assert all(cache_path(workspace, p.md5).parent.parent.parent.parent == shared for p in parts)
+    links = [(workspace / s.path / p.relpath).is_symlink() for s in run.shards.values() for p in s.parts]
+    assert all(links) if cache_type == "symlink" else not any(links)
+    originals = [(workspace / s.path / p.relpath).read_bytes() for s in run.shards.values() for p in s.parts]
+    shutil.rmtree(workspace / "data" / "runs" / run.run_id)
+    restored = restore_run_data(run.run_id, tmp_path / "restored", tracking_uri=cfg.tracking.uri)
+    assert [p.read_bytes() for p in restored] == originals
+
+
+def test_a_dvc_failure_while_versioning_is_one_line(workspace, tiny_generator, real, mlflow_store):
+    """Issue 31: DVC refusing `dvc add` (here: the shards folder is already a dvc.yaml stage's output) stops
+    the run with one DataError line naming the workspace and DVC's reason, not DVC's traceback."""
+    (workspace / "dvc.yaml").write_text("stages:\n  made:\n    cmd: 'true'\n    outs:\n      - data/runs\n")
+    cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 0}))
+    with pytest.raises(DataError) as err:
+        run_tracked(cfg, tiny_generator, real)
+    line = str(err.value)
+    assert line.startswith(f"DVC in {workspace}: ") and "overlaps with an output of stage: 'made'" in line
+    assert "\n" not in line
+
+
+def test_the_push_hint_says_what_a_clone_needs_pushed(workspace, monkeypatch, tmp_path):
+    """Issue 31: a run's data (or a stage's outputs) that never reached a remote fails a clone's dvc pull."""
+    from dp_ops.records.versioning import DvcVersioner, push_hint
+
+    run = workspace / "data" / "runs" / "r1"
+    (run / "round_000").mkdir(parents=True)
+    (run.parent / "r1.dvc").write_text("outs: []\n")
+    added = DvcVersioner(run)
+    assert added.push_hint() == (
+        "to share this run's data: dvc remote add -d <name> <url>, then dvc push data/runs/r1.dvc "
+        "(a clone's dvc pull needs it)"
+    )
+    assert push_hint(workspace) is None  # (outside a stage with nothing versioned: nothing to push)
+    _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"), cwd=workspace)
+    assert added.push_hint() is None  # (each round is pushed to the default remote as it is made)
+    monkeypatch.setenv("DVC_STAGE", "dp")
+    assert DvcVersioner(run).push_hint() == (
+        "to share this stage's outputs: dvc push once DVC has finished (a clone's dvc pull needs them)"
+    )
+    assert push_hint(None) is None

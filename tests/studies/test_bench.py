@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from dp_ops.config import load_config
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.studies import bench
 from dp_ops.studies.bench import _take_gpu, gpu_slots, iteration_arms, jobs, plan, prepare
 from dp_ops.studies.bench_stats import Arm, headline, headline_lines, summarise
 
@@ -212,9 +213,10 @@ def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # four GPUs, the one thing faked
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(bench, "available_cpus", lambda: 8)  # (and the CPUs this process may use)
     args = {"seeds": 1, "ratios": (2,), "quick": False, "experiment": "e", "out": tmp_path / "out"}
     p = prepare(params_file, [], **args)  # device=auto: 11 runs (1 seed) on 4 GPUs
-    assert len(p.todo) == 11 and p.workers == 4 and p.threads == max(1, (os.cpu_count() or 1) // 4)
+    assert len(p.todo) == 11 and p.workers == 4 and p.threads == 2
     gpus = gpu_slots(p.cfg)
     assert gpus == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
     started = mp.get_context("spawn").Value("i", 0)  # what run_jobs hands its workers
@@ -227,7 +229,9 @@ def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i
     pinned = prepare(params_file, ["device=cuda:2"], **args)  # one GPU chosen: every run there, one worker
     assert gpu_slots(pinned.cfg) == () and pinned.workers == 1
     cpu = prepare(params_file, ["device=cpu"], **args)
-    assert gpu_slots(cpu.cfg) == () and cpu.workers == min(11, os.cpu_count() or 1)
+    assert gpu_slots(cpu.cfg) == () and (cpu.workers, cpu.threads) == (8, 1)  # one per CPU, one thread each
+    cpu = prepare(params_file, ["device=cpu", "threads=2"], **args)
+    assert (cpu.workers, cpu.threads) == (4, 2)  # the `threads` key: that many each, as many fewer workers
     assert _take_gpu((), started) == ()  # no GPU: the run's own device
 
 
@@ -300,6 +304,8 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     assert resumable <= finished  # the checkpointed runs themselves finished: resumed, not redone
     assert not (killed - resumable) & finished  # the others were made again as new runs
     assert all(r.data.tags["dpops.bench"].startswith("quick-") for r in runs)
+    threads = str(max(1, bench.available_cpus() // 2))  # (--workers 2: each its share of the CPUs)
+    assert {r.data.tags["dpops.torch_threads"] for r in runs} == {threads}  # what each worker's runs ran with
     by_arm = {r.data.tags["dpops.arm"]: r for r in runs}
     # static's best size by validation, at twice the budget, made once static had finished
     (more,) = [arm for arm in by_arm if arm.endswith("2× iters")]

@@ -11,6 +11,7 @@ import pytest
 from dp_ops.errors import FitError
 from dp_ops.studies.scaling import (
     PowerLawFit,
+    _interval,
     data_multiplier,
     fit_power_law,
     fit_strategies,
@@ -66,6 +67,24 @@ def test_bootstrap_intervals_contain_truth_and_estimate(noisy_fit: PowerLawFit) 
         assert lo < hi
         assert lo <= true <= hi
         assert lo <= est <= hi
+
+
+def test_an_estimate_on_the_floor_is_zero_and_inside_its_interval() -> None:
+    """Issue 31: c = 9.6e-22 [7.3e-18, 0.026] (the point fit and the refits each a different hair above the bound
+    c = 0): the estimate outside its own 95% interval."""
+    n = np.array([500, 1000, 2000, 4000] * 2, dtype=float)
+    err = 2.0 * n**-0.5 + np.random.default_rng(0).normal(0.0, 0.006, n.size)  # no floor: c = 0
+    fit = fit_power_law(n, err, n_boot=30, seed=0)
+    assert fit.c == 0.0 and fit.c_ci[0] == 0.0 < fit.c_ci[1]
+    for est, (lo, hi) in [(fit.a, fit.a_ci), (fit.alpha, fit.alpha_ci), (fit.c, fit.c_ci)]:
+        assert lo <= est <= hi
+
+
+def test_an_interval_reaches_to_an_estimate_the_refits_all_miss() -> None:
+    draws = np.linspace(0.3, 0.9, 200)  # every refit above the estimate (another optimum, a bound)
+    assert _interval(draws, 0.1) == (0.1, pytest.approx(np.percentile(draws, 97.5)))
+    assert _interval(draws, 0.95) == (pytest.approx(np.percentile(draws, 2.5)), 0.95)
+    assert _interval(draws, 0.5) == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])))  # inside: percentiles
 
 
 def test_exact_data_is_fitted_exactly() -> None:

@@ -8,14 +8,21 @@ import warnings
 import pytest
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.errors import FitError
 from dp_ops.records.tracking import Registry
 from dp_ops.studies.scaling import PowerLawFit
-from dp_ops.studies.scaling_report import _laws_multiplier, points_from_files, points_from_mlflow, scaling_report
+from dp_ops.studies.scaling_report import (
+    _laws_multiplier,
+    log_report,
+    points_from_files,
+    points_from_mlflow,
+    scaling_report,
+    write_report,
+)
 
 from conftest import tiny_tree
 
@@ -27,13 +34,20 @@ def law(n, multiplier=1.0):
     return 1 - (2.0 * (multiplier * n) ** -0.5 + 0.01)
 
 
-def _log_run(client, exp_id, strategy, n, acc, reach_at, role="experiment", status="FINISHED"):
-    """A finished experiment run as dp_ops logs it; val accuracy reaches ``acc`` at iteration ``reach_at``."""
+def _log_run(client, exp_id, strategy, n, acc, reach_at, role="experiment", status="FINISHED", iterations=1000, seed=0):
+    """A finished experiment run as dp_ops logs it; val accuracy reaches ``acc`` at iteration ``reach_at``. With
+    ``iterations`` other than 1000 it has the config params of its settings (seed and output vary per run)."""
     run = client.create_run(exp_id, tags={"dpops.role": role, "dpops.strategy": strategy})
     now = int(time.time() * 1000)
-    summary = {"final_val_acc": acc, "final_test_acc": acc, "pool_size": n, "generated_samples": n, "iterations": 1000}
-    curve = [Metric("val_acc", acc - 0.05 if i < reach_at else acc, now, i) for i in range(100, 1001, 100)]
-    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()] + curve)
+    summary = {"final_val_acc": acc, "final_test_acc": acc, "pool_size": n, "generated_samples": n}
+    summary["iterations"] = iterations
+    curve = [Metric("val_acc", acc - 0.05 if i < reach_at else acc, now, i) for i in range(100, iterations + 1, 100)]
+    config = {"seed": seed, "dp.strategy": strategy, "dp.initial_size": n, "output.metrics": f"r/{n}-{seed}/m.json"}
+    config.update({"train.iterations": iterations, "dp.omega": 0.05, "generator_meta.trained_at": f"{seed}"})
+    params = [Param(k, str(v)) for k, v in config.items()] if iterations != 1000 else []
+    client.log_batch(
+        run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()] + curve, params=params
+    )
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
@@ -92,6 +106,59 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
     assert logged.data.metrics["data_multiplier_fit"] == pytest.approx(h["data_multiplier_fit"])
     # the logged report is not read back as a point
     assert len(points_from_mlflow(Registry(uri), ["bench"], with_curves=False)) == 10
+
+
+def test_runs_of_other_budgets_are_a_law_of_their_own_and_not_compared(tmp_path, mlflow_uri):
+    """Issue 31: a 2,000-iteration static run went into the 300-iteration runs' law, and was the static run that
+    reached DP's accuracy first ("static needs 0.20× the iterations")."""
+    client = MlflowClient(mlflow_uri)
+    exp_id = client.create_experiment("budgets", artifact_location=(tmp_path / "artifacts").as_uri())
+    for seed, n in enumerate((200, 400, 800, 1600)):  # (seed, outputs and the generator's meta differ: one law)
+        _log_run(client, exp_id, "static", n, law(n), reach_at=300, iterations=300, seed=seed)
+    _log_run(client, exp_id, "static", 400, law(4000), reach_at=100, iterations=2000)  # DP's accuracy at 100
+    for n in (300, 500, 700, 900):
+        _log_run(client, exp_id, "dp", n, law(n, multiplier=3.0), reach_at=200, iterations=300)
+    runs = points_from_mlflow(Registry(mlflow_uri), ["budgets"])
+
+    report = scaling_report(runs, n_boot=10)
+
+    assert list(report.points) == ["dp", "static (train.iterations=2000)", "static (train.iterations=300)"]
+    assert set(report.fits) == {"dp", "static (train.iterations=300)"}
+    assert len(report.points["static (train.iterations=300)"]) == 4 and "got 1 points" in " ".join(
+        report.unfitted.values()
+    )
+    assert report.groups["static (train.iterations=2000)"] == {
+        "strategy": "static",
+        "settings": {"train.iterations": "2000"},
+    }
+    h = report.headline
+    assert h["static_group"] == "static (train.iterations=300)" and h["dp_group"] == "dp"
+    assert h["static_iterations_to_val"] == math.inf  # (no 300-iteration static run gets there; was 100: 0.5×)
+    assert h["data_multiplier_fit"] == pytest.approx(3.0, rel=0.15)
+
+    only_long = [r for r in runs if r.strategy == "dp" or r.iterations == 2000]
+    lone = scaling_report(only_long, n_boot=10)
+    best = max((r for r in runs if r.strategy == "dp"), key=lambda r: r.final_val_acc)
+    assert lone.headline == {} and lone.no_headline == (
+        f"no static runs share the settings of DP's best run {best.source} (train.iterations: dp 300, static 2000)"
+    )
+
+
+def test_a_report_made_again_from_the_same_inputs_replaces_its_run(registry):
+    tmp, uri, _ = registry
+    reg = Registry(uri)
+    report = scaling_report(points_from_mlflow(reg, ["bench"], with_curves=False), n_boot=10)
+    files = write_report(report, tmp / "report")
+    params = {"experiments": "bench", "metric": "final_test_acc", "runs": "10"}
+    first = log_report(report, files, reg, "bench", params)
+    again = log_report(report, files, reg, "bench", {**params, "runs": "11"})  # (one more run finished since)
+    other = log_report(report, files, reg, "bench", {**params, "metric": "final_val_acc"})
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench")
+    kept = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'scaling'")
+    assert {r.info.run_id for r in kept} == {again, other}
+    assert client.get_run(first).info.lifecycle_stage == "deleted"
+    assert client.get_run(again).data.params["runs"] == "11" and "static.alpha" in client.get_run(again).data.metrics
 
 
 def test_filters_and_too_few_points_refuse_in_one_line(registry):

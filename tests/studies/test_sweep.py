@@ -11,6 +11,7 @@ import wsgiref.util
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -30,6 +31,8 @@ from dp_ops.studies.sweep import (
     replay_command,
     retried_trials,
     retry,
+    run_note,
+    save_note,
     tracked_runner,
 )
 
@@ -220,12 +223,14 @@ def test_optuna_views_name_the_metric_draw_every_trials_curve_and_link_its_mlflo
     experiment_id = client.get_experiment_by_name("s").experiment_id
     url = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     assert t.user_attrs["dpops.mlflow_run_url"] == url
+    assert client.get_run(run_id).data.tags["dpops.torch_threads"] == str(torch.get_num_threads())
 
     seen = _dashboard_study(worker.sc.storage, "s")
     assert seen["objective_names"] == ["final_val_acc"] and seen["has_intermediate_values"]
     (shown,) = seen["trials"]
     assert {v["step"] for v in shown["intermediate_values"]} == set(curve)
     assert {"key": "dpops.mlflow_run_url", "value": url} in shown["user_attrs"]
+    assert f"MLflow run [{run_id}]({url})" in shown["note"]["body"]  # a link, in the trial's note
 
     again, _ = _worker(ws, tiny_generator, real, "sweep.n_trials=1")  # a second worker of the same study
     assert again.study.metric_names == ["final_val_acc"]
@@ -242,6 +247,34 @@ def test_a_study_made_before_metric_names_gets_them_and_a_journal_opens_in_the_d
     worker, _ = _worker(ws, None, None, f"sweep.storage={journal}", "sweep.objective=pareto", name="old")
     assert worker.study.metric_names == ["final_val_acc", "generated_samples"]
     assert _dashboard_study(str(journal), "old")["objective_names"] == ["final_val_acc", "generated_samples"]
+
+
+def test_a_trials_note_links_its_mlflow_run_under_the_stores_own_url_as_optuna_dashboard_reads_it():
+    """The trial's MLflow page was a plain-text attribute assuming port 5000 (issue 31): now a Markdown link
+    in the trial's note, the server's own URL, or for a database the `mlflow ui` command and its default
+    address, named as such."""
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    page = "#/experiments/3/runs/ab12?workflowType=machine_learning"
+    assert run_note("https://mlflow.example.org/", "3", "ab12") == (
+        f"MLflow run [ab12](https://mlflow.example.org/{page}) on the tracking server https://mlflow.example.org/"
+    )
+    local = run_note("sqlite:///mlflow.db", "3", "ab12")
+    assert local.startswith(f"MLflow run [ab12](http://127.0.0.1:5000/{page}), once the store is served: ")
+    assert "`mlflow ui --backend-store-uri sqlite:///mlflow.db` (the link assumes its default address" in local
+    assert run_note("databricks", "3", "ab12") == "MLflow run `ab12` in experiment 3 at `databricks`"
+
+    study = optuna.create_study(study_name="s")
+    study.optimize(lambda t: 0.0, n_trials=2)  # (trial 1: its note must stay apart from trial 0's)
+    trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, 0))
+    long = "x" * 5000  # (longer than one of the dashboard's attributes)
+    save_note(trial, long)
+    assert optuna_dashboard.get_note(trial) == long
+    save_note(trial, local)  # a second note replaces the first, every chunk of it
+    assert optuna_dashboard.get_note(trial) == local
+    other = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, 1))
+    assert optuna_dashboard.get_note(other) == ""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert attrs[f"dashboard:{trial._trial_id}:note_ver"] == 2  # (the dashboard edits a note by its version)
 
 
 def test_run_url_on_a_server_a_database_and_databricks():
