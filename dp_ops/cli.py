@@ -1,6 +1,8 @@
 """``dpops``: the command line. Commands are thin: build a config, call the library, print a summary.
 
-Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stderr and exit code 1.
+Every :class:`~dp_ops.errors.DpOpsError` becomes one ``error: …`` line on stderr and exit code 1. With
+``DPOPS_DEBUG=1`` (or ``true``, ``yes``, ``on``) in the environment the full traceback behind that line follows it
+on stderr, as ``HF_DEBUG`` does for the Hugging Face CLI: for a bug report, or to see where an error came from.
 
 SIGTERM (what Slurm and Kubernetes send before SIGKILL) is handled as Ctrl-C is: it raises
 :class:`KeyboardInterrupt` in the main thread, so a run ends KILLED at its last completed round, a sweep
@@ -14,11 +16,11 @@ import atexit
 import functools
 import json
 import logging
-import math
 import os
 import re
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from enum import StrEnum
@@ -27,15 +29,6 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from dp_ops.config import Config, SweepConfig, build_config, flatten, load_config, load_tree, sweep_config
@@ -46,8 +39,13 @@ from dp_ops.paths import check_paths, generator_exists
 from dp_ops.signals import sigterm_as_interrupt, terminated
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from dp_ops.engine.data import RealData
     from dp_ops.engine.dist import World
-    from dp_ops.runner import TrackedRun
+    from dp_ops.engine.sampling import Generator
+    from dp_ops.records.tracking import Registry
+    from dp_ops.studies.bench import Prepared
 
 # add_completion: --install-completion / --show-completion (Typer's, for bash, zsh, fish and PowerShell)
 app = typer.Typer(help="Deliberate Practice for synthetic training data.", no_args_is_help=True)
@@ -167,6 +165,7 @@ def _friendly_errors(fn: F) -> F:
             if rank == "0" or not isinstance(exc, ConfigError):
                 where = "" if rank == "0" else f"(rank {rank}) "
                 err_console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
+                _traceback_if_debugging(exc)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             cause = exc.__context__  # (torchrun's SIGTERM while a rank's one-line error was on its way out)
@@ -174,11 +173,18 @@ def _friendly_errors(fn: F) -> F:
             _stopped(f"{cause}" if ranks and isinstance(cause, DpOpsError) else "")
         except RunAborted as exc:
             err_console.print(f"[bold red]error:[/] a run failed, so the study stops: {exc}", soft_wrap=True)
+            _traceback_if_debugging(exc)
             raise typer.Exit(1) from None
         finally:
             _no_colour_reset_at_exit()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _traceback_if_debugging(exc: BaseException) -> None:
+    """``DPOPS_DEBUG=1``: the traceback behind the one-line error, on stderr after it."""
+    if os.environ.get("DPOPS_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}:
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def _no_colour_reset_at_exit() -> None:
@@ -200,23 +206,6 @@ def _stopped(what: str) -> NoReturn:
     raise typer.Exit(128 + signal.SIGTERM if terminated() else 130)
 
 
-def _resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[str] | None) -> str:
-    """What a stopped ``dpops run`` says: which run ended KILLED and the command that resumes it (with the
-    options that chose its tracking store and its output locations)."""
-    run_id, resumable = getattr(exc, "run_id", None), getattr(exc, "resumable", False)
-    if run_id is None:
-        return ""
-    if not resumable:
-        return f"run {run_id} ended KILLED before its first round completed (nothing to resume); start it again"
-    store = [f"-S {o}" for o in overrides or () if o.strip().startswith(("tracking.", "output."))]
-    named = [o.partition("=")[2] for o in overrides or () if o.strip().startswith("tracking.run_name=")]
-    if named:  # (a named run: the same command resumes it)
-        store = [o for o in store if not o.startswith("-S tracking.run_name=")] + [f"--run-name {named[-1]}"]
-    resume = [] if named else [f"--resume {run_id}"]
-    command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, *resume])
-    return f"run {run_id} ended KILLED at its last completed round; resume it with: {command}"
-
-
 def _config(params: Path | None, overrides: list[str] | None) -> Config:
     _quiet_libraries()
     return load_config(params, overrides or ())
@@ -233,30 +222,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def _bar(progress: Progress, description: str) -> Callable[[int, int], None]:
-    """A progress callback whose bar appears (and starts its clock) at the first update."""
-    tasks: list[TaskID] = []
-
-    def update(completed: int, total: int) -> None:
-        if not tasks:
-            tasks.append(progress.add_task(description, total=total))
-        progress.update(tasks[0], completed=completed, total=total)
-
-    return update
 
 
 @app.command()
@@ -289,7 +254,7 @@ def run(
     from dp_ops import runner
     from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry
-    from dp_ops.render import RichObserver
+    from dp_ops.render import RichObserver, print_tracked, progress_bars, resume_hint
 
     elastic = dist.elastic_run_id()  # (torchrun --max-restarts: a restarted group resumes the run by its name)
     if elastic is not None and not cfg.tracking.run_name and not resume:
@@ -314,27 +279,27 @@ def run(
         real = runner.load_real_data(cfg, world)
         if world.main:  # (the store is opened only now: a refused run leaves none behind)
             registry = registry or Registry.from_config(cfg)
-        with _progress() if world.main else nullcontext() as progress:
+        with progress_bars(console) if world.main else nullcontext() as progress:
             generator = _generator(cfg, real, progress, world)
             observers = [RichObserver(progress)] if progress else []
             run = runner.run_tracked(
                 cfg, generator, real, observers, resume, dist.threads_tag(), registry=registry, world=world
             )
     except KeyboardInterrupt as exc:
-        _stopped(_resume_hint(exc, params, overrides))
+        _stopped(resume_hint(exc, params, overrides))
     finally:
         dist.leave()
     if world.main:
-        _print_tracked(cfg, run)
+        print_tracked(console, cfg, run)
 
 
-def _named(cfg: Config, registry: Any) -> tuple[str | None, str | None]:
+def _named(cfg: Config, registry: Registry) -> tuple[str | None, str | None]:
     """``--run-name``: (the run id to resume, or None to start one under the name; the line to print instead
     when that run already finished). A run of the name that ran another config is refused in one line."""
-    from dp_ops import runner
+    from dp_ops.resume import differences, named_run, resume_config
 
     name = cfg.tracking.run_name
-    found = runner.named_run(cfg, registry)
+    found = named_run(cfg, registry)
     if found is None:
         return None, None
     if found.status == "FINISHED":
@@ -342,7 +307,7 @@ def _named(cfg: Config, registry: Any) -> tuple[str | None, str | None]:
             f"run {found.run_id} named {name!r} in experiment '{registry.experiment_name(cfg)}' already FINISHED; "
             "nothing to do"
         )
-    differ = runner.differences(cfg, runner.resume_config(found.run_id, registry))
+    differ = differences(cfg, resume_config(found.run_id, registry))
     if differ:
         raise ConfigError(
             f"tracking.run_name={name!r}: run {found.run_id} of that name ran another config ({'; '.join(differ[:3])}"
@@ -366,15 +331,15 @@ def _name_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", text).lstrip("._-") or "run"
 
 
-def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[str]) -> Config:
+def _resumed_config(run_id: str, registry: Registry, given: Config, overrides: list[str]) -> Config:
     """``--resume``: the run's own config with the ``-S output.*`` given (where its files go on this
     machine), after checking no live process trains it; says which ``-S`` values it leaves unused, which
     output locations moved, and whether it takes over a stale lease."""
-    from dp_ops import runner
+    from dp_ops.resume import check_lease, ignored_on_resume, resume_config, resume_outputs
 
-    recorded = runner.resume_config(run_id, registry)
-    cfg, moved = runner.resume_outputs(overrides, given, recorded)
-    ignored = runner.ignored_on_resume(overrides, given, cfg)
+    recorded = resume_config(run_id, registry)
+    cfg, moved = resume_outputs(overrides, given, recorded)
+    ignored = ignored_on_resume(overrides, given, cfg)
     if ignored:
         err_console.print(
             f"[yellow]warning:[/] --resume continues run {run_id} with its own config; ignored: -S "
@@ -389,49 +354,11 @@ def _resumed_config(run_id: str, registry: Any, given: Config, overrides: list[s
             highlight=False,
             soft_wrap=True,
         )
-    runner.check_lease(recorded, run_id)  # (a live process that still writes where the run started is refused too)
-    note = runner.check_lease(cfg, run_id)
+    check_lease(recorded, run_id)  # (a live process that still writes where the run started is refused too)
+    note = check_lease(cfg, run_id)
     if note:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return cfg
-
-
-def _print_tracked(cfg: Config, run: TrackedRun) -> None:
-    from dp_ops.records.tracking import browse_hint, run_url
-    from dp_ops.render import plural, print_run
-
-    print_run(console, cfg, run.result)
-    tracker, versioner = run.tracker, run.versioner
-    assert tracker is not None and versioner is not None  # (rank 0's run)
-    registry, model = tracker.registry, run.model
-    page = run_url(registry.uri, tracker.experiment_id, run.run_id)
-    lines = [
-        f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
-        f"'{tracker.experiment_name}' at {registry.uri}",
-        f"  browse: {browse_hint(registry.uri)}",
-        *([f"  page:   {page}"] if page else []),
-    ]
-    if model is not None:
-        registered = "" if model.version is None else f", registered as {model.registered_name} v{model.version}"
-        lines.append(f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})")
-    lines.append(f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})")
-    hint = versioner.commit_hint()  # (none inside dvc repro, whose dvc.lock records the outputs, or without DVC)
-    if hint:
-        lines.append(f"  {hint}")
-    push = versioner.push_hint()  # (none when every round was pushed to the default remote already)
-    if push:
-        lines.append(f"  {push}")
-    console.print(
-        "\n".join(lines),
-        soft_wrap=True,  # never break a path or a command in two
-    )
-
-
-VERSIONING_NOTES = {
-    "none": "not in a DVC workspace: md5s recorded, files not versioned",
-    "dvc stage outs": "versioned by the dvc.yaml stage outputs",
-    "dvc add": "each round added to DVC, one .dvc file for the run",
-}
 
 
 @data_app.command("restore")
@@ -453,7 +380,7 @@ def data_restore(
         raise DataError(f"{option} {dest}: cannot be written ({why}); choose another folder with --to")
     from dp_ops.records.tracking import tracking_uri
     from dp_ops.render import plural
-    from dp_ops.runner import restore_run_data
+    from dp_ops.resume import restore_run_data
 
     paths = restore_run_data(run_id, dest, tracking_uri=tracking_uri(cfg), round_index=round_, pool=pool)
     for path in paths:
@@ -468,18 +395,15 @@ def generator_train(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     cfg = _config(params, set_)
     from dp_ops import runner
     from dp_ops.engine.dist import use_threads
+    from dp_ops.render import bar, generator_saved, progress_bars
 
     use_threads(cfg.threads)
     real = runner.load_real_data(cfg)
-    with _progress() as progress:
+    with progress_bars(console) as progress:
         _, quality = runner.train_and_save_generator(
-            cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
+            cfg, real, progress=bar(progress, "train generator"), quality_progress=bar(progress, "judge samples")
         )
-    console.print(
-        f"Saved to [bold]{cfg.generator.path}[/]. A judge trained on real digits "
-        f"(real test accuracy {quality.judge_test_acc:.1%}) recognises [bold]{quality.recognition:.1%}[/] "
-        f"of {quality.n_samples} unguided samples ({cfg.generator.steps} DDIM steps, CFG {cfg.generator.cfg_scale:g})."
-    )
+    console.print(generator_saved(cfg, quality))
     from dp_ops.records.versioning import dvc_root, push_hint
 
     hint = push_hint(dvc_root(Path(cfg.generator.path)))  # (inside a dvc.yaml stage only)
@@ -505,12 +429,13 @@ def generator_quality(
     from dp_ops import runner
     from dp_ops.engine.dist import use_threads
     from dp_ops.engine.quality import measure_quality
+    from dp_ops.render import bar, progress_bars
 
     use_threads(cfg.threads)
     real = runner.load_real_data(cfg)
     generator = runner.load_pixel(cfg)
-    with _progress() as progress:
-        q = measure_quality(generator, real, cfg.generator, n_samples=samples, progress=_bar(progress, "judge samples"))
+    with progress_bars(console) as progress:
+        q = measure_quality(generator, real, cfg.generator, n_samples=samples, progress=bar(progress, "judge samples"))
     console.print(
         f"recognised {q.recognition:.1%} of {q.n_samples} samples; judge real test accuracy {q.judge_test_acc:.1%}"
     )
@@ -563,7 +488,7 @@ def theory(
     kept = kept_size_curve(d=d, kept_sizes=sizes, p=p, rho=rho, **lams, mc_reps=mc_reps, seed=seed)
     ratios = oversampling_curve(d=d, n=n, ratios=ratio_grid, rho=rho, **lams, mc_reps=mc_reps, seed=seed)
     table = Table("curve", "keep", "n (kept)", "pool", "λ", "theory acc", "Monte Carlo acc", box=None)
-    for q in (*kept, *ratios):
+    for q in (*kept, *ratios):  # (here, not in dp_ops.render, which imports torch: theory runs without it)
         mc = "—" if q.mc is None else f"{1 - q.mc.mean:.4f} ± {q.mc.sd:.4f}"
         table.add_row(q.curve, q.keep, str(q.n), str(q.pool_size), f"{q.lam:g}", f"{q.theory_accuracy:.4f}", mc)
     console.print(table)
@@ -605,7 +530,7 @@ def sweep(
     from dp_ops import runner
     from dp_ops.engine import dist
     from dp_ops.records.tracking import Registry, tracking_uri
-    from dp_ops.render import RichObserver
+    from dp_ops.render import RichObserver, print_sweep, print_trial, progress_bars
     from dp_ops.studies.sweep import Sweep, check_separate_stores, tracked_runner
 
     _quiet_libraries()  # the CLI reports trials itself
@@ -628,7 +553,7 @@ def sweep(
         registry = Registry.from_config(cfg)  # (opened only now: a refused sweep leaves no store behind)
         base = [o for o in (set_ or ()) if not o.startswith("sweep.")]
         worker = Sweep(cfg, sc, strategy=strategy.value, study_name=name, base_overrides=base, registry=registry)
-        with _progress() as progress:
+        with progress_bars(console) as progress:
             generator = _generator(cfg, real, progress, world)
             console.print(f"study [bold]{name}[/] at {sc.storage}: budget {worker.budget} trials over all workers")
             try:
@@ -636,7 +561,7 @@ def sweep(
                     tracked_runner(generator, real, registry, world),
                     timeout=timeout,
                     observers=lambda n: [RichObserver(progress)],
-                    on_trial=lambda o: _trial_done(progress, o),
+                    on_trial=lambda o: print_trial(console, progress, o),
                 )
             except KeyboardInterrupt as exc:
                 run_id = getattr(exc, "run_id", None)
@@ -645,7 +570,7 @@ def sweep(
         runner.end_runs(world)
     finally:
         dist.leave()
-    _print_sweep(outcome, worker.experiment, registry.uri)
+    print_sweep(console, outcome, worker.experiment, registry.uri)
 
 
 @app.command()
@@ -711,30 +636,17 @@ def bench(
         dist.leave()
 
 
-def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World) -> None:
+def _bench(p: Prepared, params: Path | None, experiment: str, out: Path, world: World) -> None:
     import time
 
     from dp_ops import runner
-    from dp_ops.records.tracking import browse_hint
-    from dp_ops.render import bench_table, print_bench_result
+    from dp_ops.render import bench_intro, print_bench_report, print_bench_result, progress_bars
     from dp_ops.studies import bench as bm
-    from dp_ops.studies.bench_stats import headline_lines
 
-    where = (
-        f"across {world.size} processes, one after another"
-        if world.distributed
-        else (f"in {p.workers} worker(s) × {p.threads} thread(s)")
-    )
-    console.print(
-        f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms (and static at "
-        f"{', '.join(f'{k}×' for k in p.plan.iteration_factors)} the budget at its best size) × "
-        f"{len(p.plan.seeds)} seed(s); "
-        f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run {where}",
-        soft_wrap=True,
-    )
+    console.print(bench_intro(p, world), soft_wrap=True)
     failed: list[bm.JobResult] = []
     t0 = time.perf_counter()
-    with _progress() as progress:
+    with progress_bars(console) as progress:
         if p.todo and not generator_exists(p.cfg):  # trained once here, before the workers load it
             _generator(p.cfg, runner.load_real_data(p.cfg), progress)
         world.barrier()  # (the other processes load it now)
@@ -747,116 +659,38 @@ def _bench(p: Any, params: Path | None, experiment: str, out: Path, world: World
             print_bench_result(console, r)
 
         try:
-            todo, tried = list(p.todo), list(p.todo)
-            while todo:  # then the iteration series, once static has finished and its best size is known
-                if world.distributed:
-                    bm.run_jobs_across(todo, p.plan.bench_id, params, world, on_result=on_result)
-                else:
-                    bm.run_jobs(
-                        todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result
-                    )
-                todo = bm.follow_up(p, out, tried)
-                tried += todo
-                progress.update(task, total=len(tried))
-            if world.distributed:
-                runner.end_runs(world)
+            bm.run_all(p, params, out, world, on_result=on_result, on_planned=lambda n: progress.update(task, total=n))
         except KeyboardInterrupt:
             _stopped(
                 "every running run ended KILLED at its last completed round; run the same command again to resume them"
             )
     wall = time.perf_counter() - t0
-    report = bm.finish(p, out, wall)
-    console.print(bench_table(report.rows))
-    lines = headline_lines(report.headline) if report.headline else ["no headline: it needs dp and 2 static sizes"]
-    for line in lines:
-        console.print(line, soft_wrap=True, highlight=False)
-    console.print(
-        f"wall {wall / 60:.1f} min for the run(s) made now; wrote {report.json_path} and "
-        f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
-        f"'{experiment}' — {browse_hint(p.uri)}\n"
-        f"scaling laws from these runs: {bm.scaling_command(p)}",
-        soft_wrap=True,
-        highlight=False,
-    )
+    print_bench_report(console, bm.finish(p, out, wall), p, experiment, wall)
     if failed:
         raise DpOpsError(
             f"{len(failed)} run(s) failed (first: {failed[0].arm} seed {failed[0].seed}: {failed[0].error})"
         )
 
 
-def _generator(cfg: Config, real: Any, progress: Progress | None, world: World | None = None) -> Any:
-    """The run's generator, trained first if missing; under torchrun (``world``) rank 0 (the one with the
-    ``progress`` display) trains it while the others wait, then every process loads it."""
+def _generator(cfg: Config, real: RealData, progress: Progress | None, world: World | None = None) -> Generator:
+    """The run's generator, trained first if missing (:func:`dp_ops.runner.ensure_generator`), its training
+    shown on ``progress`` (rank 0's display, the one process that trains)."""
     from dp_ops import runner
+    from dp_ops.engine.dist import SINGLE
+    from dp_ops.render import bar
 
     if progress is not None and not generator_exists(cfg):
         console.print(f"No generator at [bold]{cfg.generator.path}[/]: training one first (cached afterwards).")
-        _, quality = runner.train_and_save_generator(
-            cfg, real, progress=_bar(progress, "train generator"), quality_progress=_bar(progress, "judge samples")
-        )
+    generator, quality = runner.ensure_generator(
+        cfg,
+        real,
+        world or SINGLE,
+        progress=None if progress is None else bar(progress, "train generator"),
+        quality_progress=None if progress is None else bar(progress, "judge samples"),
+    )
+    if quality is not None:
         console.print(f"Generator quality: a real-digits judge recognises {quality.recognition:.1%} of samples.")
-    if world is None:
-        return runner.load_generator(cfg, real)
-    world.barrier()
-    return runner.load_generator(cfg, real, world)
-
-
-def _trial_done(progress: Progress, o: Any) -> None:
-    from dp_ops.studies.sweep import fmt_params
-
-    for task in list(progress.task_ids):  # the finished trial's bars
-        progress.remove_task(task)
-    value = "" if o.values is None else " → " + ", ".join(f"{v:.4g}" for v in o.values)
-    error = f" ({o.error})" if o.error else ""
-    console.print(
-        f"trial {o.number} {o.state}: {fmt_params(o.params)}{value}  run {o.mlflow_run_id}{error}",
-        soft_wrap=True,
-        highlight=False,
-    )
-
-
-def _print_sweep(outcome: Any, experiment_name: str, uri: str) -> None:
-    from dp_ops.records.tracking import browse_hint
-    from dp_ops.render import plural
-    from dp_ops.studies.sweep import dashboard_command, fmt_params, replay_command
-
-    go_on = "raise --n-trials to extend it" if outcome.counted >= outcome.budget else "run again to continue it"
-    console.print(
-        f"this worker ran {plural(len(outcome.ran), 'trial')}; the study has {outcome.counted}/{outcome.budget} "
-        f"of its budget ({go_on})"
-    )
-    if not outcome.best:
-        console.print("no trial has completed yet")
-    table = Table(
-        "trial",
-        "params",
-        "objective",
-        "MLflow run",
-        box=None,
-        title="best" if len(outcome.best) == 1 else "Pareto front (final_val_acc ↑, generated_samples ↓)",
-        title_justify="left",
-    )
-    for t in outcome.best:
-        table.add_row(
-            str(t.number),
-            fmt_params(t.params),
-            ", ".join(f"{v:.4g}" for v in t.values),
-            str(t.user_attrs.get("dpops.mlflow_run_id")),
-        )
-    if outcome.best:
-        console.print(table)
-        console.print(
-            f"replay the best: {replay_command(outcome.best[0])}\n"
-            f"   or with DVC: {replay_command(outcome.best[0], 'dvc')}",
-            soft_wrap=True,
-            highlight=False,
-        )
-    console.print(
-        f"runs: experiment '{experiment_name}' — {browse_hint(uri)}\n"
-        f"study: {dashboard_command(outcome.storage)}   (pip install optuna-dashboard)",
-        soft_wrap=True,
-        highlight=False,
-    )
+    return generator
 
 
 @app.command()
@@ -887,6 +721,7 @@ def scaling(
     """Fit error(n) = a·n^(−α) + c per strategy from finished runs; report the data multiplier of DP."""
     cfg = _config(params, set_)
     from dp_ops.records.tracking import Registry
+    from dp_ops.render import print_scaling
     from dp_ops.studies.scaling_report import (
         log_report,
         points_from_files,
@@ -904,11 +739,7 @@ def scaling(
     targets = target or [0.97, 0.98, 0.99]
     report = scaling_report(runs, metric=metric.value, x=x.value, targets=targets)
     files = write_report(report, out)
-    console.print(_scaling_table(report))
-    for s, why in report.unfitted.items():
-        console.print(f"{s}: no fit ({why})", soft_wrap=True)
-    _print_headline(report.headline, report.no_headline)
-    console.print(f"wrote {files[0]} and {files[1]}")
+    print_scaling(console, report, files)
     if log:
         source = (
             {"metrics_files": ",".join(map(str, metrics))}
@@ -926,70 +757,6 @@ def scaling(
             f"MLflow run [bold]{run_id}[/] (dpops.role=scaling) in '{cfg.tracking.experiment_name}' at {registry.uri}",
             soft_wrap=True,
         )
-
-
-def _scaling_table(report: Any) -> Table:
-    targets: dict[float, float | None] = next(iter(report.targets.values()), {})
-    table = Table(
-        "strategy",
-        "points",
-        "a [95% CI]",
-        "α [95% CI]",
-        "c [95% CI]",
-        *(f"n for {t}" for t in targets),
-        title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}",
-        title_justify="left",
-    )
-    for s, f in report.fits.items():
-        ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"
-        need = [("∞" if _unreachable(n) else f"{n:,.0f}") for n in report.targets[s].values()]
-        table.add_row(s, str(f.n_points), ci(f.a, f.a_ci), ci(f.alpha, f.alpha_ci), ci(f.c, f.c_ci), *need)
-    return table
-
-
-def _print_headline(h: dict, why: str) -> None:
-    if not h:
-        console.print(f"no data multiplier: {why}", soft_wrap=True, highlight=False)
-        return
-    fit = h.get("data_multiplier_fit")
-    against = f", read against {h['static_group']}" if "static_group" in h else ""  # (runs of other settings)
-    console.print(
-        f"DP's best run (by validation accuracy): accuracy {h['dp_accuracy']:.4f} with {h['dp_samples']:.0f} "
-        f"samples (run {h['dp_run']}){against}\n"
-        f"data multiplier: static needs {_times(h['data_multiplier_points'])} the samples (points, no fit)"
-        + (
-            ""
-            if fit is None
-            else f", {_times(fit)} by its fitted law ({h['static_samples_needed_fit']:,.0f} samples"
-            + (", extrapolated beyond the largest static pool)" if h["fit_extrapolated"] else ")")
-        )
-        + _laws_line(h)
-        + f"\niteration multiplier: static needs {_times(h['iteration_multiplier'])} the iterations to reach val "
-        f"{h['dp_val_acc']:.4f} ({h['static_iterations_to_val']:.0f} vs {h['dp_iterations_to_val']:.0f})",
-        soft_wrap=True,
-    )
-
-
-def _laws_line(h: dict) -> str:
-    """The data multiplier from the two fitted laws, if both strategies have one."""
-    if "data_multiplier_laws" not in h:
-        return ""
-    lo, hi = h["data_multiplier_laws_ci"]
-    ci = "" if lo is None or math.isnan(lo) else f", 95% interval [{_times(lo)}, {_times(hi)}]"
-    need = "∞" if _unreachable(h["static_samples_needed_law"]) else f"{h['static_samples_needed_law']:,.0f}"
-    return (
-        f"\nfrom the two fitted laws: static needs {_times(h['data_multiplier_laws'])} the samples DP needs for "
-        f"{h['dp_accuracy']:.4f} ({need} vs {h['dp_samples_needed_law']:,.0f}{ci})"
-    )
-
-
-def _unreachable(v: float | None) -> bool:
-    """∞ in memory, ``null`` once written to JSON: either way never reached."""
-    return v is None or math.isinf(v)
-
-
-def _times(v: float | None) -> str:
-    return "∞× (never reached)" if _unreachable(v) else f"{v:.2f}×"
 
 
 def main() -> None:

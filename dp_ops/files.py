@@ -13,7 +13,11 @@ Where a write can fail for reasons outside the program (a read-only workspace, a
 file, a full disk), :func:`unwritable` finds out before any work starts and :func:`disk_error` names the
 cause when it happens mid-run, so either becomes one line.
 
-Part of the foundation (with :mod:`dp_ops.config` and :mod:`dp_ops.errors`): standard library only.
+Processes that start together may all find a database file missing and create it at once: :func:`file_lock`
+makes them take turns (a SQLite store: MLflow's tracking store, Optuna's study storage).
+
+Part of the foundation (with :mod:`dp_ops.config` and :mod:`dp_ops.errors`): the standard library only at
+import (:func:`file_lock` imports ``filelock`` when it is taken).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from dp_ops.errors import DataError
 
 
 @contextmanager
@@ -273,3 +279,33 @@ def workspace_storage(url: str) -> str:
     """An Optuna storage (``sweep.storage``: an SQLAlchemy URL or a journal file's path) as
     :func:`workspace_uri` and :func:`workspace_path` place it."""
     return workspace_uri(url) if "://" in url else str(workspace_path(url))
+
+
+LOCK_TIMEOUT = 600.0  # seconds to wait for another process that creates the same file
+
+
+@contextmanager
+def file_lock(path: str | Path, what: str) -> Iterator[None]:
+    """An inter-process lock beside ``path`` (``<path>.dpops.lock``) while a store there is created or
+    opened: concurrent creators of one SQLite database (MLflow's migrations, Optuna's tables) take turns,
+    so each finds the schema either absent or complete. ``what`` names the store in errors."""
+    from filelock import FileLock, Timeout
+
+    lock = Path(f"{path}.dpops.lock")
+    if not lock.parent.is_dir():
+        raise DataError(f"{what}: folder {lock.parent} does not exist; create it or choose another place")
+    if Path(path).is_file() and not os.access(lock.parent, os.W_OK):
+        # A store that exists where nothing can be written (a read-only mount) can only be read there: no
+        # process can create or migrate it through this folder, which is all the lock orders.
+        yield
+        return
+    try:
+        with FileLock(str(lock), timeout=LOCK_TIMEOUT):
+            yield
+    except Timeout:
+        raise DataError(
+            f"{what}: another process has held {lock} for {LOCK_TIMEOUT:.0f} s while creating the store; "
+            "if none is running, delete the lock file"
+        ) from None
+    except PermissionError as exc:
+        raise DataError(f"{what}: cannot lock {lock} ({exc.strerror or exc})") from None

@@ -1,13 +1,30 @@
-"""What the CLI shows: progress bars fed by loop events, and the end-of-run table and summary."""
+"""What the CLI shows: progress bars fed by loop events, the end-of-run table and summary, and what each study
+prints (the sweep's trials and best, the scaling table and headline, the benchmark's lines, table and headline).
+
+Here, apart from the commands, so that :mod:`dp_ops.cli` only builds configs, calls the library and hands
+its results to these printers, and every number is formatted in one place (multipliers: :func:`times`).
+Heavy or optional modules (the studies, MLflow's helpers) are imported by the printer that needs them:
+``dpops run`` imports this module. It imports torch (:class:`RichObserver` is a loop observer), so the light
+commands (``config show``, ``theory``) print their one table themselves.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import Progress, TaskID
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Column, Table
 
 from dp_ops.config import Config
@@ -15,8 +32,38 @@ from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.engine.rounds import RoundParts
 
 if TYPE_CHECKING:  # types only: `dpops run` imports this module and must not import scipy or the studies
-    from dp_ops.studies.bench import JobResult
-    from dp_ops.studies.bench_stats import ArmStats
+    from dp_ops.engine.dist import World
+    from dp_ops.engine.quality import Quality
+    from dp_ops.runner import TrackedRun
+    from dp_ops.studies.bench import BenchReport, JobResult, Prepared
+    from dp_ops.studies.bench_stats import ArmStats, Headline
+    from dp_ops.studies.scaling_report import ScalingHeadline, ScalingReport
+    from dp_ops.studies.sweep import SweepOutcome, TrialOutcome
+
+
+def progress_bars(console: Console) -> Progress:
+    """The display every long command shows its bars in (one line each: what, bar, count, elapsed, left)."""
+    return Progress(
+        TextColumn("[bold]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def bar(progress: Progress, description: str) -> Callable[[int, int], None]:
+    """A progress callback whose bar appears (and starts its clock) at the first update."""
+    tasks: list[TaskID] = []
+
+    def update(completed: int, total: int) -> None:
+        if not tasks:
+            tasks.append(progress.add_task(description, total=total))
+        progress.update(tasks[0], completed=completed, total=total)
+
+    return update
 
 
 class RichObserver(Observer):
@@ -170,3 +217,308 @@ def print_bench_result(console: Console, r: JobResult) -> None:
         )
     elif r.error:
         console.print(f"[red]{r.arm} seed {r.seed} FAILED[/]: {r.error}", soft_wrap=True, highlight=False)
+
+
+def times(v: float | None, never: str = "∞×") -> str:
+    """A multiplier as every report prints it, ``2.50×``: ``never`` where it is ∞ (the other arm never got
+    there), ``—`` where there is none (None)."""
+    if v is None:
+        return "—"
+    return never if math.isinf(v) else f"{v:.2f}×"
+
+
+# ---- dpops run ---------------------------------------------------------------------------------------
+VERSIONING_NOTES = {
+    "none": "not in a DVC workspace: md5s recorded, files not versioned",
+    "dvc stage outs": "versioned by the dvc.yaml stage outputs",
+    "dvc add": "each round added to DVC, one .dvc file for the run",
+}
+
+
+def print_tracked(console: Console, cfg: Config, run: TrackedRun) -> None:
+    """The end of ``dpops run`` on rank 0: the rounds table and summary, then where the run is recorded (its
+    MLflow run, model and data) and the DVC commands left to the user."""
+    from dp_ops.records.tracking import browse_hint, run_url
+
+    print_run(console, cfg, run.result)
+    tracker, versioner = run.tracker, run.versioner
+    assert tracker is not None and versioner is not None  # (rank 0's run)
+    registry, model = tracker.registry, run.model
+    page = run_url(registry.uri, tracker.experiment_id, run.run_id)
+    lines = [
+        f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
+        f"'{tracker.experiment_name}' at {registry.uri}",
+        f"  browse: {browse_hint(registry.uri)}",
+        *([f"  page:   {page}"] if page else []),
+    ]
+    if model is not None:
+        registered = "" if model.version is None else f", registered as {model.registered_name} v{model.version}"
+        lines.append(f"  model:  runs:/{run.run_id}/model (mlflow.pytorch.load_model{registered})")
+    lines.append(f"  data:   {versioner.data_dir}/ ({VERSIONING_NOTES[versioner.mode]})")
+    hint = versioner.commit_hint()  # (none inside dvc repro, whose dvc.lock records the outputs, or without DVC)
+    if hint:
+        lines.append(f"  {hint}")
+    push = versioner.push_hint()  # (none when every round was pushed to the default remote already)
+    if push:
+        lines.append(f"  {push}")
+    console.print(
+        "\n".join(lines),
+        soft_wrap=True,  # never break a path or a command in two
+    )
+
+
+def resume_hint(exc: KeyboardInterrupt, params: Path | None, overrides: list[str] | None) -> str:
+    """What a stopped ``dpops run`` says: which run ended KILLED and the command that resumes it (with the
+    options that chose its tracking store and its output locations)."""
+    run_id, resumable = getattr(exc, "run_id", None), getattr(exc, "resumable", False)
+    if run_id is None:
+        return ""
+    if not resumable:
+        return f"run {run_id} ended KILLED before its first round completed (nothing to resume); start it again"
+    store = [f"-S {o}" for o in overrides or () if o.strip().startswith(("tracking.", "output."))]
+    named = [o.partition("=")[2] for o in overrides or () if o.strip().startswith("tracking.run_name=")]
+    if named:  # (a named run: the same command resumes it)
+        store = [o for o in store if not o.startswith("-S tracking.run_name=")] + [f"--run-name {named[-1]}"]
+    resume = [] if named else [f"--resume {run_id}"]
+    command = " ".join(["dpops run", *([f"--params {params}"] if params else []), *store, *resume])
+    return f"run {run_id} ended KILLED at its last completed round; resume it with: {command}"
+
+
+def generator_saved(cfg: Config, quality: Quality) -> str:
+    """What ``dpops generator train`` says of the generator it saved: where, and how good."""
+    return (
+        f"Saved to [bold]{cfg.generator.path}[/]. A judge trained on real digits "
+        f"(real test accuracy {quality.judge_test_acc:.1%}) recognises [bold]{quality.recognition:.1%}[/] "
+        f"of {quality.n_samples} unguided samples ({cfg.generator.steps} DDIM steps, CFG {cfg.generator.cfg_scale:g})."
+    )
+
+
+# ---- dpops sweep ---------------------------------------------------------------------------------------
+def print_trial(console: Console, progress: Progress, o: TrialOutcome) -> None:
+    """A trial this worker finished: its bars removed, one line in their place."""
+    from dp_ops.studies.sweep import fmt_params
+
+    for task in list(progress.task_ids):  # the finished trial's bars
+        progress.remove_task(task)
+    value = "" if o.values is None else " → " + ", ".join(f"{v:.4g}" for v in o.values)
+    error = f" ({o.error})" if o.error else ""
+    console.print(
+        f"trial {o.number} {o.state}: {fmt_params(o.params)}{value}  run {o.mlflow_run_id}{error}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+def print_sweep(console: Console, outcome: SweepOutcome, experiment_name: str, uri: str) -> None:
+    """The end of a sweep worker: the study's budget, its best trial or Pareto front and how to replay it,
+    and where to browse the runs and the study."""
+    from dp_ops.records.tracking import browse_hint
+    from dp_ops.studies.sweep import dashboard_command, fmt_params, replay_command
+
+    go_on = "raise --n-trials to extend it" if outcome.counted >= outcome.budget else "run again to continue it"
+    console.print(
+        f"this worker ran {plural(len(outcome.ran), 'trial')}; the study has {outcome.counted}/{outcome.budget} "
+        f"of its budget ({go_on})"
+    )
+    if not outcome.best:
+        console.print("no trial has completed yet")
+    table = Table(
+        "trial",
+        "params",
+        "objective",
+        "MLflow run",
+        box=None,
+        title="best" if len(outcome.best) == 1 else "Pareto front (final_val_acc ↑, generated_samples ↓)",
+        title_justify="left",
+    )
+    for t in outcome.best:
+        table.add_row(
+            str(t.number),
+            fmt_params(t.params),
+            ", ".join(f"{v:.4g}" for v in t.values),
+            str(t.user_attrs.get("dpops.mlflow_run_id")),
+        )
+    if outcome.best:
+        console.print(table)
+        console.print(
+            f"replay the best: {replay_command(outcome.best[0])}\n"
+            f"   or with DVC: {replay_command(outcome.best[0], 'dvc')}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    console.print(
+        f"runs: experiment '{experiment_name}' — {browse_hint(uri)}\n"
+        f"study: {dashboard_command(outcome.storage)}   (pip install optuna-dashboard)",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+# ---- dpops scaling -------------------------------------------------------------------------------------
+def print_scaling(console: Console, report: ScalingReport, files: Sequence[Path]) -> None:
+    """``dpops scaling``'s report: the laws' table, the groups left unfitted and why, the headline, its files."""
+    console.print(scaling_table(report))
+    for s, why in report.unfitted.items():
+        console.print(f"{s}: no fit ({why})", soft_wrap=True)
+    print_scaling_headline(console, report.headline, report.no_headline)
+    console.print(f"wrote {files[0]} and {files[1]}")
+
+
+def scaling_table(report: ScalingReport) -> Table:
+    """One row per fitted law: its points, parameters with their 95% intervals, samples needed per target."""
+    targets: dict[str, float] = next(iter(report.targets.values()), {})
+    table = Table(
+        "strategy",
+        "points",
+        "a [95% CI]",
+        "α [95% CI]",
+        "c [95% CI]",
+        *(f"n for {t}" for t in targets),
+        title=f"error = a·n^(−α) + c; n = {report.x}, accuracy = {report.metric}",
+        title_justify="left",
+    )
+    for s, f in report.fits.items():
+        ci = lambda v, lo_hi: f"{v:.3g} [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"
+        need = [("∞" if _unreachable(n) else f"{n:,.0f}") for n in report.targets[s].values()]
+        table.add_row(s, str(f.n_points), ci(f.a, f.a_ci), ci(f.alpha, f.alpha_ci), ci(f.c, f.c_ci), *need)
+    return table
+
+
+NEVER_REACHED = "∞× (never reached)"
+
+
+def print_scaling_headline(console: Console, h: ScalingHeadline | None, why: str) -> None:
+    """The scaling report's multipliers in words, or why there are none."""
+    if h is None:
+        console.print(f"no data multiplier: {why}", soft_wrap=True, highlight=False)
+        return
+    fit = h.data_multiplier_fit
+    against = f", read against {h.static_group}" if h.static_group is not None else ""  # (runs of other settings)
+    console.print(
+        f"DP's best run (by validation accuracy): accuracy {h.dp_accuracy:.4f} with {h.dp_samples:.0f} "
+        f"samples (run {h.dp_run}){against}\n"
+        f"data multiplier: static needs {times(h.data_multiplier_points, NEVER_REACHED)} the samples (points, no fit)"
+        + (
+            ""
+            if fit is None
+            else f", {times(fit, NEVER_REACHED)} by its fitted law ({h.static_samples_needed_fit:,.0f} samples"
+            + (", extrapolated beyond the largest static pool)" if h.fit_extrapolated else ")")
+        )
+        + _laws_line(h)
+        + f"\niteration multiplier: static needs {times(h.iteration_multiplier, NEVER_REACHED)} the iterations to "
+        f"reach val {h.dp_val_acc:.4f} ({h.static_iterations_to_val:.0f} vs {h.dp_iterations_to_val:.0f})",
+        soft_wrap=True,
+    )
+
+
+def _laws_line(h: ScalingHeadline) -> str:
+    """The data multiplier from the two fitted laws, if both strategies have one."""
+    if h.data_multiplier_laws is None or h.data_multiplier_laws_ci is None:
+        return ""
+    lo, hi = h.data_multiplier_laws_ci
+    shown = [times(v, NEVER_REACHED) for v in (lo, hi)]
+    ci = "" if lo is None or math.isnan(lo) else f", 95% interval [{shown[0]}, {shown[1]}]"
+    need = "∞" if _unreachable(h.static_samples_needed_law) else f"{h.static_samples_needed_law:,.0f}"
+    return (
+        f"\nfrom the two fitted laws: static needs {times(h.data_multiplier_laws, NEVER_REACHED)} the samples DP "
+        f"needs for {h.dp_accuracy:.4f} ({need} vs {h.dp_samples_needed_law:,.0f}{ci})"
+    )
+
+
+def _unreachable(v: float | None) -> bool:
+    """∞ in memory, ``null`` once written to JSON: either way never reached."""
+    return v is None or math.isinf(v)
+
+
+# ---- dpops bench ---------------------------------------------------------------------------------------
+def bench_intro(p: Prepared, world: World) -> str:
+    """The benchmark's first line: its arms and seeds, and what this invocation has left to run, and how."""
+    where = (
+        f"across {world.size} processes, one after another"
+        if world.distributed
+        else (f"in {p.workers} worker(s) × {p.threads} thread(s)")
+    )
+    return (
+        f"benchmark [bold]{p.plan.bench_id}[/]: {len(p.plan.arms)} arms (and static at "
+        f"{', '.join(f'{k}×' for k in p.plan.iteration_factors)} the budget at its best size) × "
+        f"{len(p.plan.seeds)} seed(s); "
+        f"{p.finished} run(s) finished earlier, {p.resuming} to resume, {len(p.todo)} to run {where}"
+    )
+
+
+def print_bench_report(console: Console, report: BenchReport, p: Prepared, experiment: str, wall: float) -> None:
+    """The benchmark's end: its table, its headline in words, and where its files, runs and report are."""
+    from dp_ops.records.tracking import browse_hint
+    from dp_ops.studies.bench import scaling_command
+
+    console.print(bench_table(report.rows))
+    h = report.headline
+    lines = bench_headline_lines(h) if h else ["no headline: it needs dp and 2 static sizes"]
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
+    console.print(
+        f"wall {wall / 60:.1f} min for the run(s) made now; wrote {report.json_path} and "
+        f"{report.png_path}\nruns and report (MLflow run {report.run_id}, dpops.role=benchmark): experiment "
+        f"'{experiment}' — {browse_hint(p.uri)}\n"
+        f"scaling laws from these runs: {scaling_command(p)}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+def bench_headline_lines(h: Headline) -> list[str]:
+    """The headline in words, one sentence per ratio, each with its per-seed values."""
+    lines = []
+    if h.static_reached:
+        lines.append(
+            f"data multiplier: static needs {times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
+            f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
+            f"static's mean accuracies interpolated in log n; per DP seed: {_seeds(h.data_multiplier_per_seed)})"
+        )
+    else:
+        lines.append(
+            f"data multiplier: a bound, more than {times(h.data_multiplier)} — no static size reached {h.dp_arm}'s "
+            f"test accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples "
+            f"(per DP seed: {_seeds(h.data_multiplier_per_seed)})"
+        )
+    if h.iteration_multiplier is not None and h.iterations_reached:
+        lines.append(
+            f"iteration multiplier: {h.static_best} needs {times(h.iteration_multiplier)} DP's "
+            f"{h.dp_iterations:,.0f} iterations to reach its test accuracy ({h.static_iterations_needed:,.0f}, read "
+            f"off its 1×/2×/4× budget runs in log iterations; per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+        )
+    elif h.iteration_multiplier is not None:
+        lines.append(
+            f"iteration multiplier: a bound, more than {times(h.iteration_multiplier)} — {h.static_best} (static's "
+            f"best size by validation) did not reach DP's test accuracy even with {times(h.iteration_multiplier)} DP's "
+            f"iterations (per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+        )
+    if h.oversample_arm is not None:
+        seeds = _seeds(h.compute_multiplier_per_seed)
+        if h.oversample_reached:
+            lines.append(
+                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
+                f"accuracy or better, uses {times(h.compute_multiplier)} DP's model evaluations (per seed: {seeds}) "
+                f"and {times(h.seconds_multiplier)} its generation seconds"
+            )
+        else:
+            lines.append(
+                f"generation compute vs oversample: a bound — no ratio reached DP's test accuracy; the most "
+                f"accurate, {h.oversample_arm}, used {times(h.compute_multiplier)} DP's model evaluations (per seed: "
+                f"{seeds}) and {times(h.seconds_multiplier)} its generation seconds"
+            )
+    if h.ood_gain is not None:
+        lines.append(
+            f"OOD gain: {h.dp_arm} − {h.static_best} = {h.ood_gain:+.4f} out-of-distribution accuracy "
+            f"(sd {h.ood_gain_sd:.4f} over paired seeds)"
+        )
+    if h.guidance_effect is not None:
+        lines.append(
+            f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
+            f"(sd {h.guidance_effect_sd:.4f} over paired seeds)"
+        )
+    return lines
+
+
+def _seeds(values: dict[int, float]) -> str:
+    return ", ".join(times(v) for _, v in sorted(values.items())) or "—"

@@ -1,10 +1,13 @@
 """From a validated config to a finished experiment: the library entry points the CLI, DVC stages and
 sweeps call. Checks everything that can be checked before work starts (model names, devices, generator
 folder, image-folder layout), loads or trains the generator, runs the loop, writes the metrics files.
+The steps themselves live below: loading by the backend table in :mod:`dp_ops.engine.backends.load`,
+continuing a run from its records in :mod:`dp_ops.resume`, the records in :mod:`dp_ops.records`.
 
 Generator backends are chosen by name (``generator.backend``, an entry of :data:`dp_ops.generators.BACKENDS`;
-see :func:`load_generator`): ``pixel`` is trained here and cached at ``generator.path``; every other backend is a
-pretrained diffusers pipeline at ``generator.model``, never trained here.
+see :func:`load_generator`): ``pixel`` is trained here and cached at ``generator.path``
+(:func:`ensure_generator`); every other backend is a pretrained diffusers pipeline at ``generator.model``,
+never trained here.
 
 A tracked run's records (:class:`RunRecords`): per round, the round folder (written by the loop, part by
 part) is DVC-versioned first, then the round's MLflow run is logged with exactly those parts, then (a
@@ -19,57 +22,40 @@ monitor. The run's folders (``output.*``, ``generator.path``) must be one shared
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from dp_ops.config import Config, flatten, from_flat
-from dp_ops.engine.backends.pixel import PixelDiffusion, train_generator
+from dp_ops.config import Config
+from dp_ops.engine.backends.load import load_family, load_pixel, train_and_save_generator
 from dp_ops.engine.data import RealData, from_uint8, load_digits_data, load_mnist_data
 from dp_ops.engine.devices import check_devices, resolve_device, resolve_dtype, set_deterministic
 from dp_ops.engine.dist import SINGLE, World, lost_peer
 from dp_ops.engine.learner import known_models, micro_batches
 from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
-from dp_ops.engine.pool import Pool
-from dp_ops.engine.quality import Quality, measure_quality
+from dp_ops.engine.quality import Quality
 from dp_ops.engine.rounds import RoundParts
-from dp_ops.engine.sampling import Generator
-from dp_ops.engine.saved import CHECKSUMS, META_FILE, GeneratorMeta
-from dp_ops.engine.shards import round_dir, scan_round
+from dp_ops.engine.sampling import Generator, Progress
+from dp_ops.engine.saved import CHECKSUMS, META_FILE
 from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import disk_error, workspace_path, write_json
-from dp_ops.generators import BACKENDS, resolve
-from dp_ops.paths import CONFIG_FILES, check_generator, check_outputs, check_pipeline, output_locations
-from dp_ops.records.checkpoint import Checkpointer, checkpoint_path, load_checkpoint
-from dp_ops.records.lease import RunLease, check_free, lease_path
-from dp_ops.records.tracking import (
-    GeneratorFacts,
-    MlflowTracker,
-    Registry,
-    RunFacts,
-    SavedModel,
-    config_params,
-    sqlite_path,
-    system_metrics,
+from dp_ops.generators import resolve
+from dp_ops.paths import (
+    CONFIG_FILES,
+    check_generator,
+    check_outputs,
+    check_pipeline,
+    generator_exists,
+    output_locations,
 )
-from dp_ops.records.versioning import (
-    DvcVersioner,
-    PushFailed,
-    ShardInfo,
-    adopt_round,
-    check_kept_by_stage,
-    check_remote,
-    dvc_root,
-    parse_parts,
-    restore_round,
-)
-
-Progress = Callable[[int, int], None]
+from dp_ops.records.checkpoint import Checkpointer, checkpoint_path
+from dp_ops.records.lease import RunLease, lease_path
+from dp_ops.records.tracking import GeneratorFacts, MlflowTracker, Registry, SavedModel, sqlite_path, system_metrics
+from dp_ops.records.versioning import DvcVersioner, PushFailed, ShardInfo, check_kept_by_stage, check_remote
+from dp_ops.resume import restore_follower, restore_loop
 
 
 def preflight(cfg: Config, world: World = SINGLE) -> None:
@@ -108,62 +94,21 @@ def load_real_data(cfg: Config, world: World = SINGLE) -> RealData:
     return load_folder_data(cfg.data, world=reader, chunk=cfg.train.eval_batch_size)
 
 
-def train_and_save_generator(
-    cfg: Config, real: RealData, *, progress: Progress | None = None, quality_progress: Progress | None = None
-) -> tuple[PixelDiffusion, Quality]:
-    """Train on the generator-train split, measure quality with a real-data judge, save to generator.path."""
-    if cfg.generator.pretrained:
-        raise ConfigError(
-            f"generator.backend={cfg.generator.backend!r}: a pretrained pipeline (generator.model) is not "
-            "trained here; only the pixel generator is"
-        )
-    meta = GeneratorMeta.of(cfg, real.num_classes)
-    generator = train_generator(cfg.generator, real.gen_train, meta=meta, seed=cfg.data.split_seed, progress=progress)
-    quality = measure_quality(generator, real, cfg.generator, seed=cfg.data.split_seed, progress=quality_progress)
-    generator = PixelDiffusion(generator.unet, generator.scheduler, replace(meta, quality=quality.to_dict()))
-    generator.save(cfg.generator.path)
-    return generator, quality
-
-
-def load_pixel(cfg: Config, world: World = SINGLE) -> PixelDiffusion:
-    """The trained pixel generator at ``generator.path``, checked against the configured data, on
-    ``device`` (where the learner runs)."""
-    generator = PixelDiffusion.load(cfg.generator.path, scheduler=cfg.generator.scheduler)
-    generator.check_matches(cfg.data)
-    return generator.to(world.device(cfg.device), channels_last=cfg.generator.channels_last)
-
-
 def load_pipeline(cfg: Config, class_names: Sequence[str] | None = None, world: World = SINGLE) -> Generator:
     """The pipeline at ``generator.model`` on ``device``, conditioned on ``class_names`` (default: the class
     folders of ``data``), its weights read in ``generator.dtype``, by the adapter of the backend that drives it
     (:data:`dp_ops.generators.BACKENDS`; ``diffusers``: the family its ``model_index.json`` names). A pipeline no
     backend can drive is refused from its configs before any weight is read (a hub id's here; a local folder's
     already in :func:`check_generator`, before the heavy imports)."""
-    from dp_ops.engine.backends.latent import PipelineSettings, pipeline_configs
+    from dp_ops.engine.backends.latent import pipeline_configs
 
     if class_names is None:
         from dp_ops.engine.folders import scan_folders
 
         class_names = scan_folders(cfg.data).names
-    g, d = cfg.generator, cfg.data
+    g = cfg.generator
     family = check_pipeline(g.model, g.backend, pipeline_configs(g.model, CONFIG_FILES), g.scheduler)
-    device = world.device(cfg.device)
-    settings = PipelineSettings(
-        prompt=g.prompt,
-        resolution=g.resolution,
-        output_resolution=d.stored_resolution,
-        learner_resolution=d.resolution,
-        device=str(device),
-        dtype=resolve_dtype(g.dtype, device),
-        vae_slicing=g.vae_slicing,
-        attention_slicing=g.attention_slicing,
-        gradient_checkpointing=g.gradient_checkpointing,
-        scheduler=g.scheduler,
-        guidance_decoder=g.guidance_decoder,
-        class_ids=d.class_ids,
-    )
-    module, name = BACKENDS[family].adapter.split(":")
-    return getattr(importlib.import_module(module), name).load(g.model, class_names, settings)
+    return load_family(cfg, family, class_names, world)
 
 
 def load_generator(cfg: Config, real: RealData | None = None, world: World = SINGLE) -> Generator:
@@ -172,6 +117,24 @@ def load_generator(cfg: Config, real: RealData | None = None, world: World = SIN
     if cfg.generator.pretrained:
         return load_pipeline(cfg, None if real is None else real.class_names, world)
     return load_pixel(cfg, world)
+
+
+def ensure_generator(
+    cfg: Config,
+    real: RealData,
+    world: World = SINGLE,
+    *,
+    progress: Progress | None = None,
+    quality_progress: Progress | None = None,
+) -> tuple[Generator, Quality | None]:
+    """The run's generator, trained first if missing (``pixel``: :func:`train_and_save_generator`, cached at
+    ``generator.path``); under torchrun rank 0 of ``world`` trains it while the others wait, then every
+    process loads it. With it, the quality of the generator trained now (None: it was there already)."""
+    quality = None
+    if world.main and not generator_exists(cfg):
+        _, quality = train_and_save_generator(cfg, real, progress=progress, quality_progress=quality_progress)
+    world.barrier()
+    return load_generator(cfg, real, world), quality
 
 
 def generator_facts(cfg: Config) -> GeneratorFacts:
@@ -261,11 +224,17 @@ def run_tracked(
     """An experiment as a first-class record: MLflow parent + round runs (in ``registry``, default the
     config's store), DVC-versioned shards, and a checkpoint after every round; ``tags`` go on the MLflow
     run (e.g. a sweep's study and trial). With ``resume_run_id`` continue that interrupted run where its
-    last completed round left off (``cfg`` must be the run's own, see :func:`resume_config`; any number
-    of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and only
-    its ``observers`` and ``registry`` are used)."""
-    cfg = _resolve_micro_batches(cfg, world)  # (recorded resolved: a resume on other processes computes the same)
-    cfg = outliving_copy(cfg)
+    last completed round left off (``cfg`` must be the run's own, see :func:`~dp_ops.resume.resume_config`;
+    any number of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and
+    only its ``observers`` and ``registry`` are used)."""
+    return _run(RunRequest(cfg, resume_run_id, tags, tuple(observers), registry), generator, real, world)
+
+
+def _run(request: RunRequest, generator: Generator, real: RealData, world: World = SINGLE) -> TrackedRun:
+    """:func:`run_tracked` of ``request``."""
+    # (recorded resolved: a resume on other processes computes the same)
+    cfg = outliving_copy(_resolve_micro_batches(request.cfg, world))
+    resume_run_id = request.resume_run_id
     if not world.main:
         return _follow(cfg, generator, real, world, resuming=resume_run_id is not None)
     lease = None
@@ -273,10 +242,10 @@ def run_tracked(
         lease = RunLease(lease_path(cfg.output.checkpoints, resume_run_id), resume_run_id)
         lease.acquire()
     tracker = MlflowTracker(
-        registry or Registry.from_config(cfg),
+        request.registry or Registry.from_config(cfg),
         cfg,
         run_id=resume_run_id,
-        tags=tags,
+        tags=request.tags,
         generator=generator_facts(cfg),
         real=real,
     )
@@ -289,11 +258,11 @@ def run_tracked(
             versioner = DvcVersioner(Path(cfg.output.shards) / tracker.run_id)
             world.broadcast((tracker.run_id, versioner.data_dir, tracker.uri))
             records = RunRecords(tracker, versioner)
-            edges = [*observers, lease, records, Checkpointer(ckpt)]
+            edges = [*request.observers, lease, records, Checkpointer(ckpt)]
             loop = DPLoop(cfg, generator, real, edges, shards=versioner.data_dir, world=world)
             with _node_metrics(tracker.uri, tracker.run_id, world, resume_run_id is not None):
                 if resume_run_id is not None:
-                    _restore_loop(loop, records, ckpt)
+                    records.shards.update(restore_loop(loop, tracker, versioner, ckpt))
                     world.barrier()  # the other processes read the restored parts and the checkpoint next
                 result = loop.run()
             write_reports(cfg, result, tracker.run_id)
@@ -371,9 +340,7 @@ def _follow(cfg: Config, generator: Generator, real: RealData, world: World, *, 
         with _node_metrics(uri, run_id, world, resuming):
             if resuming:
                 world.barrier()  # rank 0 has restored every damaged part
-                state = _with_omegas(load_checkpoint(checkpoint_path(cfg.output.checkpoints, run_id)), cfg)
-                rounds = range(state["records"][-1]["round"] + 1)
-                loop.load_state_dict(state, Pool([p for k in rounds for p in scan_round(round_dir(data_dir, k))]))
+                restore_follower(loop, checkpoint_path(cfg.output.checkpoints, run_id), data_dir)
             return TrackedRun(loop.run(), run_id)
     except Exception as exc:  # (rank 0 lost: nobody else says how to go on)
         lost = lost_peer(exc)
@@ -393,30 +360,30 @@ def _node_metrics(uri: str, run_id: str, world: World, resuming: bool) -> Abstra
 # ---- studies on several processes: rank 0 leads each run, the others follow --------------------------
 @dataclass(frozen=True)
 class RunRequest:
-    """Rank 0's word to the other processes of a multi-process study before each of its runs (a sweep
-    trial, a benchmark arm); ``None`` instead means there are no more."""
+    """One tracked run asked for: its config and, to continue an interrupted run, its id (what rank 0 tells
+    the other processes of a multi-process study before each of its runs, a sweep trial or a benchmark arm:
+    :meth:`told`; ``None`` instead means there are no more), and rank 0's own MLflow ``tags``, ``observers``
+    and store (``registry``, default the config's)."""
 
     cfg: Config
     resume_run_id: str | None = None
+    tags: dict[str, str] | None = None
+    observers: Sequence[Observer] = ()
+    registry: Registry | None = None
+
+    def told(self) -> RunRequest:
+        """What the other processes are told (the records are rank 0's alone)."""
+        return RunRequest(self.cfg, self.resume_run_id)
 
 
-def lead_run(
-    cfg: Config,
-    generator: Generator,
-    real: RealData,
-    observers: Sequence[Observer] = (),
-    resume_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    registry: Registry | None = None,
-    world: World = SINGLE,
-) -> TrackedRun:
+def lead_run(request: RunRequest, generator: Generator, real: RealData, world: World = SINGLE) -> TrackedRun:
     """:func:`run_tracked` as one run of a study, on every process of ``world`` (rank 0 calls this; the
     others are in :func:`follow_runs`). On one process, exactly :func:`run_tracked`."""
     if not world.distributed:
-        return run_tracked(cfg, generator, real, observers, resume_run_id, tags, registry)
-    world.broadcast(RunRequest(cfg, resume_run_id))
+        return _run(request, generator, real)
+    world.broadcast(request.told())
     try:
-        return run_tracked(cfg, generator, real, observers, resume_run_id, tags, registry, world)
+        return _run(request, generator, real, world)
     except Exception as exc:
         raise RunAborted(f"{type(exc).__name__}: {exc}") from exc
 
@@ -434,155 +401,5 @@ def follow_runs(generator: Generator, real: RealData, world: World) -> int:
         request: RunRequest | None = world.broadcast(None)
         if request is None:
             return n
-        run_tracked(request.cfg, generator, real, resume_run_id=request.resume_run_id, world=world)
+        _run(request, generator, real, world)
         n += 1
-
-
-def resume_config(run_id: str, registry: Registry) -> Config:
-    """The config an interrupted run was started with (its MLflow params), after checking it can resume."""
-    try:
-        run = registry.run(run_id)
-    except DataError:
-        raise DataError(f"--resume {run_id}: no such run in {registry.uri}") from None
-    if run.tags.get("dpops.role") != "experiment":
-        raise DataError(f"--resume {run_id}: not a dp_ops experiment run (a round run? resume its parent)")
-    if run.status == "FINISHED":
-        raise DataError(f"--resume {run_id}: the run already FINISHED; nothing to resume")
-    study = run.tags.get("dpops.study")
-    if study is not None:  # (resumed here, the study's retry would resume it again: a second model, trial FAIL)
-        raise DataError(
-            f"--resume {run_id}: trial {run.tags.get('dpops.trial', '?')} of sweep study {study!r} owns this run; "
-            f"a worker of that study retries the trial and resumes the run, recording its result: dpops sweep "
-            f"--study-name {shlex.quote(study)} (with the study's --storage)"
-        )
-    return from_flat(config_params(run.params))
-
-
-def named_run(cfg: Config, registry: Registry) -> RunFacts | None:
-    """The run ``tracking.run_name`` names in the config's experiment (at most one survives its creation:
-    :meth:`MlflowTracker._claim`), or None: a new run starts under the name."""
-    runs = registry.runs_named(registry.experiment_name(cfg), cfg.tracking.run_name)
-    return runs[0] if runs else None
-
-
-def differences(given: Config, recorded: Config) -> list[str]:
-    """The keys a command's config and a run's recorded one disagree on, beyond where the run is tracked
-    (``tracking.*``) and where its files go (``output.*``): ``key='given' (the run's: 'recorded')``.
-    ``train.micro_batches=0`` (one per process) agrees with whatever number the run resolved it to."""
-    mine, theirs = flatten(given), flatten(recorded)
-    if mine.get("train.micro_batches") == 0:
-        mine["train.micro_batches"] = theirs.get("train.micro_batches")
-    return [
-        f"{k}={mine.get(k)!r} (the run's: {theirs.get(k)!r})"
-        for k in sorted(set(mine) | set(theirs))
-        if not k.startswith(("tracking.", "output.")) and mine.get(k) != theirs.get(k)
-    ]
-
-
-def check_lease(cfg: Config, run_id: str) -> str | None:
-    """Before any work on ``--resume``: refuses (one line) while a live process trains the run; else the
-    note that a stale lease will be taken over, if there is one (:func:`run_tracked` takes it)."""
-    return check_free(lease_path(cfg.output.checkpoints, run_id), run_id)
-
-
-def ignored_on_resume(overrides: Sequence[str], given: Config, resumed: Config) -> list[str]:
-    """The ``-S key=value`` of a ``--resume`` that the resumed run does not use (it runs with its own
-    config): every key whose value differs from the run's, except ``tracking.*`` (where to find it) and
-    ``output.*`` (where its files go: :func:`resume_outputs`)."""
-    mine, theirs = flatten(given), flatten(resumed)
-    keys = dict.fromkeys(o.partition("=")[0].strip() for o in overrides)
-    return [
-        f"{k}={mine.get(k)!r} (the run's: {theirs.get(k)!r})"
-        for k in keys
-        if not k.startswith(("tracking.", "output.")) and mine.get(k) != theirs.get(k)
-    ]
-
-
-def resume_outputs(overrides: Sequence[str], given: Config, resumed: Config) -> tuple[Config, list[str]]:
-    """The resumed config with the ``-S output.*`` of a ``--resume`` applied, and each changed one as
-    ``key='given' (the run's: 'recorded')``. Output locations are where files go on this machine, so the
-    user's word wins over the registry's; a finished round's parts missing from a new ``output.shards``
-    are restored there from DVC (:func:`_restore_loop`), and the checkpoint is looked for where
-    ``output.checkpoints`` now says."""
-    mine, theirs = flatten(given), flatten(resumed)
-    keys = [k for k in dict.fromkeys(o.partition("=")[0].strip() for o in overrides) if k.startswith("output.")]
-    changed = {k.removeprefix("output."): mine[k] for k in keys if k in mine and mine[k] != theirs.get(k)}
-    if not changed:
-        return resumed, []
-    cfg = resumed.model_copy(update={"output": resumed.output.model_copy(update=changed)})
-    return cfg, [f"output.{k}={v!r} (the run's: {theirs.get('output.' + k)!r})" for k, v in changed.items()]
-
-
-def _restore_loop(loop: DPLoop, records: RunRecords, ckpt: Path) -> None:
-    """O(parts), not O(images): the pool is exactly the bytes the registry records. Each part's md5 is
-    checked (DVC's state database answers for an unchanged file; only changed files are hashed), a damaged
-    part is restored (DVC cache, then remote), its header must place it where the registry does, and its
-    labels must be classes of this run; nothing is decoded."""
-    if not ckpt.is_file():
-        logged = records.tracker.registry.round_runs(records.tracker.run_id)
-        if logged:
-            raise DataError(
-                f"{ckpt}: checkpoint missing, although round(s) up to {max(r.round for r in logged)} were logged "
-                f"(deleted, or is output.checkpoints={str(ckpt.parent.parent)!r} not where the run wrote it?); "
-                "restore it, or start a new run"
-            )
-        raise DataError(f"{ckpt}: no checkpoint, the run stopped before round 0 completed; start a new run")
-    state = load_checkpoint(ckpt)
-    last = state["records"][-1]["round"]
-    kept = records.tracker.keep_rounds_through(last)
-    registry, versioner = records.tracker.registry, records.versioner
-    listings, digests = registry.round_parts(kept), {r.round: r.tags.get("dpops.shard_md5") for r in kept}
-    pool = Pool()
-    for k in range(last + 1):
-        folder, listing = versioner.round_path(k), listings.get(k)
-        if listing is None:
-            raise DataError(f"{folder}: round {k} has no parts listing in its round run; cannot resume it")
-        parts = parse_parts(listing, digests.get(k))
-        pool.add(adopt_round(versioner.root, parts, folder, k, loop.real.num_classes))
-        entries = [vars(p) for p in parts]
-        records.shards[k] = versioner.info(k, folder, entries, "resumed")
-    loop.load_state_dict(_with_omegas(state, loop.cfg), pool)
-
-
-def _with_omegas(state: dict, cfg: Config) -> dict:
-    """Checkpoints written before round records carried their ω get it from the config."""
-    for r in state["records"]:
-        r.setdefault("omega", cfg.dp.omega if r["round"] and cfg.dp.strategy == "dp" else 0.0)
-    return state
-
-
-def restore_run_data(
-    run_id: str,
-    dest: Path,
-    *,
-    tracking_uri: str,
-    round_index: int | None = None,
-    pool: bool = False,
-    root: Path | None = None,
-) -> list[Path]:
-    """Rebuild round folders of an MLflow run from the DVC cache (or remote) with only the registry.
-
-    No ``round_index``: every round (the final pool). ``round_index`` alone: that round's increment.
-    With ``pool``: rounds 0..round_index, the pool as it stood after that round.
-    """
-    root = root or dvc_root(Path.cwd())
-    if root is None:
-        raise DataError(f"{Path.cwd()}: not inside a DVC workspace (no .dvc/ here or above)")
-    registry = Registry(tracking_uri)
-    rounds = registry.round_runs(run_id)
-    shards = {r.round: r.tags.get("dpops.shard_md5") for r in rounds}
-    if round_index is not None and round_index not in shards:
-        raise DataError(f"--round {round_index}: run {run_id} has rounds {sorted(shards)}")
-    wanted = (
-        sorted(shards)
-        if round_index is None
-        else ([k for k in sorted(shards) if k <= round_index] if pool else [round_index])
-    )
-    listings = registry.round_parts([r for r in rounds if r.round in wanted])
-    restored = []
-    for k in wanted:
-        listing = listings.get(k)
-        if not shards[k] or listing is None:
-            raise DataError(f"run {run_id} round {k}: no parts recorded (run made without versioning)")
-        restored += restore_round(root, parse_parts(listing, shards[k]), round_dir(dest, k))
-    return restored

@@ -287,6 +287,21 @@ def test_an_empty_resume_id_is_refused_not_a_fresh_run(tmp_path):
     assert not (tmp_path / "gen").exists() and not (tmp_path / "out").exists()  # nothing was started
 
 
+def test_dpops_debug_prints_the_traceback_behind_the_one_line_error(tmp_path, monkeypatch):
+    params = _params(tmp_path)
+    command = ["run", "--params", str(params), "--resume", ""]
+    for debug in ("", "0", "1", "true"):
+        monkeypatch.setenv("DPOPS_DEBUG", debug)
+        result = runner.invoke(app, command)
+        lines = result.stderr.splitlines()
+        assert result.exit_code == 1 and lines[0].startswith("error: --resume '': no run id given"), result.stderr
+        if debug in ("1", "true"):  # the traceback follows the line, down to where the error was raised
+            assert lines[1] == "Traceback (most recent call last):" and "in run" in result.stderr, result.stderr
+            assert lines[-1].startswith("dp_ops.errors.ConfigError: --resume '': no run id given"), result.stderr
+        else:
+            assert len(lines) == 1 and "Traceback" not in result.output, result.output
+
+
 @pytest.mark.parametrize("command", ["sweep", "bench"])
 def test_a_study_refuses_one_run_name_for_its_many_runs(command):
     result = runner.invoke(app, [command, "-S", "tracking.run_name=job-1"])

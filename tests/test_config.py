@@ -380,7 +380,8 @@ def test_every_key_gives_one_short_line_or_a_valid_config(value):
     """Every key of `dpops config show` (and of the sweep section) with 0, -1, 1e308, 2**70 and a list: one
     ConfigError line naming the key, or a valid config. Only 0 is ever valid here, and where it is, it means
     what it says (a seed, ω = 0 unguided, an option off): every large value is refused by a bound."""
-    from dp_ops.config import SweepConfig, _set_dotted, sweep_config
+    from dp_ops.config import SweepConfig, sweep_config
+    from dp_ops.config.load import _set_dotted
 
     accepted = []
     for key, prefix in _walked_keys():
@@ -489,8 +490,8 @@ def test_the_largest_accepted_values_are_valid():
 def test_the_limits_are_mlflows_own():
     from mlflow.utils import validation
 
-    from dp_ops import config
+    from dp_ops.config import bounds
 
-    assert config.MLFLOW_PARAM_CHARS == validation.MAX_PARAM_VAL_LENGTH
-    assert config.MLFLOW_EXPERIMENT_CHARS == validation.MAX_EXPERIMENT_NAME_LENGTH
-    assert config.MAX_OMEGA == 1.0 and config.MIN_CFG_SCALE == 1.0
+    assert bounds.MLFLOW_PARAM_CHARS == validation.MAX_PARAM_VAL_LENGTH
+    assert bounds.MLFLOW_EXPERIMENT_CHARS == validation.MAX_EXPERIMENT_NAME_LENGTH
+    assert bounds.MAX_OMEGA == 1.0 and bounds.MIN_CFG_SCALE == 1.0

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "dp_ops.engine": 1,
     "dp_ops.records": 2,
     "dp_ops.paths": 3,
+    "dp_ops.resume": 3,
     "dp_ops.runner": 3,
     "dp_ops.studies": 4,
     "dp_ops.render": 5,

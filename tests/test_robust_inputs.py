@@ -384,7 +384,7 @@ def test_a_round_of_saturated_images_stops_before_its_parts_are_written(tiny_cfg
 # ---- the largest values a config accepts (issue 30, defect 4) ------------------------------------------
 @pytest.mark.slow
 def test_runs_at_the_largest_accepted_values_finish_or_stop_in_one_line(dvc_workspace):
-    """The bounds of dp_ops/config.py are where a run still works: the largest seeds (torch.manual_seed takes
+    """The bounds of dp_ops/config/bounds.py are where a run still works: the largest seeds (torch.manual_seed takes
     < 2**64, scikit-learn's split < 2**32; seed >= 2**64 and split_seed >= 2**32 used to stop a started run with
     a traceback), and at once the largest lr, weight decay, ω, CFG scale and Mixup/CutMix α. Each run finishes
     (exit 0), or stops in one line if a runtime check refuses what it made; never a traceback."""

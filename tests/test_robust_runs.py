@@ -485,3 +485,23 @@ def test_parts_and_a_saved_generator_get_the_mode_every_output_gets(tmp_path, ti
             os.umask(old)
         assert "generator/unet/diffusion_pytorch_model.safetensors" in modes
         assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_requeued_job_loads_its_cached_generator_instead_of_training_another(
+    tiny_cfg, tiny_generator, real, tmp_path
+):
+    """`runner.ensure_generator` (every command's generator): one already at generator.path is loaded as it
+    is, its folder untouched, and no quality is measured (only a generator trained now has one)."""
+    import torch
+
+    from dp_ops.runner import ensure_generator
+
+    tiny_generator.save(tmp_path / "gen")
+    cfg = tiny_cfg.model_copy(
+        update={"generator": tiny_cfg.generator.model_copy(update={"path": str(tmp_path / "gen")})}
+    )
+    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "gen").rglob("*")}
+    generator, quality = ensure_generator(cfg, real)
+    assert quality is None and {p: p.stat().st_mtime_ns for p in (tmp_path / "gen").rglob("*")} == saved
+    for mine, theirs in zip(generator.unet.parameters(), tiny_generator.unet.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

@@ -28,11 +28,10 @@ process takes the same decisions at the same iterations. Observers are the calle
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,9 @@ from dp_ops.engine.data import RealData, balanced_labels
 from dp_ops.engine.dist import SINGLE, World
 from dp_ops.engine.learner import Trainer, build_learner
 from dp_ops.engine.pool import Pool
-from dp_ops.engine.rounds import RoundParts, Sampling, gather_round, generate_round, keep_top, top_order
+from dp_ops.engine.rounds import RoundParts, Sampling, make_round
 from dp_ops.engine.sampling import Generator
-from dp_ops.engine.shards import part_slices, round_dir
+from dp_ops.engine.shards import round_dir
 
 RENAMED = {"unet_evals": "model_evals"}  # (a checkpoint written before 0.10 names model evaluations UNet evaluations)
 
@@ -240,17 +239,22 @@ class DPLoop:
         samples = self._generate(k, n, omega, keep)
         self.pool.add(samples.parts)
         self.plateau.reset(patience_for(self.cfg, len(self.pool)))
-        record = _record(
-            k,
-            self.pool,
-            samples,
-            n,
-            omega,
-            trigger,
-            self.trainer.iteration,
-            self.plateau.patience,
-            time.perf_counter() - t0,
-            self._train_seconds,
+        ent = samples.entropy.astype(np.float64)
+        record = RoundRecord(
+            round=k,
+            pool_size=len(self.pool),
+            n_new=len(samples),
+            n_generated=n,
+            omega=float(omega),
+            entropy_mean=float(ent.mean()),
+            entropy_median=float(np.median(ent)),
+            entropy_p90=float(np.quantile(ent, 0.9)),
+            val_acc_at_trigger=trigger,
+            iteration=self.trainer.iteration,
+            patience=self.plateau.patience,
+            gen_seconds=time.perf_counter() - t0,
+            train_seconds=self._train_seconds,
+            model_evals=samples.model_evals,
         )
         self._train_seconds = 0.0
         self.records.append(record)
@@ -258,49 +262,27 @@ class DPLoop:
         self._emit("on_checkpoint", self.state_dict())
 
     def _generate(self, k: int, n: int, omega: float, keep: int) -> RoundParts:
-        """Round k's parts: its n samples written as they are generated, each process its block of the
-        parts; for ``keep`` < n the candidates go to a scratch folder and only the ``keep`` of highest
-        learner entropy (chosen by rank 0) become the round."""
-        g, d, folder, world = self.cfg.generator, self.cfg.data, round_dir(self.shards, k), self.world
+        """Round k's parts: its n samples written as they are generated (by every process of the world
+        together, :func:`~dp_ops.engine.rounds.make_round`); for ``keep`` < n only the ``keep`` of highest
+        learner entropy become the round."""
+        g = self.cfg.generator
         how = Sampling(
             g.steps, g.cfg_scale, g.guide_every, g.batch_size, self.trainer.classify, g.guidance_gradient, g.precision
         )
-        fmt = self.cfg.shard_format if keep == n else "raw"  # (candidates: a scratch format)
-        out = folder if keep == n else folder.with_name(folder.name + ".candidates")
-        if world.main:  # a round interrupted before its checkpoint is made again
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
-        world.barrier()
-        mine = generate_round(
+        return make_round(
             self.generator,
             round_labels(self.cfg.seed, k, n, self.real.num_classes),
             round_seeds(self.cfg.seed, k, n),
-            out,
+            round_dir(self.shards, k),
             how,
+            self.world,
             round_index=k,
             omega=omega,
-            part_size=d.part_size,
-            fmt=fmt,
-            parts=world.block(len(part_slices(n, d.part_size))),
+            keep=keep,
+            part_size=self.cfg.data.part_size,
+            fmt=self.cfg.shard_format,
             progress=lambda done, total: self._emit("on_progress", "generate", done, total),
         )
-        made = gather_round(world, mine)
-        if keep == n:
-            return made
-        order: np.ndarray = world.broadcast(top_order(made.entropy, keep) if world.main else None)
-        kept = keep_top(
-            made,
-            order,
-            folder,
-            part_size=d.part_size,
-            fmt=self.cfg.shard_format,
-            parts=world.block(len(part_slices(keep, d.part_size))),
-        )
-        kept = replace(kept, parts=tuple(p for share in world.all_gather(kept.parts) for p in share))
-        world.barrier()  # (every process has read its candidates)
-        if world.main:
-            shutil.rmtree(made.folder, ignore_errors=True)
-        return kept
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -347,26 +329,6 @@ class DPLoop:
     def _emit(self, hook: str, *args: object) -> None:
         for obs in self.observers:
             getattr(obs, hook)(*args)
-
-
-def _record(k, pool, samples, n_generated, omega, trigger, iteration, patience, gen_s, train_s) -> RoundRecord:
-    ent = samples.entropy.astype(np.float64)
-    return RoundRecord(
-        round=k,
-        pool_size=len(pool),
-        n_new=len(samples),
-        n_generated=n_generated,
-        omega=float(omega),
-        entropy_mean=float(ent.mean()),
-        entropy_median=float(np.median(ent)),
-        entropy_p90=float(np.quantile(ent, 0.9)),
-        val_acc_at_trigger=trigger,
-        iteration=iteration,
-        patience=patience,
-        gen_seconds=gen_s,
-        train_seconds=train_s,
-        model_evals=samples.model_evals,
-    )
 
 
 def run_experiment(

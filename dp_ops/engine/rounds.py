@@ -11,11 +11,13 @@ the whole round (entropies are small, :func:`top_order`), and copies the kept im
 (:func:`keep_top`).
 
 In a multi-process run each process makes its block of the parts; :func:`gather_round` then gives every
-process the whole round's facts (parts, entropies, model evaluations).
+process the whole round's facts (parts, entropies, model evaluations). :func:`make_round` is that
+choreography for a round of the loop: which process makes which parts, and where they wait for each other.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -233,3 +235,55 @@ def keep_top(
         candidates.omega,
         candidates.model_evals,
     )
+
+
+def make_round(
+    generator: Generator,
+    labels: torch.Tensor,
+    seeds: np.ndarray,
+    folder: Path,
+    how: Sampling,
+    world: World,
+    *,
+    round_index: int,
+    omega: float,
+    keep: int,
+    part_size: int,
+    fmt: str,
+    progress: Progress | None = None,
+) -> RoundParts:
+    """The round's parts in ``folder``, made by every process of ``world`` together, each its block of the
+    parts; the whole round's facts on every process. With ``keep`` < the number of samples, the candidates go
+    to a scratch folder (format ``raw``) and only the ``keep`` of highest learner entropy (chosen by rank 0)
+    become the round."""
+    n = len(labels)
+    out = folder if keep == n else folder.with_name(folder.name + ".candidates")
+    if world.main:  # a round interrupted before its checkpoint is made again
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    world.barrier()
+    mine = generate_round(
+        generator,
+        labels,
+        seeds,
+        out,
+        how,
+        round_index=round_index,
+        omega=omega,
+        part_size=part_size,
+        fmt=fmt if keep == n else "raw",  # (candidates: a scratch format)
+        parts=world.block(len(part_slices(n, part_size))),
+        progress=progress,
+    )
+    made = gather_round(world, mine)
+    if keep == n:
+        return made
+    order: np.ndarray = world.broadcast(top_order(made.entropy, keep) if world.main else None)
+    kept = keep_top(
+        made, order, folder, part_size=part_size, fmt=fmt, parts=world.block(len(part_slices(keep, part_size)))
+    )
+    kept = replace(kept, parts=tuple(p for share in world.all_gather(kept.parts) for p in share))
+    world.barrier()  # (every process has read its candidates)
+    if world.main:
+        shutil.rmtree(made.folder, ignore_errors=True)
+    return kept

@@ -300,6 +300,32 @@ def follow_up(p: Prepared, out: Path, tried: Sequence[Job]) -> list[Job]:
     return [j for j in todo if (j.arm.name, j.seed) not in seen]
 
 
+def run_all(
+    p: Prepared,
+    params: Path | None,
+    out: Path,
+    world: World,
+    *,
+    on_result: Callable[[JobResult], None],
+    on_planned: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Every run this invocation has to make: ``p.todo``, then, once static has finished and its best size is
+    known, the iteration series (:func:`follow_up`), until nothing is left. In ``p.workers`` processes, or
+    under torchrun (``world``) each run on all the processes, which are told at the end that no run follows.
+    ``on_result`` hears each run as it ends; ``on_planned`` the count of runs planned so far, after each batch."""
+    todo, tried = list(p.todo), list(p.todo)
+    while todo:
+        if world.distributed:
+            run_jobs_across(todo, p.plan.bench_id, params, world, on_result=on_result)
+        else:
+            run_jobs(todo, p.plan.bench_id, params, workers=p.workers, threads=p.threads, on_result=on_result)
+        todo = follow_up(p, out, tried)
+        tried += todo
+        on_planned(len(tried))
+    if world.distributed:
+        runner.end_runs(world)
+
+
 def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
     done, _ = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
@@ -383,7 +409,7 @@ def run_jobs_across(
     for job in todo:
         cfg = load_config(params, job.overrides)
         tags = {**_tags(bench_id, job.arm), **threads_tag()}
-        run = runner.lead_run(cfg, generator, real, resume_run_id=job.resume_run_id, tags=tags, world=world)
+        run = runner.lead_run(runner.RunRequest(cfg, job.resume_run_id, tags), generator, real, world)
         results.append(_result(job, run))
         on_result(results[-1])
     return results

@@ -14,6 +14,7 @@
 Each comes with its per-seed values (each DP seed read against the other arm's mean, or paired by seed).
 Everything is computed from the runs' summary metrics, so it is the same whether the runs were made now
 or read back from the registry. Static's best size is chosen on validation accuracy, never on test or OOD.
+The headline in words is :func:`dp_ops.render.bench_headline_lines`.
 """
 
 from __future__ import annotations
@@ -227,64 +228,6 @@ def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | No
     )
 
 
-def headline_lines(h: Headline) -> list[str]:
-    """The headline in words, one sentence per ratio, each with its per-seed values."""
-    lines = []
-    if h.static_reached:
-        lines.append(
-            f"data multiplier: static needs {_times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
-            f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
-            f"static's mean accuracies interpolated in log n; per DP seed: {_seeds(h.data_multiplier_per_seed)})"
-        )
-    else:
-        lines.append(
-            f"data multiplier: a bound, more than {h.data_multiplier:.2f}× — no static size reached {h.dp_arm}'s "
-            f"test accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples "
-            f"(per DP seed: {_seeds(h.data_multiplier_per_seed)})"
-        )
-    if h.iteration_multiplier is not None and h.iterations_reached:
-        lines.append(
-            f"iteration multiplier: {h.static_best} needs {_times(h.iteration_multiplier)} DP's "
-            f"{h.dp_iterations:,.0f} iterations to reach its test accuracy ({h.static_iterations_needed:,.0f}, read "
-            f"off its 1×/2×/4× budget runs in log iterations; per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
-        )
-    elif h.iteration_multiplier is not None:
-        lines.append(
-            f"iteration multiplier: a bound, more than {h.iteration_multiplier:.2f}× — {h.static_best} (static's best "
-            f"size by validation) did not reach DP's test accuracy even with {_times(h.iteration_multiplier)} DP's "
-            f"iterations (per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
-        )
-    if h.oversample_arm is not None:
-        seeds = _seeds(h.compute_multiplier_per_seed)
-        if h.oversample_reached:
-            lines.append(
-                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                f"accuracy or better, uses {_times(h.compute_multiplier)} DP's model evaluations (per seed: {seeds}) "
-                f"and {_times(h.seconds_multiplier)} its generation seconds"
-            )
-        else:
-            lines.append(
-                f"generation compute vs oversample: a bound — no ratio reached DP's test accuracy; the most "
-                f"accurate, {h.oversample_arm}, used {_times(h.compute_multiplier)} DP's model evaluations (per seed: "
-                f"{seeds}) and {_times(h.seconds_multiplier)} its generation seconds"
-            )
-    if h.ood_gain is not None:
-        lines.append(
-            f"OOD gain: {h.dp_arm} − {h.static_best} = {h.ood_gain:+.4f} out-of-distribution accuracy "
-            f"(sd {h.ood_gain_sd:.4f} over paired seeds)"
-        )
-    if h.guidance_effect is not None:
-        lines.append(
-            f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
-            f"(sd {h.guidance_effect_sd:.4f} over paired seeds)"
-        )
-    return lines
-
-
-def _seeds(values: dict[int, float]) -> str:
-    return ", ".join(_times(v) for _, v in sorted(values.items())) or "—"
-
-
 # how the plot draws each series: (strategy, series) -> legend label, colour, marker, hollow, joined by a line
 _STYLE = {
     ("static", "scaling"): ("static", "C0", "o", False, True),
@@ -347,7 +290,3 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
             ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
-
-def _times(v: float | None) -> str:
-    return "—" if v is None else ("∞×" if math.isinf(v) else f"{v:.2f}×")

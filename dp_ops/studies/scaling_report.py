@@ -32,7 +32,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -98,6 +98,36 @@ def measured(strategy: str, config: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in config.items() if k not in UNMEASURED and not k.startswith(skip)}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScalingHeadline:
+    """DP's best run (by validation accuracy) against the static runs that share its settings: the data and
+    iteration multipliers. A field that does not apply is None and absent from :meth:`to_dict`."""
+
+    dp_run: str  # where DP's best run came from (an MLflow run id or a metrics.json)
+    dp_accuracy: float  # its accuracy (the report's metric)
+    dp_samples: float  # its n (the report's x)
+    # the group labels (see group_runs), set when either is not the plain strategy's: runs of other settings
+    dp_group: str | None = None
+    static_group: str | None = None
+    data_multiplier_points: float  # static's points interpolated without a fit; inf: static never got there
+    static_samples_needed_fit: float | None = None  # None (and the next two): static has no fitted law
+    data_multiplier_fit: float | None = None
+    fit_extrapolated: bool | None = None  # the fitted need lies beyond static's largest size
+    static_samples_needed_law: float | None = None  # None (and the next three): DP has no fitted law either
+    dp_samples_needed_law: float | None = None
+    data_multiplier_laws: float | None = None
+    data_multiplier_laws_ci: list[float] | None = None  # [low, high], 95%, from the paired bootstraps
+    dp_val_acc: float  # DP's final validation accuracy, the target of the iteration multiplier
+    dp_iterations_to_val: float
+    static_iterations_to_val: float  # inf: no static run got there
+    iteration_multiplier: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``headline`` of ``scaling.json`` before :func:`dp_ops.files.json_ready`: the fields that apply,
+        in this order, non-finite numbers as they are (the MLflow metrics are logged from it too)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
 @dataclass(frozen=True)
 class ScalingReport:
     metric: str
@@ -106,10 +136,10 @@ class ScalingReport:
     fits: dict[str, PowerLawFit]
     unfitted: dict[str, str]  # group label (see group_runs) -> why it has no fit
     targets: dict[str, dict[str, float]]  # group label -> {target accuracy: samples needed (fit)}
-    headline: dict[str, Any]  # data/iteration multipliers against static; empty without dp and static
+    headline: ScalingHeadline | None  # data/iteration multipliers against static; None without dp and static
     # label -> the strategy and the settings that set its runs apart from the strategy's other groups
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    no_headline: str = ""  # why the headline is empty
+    no_headline: str = ""  # why there is no headline
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers as ``None``)."""
@@ -122,7 +152,7 @@ class ScalingReport:
                 "fits": {k: f.to_dict() for k, f in self.fits.items()},
                 "unfitted": self.unfitted,
                 "samples_for_target": self.targets,
-                "headline": self.headline,
+                "headline": self.headline.to_dict() if self.headline else {},
             }
         )
 
@@ -290,13 +320,13 @@ def _shared(config: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in config.items() if not k.startswith(STRATEGY_OWN)}
 
 
-def _headline(grouped: dict, points: dict, fits: dict, metric: str, x: str) -> tuple[dict[str, Any], str]:
+def _headline(grouped: dict, points: dict, fits: dict, metric: str, x: str) -> tuple[ScalingHeadline | None, str]:
     """DP's best run against the static runs that share its settings (strategy aside): the multipliers, or
-    an empty headline and why there is none."""
+    no headline and why there is none."""
     dp = [r for rs in grouped.values() for r in rs if r.strategy == "dp"]
     statics = [label for label, rs in grouped.items() if rs[0].strategy == "static"]
     if not dp or not statics:
-        return {}, "it needs both dp and static runs"
+        return None, "it needs both dp and static runs"
     # DP's best run is chosen on validation accuracy (then fewer samples), never on the test split
     best = max(dp, key=lambda r: (r.final_val_acc, -getattr(r, x)))
     dp_label = next(label for label, rs in grouped.items() if any(r is best for r in rs))
@@ -306,13 +336,12 @@ def _headline(grouped: dict, points: dict, fits: dict, metric: str, x: str) -> t
         theirs = [_shared(grouped[s][0].config) for s in statics]
         keys = sorted({k for t in theirs for k in {*t, *mine} if t.get(k) != mine.get(k)})
         shown = "; ".join(f"{k}: dp {mine.get(k, '(unset)')}, static {_values(theirs, k)}" for k in keys)
-        return {}, f"no static runs share the settings of DP's best run {best.source} ({shown})"
+        return None, f"no static runs share the settings of DP's best run {best.source} ({shown})"
     static = grouped[static_label]
     acc, used = float(getattr(best, metric)), float(getattr(best, x))
-    out: dict[str, Any] = {"dp_run": best.source, "dp_accuracy": acc, "dp_samples": used}
+    out: dict[str, Any] = {}
     if static_label != "static" or dp_label != "dp":
         out.update(dp_group=dp_label, static_group=static_label)
-    out["data_multiplier_points"] = data_multiplier(points[static_label], used, acc)
     if static_label in fits:
         out["static_samples_needed_fit"] = fits[static_label].samples_for_accuracy(acc)
         out["data_multiplier_fit"] = data_multiplier(fits[static_label], used, acc)
@@ -322,9 +351,17 @@ def _headline(grouped: dict, points: dict, fits: dict, metric: str, x: str) -> t
     target = best.final_val_acc
     dp_iters = _first_reaching(best.curve, target)
     static_iters = min((_first_reaching(r.curve, target) for r in static), default=math.inf)
-    out.update(dp_val_acc=target, dp_iterations_to_val=dp_iters, static_iterations_to_val=static_iters)
-    out["iteration_multiplier"] = static_iters / dp_iters if math.isfinite(dp_iters) and dp_iters > 0 else math.nan
-    return out, ""
+    return ScalingHeadline(
+        dp_run=best.source,
+        dp_accuracy=acc,
+        dp_samples=used,
+        data_multiplier_points=data_multiplier(points[static_label], used, acc),
+        dp_val_acc=target,
+        dp_iterations_to_val=dp_iters,
+        static_iterations_to_val=static_iters,
+        iteration_multiplier=static_iters / dp_iters if math.isfinite(dp_iters) and dp_iters > 0 else math.nan,
+        **out,
+    ), ""
 
 
 def _values(configs: list[dict[str, str]], key: str) -> str:
@@ -361,7 +398,7 @@ def _first_reaching(curve: Sequence[tuple[int, float]], target: float) -> float:
 def write_report(report: ScalingReport, out_dir: str | Path, title: str | None = None) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     write_json(out_dir / "scaling.json", report.to_dict())
-    dp_acc = report.headline.get("dp_accuracy")
+    dp_acc = report.headline.dp_accuracy if report.headline else None
     png = plot_scaling(
         report.points,
         report.fits,
@@ -380,7 +417,8 @@ def log_report(
     replaces the report an earlier call logged from the same inputs (``params`` less the run count): the
     same command run again keeps one report run, the latest, instead of piling up one per call."""
     metrics = {f"{_metric_prefix(report, s)}.{k}": getattr(f, k) for s, f in report.fits.items() for k in FIT_METRICS}
-    metrics.update({k: v for k, v in report.headline.items() if isinstance(v, float)})
+    headline = report.headline.to_dict() if report.headline else {}
+    metrics.update({k: v for k, v in headline.items() if isinstance(v, float)})
     inputs = json.dumps({k: v for k, v in params.items() if k != "runs"}, sort_keys=True)
     return registry.log_report_run(
         experiment,

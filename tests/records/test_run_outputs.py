@@ -201,7 +201,7 @@ def test_a_dataset_another_run_adds_at_the_same_moment_is_linked_on_the_retry(ml
     from mlflow.entities import DatasetInput
     from mlflow.exceptions import MlflowException
 
-    from dp_ops.records.tracking import _log_inputs
+    from dp_ops.records.tracking.runs import _log_inputs
 
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("race", artifact_location=(tmp_path / "a").as_uri())

@@ -171,7 +171,7 @@ def test_two_runs_started_at_once_under_one_name_leave_one(cfg):
 
 
 def test_differences_say_what_a_command_changes_beyond_tracking_and_outputs(cfg):
-    from dp_ops.runner import differences
+    from dp_ops.resume import differences
 
     moved = {"output": {"shards": "elsewhere"}, "tracking": {"run_name": "x"}, "train": {"micro_batches": 0}}
     ran = build_config({"train": {"micro_batches": 2}})

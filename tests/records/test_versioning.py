@@ -15,7 +15,8 @@ from dp_ops.engine.shards import PartReader, scan_round
 from dp_ops.errors import DataError
 from dp_ops.records.tracking import round_runs
 from dp_ops.records.versioning import cache_path, dir_md5, md5_file
-from dp_ops.runner import restore_run_data, run_tracked
+from dp_ops.resume import restore_run_data
+from dp_ops.runner import run_tracked
 
 from conftest import tiny_tree
 

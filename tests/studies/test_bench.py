@@ -16,9 +16,10 @@ from mlflow import MlflowClient
 from dp_ops.config import load_config
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.render import bench_headline_lines, times
 from dp_ops.studies import bench
 from dp_ops.studies.bench import _take_gpu, gpu_slots, iteration_arms, jobs, plan, prepare
-from dp_ops.studies.bench_stats import Arm, headline, headline_lines, summarise
+from dp_ops.studies.bench_stats import Arm, headline, summarise
 
 from conftest import tiny_tree
 
@@ -67,7 +68,7 @@ def test_headline_reads_static_curve_pairs_seeds_and_picks_the_cheapest_oversamp
     assert h.guidance_effect == pytest.approx(0.015) and h.guidance_effect_sd == pytest.approx(0.0)
     assert h.oversample_arm == "oversample r=4" and h.oversample_reached  # r=2 falls short, r=8 costs more
     assert h.compute_multiplier == pytest.approx(4.0) and h.seconds_multiplier == pytest.approx(1.6)
-    text = "\n".join(headline_lines(h))
+    text = "\n".join(bench_headline_lines(h))
     assert "2.00×" in text and "oversample r=4" in text and "+0.0150" in text
 
 
@@ -82,11 +83,16 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert h.data_multiplier == pytest.approx(2000 / 800)  # the largest static size: a lower bound
     assert h.guidance_effect is None
     assert h.oversample_arm == "oversample r=4" and not h.oversample_reached
-    assert "more than 2.50×" in headline_lines(h)[0]
+    assert "more than 2.50×" in bench_headline_lines(h)[0]
     assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
     assert headline([*STATIC[:1], dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
     assert h.iteration_multiplier is None and h.ood_gain is None  # no iteration series, no OOD set
-    assert not any("iteration multiplier" in line or "OOD" in line for line in headline_lines(h))
+    assert not any("iteration multiplier" in line or "OOD" in line for line in bench_headline_lines(h))
+
+
+def test_every_multiplier_is_formatted_by_one_function():
+    assert times(2.5) == "2.50×" and times(math.inf) == "∞×" and times(None) == "—"
+    assert times(math.inf, never="∞× (never reached)") == "∞× (never reached)"  # (the scaling report's words)
 
 
 def test_iteration_multiplier_reads_static_best_size_at_more_iterations_and_ood_gain_pairs_seeds():
@@ -106,14 +112,14 @@ def test_iteration_multiplier_reads_static_best_size_at_more_iterations_and_ood_
     assert h.iteration_multiplier == pytest.approx(2 * 2**0.5) and h.dp_iterations == 100
     assert h.iteration_multiplier_per_seed == {0: pytest.approx(2.0), 1: pytest.approx(4.0)}
     assert h.ood_gain == pytest.approx(0.20) and h.ood_gain_sd == pytest.approx(0.0)  # vs N=1000, not N=2000
-    text = "\n".join(headline_lines(h))
+    text = "\n".join(bench_headline_lines(h))
     assert (
         "iteration multiplier: static N=1000 needs 2.83×" in text
         and "OOD gain: dp ω=0.05 − static N=1000 = +0.2000" in text
     )
     h = headline([*static, _row("dp", "ω=0.05", {0: (800, 0.999, 1, 1.0)}), *more], "dp ω=0.05", "dp ω=0")
     assert not h.iterations_reached and h.iteration_multiplier == pytest.approx(4.0)  # a bound: 400 ÷ 100
-    assert "iteration multiplier: a bound, more than 4.00×" in "\n".join(headline_lines(h))
+    assert "iteration multiplier: a bound, more than 4.00×" in "\n".join(bench_headline_lines(h))
 
 
 @pytest.fixture

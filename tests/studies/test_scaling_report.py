@@ -16,6 +16,7 @@ from dp_ops.errors import FitError
 from dp_ops.records.tracking import Registry
 from dp_ops.studies.scaling import PowerLawFit
 from dp_ops.studies.scaling_report import (
+    ScalingHeadline,
     _laws_multiplier,
     log_report,
     points_from_files,
@@ -132,14 +133,15 @@ def test_runs_of_other_budgets_are_a_law_of_their_own_and_not_compared(tmp_path,
         "settings": {"train.iterations": "2000"},
     }
     h = report.headline
-    assert h["static_group"] == "static (train.iterations=300)" and h["dp_group"] == "dp"
-    assert h["static_iterations_to_val"] == math.inf  # (no 300-iteration static run gets there; was 100: 0.5×)
-    assert h["data_multiplier_fit"] == pytest.approx(3.0, rel=0.15)
+    assert h is not None
+    assert h.static_group == "static (train.iterations=300)" and h.dp_group == "dp"
+    assert h.static_iterations_to_val == math.inf  # (no 300-iteration static run gets there; was 100: 0.5×)
+    assert h.data_multiplier_fit == pytest.approx(3.0, rel=0.15)
 
     only_long = [r for r in runs if r.strategy == "dp" or r.iterations == 2000]
     lone = scaling_report(only_long, n_boot=10)
     best = max((r for r in runs if r.strategy == "dp"), key=lambda r: r.final_val_acc)
-    assert lone.headline == {} and lone.no_headline == (
+    assert lone.headline is None and lone.no_headline == (
         f"no static runs share the settings of DP's best run {best.source} (train.iterations: dp 300, static 2000)"
     )
 
@@ -208,7 +210,7 @@ def test_points_from_metrics_files_feed_the_same_report(tmp_path):
     assert set(report.fits) == {"static"} and "dp" in report.unfitted  # one dp point: no fit, still a multiplier
     assert report.targets["static"]["0.9999"] == float("inf")  # beyond 1 - c: unreachable
     assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["samples_for_target"]["static"]["0.9999"] is None
-    assert report.headline["data_multiplier_fit"] == pytest.approx(3.0, rel=0.1)
+    assert report.headline is not None and report.headline.data_multiplier_fit == pytest.approx(3.0, rel=0.1)
     with pytest.raises(FitError, match="too few points"):
         scaling_report(runs[:2])
 
@@ -239,3 +241,36 @@ def test_an_empty_metrics_folder_is_named(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = " ".join(result.output.split())
     assert f"--metrics {empty}: no metrics.json files found in this folder or below it" in line, result.output
+
+
+def test_the_headline_dict_has_the_keys_that_apply_in_the_order_scaling_json_always_had():
+    common = {"dp_run": "r", "dp_accuracy": 0.9, "dp_samples": 100.0, "data_multiplier_points": math.inf}
+    iters = {"dp_val_acc": 0.9, "dp_iterations_to_val": 100.0, "static_iterations_to_val": 300.0}
+    h = ScalingHeadline(**common, **iters, iteration_multiplier=3.0)
+    assert list(h.to_dict()) == [*common, *iters, "iteration_multiplier"]  # no fit, no groups: their keys absent
+    laws = {"static_samples_needed_law": 300.0, "dp_samples_needed_law": 100.0, "data_multiplier_laws": 3.0}
+    fit = {"static_samples_needed_fit": 300.0, "data_multiplier_fit": 3.0, "fit_extrapolated": False}
+    full = ScalingHeadline(
+        **common,
+        dp_group="dp",
+        static_group="static (x=1)",
+        **fit,
+        **laws,
+        data_multiplier_laws_ci=[2.0, 4.0],
+        **iters,
+        iteration_multiplier=3.0,
+    )
+    assert list(full.to_dict()) == [
+        "dp_run",
+        "dp_accuracy",
+        "dp_samples",
+        "dp_group",
+        "static_group",
+        "data_multiplier_points",
+        *fit,
+        *laws,
+        "data_multiplier_laws_ci",
+        *iters,
+        "iteration_multiplier",
+    ]
+    assert full.to_dict()["fit_extrapolated"] is False and full.to_dict()["data_multiplier_laws_ci"] == [2.0, 4.0]

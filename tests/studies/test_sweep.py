@@ -419,7 +419,7 @@ def test_worker_killed_mid_trial_is_requeued_and_the_retry_resumes_its_mlflow_ru
 
 
 def test_a_study_another_worker_is_still_setting_up_is_waited_for(ws):
-    from dp_ops.studies.sweep import _wait_until_ready
+    from dp_ops.studies.sweep.study import _wait_until_ready
 
     storage = f"sqlite:///{ws / 'optuna.db'}"
     study = optuna.create_study(study_name="half", storage=storage)  # created, not yet described

@@ -17,7 +17,7 @@ from dp_ops.generators import BACKENDS
 from dp_ops.records.checkpoint import Checkpointer
 from dp_ops.records.tracking import round_runs
 from dp_ops.records.versioning import md5_file
-from dp_ops.runner import restore_run_data
+from dp_ops.resume import restore_run_data
 
 from conftest import FOLDER_CLASSES, make_image_folder
 

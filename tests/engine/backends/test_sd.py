@@ -34,7 +34,8 @@ from dp_ops.errors import ConfigError, GeneratorError
 from dp_ops.paths import CONFIG_FILES, check_generator, check_pipeline
 from dp_ops.records.tracking import config_params, round_runs
 from dp_ops.records.versioning import dir_md5, md5_file
-from dp_ops.runner import generator_facts, load_pipeline, preflight, restore_run_data
+from dp_ops.resume import restore_run_data
+from dp_ops.runner import generator_facts, load_pipeline, preflight
 
 from conftest import make_image_folder
 
