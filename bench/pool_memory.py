@@ -14,7 +14,7 @@
    (target ratio ≤ 1.2): the part table comes from headers, nothing is decoded, and (4.) only changed parts
    are hashed.
 4. The integrity check a resume makes on every finished round's parts (``versioning.adopt_round``: each
-   part's md5 against the registry's, its header against where it is used, its labels in range) at 10⁵
+   part's md5 against the store's, its header against where it is used, its labels in range) at 10⁵
    parts, side by side: every part hashed vs. DVC's state database answering for unchanged files (filled
    with ``State.save_many``, as ``dvc add`` fills it; ``dvc add`` of 10⁵ files itself is not the figure).
    Parts are small (64 grey 8² images, ~4.6 kB), so hashing here is mostly per-file cost; its MB/s says what
@@ -186,7 +186,7 @@ def resume_seconds(folder: Path, n: int, part_size: int) -> dict:
     from dp_ops.engine.data import load_digits_data
     from dp_ops.engine.loop import Observer
     from dp_ops.engine.sampling import Generator
-    from dp_ops.records.tracking import Registry
+    from dp_ops.records.tracking import TrackingStore
     from dp_ops.runner import run_tracked
 
     torch.set_num_threads(1)
@@ -228,14 +228,14 @@ def resume_seconds(folder: Path, n: int, part_size: int) -> dict:
         "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}"},
         "output": {k: str(folder / k) for k in ("metrics", "rounds", "shards", "checkpoints")},
     }
-    cfg, registry = build_config(tree), Registry(tree["tracking"]["uri"])
+    cfg, store = build_config(tree), TrackingStore(tree["tracking"]["uri"])
     stop = StopAtFirstStep()
     with contextlib.suppress(KeyboardInterrupt):
-        run_tracked(cfg, Flat(), real, [stop], registry=registry)
-    (run,) = registry.search([registry.experiment_id("dp-ops")], "tags.`dpops.role` = 'experiment'")
+        run_tracked(cfg, Flat(), real, [stop], store=store)
+    (run,) = store.search([store.experiment_id("dp-ops")], "tags.`dpops.role` = 'experiment'")
     again, t0 = StopAtFirstStep(), time.perf_counter()
     with contextlib.suppress(KeyboardInterrupt):
-        run_tracked(cfg, Flat(), real, [again], resume_run_id=run.run_id, registry=registry)
+        run_tracked(cfg, Flat(), real, [again], resume_run_id=run.run_id, store=store)
     assert again.at is not None
     return {"seconds": again.at - t0}
 
@@ -246,7 +246,7 @@ CHECK_PART = 64  # images per part: 64 grey 8² images, ~4.6 kB a part
 
 def write_checked_round(folder: Path, parts: int) -> None:
     """A DVC workspace ``folder`` with one round of ``parts`` small parts, DVC's state database told their
-    md5s (as ``dvc add`` leaves it), and the registry's listing of them in ``parts.json``."""
+    md5s (as ``dvc add`` leaves it), and the store's listing of them in ``parts.json``."""
     import numpy as np
     from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo

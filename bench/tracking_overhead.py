@@ -22,7 +22,7 @@ from dp_ops.config import load_config
 from dp_ops.engine.loop import DPLoop, Observer
 from dp_ops.paths import generator_exists
 from dp_ops.records.checkpoint import Checkpointer
-from dp_ops.records.tracking import MlflowTracker, Registry
+from dp_ops.records.tracking import MlflowTracker, TrackingStore
 from dp_ops.records.versioning import DvcVersioner
 
 DEFAULTS = ["dp.round_size=100", "dp.patience=1", "dp.incremental_patience=false", "train.eval_every=50"]
@@ -39,9 +39,9 @@ class Timed(Observer):
         hook(*args)
         self.ledger[self.round] = self.ledger.get(self.round, 0.0) + time.perf_counter() - t0
 
-    def on_round(self, record, increment) -> None:
+    def on_round(self, record, round_parts) -> None:
         self.round = record.round
-        self._timed(self.inner.on_round, record, increment)
+        self._timed(self.inner.on_round, record, round_parts)
 
     def on_checkpoint(self, state) -> None:
         self._timed(self.inner.on_checkpoint, state)
@@ -67,7 +67,7 @@ def main() -> None:
         subprocess.run(["git", "init", "-q", tmp], check=True)
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True, env=env, cwd=tmp)
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp}/mlflow.db"})})
-        tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+        tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
         records = runner.RunRecords(
             tracker, DvcVersioner(Path(tmp) / "data" / tracker.run_id)
         )  # as run_tracked wires them

@@ -30,6 +30,7 @@ from rich.table import Column, Table
 from dp_ops.config import Config
 from dp_ops.engine.loop import Observer, RoundRecord, RunResult
 from dp_ops.engine.rounds import RoundParts
+from dp_ops.engine.strategies import STRATEGIES
 
 if TYPE_CHECKING:  # types only: `dpops run` imports this module and must not import scipy or the studies
     from dp_ops.engine.dist import World
@@ -96,7 +97,7 @@ class RichObserver(Observer):
     def _train_label(self) -> str:
         return f"train (val {self._acc:.3f})"
 
-    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
+    def on_round(self, record: RoundRecord, round_parts: RoundParts) -> None:
         if self._gen is not None:
             self.progress.remove_task(self._gen)
             self._gen = None
@@ -153,14 +154,10 @@ OOD_SETS = {"digits": "the 5,000 MNIST digits", "mnist": "the 1,797 scikit-learn
 
 
 def _setting(cfg: Config, strategy: str) -> str:
-    """What a strategy's rounds were made with: ω guides dp's; oversample keeps the most uncertain of an
-    unguided batch; static makes no round after round 0."""
-    dp = cfg.dp
-    if strategy == "dp":
-        return f"ω={dp.omega:g}, "
-    if strategy == "oversample":
-        return f"keeps {dp.round_size} of {dp.round_size * dp.oversample_ratio} unguided per round, "
-    return ""
+    """What a strategy's rounds were made with (its entry of the strategy table says), followed by ", ";
+    nothing for a strategy with no setting (static makes no round after round 0)."""
+    setting = STRATEGIES[strategy].setting(cfg.dp)
+    return f"{setting}, " if setting else ""
 
 
 def plural(n: int, word: str) -> str:
@@ -173,6 +170,7 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
     seeds = sorted({r.seeds for r in rows})
     table = Table(
         "arm",
+        "seeds",
         "generated",
         "kept pool",
         "iters",
@@ -186,6 +184,7 @@ def bench_table(rows: Sequence[ArmStats]) -> Table:
         m, sd = r.mean, r.sd
         table.add_row(
             r.arm,
+            str(r.seeds),
             f"{m['generated_samples']:,.0f}",
             f"{m['pool_size']:,.0f}",
             f"{m['iterations']:,.0f}",
@@ -243,12 +242,12 @@ def print_tracked(console: Console, cfg: Config, run: TrackedRun) -> None:
     print_run(console, cfg, run.result)
     tracker, versioner = run.tracker, run.versioner
     assert tracker is not None and versioner is not None  # (rank 0's run)
-    registry, model = tracker.registry, run.model
-    page = run_url(registry.uri, tracker.experiment_id, run.run_id)
+    store, model = tracker.store, run.model
+    page = run_url(store.uri, tracker.experiment_id, run.run_id)
     lines = [
         f"MLflow run [bold]{run.run_id}[/] ({plural(len(tracker.round_run_ids), 'round run')}) in experiment "
-        f"'{tracker.experiment_name}' at {registry.uri}",
-        f"  browse: {browse_hint(registry.uri)}",
+        f"'{tracker.experiment_name}' at {store.uri}",
+        f"  browse: {browse_hint(store.uri)}",
         *([f"  page:   {page}"] if page else []),
     ]
     if model is not None:
@@ -420,8 +419,9 @@ def _laws_line(h: ScalingHeadline) -> str:
     ci = "" if lo is None or math.isnan(lo) else f", 95% interval [{shown[0]}, {shown[1]}]"
     need = "∞" if _unreachable(h.static_samples_needed_law) else f"{h.static_samples_needed_law:,.0f}"
     return (
-        f"\nfrom the two fitted laws: static needs {times(h.data_multiplier_laws, NEVER_REACHED)} the samples DP "
-        f"needs for {h.dp_accuracy:.4f} ({need} vs {h.dp_samples_needed_law:,.0f}{ci})"
+        f"\nfrom the two fitted laws ({h.data_multiplier_laws_verdict}): static needs "
+        f"{times(h.data_multiplier_laws, NEVER_REACHED)} the samples DP needs for {h.dp_accuracy:.4f} "
+        f"({need} vs {h.dp_samples_needed_law:,.0f}{ci})"
     )
 
 
@@ -467,57 +467,75 @@ def print_bench_report(console: Console, report: BenchReport, p: Prepared, exper
 
 
 def bench_headline_lines(h: Headline) -> list[str]:
-    """The headline in words, one sentence per ratio, each with its per-seed values."""
+    """The headline in words, one sentence per figure: its word (resolved / bound / not resolved), the figure,
+    its 95% interval and its per-seed values."""
     lines = []
+    word = {name: f"{name} ({h.verdicts[name]})" for name in h.verdicts}
     if h.static_reached:
         lines.append(
-            f"data multiplier: static needs {times(h.data_multiplier)} the samples {h.dp_arm} generated to reach "
-            f"its test accuracy {h.dp_test_acc:.4f} ({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; "
-            f"static's mean accuracies interpolated in log n; per DP seed: {_seeds(h.data_multiplier_per_seed)})"
+            f"{word['data multiplier']}: static needs {times(h.data_multiplier)} the samples {h.dp_arm} generated "
+            f"to reach its test accuracy {h.dp_test_acc:.4f}{_interval(h, 'data multiplier')} "
+            f"({h.static_samples_needed:,.0f} vs {h.dp_samples:,.0f}; static's mean accuracies interpolated in "
+            f"log n; per DP seed: {_seeds(h.data_multiplier_per_seed)})"
         )
     else:
         lines.append(
-            f"data multiplier: a bound, more than {times(h.data_multiplier)} — no static size reached {h.dp_arm}'s "
-            f"test accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} samples "
-            f"(per DP seed: {_seeds(h.data_multiplier_per_seed)})"
+            f"{word['data multiplier']}: more than {times(h.data_multiplier)}{_interval(h, 'data multiplier')} — "
+            f"no static size reached {h.dp_arm}'s test accuracy {h.dp_test_acc:.4f} with {h.dp_samples:,.0f} "
+            f"samples (per DP seed: {_seeds(h.data_multiplier_per_seed)})"
         )
     if h.iteration_multiplier is not None and h.iterations_reached:
         lines.append(
-            f"iteration multiplier: {h.static_best} needs {times(h.iteration_multiplier)} DP's "
-            f"{h.dp_iterations:,.0f} iterations to reach its test accuracy ({h.static_iterations_needed:,.0f}, read "
-            f"off its 1×/2×/4× budget runs in log iterations; per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+            f"{word['iteration multiplier']}: {h.static_best} needs {times(h.iteration_multiplier)} DP's "
+            f"{h.dp_iterations:,.0f} iterations to reach its test accuracy{_interval(h, 'iteration multiplier')} "
+            f"({h.static_iterations_needed:,.0f}, read off its 1×/2×/4× budget runs in log iterations; per DP seed: "
+            f"{_seeds(h.iteration_multiplier_per_seed)})"
         )
     elif h.iteration_multiplier is not None:
         lines.append(
-            f"iteration multiplier: a bound, more than {times(h.iteration_multiplier)} — {h.static_best} (static's "
-            f"best size by validation) did not reach DP's test accuracy even with {times(h.iteration_multiplier)} DP's "
-            f"iterations (per DP seed: {_seeds(h.iteration_multiplier_per_seed)})"
+            f"{word['iteration multiplier']}: more than {times(h.iteration_multiplier)}"
+            f"{_interval(h, 'iteration multiplier')} — {h.static_best} (static's best size by validation) did not "
+            f"reach DP's test accuracy even with {times(h.iteration_multiplier)} DP's iterations (per DP seed: "
+            f"{_seeds(h.iteration_multiplier_per_seed)})"
         )
     if h.oversample_arm is not None:
-        seeds = _seeds(h.compute_multiplier_per_seed)
+        name, seeds = "generation compute vs oversample", _seeds(h.compute_multiplier_per_seed)
         if h.oversample_reached:
             lines.append(
-                f"generation compute vs oversample: {h.oversample_arm}, the cheapest ratio at DP's test "
-                f"accuracy or better, uses {times(h.compute_multiplier)} DP's model evaluations (per seed: {seeds}) "
+                f"{word[name]}: {h.oversample_arm}, the cheapest ratio at DP's test accuracy or better, uses "
+                f"{times(h.compute_multiplier)} DP's model evaluations{_interval(h, name)} (per seed: {seeds}) "
                 f"and {times(h.seconds_multiplier)} its generation seconds"
             )
         else:
             lines.append(
-                f"generation compute vs oversample: a bound — no ratio reached DP's test accuracy; the most "
-                f"accurate, {h.oversample_arm}, used {times(h.compute_multiplier)} DP's model evaluations (per seed: "
-                f"{seeds}) and {times(h.seconds_multiplier)} its generation seconds"
+                f"{word[name]}: no ratio reached DP's test accuracy; the most accurate, {h.oversample_arm}, used "
+                f"{times(h.compute_multiplier)} DP's model evaluations{_interval(h, name)} (per seed: {seeds}) "
+                f"and {times(h.seconds_multiplier)} its generation seconds"
             )
     if h.ood_gain is not None:
         lines.append(
-            f"OOD gain: {h.dp_arm} − {h.static_best} = {h.ood_gain:+.4f} out-of-distribution accuracy "
-            f"(sd {h.ood_gain_sd:.4f} over paired seeds)"
+            f"{word['OOD gain']}: {h.dp_arm} − {h.static_best} = {h.ood_gain:+.4f} out-of-distribution accuracy"
+            f"{_interval(h, 'OOD gain')} (sd {h.ood_gain_sd:.4f})"
         )
     if h.guidance_effect is not None:
         lines.append(
-            f"guidance effect: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy "
-            f"(sd {h.guidance_effect_sd:.4f} over paired seeds)"
+            f"{word['guidance effect']}: {h.dp_arm} − dp ω=0 = {h.guidance_effect:+.4f} test accuracy"
+            f"{_interval(h, 'guidance effect')} (sd {h.guidance_effect_sd:.4f})"
         )
     return lines
+
+
+def _interval(h: Headline, name: str) -> str:
+    """``, 95% interval [a, b] (how, over n seeds)``: multipliers as :func:`times`, differences signed; an
+    open end where it is infinite."""
+    ci = h.intervals[name]
+    if name.endswith("gain") or name.endswith("effect"):
+        low, high = (f"{v:+.4f}" if math.isfinite(v) else ("−∞" if v < 0 else "+∞") for v in (ci.low, ci.high))
+    else:
+        low, high = times(ci.low), times(ci.high)
+    how = "t over paired seeds" if ci.method == "t" else "bootstrap over seeds"
+    opening, closing = "(" if math.isinf(ci.low) else "[", ")" if math.isinf(ci.high) else "]"
+    return f", 95% interval {opening}{low}, {high}{closing} ({how}, {ci.seeds})"
 
 
 def _seeds(values: dict[int, float]) -> str:

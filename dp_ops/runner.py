@@ -22,7 +22,6 @@ monitor. The run's folders (``output.*``, ``generator.path``) must be one shared
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -39,7 +38,7 @@ from dp_ops.engine.loop import DPLoop, Observer, RoundRecord, RunResult
 from dp_ops.engine.quality import Quality
 from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.sampling import Generator, Progress
-from dp_ops.engine.saved import CHECKSUMS, META_FILE
+from dp_ops.engine.saved import CHECKSUMS, META_FILE, read_meta
 from dp_ops.errors import ConfigError, DataError, RunAborted
 from dp_ops.files import disk_error, workspace_path, write_json
 from dp_ops.generators import resolve
@@ -53,8 +52,15 @@ from dp_ops.paths import (
 )
 from dp_ops.records.checkpoint import Checkpointer, checkpoint_path
 from dp_ops.records.lease import RunLease, lease_path
-from dp_ops.records.tracking import GeneratorFacts, MlflowTracker, Registry, SavedModel, sqlite_path, system_metrics
-from dp_ops.records.versioning import DvcVersioner, PushFailed, ShardInfo, check_kept_by_stage, check_remote
+from dp_ops.records.tracking import (
+    GeneratorFacts,
+    MlflowTracker,
+    SavedModel,
+    TrackingStore,
+    sqlite_path,
+    system_metrics,
+)
+from dp_ops.records.versioning import DvcVersioner, PushFailed, RoundVersion, check_kept_by_stage, check_remote
 from dp_ops.resume import restore_follower, restore_loop
 
 
@@ -155,11 +161,11 @@ def generator_facts(cfg: Config) -> GeneratorFacts:
     file = Path(g.path) / META_FILE
     if not file.is_file():  # (a generator built in code, never saved)
         return GeneratorFacts(meta={"backend": g.backend})
-    raw = json.loads(file.read_text())
-    settings = {"train_iterations": raw["train_iterations"], **raw.get("training", {})}
-    sums = raw.get(CHECKSUMS) or {}
+    raw = read_meta(g.path)
+    settings = {"train_iterations": raw["train_iterations"], **raw["training"]}
+    sums = raw[CHECKSUMS]
     meta = {"backend": g.backend, **{k: raw[k] for k in ("data", "resolution", "split_seed")}}
-    meta.update({f"quality.{k}": v for k, v in raw.get("quality", {}).items()})
+    meta.update({f"quality.{k}": v for k, v in raw["quality"].items()})
     if sums:
         listing = "".join(f"{name} {digest}\n" for name, digest in sorted(sums.items()))
         meta["sha256"] = hashlib.sha256(listing.encode()).hexdigest()
@@ -173,16 +179,16 @@ class RunRecords(Observer):
 
     def __init__(self, tracker: MlflowTracker, versioner: DvcVersioner) -> None:
         self.tracker, self.versioner = tracker, versioner
-        self.shards: dict[int, ShardInfo] = {}  # round -> the shard its round run links
+        self.versions: dict[int, RoundVersion] = {}  # round -> the version its round run links
 
     def on_eval(self, iteration: int, val_acc: float) -> None:
         self.tracker.on_eval(iteration, val_acc)
 
-    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
+    def on_round(self, record: RoundRecord, round_parts: RoundParts) -> None:
         generated_at = time.time()  # (the round run spans its generation, versioning and logging)
-        shard = self.versioner.version(record.round, increment)
-        self.shards[record.round] = shard
-        self.tracker.log_round(record, increment, shard, generated_at=generated_at)
+        version = self.versioner.version(record.round, round_parts)
+        self.versions[record.round] = version
+        self.tracker.log_round(record, round_parts, version, generated_at=generated_at)
         self.versioner.wait_pushed()  # (the loop checkpoints next)
 
     def on_finish(self, result: RunResult) -> None:
@@ -207,7 +213,7 @@ class TrackedRun:
     run_id: str
     tracker: MlflowTracker | None = None
     versioner: DvcVersioner | None = None
-    shards: dict[int, ShardInfo] | None = None  # round -> its shard (resumed rounds: versioned_by="resumed")
+    versions: dict[int, RoundVersion] | None = None  # round -> its version (resumed rounds: versioned_by="resumed")
     model: SavedModel | None = None  # the final classifier as logged in MLflow
 
 
@@ -218,16 +224,16 @@ def run_tracked(
     observers: Sequence[Observer] = (),
     resume_run_id: str | None = None,
     tags: dict[str, str] | None = None,
-    registry: Registry | None = None,
+    store: TrackingStore | None = None,
     world: World = SINGLE,
 ) -> TrackedRun:
-    """An experiment as a first-class record: MLflow parent + round runs (in ``registry``, default the
+    """An experiment as a first-class record: MLflow parent + round runs (in ``store``, default the
     config's store), DVC-versioned shards, and a checkpoint after every round; ``tags`` go on the MLflow
     run (e.g. a sweep's study and trial). With ``resume_run_id`` continue that interrupted run where its
     last completed round left off (``cfg`` must be the run's own, see :func:`~dp_ops.resume.resume_config`;
     any number of processes may resume it). Every process of ``world`` calls this; only rank 0 records (and
-    only its ``observers`` and ``registry`` are used)."""
-    return _run(RunRequest(cfg, resume_run_id, tags, tuple(observers), registry), generator, real, world)
+    only its ``observers`` and ``store`` are used)."""
+    return _run(RunRequest(cfg, resume_run_id, tags, tuple(observers), store), generator, real, world)
 
 
 def _run(request: RunRequest, generator: Generator, real: RealData, world: World = SINGLE) -> TrackedRun:
@@ -242,7 +248,7 @@ def _run(request: RunRequest, generator: Generator, real: RealData, world: World
         lease = RunLease(lease_path(cfg.output.checkpoints, resume_run_id), resume_run_id)
         lease.acquire()
     tracker = MlflowTracker(
-        request.registry or Registry.from_config(cfg),
+        request.store or TrackingStore.from_config(cfg),
         cfg,
         run_id=resume_run_id,
         tags=request.tags,
@@ -262,7 +268,7 @@ def _run(request: RunRequest, generator: Generator, real: RealData, world: World
             loop = DPLoop(cfg, generator, real, edges, shards=versioner.data_dir, world=world)
             with _node_metrics(tracker.uri, tracker.run_id, world, resume_run_id is not None):
                 if resume_run_id is not None:
-                    records.shards.update(restore_loop(loop, tracker, versioner, ckpt))
+                    records.versions.update(restore_loop(loop, tracker, versioner, ckpt))
                     world.barrier()  # the other processes read the restored parts and the checkpoint next
                 result = loop.run()
             write_reports(cfg, result, tracker.run_id)
@@ -283,7 +289,7 @@ def _run(request: RunRequest, generator: Generator, real: RealData, world: World
         raise DataError(_disk_line(why, tracker.run_id, ckpt.is_file(), tracker.status)) from exc
     finally:
         lease.release()
-    return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.shards), model)
+    return TrackedRun(result, tracker.run_id, tracker, records.versioner, dict(records.versions), model)
 
 
 def write_reports(cfg: Config, result: RunResult, run_id: str) -> None:
@@ -363,13 +369,13 @@ class RunRequest:
     """One tracked run asked for: its config and, to continue an interrupted run, its id (what rank 0 tells
     the other processes of a multi-process study before each of its runs, a sweep trial or a benchmark arm:
     :meth:`told`; ``None`` instead means there are no more), and rank 0's own MLflow ``tags``, ``observers``
-    and store (``registry``, default the config's)."""
+    and store (``store``, default the config's)."""
 
     cfg: Config
     resume_run_id: str | None = None
     tags: dict[str, str] | None = None
     observers: Sequence[Observer] = ()
-    registry: Registry | None = None
+    store: TrackingStore | None = None
 
     def told(self) -> RunRequest:
         """What the other processes are told (the records are rank 0's alone)."""

@@ -6,8 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # Two cores are shared by torch, BLAS and DVC/MLflow subprocesses: oversubscription makes tests crawl.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,7 +27,7 @@ from dp_ops.engine.saved import GeneratorMeta
 
 torch.set_num_threads(1)
 
-TINY = {
+TINY: dict[str, Any] = {
     "seed": 0,
     "data": {"resolution": 8},
     "generator": {
@@ -54,7 +55,7 @@ TINY = {
 }
 
 
-def tiny_tree(**sections: dict) -> dict:
+def tiny_tree(**sections: Any) -> dict[str, Any]:
     """TINY with some sections' keys replaced, e.g. tiny_tree(dp={"strategy": "static"})."""
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
     for name, values in sections.items():
@@ -83,7 +84,7 @@ def tiny_generator(tiny_cfg: Config, real: RealData) -> PixelDiffusion:
 
 
 @pytest.fixture(autouse=True)
-def _dvc_logs_to_this_tests_streams():
+def _dvc_logs_to_this_tests_streams() -> None:
     """DVC's log handlers hold the sys.stdout/sys.stderr of when DVC was first imported; under pytest those
     are one test's captured streams, closed when it ends, and DVC raises on a closed stream. Point them at
     the running test's streams (as in a real process, where the streams outlive the run)."""
@@ -132,24 +133,88 @@ def mlflow_uri(mlflow_store: Callable[[Path], str], tmp_path: Path) -> str:
     return mlflow_store(tmp_path)
 
 
-@pytest.fixture
-def dvc_workspace(tmp_path: Path, tiny_generator: PixelDiffusion, mlflow_store: Callable[[Path], str]):
-    """``dvc_workspace(**sections)``: a git + DVC workspace ``tmp_path/ws`` with the tiny generator at
-    ``models/generator``, the default MLflow store (already migrated) and a ``params.yaml`` of TINY with
-    ``sections`` replaced; returns it and the environment for ``dpops`` subprocesses there."""
+def outputs_in(folder: Path) -> dict[str, str]:
+    """An ``output`` section that puts a run's reports, rounds and checkpoints under ``folder``."""
+    return {
+        "metrics": str(folder / "metrics.json"),
+        "rounds": str(folder / "rounds.json"),
+        "shards": str(folder / "runs"),
+        "checkpoints": str(folder / "checkpoints"),
+    }
 
-    def make(**sections: dict) -> tuple[Path, dict[str, str]]:
-        ws = tmp_path / "ws"
-        ws.mkdir()
-        mlflow_store(ws)  # the default store, sqlite:///mlflow.db in the workspace
-        env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        env.pop("DVC_STAGE", None)
-        subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
-        tiny_generator.save(ws / "models" / "generator")
-        (ws / "params.yaml").write_text(yaml.safe_dump(to_tree(build_config(tiny_tree(**sections)))))
-        return ws, env
+
+def write_tiny_params(folder: Path, **sections: Any) -> Path:
+    """``folder/params.yaml`` of TINY with ``sections`` replaced, written whole (every key, as DVC's ``params``
+    need); a ``sweep`` section is written as given (it is read apart from the run's config)."""
+    sweep = sections.pop("sweep", None)
+    tree = to_tree(build_config(tiny_tree(**sections)))
+    if sweep is not None:
+        tree["sweep"] = sweep
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(tree))
+    return folder / "params.yaml"
+
+
+@pytest.fixture
+def tiny_params() -> Callable[..., Path]:
+    """``tiny_params(folder, **sections)``: writes ``folder/params.yaml`` of TINY with ``sections`` replaced
+    (e.g. ``tiny_params(tmp_path, dp={"max_rounds": 2}, output=outputs_in(tmp_path / "out"))``) and returns
+    its path."""
+    return write_tiny_params
+
+
+class Workspace(NamedTuple):
+    """A DVC workspace and the environment for ``dpops`` subprocesses run in it."""
+
+    path: Path
+    env: dict[str, str]
+
+
+def make_dvc_workspace(ws: Path, store: Path, trained: PixelDiffusion | None = None, **sections: Any) -> Workspace:
+    """A git + DVC repository at ``ws`` with a copy of the migrated MLflow ``store`` as its default store
+    (``sqlite:///mlflow.db``), the ``trained`` generator (if any) at ``models/generator`` and the
+    ``params.yaml`` of :func:`write_tiny_params`; its environment has a git identity and this interpreter's
+    scripts first on ``PATH`` (for commits and ``dpops`` in DVC stages), and no variable that would point a
+    run elsewhere (a tracking URI, a DVC stage, a torchrun rank)."""
+    ws.mkdir(parents=True)
+    shutil.copyfile(store, ws / "mlflow.db")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "DVC_ROOT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(key, None)
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
+    if trained is not None:
+        trained.save(ws / "models" / "generator")
+    write_tiny_params(ws, **sections)
+    return Workspace(ws, env)
+
+
+@pytest.fixture
+def dvc_workspace(
+    tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Callable[..., Workspace]:
+    """``dvc_workspace(**sections)``: :func:`make_dvc_workspace` at ``tmp_path/ws`` with the tiny generator.
+
+    Variants: ``with_generator=False`` leaves the generator out (a pipeline that trains its own, a test that runs
+    in-process with ``tiny_generator``); ``here=True`` also makes the workspace this process's working folder,
+    outside any DVC stage, for runs made in-process where ``dpops run`` makes them."""
+
+    def make(*, with_generator: bool = True, here: bool = False, **sections: Any) -> Workspace:
+        trained = request.getfixturevalue("tiny_generator") if with_generator else None
+        workspace = make_dvc_workspace(tmp_path / "ws", mlflow_template, trained, **sections)
+        if here:
+            monkeypatch.chdir(workspace.path)
+            monkeypatch.delenv("DVC_STAGE", raising=False)
+        return workspace
 
     return make
 
@@ -158,7 +223,9 @@ def dvc_workspace(tmp_path: Path, tiny_generator: PixelDiffusion, mlflow_store: 
 FOLDER_CLASSES = ("cat", "dog", "red_fox")
 
 
-def make_image_folder(root, classes=FOLDER_CLASSES, per_class: int = 4, size: int = 32, seed: int = 0):
+def make_image_folder(
+    root: Path, classes: Sequence[str] = FOLDER_CLASSES, per_class: int = 4, size: int = 32, seed: int = 0
+) -> Path:
     """``root/<class>/<i>.png``: class k is noise over a bright channel k (so classes are separable)."""
     import numpy as np
     from PIL import Image

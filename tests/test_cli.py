@@ -196,7 +196,7 @@ def test_shell_completion_is_offered_and_completes_the_choices():
 def test_choice_options_are_the_configs_values_and_a_wrong_one_names_them():
     from typing import get_args
 
-    from dp_ops.cli import Axis, Metric, Strategy, SweepStrategy
+    from dp_ops.cli._app import Axis, Metric, Strategy, SweepStrategy
     from dp_ops.config import DPConfig
     from dp_ops.studies import scaling_report
 
@@ -208,6 +208,33 @@ def test_choice_options_are_the_configs_values_and_a_wrong_one_names_them():
     said = " ".join(result.output.replace("│", " ").split())  # (rich wraps its error box)
     assert result.exit_code == 2, said
     assert "Invalid value for '--x': Value error, 'pool' is not one of 'pool_size', 'generated_samples'" in said
+
+
+def test_bench_series_are_checked_before_any_work(tmp_path):
+    params = _params(tmp_path)
+    result = runner.invoke(app, ["bench", "-p", str(params), "--series", "headline, scalin,", "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --series scalin: choose from scaling, omega, oversample, iterations, headline (comma-separated)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store is opened
+
+
+def test_a_strategy_new_to_the_config_is_offered_by_the_cli_as_it_is():
+    """The CLI's strategies are read from the config's Literal (one source); a sweep offers only what it
+    knows how to search, so a new strategy is not offered there."""
+    code = (
+        "import json\nfrom typing import Literal\nfrom dp_ops.config import DPConfig\n"
+        "DPConfig.model_fields['strategy'].annotation = Literal['dp', 'static', 'oversample', 'greedy']\n"
+        "from typer.testing import CliRunner\nfrom dp_ops.cli import app\n"
+        "def offered(words):\n"
+        "    env = {'_DPOPS_COMPLETE': 'complete_bash', 'COMP_WORDS': words, 'COMP_CWORD': str(len(words.split()))}\n"
+        "    return CliRunner().invoke(app, [], prog_name='dpops', env=env).output.split()\n"
+        "print(json.dumps([offered('dpops scaling --strategy '), offered('dpops sweep --strategy ')]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [["dp", "static", "oversample", "greedy"], ["dp", "static"]]
 
 
 def test_every_option_and_argument_of_every_command_has_help():
@@ -318,7 +345,7 @@ def test_run_name_and_resume_together_are_one_line():
 
 
 def test_set_completes_every_config_key_in_the_shell():
-    from dp_ops.cli import _complete_set
+    from dp_ops.cli._app import complete_set
     from dp_ops.config import SweepConfig, build_config, flatten
 
     def complete(words):
@@ -331,7 +358,7 @@ def test_set_completes_every_config_key_in_the_shell():
     assert complete("dpops bench -S dp.strategy=static -S dp.om") == ["dp.omega=", "dp.omega=0.05"]
     assert complete("dpops run -S generator.chann") == ["generator.channels_last=", "generator.channels="]
     assert complete("dpops config show -S threa") == ["threads=", "threads=0"]
-    every = {key for key, _ in _complete_set("") if key.endswith("=")}
+    every = {key for key, _ in complete_set("") if key.endswith("=")}
     sweep_keys = {f"sweep.{k}" for k in flatten(SweepConfig())}  # type: ignore[arg-type]
     assert every == {f"{k}=" for k in [*flatten(build_config({})), *sweep_keys]}
 

@@ -69,7 +69,7 @@ def test_bad_params_files(tmp_path):
         load_config(listy)
 
 
-# ---- corrupted or slipped inputs (issue 17) ------------------------------------------------------------
+# ---- corrupted or slipped inputs -------------------------------------------------------------------------
 def _float_keys(model, prefix=""):
     """Every float key of a section tree, dotted from the top of params.yaml."""
     from pydantic import BaseModel
@@ -251,7 +251,7 @@ def test_attention_slicing_is_refused_where_guidance_back_propagates_through_the
     build_config({**sliced, "generator": {**sliced["generator"], "guidance_gradient": "x0"}})  # no UNet backward
 
 
-# ---- hostile params files and values that overflow (issue 30, defects 3, 4 and 5) -----------------------
+# ---- hostile params files and values that overflow -------------------------------------------------------
 def _refused(params=None, overrides=(), limit=200):
     """The one line a params file or override is refused with, checked short."""
     with pytest.raises(ConfigError) as info:

@@ -8,7 +8,6 @@ scores its own), and the rounds after round 0 are entropy-guided.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,24 +17,23 @@ import time
 import optuna
 import psutil
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, run_files, to_tree
-from dp_ops.records.tracking import Registry
+from dp_ops.config import build_config, run_files
+from dp_ops.records.tracking import TrackingStore
 from dp_ops.studies.sweep import make_storage
 
-from conftest import tiny_tree
+from conftest import make_dvc_workspace, tiny_tree
 
 DPOPS = [sys.executable, "-m", "dp_ops"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dp_ops"]
 TIMINGS = {"gen_seconds", "train_seconds"}
-TREE = tiny_tree(
-    data={"resolution": 8, "part_size": 32},
-    generator={"batch_size": 16},
-    dp={"initial_size": 160, "round_size": 96, "max_rounds": 2},  # parts: 5, then 3 per round
-    train={"iterations": 80, "eval_every": 10, "batch_size": 16, "eval_batch_size": 64},  # 360 val: 6 chunks
-)
+SECTIONS = {  # (of the workspace's params.yaml)
+    "data": {"resolution": 8, "part_size": 32},
+    "generator": {"batch_size": 16},
+    "dp": {"initial_size": 160, "round_size": 96, "max_rounds": 2},  # parts: 5, then 3 per round
+    "train": {"iterations": 80, "eval_every": 10, "batch_size": 16, "eval_batch_size": 64},  # 360 val: 6 chunks
+}
 
 
 def _strip(rounds):
@@ -44,22 +42,10 @@ def _strip(rounds):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_generator, mlflow_template):
-    """A git + DVC workspace with a migrated MLflow store and the tiny generator."""
-    ws = tmp_path_factory.mktemp("dist") / "ws"
-    ws.mkdir()
-    shutil.copyfile(mlflow_template, ws / "mlflow.db")
-    env = {
-        **os.environ,
-        "DVC_NO_ANALYTICS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-    }
-    for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        env.pop(key, None)
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=ws, check=True, env=env)
-    tiny_generator.save(ws / "models" / "generator")
-    (ws / "params.yaml").write_text(yaml.safe_dump(to_tree(build_config(TREE))))
+    """A git + DVC workspace with a migrated MLflow store and the tiny generator, shared by the module's runs
+    (each writes its reports to its own folder); system metrics sampled every second."""
+    ws, env = make_dvc_workspace(tmp_path_factory.mktemp("dist") / "ws", mlflow_template, tiny_generator, **SECTIONS)
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     return ws, env
 
 
@@ -101,7 +87,7 @@ def _experiment_runs(ws):
 
 
 def _digests(ws, run_id):
-    return [r.tags["dpops.shard_md5"] for r in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)]
+    return [r.tags["dpops.shard_md5"] for r in TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)]
 
 
 def _run_id(out):
@@ -134,7 +120,7 @@ def test_two_ranks_equal_one_rank_with_two_micro_batches(workspace, one_rank):
     (new,) = [r for r in runs if r.info.run_id not in before]
     assert new.info.run_id == run_id and new.info.status == "FINISHED"
     assert new.data.params["train.micro_batches"] == "2"  # recorded resolved: resumable on any world size
-    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
+    assert [c.round for c in TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
     assert [p.name for p in (ws / "checkpoints" / run_id).iterdir()] == ["state.pt"]
     assert out.count("MLflow run ") == 1 and "error" not in out.lower()
     assert [len(list((ws / "data" / "runs" / run_id / f"round_{k:03d}").glob("*.safetensors"))) for k in range(3)] == [
@@ -215,7 +201,7 @@ def test_sigkill_of_two_ranks_then_resume_on_one_equals_uninterrupted(workspace,
     assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
     client, _ = _experiment_runs(ws)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
+    assert [c.round for c in TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)] == [0, 1, 2]
 
 
 def _rank_pids(launcher_pid):
@@ -423,4 +409,4 @@ def test_a_worker_killed_under_max_restarts_is_restarted_and_the_group_resumes_t
     assert len(client.search_runs([run.info.experiment_id], named)) == 1  # ... the only one of its name
     got = _report(ws, "elastic")
     assert _strip(got["rounds"]) == _strip(ref["rounds"]) and got["curve"] == ref["curve"]
-    assert [c.round for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)] == [0, 1, 2]
+    assert [c.round for c in TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)] == [0, 1, 2]

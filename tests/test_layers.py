@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "dp_ops.config": 0,
     "dp_ops.errors": 0,
     "dp_ops.files": 0,
+    "dp_ops.formats": 0,
     "dp_ops.generators": 0,
     "dp_ops.signals": 0,
     "dp_ops.engine": 1,

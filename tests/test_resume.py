@@ -10,8 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from dp_ops.config import load_config
-from dp_ops.records.tracking import MlflowTracker, Registry
+from dp_ops.records.tracking import MlflowTracker, TrackingStore
 from dp_ops.records.versioning import md5_file
+from dp_ops.resume import elastic_run_name, name_safe
 
 DPOPS = [sys.executable, "-m", "dp_ops"]
 TIMINGS = {"gen_seconds", "train_seconds"}
@@ -21,10 +22,12 @@ def _strip(rounds):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rounds]
 
 
-@pytest.fixture
-def workspace(dvc_workspace):
-    """A git + DVC workspace with the tiny generator and a run of a few rounds."""
-    return dvc_workspace(train={"iterations": 160, "eval_every": 10}, dp={"max_rounds": 4})
+# The workspaces' runs (dvc_workspace sections): a few rounds; ...
+FEW_ROUNDS = {"train": {"iterations": 160, "eval_every": 10}, "dp": {"max_rounds": 4}}
+# ... the same with round 0 in five parts of 8 (so that each can be damaged its own way); ...
+PARTED = {**FEW_ROUNDS, "generator": {"batch_size": 8}, "data": {"resolution": 8, "part_size": 8}}
+# ... two rounds after round 0.
+SHORT = {"dp": {"max_rounds": 2}}
 
 
 def _dpops(ws, env, *args, **kw):
@@ -33,9 +36,14 @@ def _dpops(ws, env, *args, **kw):
     )
 
 
+def test_a_torchrun_groups_run_name_is_a_valid_run_name():
+    assert elastic_run_name("job/42:a") == "torchrun-job-42-a"  # (restarts of the group share it)
+    assert name_safe("..x") == "x" and name_safe("//") == "run"
+
+
 @pytest.mark.slow
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
-    ws, env = workspace
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(dvc_workspace):
+    ws, env = dvc_workspace(**FEW_ROUNDS)
     ref = _dpops(
         ws,
         env,
@@ -78,19 +86,19 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(workspace):
     assert {k: v for k, v in got_m.items() if k not in TIMINGS} == {k: v for k, v in ref_m.items() if k not in TIMINGS}
 
     assert client.get_run(run_id).info.status == "FINISHED"
-    children = Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)
+    children = TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)
     assert [c.round for c in children] == list(range(len(ref_rounds["rounds"])))
     assert all(c.status == "FINISHED" for c in children)
     assert [r["omega"] for r in got_rounds["rounds"]] == [0.0] + [0.1] * (len(children) - 1)  # the records' ω
-    (entry,) = Registry(f"sqlite:///{ws / 'mlflow.db'}").round_parts(children[:1])[0]
+    (entry,) = TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_parts(children[:1])[0]
     assert md5_file(lost) == entry["md5"]  # the lost part came back byte for byte
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_finished_run(workspace):
-    ws, env = workspace
+def test_resume_refuses_a_finished_run(dvc_workspace):
+    ws, env = dvc_workspace(**FEW_ROUNDS)
     cfg = load_config(ws / "params.yaml", [f"tracking.uri=sqlite:///{ws / 'mlflow.db'}"])
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)  # a dp_ops parent run, as `dpops run` opens it,
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)  # a dp_ops parent run, as `dpops run` opens it,
     with tracker.lifecycle():  # ended FINISHED (what its rounds were does not matter here)
         pass
     again = _dpops(ws, env, "run", "--resume", tracker.run_id)
@@ -127,20 +135,9 @@ def _kill_after_round_0(ws, env):
     return folder.parent.name, folder
 
 
-@pytest.fixture
-def parted(dvc_workspace):
-    """A workspace whose round 0 is five parts of 8 (so that each can be damaged its own way)."""
-    return dvc_workspace(
-        train={"iterations": 160, "eval_every": 10},
-        dp={"max_rounds": 4},
-        generator={"batch_size": 8},
-        data={"resolution": 8, "part_size": 8},
-    )
-
-
 @pytest.mark.slow
-def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted_run(parted):
-    ws, env = parted
+def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted_run(dvc_workspace):
+    ws, env = dvc_workspace(**PARTED)
     outs = ["metrics", "rounds", "curve", "shards", "checkpoints"]
     where = {"metrics": "ref/metrics.json", "rounds": "ref/rounds.json", "curve": "ref/curve.json"}
     ref = _dpops(ws, env, "run", *(a for k in outs for a in ("-S", f"output.{k}={where.get(k, 'ref/' + k)}")))
@@ -148,8 +145,8 @@ def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted
     run_id, folder = _kill_after_round_0(ws, env)
     parts = sorted(folder.glob("part_*.safetensors"))
     (listing,) = (
-        Registry(f"sqlite:///{ws / 'mlflow.db'}")
-        .round_parts([c for c in Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id) if c.round == 0])
+        TrackingStore(f"sqlite:///{ws / 'mlflow.db'}")
+        .round_parts([c for c in TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id) if c.round == 0])
         .values()
     )
     recorded = {e["relpath"]: e["md5"] for e in listing}
@@ -162,7 +159,7 @@ def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "Traceback" not in out
-    assert all(md5_file(p) == recorded[p.name] for p in parts)  # the registry's bytes, back from the cache
+    assert all(md5_file(p) == recorded[p.name] for p in parts)  # the store's bytes, back from the cache
     got, want = (json.loads(p.read_text()) for p in (ws / "rounds.json", ws / "ref" / "rounds.json"))
     assert _strip(got["rounds"]) == _strip(want["rounds"])
     assert json.loads((ws / "curve.json").read_text()) == json.loads((ws / "ref" / "curve.json").read_text())
@@ -171,10 +168,10 @@ def test_resume_restores_parts_whose_bytes_changed_and_ends_as_the_uninterrupted
 
 
 @pytest.mark.slow
-def test_a_changed_part_no_copy_of_which_is_left_stops_the_resume_in_one_line(parted):
+def test_a_changed_part_no_copy_of_which_is_left_stops_the_resume_in_one_line(dvc_workspace):
     from dp_ops.records.versioning import cache_path
 
-    ws, env = parted
+    ws, env = dvc_workspace(**PARTED)
     run_id, folder = _kill_after_round_0(ws, env)
     part = folder / "part_00001.safetensors"
     cache_path(ws, md5_file(part)).unlink()  # the cache's copy gone too (and no remote)
@@ -188,11 +185,11 @@ def test_a_changed_part_no_copy_of_which_is_left_stops_the_resume_in_one_line(pa
 
 
 @pytest.mark.slow
-def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_there(workspace):
-    """-S output.* on --resume is where this machine's files go: it wins over the registry's values (said in
+def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_there(dvc_workspace):
+    """-S output.* on --resume is where this machine's files go: it wins over the store's values (said in
     one note naming both), the finished rounds' parts are restored into the new shards folder from DVC, and
     the reports land where -S says."""
-    ws, env = workspace
+    ws, env = dvc_workspace(**FEW_ROUNDS)
     run_id, _ = _kill_after_round_0(ws, env)
     moved = ["output.shards=moved/runs", "output.metrics=moved/metrics.json", "output.rounds=moved/rounds.json"]
     resumed = _dpops(ws, env, "run", *(a for o in moved for a in ("-S", o)), "--resume", run_id)
@@ -204,8 +201,8 @@ def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_ther
     rounds = json.loads((ws / "moved" / "rounds.json").read_text())
     assert rounds["run_id"] == run_id and (ws / "moved" / "metrics.json").is_file()
     assert not (ws / "rounds.json").exists()
-    registry = Registry(f"sqlite:///{ws / 'mlflow.db'}")
-    listings = registry.round_parts(registry.round_runs(run_id))
+    store = TrackingStore(f"sqlite:///{ws / 'mlflow.db'}")
+    listings = store.round_parts(store.round_runs(run_id))
     for k, listing in listings.items():  # every round, round 0 restored from the DVC cache, has its recorded bytes
         folder = ws / "moved" / "runs" / run_id / f"round_{k:03d}"
         assert {e["relpath"]: md5_file(folder / e["relpath"]) for e in listing} == {
@@ -214,18 +211,12 @@ def test_output_locations_given_on_resume_win_and_finished_rounds_are_found_ther
     assert len(listings) == len(rounds["rounds"])
 
 
-@pytest.fixture
-def short(dvc_workspace):
-    """A workspace with a run of two rounds after round 0."""
-    return dvc_workspace(dp={"max_rounds": 2})
-
-
 @pytest.mark.slow
-def test_the_same_command_with_a_run_name_resumes_its_run_then_does_nothing(short):
+def test_the_same_command_with_a_run_name_resumes_its_run_then_does_nothing(dvc_workspace):
     """What a requeued batch job does: ``dpops run --run-name NAME`` SIGKILLed in round 1 resumes that run when
     started again (a resumed run equals the uninterrupted one: the test above); started once more after it
     finished, it does nothing; with another config under the name, it refuses in one line."""
-    ws, env = short
+    ws, env = dvc_workspace(**SHORT)
     job = [*DPOPS, "run", "--run-name", "job-7"]
     victim = subprocess.Popen(job, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs, deadline = ws / "data" / "runs", time.time() + 600
@@ -253,7 +244,7 @@ def test_the_same_command_with_a_run_name_resumes_its_run_then_does_nothing(shor
     assert f"MLflow run {run.info.run_id}" in again.stdout
     rounds = json.loads((ws / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
-    assert len(Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)) == len(rounds)
+    assert len(TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run.info.run_id)) == len(rounds)
 
     done = subprocess.run(job, cwd=ws, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == (

@@ -11,22 +11,19 @@ import sys
 import time
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from dp_ops.config import build_config
 from dp_ops.files import atomic_path, disk_error, unwritable, write_json
-from dp_ops.records.tracking import Registry
+from dp_ops.records.tracking import TrackingStore
 
 from conftest import tiny_tree
 
 DPOPS = [sys.executable, "-m", "dp_ops"]
 
 
-@pytest.fixture
-def workspace(dvc_workspace):
-    """A git + DVC workspace with a trained tiny generator and a run long enough to be stopped mid-way."""
-    return dvc_workspace(train={"iterations": 400, "eval_every": 10}, dp={"max_rounds": 3})
+# A run long enough to be stopped mid-way (dvc_workspace sections).
+LONG = {"train": {"iterations": 400, "eval_every": 10}, "dp": {"max_rounds": 3}}
 
 
 def _dpops(ws, env, *args):
@@ -56,12 +53,12 @@ def _client(ws):
 
 
 def _children(ws, run_id):
-    return Registry(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)
+    return TrackingStore(f"sqlite:///{ws / 'mlflow.db'}").round_runs(run_id)
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_killed_says_how_to_resume_then_resume_finishes(workspace):
-    ws, env = workspace
+def test_sigterm_ends_the_run_killed_says_how_to_resume_then_resume_finishes(dvc_workspace):
+    ws, env = dvc_workspace(**LONG)
     victim = _dpops(ws, env, "run")
     run_id = _until_checkpointed(ws, victim)
     assert (ws / "checkpoints" / run_id / "lease.json").is_file()  # a live run holds its lease
@@ -106,8 +103,8 @@ def test_sigterm_ends_the_run_killed_says_how_to_resume_then_resume_finishes(wor
 
 
 @pytest.mark.slow
-def test_resume_of_a_live_run_is_refused_and_a_dead_ones_lease_taken_over(workspace):
-    ws, env = workspace
+def test_resume_of_a_live_run_is_refused_and_a_dead_ones_lease_taken_over(dvc_workspace):
+    ws, env = dvc_workspace(**LONG)
     victim = _dpops(ws, env, "run")
     run_id = _until_checkpointed(ws, victim)
     victim.send_signal(signal.SIGSTOP)  # alive, but it cannot finish while the second process starts
@@ -144,12 +141,12 @@ def _error_line(out):
 
 
 @pytest.mark.slow
-def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_params):
     """A path under a regular file fails for root too (ENOTDIR), unlike permission bits."""
     (tmp_path / "blocker").write_text("a file where a folder is wanted\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_tree()))
+    tiny_params(tmp_path)
     code, out = _finish(_dpops(tmp_path, env, "run", "-S", "output.shards=blocker/runs"), 120)
     assert code == 1, out
     line = _error_line(out)
@@ -214,12 +211,12 @@ def _experiment_runs(ws, experiment):
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_sweep_worker_requeues_its_trial_at_once(workspace):
+def test_sigterm_to_a_sweep_worker_requeues_its_trial_at_once(dvc_workspace):
     import optuna
 
     from dp_ops.studies.sweep import make_storage
 
-    ws, env = workspace
+    ws, env = dvc_workspace(**LONG)
     storage = ws / "sweep.journal"
     args = ["sweep", "--n-trials", "2", "--study-name", "st", "--storage", str(storage)]
     worker = _dpops(ws, env, *args, "-S", "sweep.round_size.low=32", "-S", "sweep.round_size.high=64")
@@ -238,8 +235,8 @@ def test_sigterm_to_a_sweep_worker_requeues_its_trial_at_once(workspace):
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_benchmark_stops_every_worker_killed(workspace):
-    ws, env = workspace
+def test_sigterm_to_a_benchmark_stops_every_worker_killed(dvc_workspace):
+    ws, env = dvc_workspace(**LONG)
     bench = subprocess.Popen(
         [*DPOPS, "bench", "--quick", "--workers", "2", "--out", "out"],
         cwd=ws,
@@ -300,14 +297,14 @@ def test_a_read_only_workspaces_runs_restore_to_a_writable_folder(
             timeout=300,
         )
         assert restore.returncode == 0, restore.stdout + restore.stderr
-        for k, shard in run.shards.items():
+        for k, shard in run.versions.items():
             got = sorted((tmp_path / "out" / f"round_{k:03d}").glob("part_*.safetensors"))
             assert [md5_file(p) for p in got] == [p.md5 for p in shard.parts]
     finally:
         subprocess.run(["umount", str(ro)], check=True)
 
 
-# ---- a full disk under the MLflow store (issue 30, defect 6) ------------------------------------------
+# ---- a full disk under the MLflow store ------------------------------------------------------------------
 # `dpops run`, with the workspace's disk filled just before round 1's checkpoint: state.pt fails, and the
 # store (mlflow.db on the same disk) cannot be written either.
 _FILL_BEFORE_SECOND_CHECKPOINT = """
@@ -392,8 +389,8 @@ def _numbers(metrics):
     return {k: v for k, v in json.loads(metrics.read_text()).items() if not k.endswith("_seconds")}
 
 
-def test_shards_behind_a_symlink_that_leaves_the_workspace_are_refused_before_work(tmp_path, monkeypatch):
-    """Issue 30: DVC versions where the files really are; output.shards through a link to outside the DVC
+def test_parts_behind_a_symlink_that_leaves_the_workspace_are_refused_before_work(tmp_path, monkeypatch):
+    """DVC versions where the files really are: output.shards through a link to outside the DVC
     workspace would leave every round unversioned without a word. A link that stays inside is fine, and so
     is the workspace itself reached through a link."""
     from dp_ops.errors import ConfigError
@@ -420,7 +417,7 @@ def test_shards_behind_a_symlink_that_leaves_the_workspace_are_refused_before_wo
 
 @pytest.mark.slow
 def test_a_full_temporary_folder_is_named_as_tmpdir(tmpfs, tmp_path, tiny_generator, real, mlflow_uri, monkeypatch):
-    """Issue 30: the round's pictures go through a temporary folder on their way to MLflow; with TMPDIR on a
+    """The round's pictures go through a temporary folder on their way to MLflow; with TMPDIR on a
     full disk (one Python still accepts at startup: a little room left), the line names TMPDIR, not an output."""
     import tempfile
 
@@ -455,7 +452,7 @@ def test_a_full_temporary_folder_is_named_as_tmpdir(tmpfs, tmp_path, tiny_genera
 
 
 def test_parts_and_a_saved_generator_get_the_mode_every_output_gets(tmp_path, tiny_generator):
-    """Issue 30: safetensors creates its files 0600; what dp_ops writes is 0644 under the usual umask (as
+    """Safetensors creates its files 0600; what dp_ops writes is 0644 under the usual umask (as
     open() makes it), readable by the group that shares a workspace or a DVC cache. Under umask 027 too."""
     import numpy as np
 

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dp_ops.config import build_config
-from dp_ops.records.tracking import MlflowTracker, Registry
+from dp_ops.records.tracking import MlflowTracker, TrackingStore
 from dp_ops.signals import sigterm_as_interrupt, terminated
 
 from conftest import tiny_tree
@@ -20,7 +20,7 @@ def test_a_sigterm_while_the_run_ends_lets_it_end(mlflow_uri, monkeypatch, exc, 
     SQLAlchemy's fetch, it left the run half-ended and SQLAlchemy logging "Error closing cursor" with a
     traceback. Now the run ends with its status and the exception that stopped it is the one that leaves."""
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_uri, "experiment": "t"}))
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
     end = tracker.client.set_terminated
 
     def signalled(run_id: str, name: str) -> None:

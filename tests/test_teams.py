@@ -1,8 +1,7 @@
-"""Where teams lose work in DVC (issue 31), with the real tools: a real DVC experiment queue worked off by
+"""Where teams lose work in DVC, with the real tools: a real DVC experiment queue worked off by
 `dvc queue start`, a real MLflow store, a git clone that pulls from a real DVC remote."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from dp_ops.config import build_config, to_tree
+from dp_ops.config import build_config
 
 from conftest import tiny_tree
 
@@ -42,28 +41,10 @@ def _run(args, cwd, env, timeout=600):
 
 
 @pytest.fixture
-def team_workspace(tmp_path, tiny_generator, mlflow_store):
+def team_workspace(dvc_workspace):
     """A committed git + DVC workspace with the one-stage pipeline, the tiny generator DVC-tracked (a
     temporary copy and a clone get it from the cache or remote) and the default MLflow store."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "OMP_NUM_THREADS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    for key in ("MLFLOW_TRACKING_URI", "DVC_STAGE", "DVC_ROOT"):
-        env.pop(key, None)
-    mlflow_store(ws)  # sqlite:///mlflow.db in the workspace (untracked, as a user's is)
-    _run(["git", "init", "-q"], ws, env)
-    _run([*DVC, "init", "-q"], ws, env)
-    tiny_generator.save(ws / "models" / "generator")
-    (ws / "params.yaml").write_text(yaml.safe_dump(to_tree(build_config(tiny_tree(**SMALL)))))
+    ws, env = dvc_workspace(**SMALL)  # (the store: sqlite:///mlflow.db in the workspace, untracked as a user's is)
     (ws / "dvc.yaml").write_text(yaml.safe_dump(STAGE, sort_keys=False))
     (ws / ".gitignore").write_text("/mlflow.db\n/mlartifacts\n/checkpoints\n/restored\n")
     _run([*DVC, "add", "-q", "models/generator"], ws, env)
@@ -127,7 +108,7 @@ def test_a_colleagues_clone_pulls_restores_and_reruns_once_the_printed_push_is_d
     _run(["git", "clone", "-q", str(ws), "clone"], tmp_path, env)
     clone = tmp_path / "clone"
     unpushed = subprocess.run([*DVC, "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
-    assert unpushed.returncode == 1  # (the issue: nothing was pushed)
+    assert unpushed.returncode == 1  # (nothing was pushed)
 
     _run([*DVC, "push"], ws, env)  # what the stage said
     _run([*DVC, "pull"], clone, env)
@@ -192,7 +173,7 @@ def test_outside_an_experiments_copy_paths_stay_as_given(tmp_path, monkeypatch, 
     assert workspace_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
-def test_in_an_experiments_copy_shards_no_stage_out_keeps_are_refused_before_any_work(tmp_path, monkeypatch):
+def test_in_an_experiments_copy_parts_no_stage_out_keeps_are_refused_before_any_work(tmp_path, monkeypatch):
     from dp_ops.errors import ConfigError
     from dp_ops.records.versioning import check_kept_by_stage
 

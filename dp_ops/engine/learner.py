@@ -38,7 +38,6 @@ from dp_ops.engine.augment import MixCut, crop_flip, soft_target_loss
 from dp_ops.engine.data import AUGMENT, DROPOUT, MIX, LabelledImages, from_uint8, resize, step_seed
 from dp_ops.engine.devices import autocast
 from dp_ops.engine.dist import SINGLE, World
-from dp_ops.engine.guidance import entropy
 from dp_ops.engine.pool import Pool
 from dp_ops.errors import ConfigError, NonFiniteError
 
@@ -85,7 +84,7 @@ def dpops_convnet_tiny(pretrained: bool = False, **kwargs: Any) -> ConvNet:
 
 
 def build_learner(cfg: LearnerConfig, num_classes: int, in_chans: int, seed: int) -> nn.Module:
-    """Build ``cfg.model`` from timm's registry with a seeded initialisation (no global RNG side effect)."""
+    """Build ``cfg.model`` from timm's store with a seeded initialisation (no global RNG side effect)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return timm.create_model(
@@ -323,9 +322,6 @@ class Trainer:
         if total != whole:
             raise ValueError(f"the processes hold {total} of the split's {whole} rows: it was read on another world")
         return correct / total
-
-    def entropy(self, images: torch.Tensor) -> torch.Tensor:
-        return entropy(self.logits(images))
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable logits in eval mode (on the learner's device): what entropy guidance

@@ -7,9 +7,10 @@
     4. WSD learning rate; in the cool-down no data is added
     5. report real validation and held-out real test accuracy
 
-Strategies differ only in step 3 (:data:`ACQUIRE`): ``dp`` generates P samples entropy-guided by the
-current learner, ``oversample`` generates r·P unguided and keeps the P of highest learner entropy,
-``static`` never acquires (all N are generated up front).
+Strategies differ only in step 3, each by its entry of :data:`~dp_ops.engine.strategies.STRATEGIES`
+(the round it acquires): ``dp`` generates P samples entropy-guided by the current learner, ``oversample``
+generates r·P unguided and keeps the P of highest learner entropy, ``static`` never acquires (all N are
+generated up front).
 
 *Incremental patience* (ours; the paper does not publish its rule): T_max grows with the pool,
 T_max(k) = ceil(T_max · |pool| / N), because a fixed T_max fires ever more often once the pool is large.
@@ -28,7 +29,6 @@ process takes the same decisions at the same iterations. Observers are the calle
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -45,8 +45,7 @@ from dp_ops.engine.pool import Pool
 from dp_ops.engine.rounds import RoundParts, Sampling, make_round
 from dp_ops.engine.sampling import Generator
 from dp_ops.engine.shards import round_dir
-
-RENAMED = {"unet_evals": "model_evals"}  # (a checkpoint written before 0.10 names model evaluations UNet evaluations)
+from dp_ops.engine.strategies import STRATEGIES, Acquisition
 
 
 @dataclass(frozen=True)
@@ -114,8 +113,8 @@ class Observer:
 
     def on_eval(self, iteration: int, val_acc: float) -> None: ...
 
-    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
-        """``increment``: the parts written this round (for oversample, of the kept samples)."""
+    def on_round(self, record: RoundRecord, round_parts: RoundParts) -> None:
+        """``round_parts``: the parts written this round (for oversample, of the kept samples)."""
 
     def on_checkpoint(self, state: dict) -> None:
         """After each completed round (and its ``on_round`` hooks), and once more at the end with the final
@@ -183,6 +182,7 @@ class DPLoop:
         device = world.device(cfg.device)
         self.trainer = Trainer(model, cfg.train, cfg.seed, input_size=real.resolution, device=device, world=world)
         self.pool = Pool()  # the table of parts written so far
+        self.strategy = STRATEGIES[cfg.dp.strategy]
         self.plateau = Plateau(cfg.dp.patience)
         self.records: list[RoundRecord] = []
         self.curve: list[tuple[int, float]] = []
@@ -195,8 +195,8 @@ class DPLoop:
         while self.trainer.iteration < cfg.train.iterations:
             self._train_until_next_eval()  # 2.
             val_acc = self._evaluate()
-            if self.plateau.update(val_acc) and self._may_acquire():  # 3.
-                self._acquire_round(val_acc)
+            if self.plateau.update(val_acc) and (more := self._next_round()) is not None:  # 3.
+                self._acquire(more.n, omega=more.omega, keep=more.keep, trigger=val_acc)
         return self._finish()  # 5.
 
     # ---- the named steps -------------------------------------------------------------------------
@@ -215,23 +215,16 @@ class DPLoop:
         self._emit("on_eval", self.trainer.iteration, acc)
         return acc
 
-    def _may_acquire(self) -> bool:
+    def _next_round(self) -> Acquisition | None:
+        """The round the strategy acquires at a plateau; None when it adds none (``static``), in the
+        cool-down, or after ``dp.max_rounds`` rounds."""
         dp = self.cfg.dp
         cooldown_start = self.cfg.train.iterations - round(self.cfg.train.cooldown_fraction * self.cfg.train.iterations)
-        return (
-            dp.strategy != "static"
-            and self.trainer.iteration < cooldown_start  # 4. no data during the cool-down
-            and (dp.max_rounds == 0 or len(self.records) <= dp.max_rounds)
-        )
-
-    def _acquire_round(self, val_acc: float) -> None:
-        dp = self.cfg.dp
-        if dp.strategy == "dp":
-            self._acquire(dp.round_size, omega=dp.omega, keep=dp.round_size, trigger=val_acc)
-        elif dp.strategy == "oversample":
-            self._acquire(dp.round_size * dp.oversample_ratio, omega=0.0, keep=dp.round_size, trigger=val_acc)
-        else:  # pragma: no cover - guarded by _may_acquire
-            raise AssertionError(dp.strategy)
+        if self.trainer.iteration >= cooldown_start:  # 4. no data during the cool-down
+            return None
+        if dp.max_rounds and len(self.records) > dp.max_rounds:
+            return None
+        return self.strategy.acquire(dp)
 
     def _acquire(self, n: int, *, omega: float, keep: int, trigger: float | None) -> None:
         """Generate ``n`` samples (guided when ω > 0), keep the ``keep`` of highest learner entropy."""
@@ -296,7 +289,7 @@ class DPLoop:
 
     def load_state_dict(self, state: dict, pool: Pool) -> None:
         """Continue from a checkpoint; ``pool``: the table of the checkpointed rounds' parts (from headers)."""
-        self.records = [RoundRecord(**{RENAMED.get(k, k): v for k, v in r.items()}) for r in state["records"]]
+        self.records = [RoundRecord(**r) for r in state["records"]]
         if len(pool) != self.records[-1].pool_size:
             raise ValueError(f"the parts hold {len(pool)} samples, the checkpoint's pool {self.records[-1].pool_size}")
         self.curve = [(int(i), float(a)) for i, a in state["curve"]]
@@ -329,14 +322,3 @@ class DPLoop:
     def _emit(self, hook: str, *args: object) -> None:
         for obs in self.observers:
             getattr(obs, hook)(*args)
-
-
-def run_experiment(
-    cfg: Config, generator: Generator, real: RealData, observers: Sequence[Observer] = (), shards: Path | None = None
-) -> RunResult:
-    """Run one DP (or baseline) experiment end to end. Same seed and config on CPU -> same records.
-    ``shards``: where the round parts go; default a temporary folder, removed at the end (an untracked run)."""
-    if shards is not None:
-        return DPLoop(cfg, generator, real, observers, shards=shards).run()
-    with tempfile.TemporaryDirectory(prefix="dpops-parts-") as tmp:
-        return DPLoop(cfg, generator, real, observers, shards=Path(tmp)).run()

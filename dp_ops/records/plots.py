@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,9 +17,12 @@ import torch
 from dp_ops.engine.data import from_uint8, resize, to_uint8
 from dp_ops.engine.rounds import RoundParts
 
+if TYPE_CHECKING:  # (PIL is imported where a picture is drawn)
+    from PIL import ImageFont
+
 
 def save_sample_grid(
-    increment: RoundParts,
+    round_parts: RoundParts,
     path: Path,
     classes: Sequence[str],
     per_class: int = 16,
@@ -30,10 +34,10 @@ def save_sample_grid(
     ``max_cell`` are downsized, small ones nearest-neighbour upscaled (at most ``scale``×)."""
     from PIL import Image, ImageDraw
 
-    labels = increment.labels
+    labels = round_parts.labels
     present = sorted(set(labels.tolist()))
     keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in present])
-    images = torch.from_numpy(increment.images(keep))
+    images = torch.from_numpy(round_parts.images(keep))
     if images.shape[-1] > max_cell:
         images = to_uint8(resize(from_uint8(images), max_cell))
     cells = images.numpy().transpose(0, 2, 3, 1)  # (n, R, R, C)
@@ -65,7 +69,7 @@ def save_sample_grid(
     labelled.save(path)
 
 
-def _font(size: int):  # -> PIL.ImageFont.FreeTypeFont | ImageFont
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     from PIL import ImageFont
 
     try:
@@ -74,7 +78,7 @@ def _font(size: int):  # -> PIL.ImageFont.FreeTypeFont | ImageFont
         return ImageFont.load_default()
 
 
-def save_entropy_histogram(increment: RoundParts, path: Path, round_index: int, num_classes: int) -> None:
+def save_entropy_histogram(round_parts: RoundParts, path: Path, round_index: int, num_classes: int) -> None:
     """PNG histogram of the learner entropy (nats) of a round's new samples, on the fixed range
     [0, ln K] of any K-class entropy (so rounds and runs compare), with ln K (a uniform prediction) marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -84,7 +88,7 @@ def save_entropy_histogram(increment: RoundParts, path: Path, round_index: int, 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     top = math.log(num_classes)
-    ent = np.clip(increment.entropy.astype(np.float64), 0.0, top)  # (rounding can put a value a hair past ln K)
+    ent = np.clip(round_parts.entropy.astype(np.float64), 0.0, top)  # (rounding can put a value a hair past ln K)
     ax.hist(ent, bins=np.linspace(0.0, top, 31).tolist(), color="tab:blue")
     ax.axvline(top, color="tab:red", linestyle="--", linewidth=1, label=f"ln K = {top:.2f} (uniform)")
     ax.legend(loc="upper left", fontsize="small", frameon=False)

@@ -9,12 +9,13 @@ state database knows the earlier rounds' md5s: re-adding hashes only the new par
 its own ``.dir`` digest — ``<md5>.dir`` of that round's parts, computed as DVC computes one, 36
 characters, which fits MLflow's dataset digest column. Inside ``dvc repro`` DVC holds the repository lock
 and sets ``DVC_STAGE``: the stage's declared outputs do the versioning and we hash the parts ourselves
-(one pass each). Either way the round's :class:`ShardInfo` (the digest and every part's md5 and size) goes
+(one pass each). Either way the round's :class:`RoundVersion` (the digest and every part's md5 and size) goes
 to MLflow, and :func:`restore_file` rebuilds any part from the DVC cache (or the default remote) with
-nothing but its md5. (A run begun before this layout, with one ``round_<k>.dvc`` per round, goes on so.)
-A resume takes a finished round back only as the registry records it (:func:`adopt_round`): every part's
+nothing but its md5. (A run begun by dp_ops before 0.6.0, with one ``round_<k>.dvc`` per round, is format 0 of
+a run, :data:`dp_ops.formats.FORMATS`: it is refused in one line, not continued.)
+A resume takes a finished round back only as the store records it (:func:`adopt_round`): every part's
 md5 checked (DVC's state database answers for a file unchanged since DVC hashed it, so only changed files
-are read), a damaged part restored, its header placing it where the registry does, its labels in range.
+are read), a damaged part restored, its header placing it where the store does, its labels in range.
 
 With a default DVC remote configured, the run's folder is pushed in a background thread while the
 round's MLflow run is logged, and joined before the loop checkpoints: a machine that dies loses no
@@ -44,6 +45,7 @@ from dp_ops.engine.rounds import RoundParts
 from dp_ops.engine.shards import Part, read_part, round_dir
 from dp_ops.errors import ConfigError, DataError
 from dp_ops.files import atomic_path, experiment_copy
+from dp_ops.formats import refuse
 
 _PART_NAME = re.compile(r"part_\d{5}\.safetensors")
 _MD5 = re.compile(r"[0-9a-f]{32}")
@@ -52,7 +54,7 @@ _OBJECT = re.compile(r"[0-9a-f]{32}(\.dir)?")  # a cache object's name: a file's
 
 @dataclass(frozen=True)
 class PartEntry:
-    """One part file of a round as the registry records it (DVC's ``.dir`` entry plus size and count)."""
+    """One part file of a round as the store records it (DVC's ``.dir`` entry plus size and count)."""
 
     relpath: str
     md5: str
@@ -61,7 +63,7 @@ class PartEntry:
 
 
 @dataclass(frozen=True)
-class ShardInfo:
+class RoundVersion:
     """A versioned round as its round run records it: where, which bytes, and who versioned them."""
 
     round: int
@@ -75,7 +77,7 @@ class ShardInfo:
 
 
 def parse_parts(listing: list[dict[str, Any]], digest: str | None = None) -> tuple[PartEntry, ...]:
-    """A ``parts.json`` listing as entries; with ``digest`` (the registry's ``.dir`` md5) it must match, so a
+    """A ``parts.json`` listing as entries; with ``digest`` (the store's ``.dir`` md5) it must match, so a
     tampered listing never decides which cache object is read. Relative paths must be plain part names."""
     try:
         parts = tuple(PartEntry(str(e["relpath"]), str(e["md5"]), int(e["size"]), int(e["count"])) for e in listing)
@@ -119,7 +121,7 @@ def cache_path(root: Path, md5: str, odb: Any = None) -> Path:
     """Where the workspace's DVC cache keeps an object with this md5 (a file's, or ``<md5>.dir`` for a
     listing), as DVC's own object database says (``odb``, else :func:`object_db`): a shared cache
     (``dvc cache dir``) and an experiment's temporary copy, whose cache is the workspace's, are found alike.
-    The md5 comes from the registry and becomes a path: anything but 32 hex digits (and ``.dir``) is
+    The md5 comes from the store and becomes a path: anything but 32 hex digits (and ``.dir``) is
     refused, so no value can point outside the cache."""
     if not _OBJECT.fullmatch(md5):
         raise DataError(f"md5 {md5!r:.80}: not an md5 (32 hex digits, optionally .dir); refusing it as a cache path")
@@ -208,11 +210,13 @@ def quiet_dvc() -> Iterator[None]:
 
 class DvcVersioner:
     """Versions a run's folder after each of its rounds and says what each round added (a
-    :class:`ShardInfo`), so that the round's MLflow run can link exactly those bytes."""
+    :class:`RoundVersion`), so that the round's MLflow run can link exactly those bytes."""
 
     def __init__(self, data_dir: str | Path) -> None:
-        """``data_dir``: the run's folder of round folders."""
+        """``data_dir``: the run's folder of round folders (one in the format of dp_ops before 0.6.0 refused)."""
         self.data_dir = Path(data_dir)
+        if any(self.data_dir.glob("round_*.dvc")):  # (DVC refuses a run-wide output over the rounds' own)
+            refuse("run", 0, str(self.data_dir), "one round_<k>.dvc per round, as dp_ops before 0.6.0 versioned runs")
         self.root = dvc_root(self.data_dir)
         self.in_stage = bool(os.environ.get("DVC_STAGE"))
         self._push: threading.Thread | None = None
@@ -228,37 +232,31 @@ class DvcVersioner:
     def round_path(self, round_index: int) -> Path:
         return round_dir(self.data_dir, round_index)
 
-    def info(self, round_index: int, folder: Path, entries: list[dict[str, Any]], versioned_by: str) -> ShardInfo:
+    def info(self, round_index: int, folder: Path, entries: list[dict[str, Any]], versioned_by: str) -> RoundVersion:
         """The facts about a round folder (made relative to the DVC root when inside it)."""
         rel = folder.resolve().relative_to(self.root) if self.root is not None else folder
-        return ShardInfo(round_index, rel, dir_md5(entries), versioned_by, parse_parts(entries))
+        return RoundVersion(round_index, rel, dir_md5(entries), versioned_by, parse_parts(entries))
 
     @property
     def dvc_file(self) -> Path:
         """The run's one ``.dvc`` file, beside its folder."""
         return self.data_dir.with_name(self.data_dir.name + ".dvc")
 
-    def _target(self, folder: Path) -> Path:
-        """What ``dvc add`` versions: the run's folder, or for a run begun with one ``.dvc`` file per round
-        (DVC refuses overlapping outputs) the round's folder."""
-        return folder if any(self.data_dir.glob("round_*.dvc")) else self.data_dir
-
-    def version(self, round_index: int, parts: RoundParts) -> ShardInfo:
+    def version(self, round_index: int, parts: RoundParts) -> RoundVersion:
         """Version the run's folder with this round's; with a default remote, start pushing it (see
         :meth:`wait_pushed`)."""
         md5s: dict[str, str] = {}
-        target = self._target(parts.folder)
         if self.mode == "dvc add" and self.root is not None:
-            md5s = _dvc_add(self.root, target)  # DVC's own hash pass: not hashed twice
+            md5s = _dvc_add(self.root, self.data_dir)  # DVC's own hash pass: not hashed twice
         entries = []
         for p in parts.parts:  # (the part's folder resolved, not the part: cache.type=symlink links it to the cache)
-            where = (p.path.parent.resolve() / p.path.name).relative_to(target.resolve()).as_posix()
+            where = (p.path.parent.resolve() / p.path.name).relative_to(self.data_dir.resolve()).as_posix()
             md5 = md5s.get(where) or md5_file(p.path)
             entries.append({"relpath": p.path.name, "md5": md5, "size": p.nbytes, "count": p.count})
-        shard = self.info(round_index, parts.folder, entries, self.mode)
+        version = self.info(round_index, parts.folder, entries, self.mode)
         if self.mode == "dvc add" and self.root is not None and _dvc_core(self.root).get("remote"):
-            self._start_push(target)
-        return shard
+            self._start_push(self.data_dir)
+        return version
 
     def commit_hint(self) -> str | None:
         """The one line that says what to commit to keep this run's data (its ``.dvc`` file, which keeps
@@ -447,7 +445,7 @@ def restore_file(root: Path, md5: str, dest: Path, odb: Any = None) -> Path:
         shutil.copyfile(src, tmp)
         got = md5_file(tmp)
         if got != md5:
-            raise DataError(f"{dest}: restored bytes have md5 {got}, the registry says {md5} (corrupt cache?)")
+            raise DataError(f"{dest}: restored bytes have md5 {got}, the store says {md5} (corrupt cache?)")
     return dest
 
 
@@ -459,7 +457,7 @@ def restore_round(root: Path, parts: Sequence[PartEntry], folder: Path) -> list[
 
 
 def damaged_parts(root: Path | None, parts: Sequence[PartEntry], folder: Path) -> list[PartEntry]:
-    """The parts of a round folder whose bytes are not the ones the registry records: missing, another size,
+    """The parts of a round folder whose bytes are not the ones the store records: missing, another size,
     or another md5. DVC's state database answers for a file DVC hashed and nobody changed since (same
     inode, size and mtime); only the others are read and hashed."""
     present, base = {}, folder.resolve()  # (DVC's state keys files by the resolved path `dvc add` was given)
@@ -490,14 +488,14 @@ def known_md5s(root: Path | None, paths: Sequence[Path]) -> dict[Path, str]:
 def adopt_round(
     root: Path | None, parts: Sequence[PartEntry], folder: Path, round_index: int, classes: int
 ) -> list[Part]:
-    """A finished round's parts as a resume puts them back in the pool: exactly the bytes the registry
+    """A finished round's parts as a resume puts them back in the pool: exactly the bytes the store
     records (a damaged part restored from the DVC cache or remote, md5-checked), each header agreeing with
     where it is used (round, part, first sample, count) and every label in ``[0, classes)``. Returns the
     parts in order; anything that cannot be made so is one :class:`DataError` line."""
     damaged = damaged_parts(root, parts, folder)
     if damaged and root is None:
         names = ", ".join(p.relpath for p in damaged)
-        raise DataError(f"{folder}: {names} missing or not the registry's bytes, and no DVC workspace to restore from")
+        raise DataError(f"{folder}: {names} missing or not the store's bytes, and no DVC workspace to restore from")
     if root is not None and damaged:
         odb = object_db(root)
         for entry in damaged:
@@ -510,8 +508,8 @@ def adopt_round(
         if (part.round, part.index, part.start, part.count) != where:
             raise DataError(
                 f"{part.path}: its header says round {part.round} part {part.index} (samples {part.start}.."
-                f"+{part.count}), the registry places it as round {where[0]} part {where[1]} (samples "
-                f"{where[2]}..+{where[3]}); the registry's listing was edited"
+                f"+{part.count}), the store places it as round {where[0]} part {where[1]} (samples "
+                f"{where[2]}..+{where[3]}); the store's listing was edited"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= classes):
             bad = labels[(labels < 0) | (labels >= classes)][0]

@@ -14,6 +14,11 @@ differs; every run is an ordinary tracked experiment, so ``dpops scaling`` reads
 - ``iterations``: once every static run has finished, static at its best size (by validation) with 2× and
   4× the budget (:func:`iteration_arms`), for the iteration multiplier.
 
+``--series`` runs only some series (:func:`selected_arms`), and ``headline`` only the arms the headline reads:
+static at its sizes, DP at its ω and at ω = 0, the iteration series, and oversample at the ratio the headline
+compares with (every ratio until one has finished runs). So ``--series headline --seeds 8`` gives the figures 8
+seeds without re-running the rest; the report still reads every finished run of the benchmark, at any seed.
+
 The table, the headline ratios (data and iteration multipliers, generation-compute multiplier vs
 oversample, OOD gain, guidance effect) and the plot are :mod:`dp_ops.studies.bench_stats`. The held-out test
 and OOD splits are reported only; nothing here chooses anything by them.
@@ -47,11 +52,24 @@ from dp_ops.config import Config, flatten, load_config, load_tree, run_files, sw
 from dp_ops.engine.devices import resolve_device
 from dp_ops.engine.dist import World, available_cpus, make_current, threads_tag
 from dp_ops.engine.loop import Observer
+from dp_ops.engine.strategies import STRATEGIES
 from dp_ops.errors import ConfigError
 from dp_ops.files import write_json
 from dp_ops.records.checkpoint import checkpoint_path
-from dp_ops.records.tracking import Registry, quiet_logs
-from dp_ops.studies.bench_stats import Arm, ArmStats, Headline, headline, plot, summarise
+from dp_ops.records.tracking import TrackingStore, quiet_logs
+from dp_ops.studies.bench_stats import (
+    FIGURES,
+    HEADLINE,
+    Arm,
+    ArmStats,
+    Headline,
+    check_series,
+    headline,
+    oversample_pick,
+    plot,
+    run_metrics,
+    summarise,
+)
 
 RATIOS = (2, 4, 8)
 # DP's size series (the paper's Table 4 varies N, P and the rounds): N and P scaled by these, and one round
@@ -173,6 +191,34 @@ def _size(arm: Arm) -> int:
     return int(arm.setting.split("=")[1])
 
 
+def selected_arms(bp: BenchPlan, done: dict[tuple[str, int], Any], series: Sequence[str] = ()) -> tuple[Arm, ...]:
+    """The arms to run: the plan's and the iteration series once static has finished (:func:`iteration_arms`),
+    only those of ``series`` when given (``headline``: the arms the headline reads, module docstring)."""
+    arms = (*bp.arms, *iteration_arms(bp, done))
+    if not series:
+        return arms
+    over = [a for a in arms if a.strategy == "oversample"]
+    pick = _oversample_pick(bp, done, over)
+
+    def reads(arm: Arm) -> bool:  # (the headline)
+        if arm.strategy == "oversample":
+            return pick is None or arm.name == pick
+        return arm.name in (bp.dp_arm, bp.dp0_arm) or arm.series == "iterations" or arm.strategy == "static"
+
+    return tuple(a for a in arms if a.series in series or (HEADLINE in series and reads(a)))
+
+
+def _oversample_pick(bp: BenchPlan, done: dict[tuple[str, int], Any], over: Sequence[Arm]) -> str | None:
+    """The oversample arm the headline compares DP with, from the runs finished so far (None: not known yet)."""
+    dp = [a for a in bp.arms if a.name == bp.dp_arm]
+    return oversample_pick(summarise(done, [*dp, *over], finished_seeds(done)), bp.dp_arm)
+
+
+def finished_seeds(done: dict[tuple[str, int], Any]) -> list[int]:
+    """Every seed with a finished run: a report reads them all, whatever ``--seeds`` this invocation has."""
+    return sorted({seed for _, seed in done})
+
+
 def jobs(
     bp: BenchPlan,
     done: dict[tuple[str, int], Any],
@@ -180,9 +226,9 @@ def jobs(
     out: Path,
     arms: Sequence[Arm] | None = None,
 ) -> list[Job]:
-    """The runs of ``arms`` (default: the plan's, and the iteration series once static has finished) still
-    to make (interrupted ones resume), the most generation first so workers end together."""
-    arms = (*bp.arms, *iteration_arms(bp, done)) if arms is None else arms
+    """The runs of ``arms`` (default: :func:`selected_arms` of every series) still to make (interrupted ones
+    resume), the most generation first so workers end together."""
+    arms = selected_arms(bp, done) if arms is None else arms
     todo = []
     for arm in arms:
         for seed in bp.seeds:
@@ -198,21 +244,19 @@ def jobs(
             )
             todo.append(Job(arm, seed, overrides, resumable.get((arm.name, seed))))
     position = {arm.name: i for i, arm in enumerate(arms)}
-    rank = {"oversample": 0, "static": 1, "dp": 2}
-    return sorted(todo, key=lambda j: (rank[j.arm.strategy], -position[j.arm.name], j.seed))
+    return sorted(todo, key=lambda j: (STRATEGIES[j.arm.strategy].bench_order, -position[j.arm.name], j.seed))
 
 
-def registry_state(registry: Registry, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
+def store_state(store: TrackingStore, experiment_id: str, bench_id: str) -> tuple[dict, dict]:
     """From MLflow: FINISHED runs' metrics, and interrupted runs that have a checkpoint, by (arm, seed)."""
-    runs = registry.search(
-        [experiment_id], f"tags.`dpops.bench` = '{bench_id}'", order_by=["attributes.start_time DESC"]
-    )
+    runs = store.search([experiment_id], f"tags.`dpops.bench` = '{bench_id}'", order_by=["attributes.start_time DESC"])
     done: dict[tuple[str, int], dict[str, float]] = {}
     resumable: dict[tuple[str, int], str] = {}
     for r in runs:
         key = (r.tags["dpops.arm"], int(r.params["seed"]))
         if r.status == "FINISHED":
-            done.setdefault(key, dict(r.metrics))
+            if key not in done:  # (the latest: an older duplicate is never read)
+                done[key] = run_metrics(r.run_id, r.tags, r.params, r.metrics)
         elif checkpoint_path(r.params["output.checkpoints"], r.run_id).is_file():
             resumable.setdefault(key, r.run_id)
     return done, {k: v for k, v in resumable.items() if k not in done}
@@ -224,16 +268,17 @@ class Prepared:
 
     plan: BenchPlan
     cfg: Config
-    registry: Registry  # the MLflow store of the runs and the report
+    store: TrackingStore  # the MLflow store of the runs and the report
     experiment_id: str
     finished: int  # runs of this benchmark that FINISHED earlier
     todo: tuple[Job, ...]
     workers: int
     threads: int
+    series: tuple[str, ...] = ()  # only these series' runs (--series); () every series
 
     @property
     def uri(self) -> str:
-        return self.registry.uri
+        return self.store.uri
 
     @property
     def resuming(self) -> int:
@@ -250,26 +295,30 @@ def prepare(
     experiment: str,
     out: Path,
     workers: int = 0,
+    series: Sequence[str] = (),
 ) -> Prepared:
     """Plan and check everything before work starts; create the MLflow store and experiment (before any
     worker could race to create them); find what earlier invocations finished or left interrupted.
     ``workers`` 0: one per CPU this process may use (:func:`~dp_ops.engine.dist.available_cpus`) with one
     torch thread each (``threads`` each, and as many times fewer workers, when the key is set), or one
-    per GPU (:func:`gpu_slots`); fewer workers (``--workers``) each take their share of the CPUs."""
+    per GPU (:func:`gpu_slots`); fewer workers (``--workers``) each take their share of the CPUs.
+    ``series``: only these series' runs (:func:`selected_arms`)."""
+    series = check_series(series)
     sizes = sweep_config(load_tree(params, overrides)).static_sizes
     bp, cfg = plan(
         params, overrides, static_sizes=sizes, seeds=range(seeds), experiment=experiment, quick=quick, ratios=ratios
     )
     runner.preflight(cfg)
-    registry = Registry.from_config(cfg)
-    exp_id = registry.experiment_id(experiment)
-    done, resumable = registry_state(registry, exp_id, bp.bench_id)
-    todo = jobs(bp, done, resumable, out)
+    store = TrackingStore.from_config(cfg)
+    exp_id = store.experiment_id(experiment)
+    done, resumable = store_state(store, exp_id, bp.bench_id)
+    todo = jobs(bp, done, resumable, out, selected_arms(bp, done, series))
     cores, gpus = available_cpus(), gpu_slots(cfg)
     per_run = cfg.threads or 1  # (the `threads` key, when set: each worker's torch threads)
     n = workers or len(gpus) or (1 if resolve_device(cfg.device).type == "cuda" else max(1, cores // per_run))
     n = max(1, min(n, len(todo) or 1))
-    return Prepared(bp, cfg, registry, exp_id, len(done), tuple(todo), n, cfg.threads or max(1, cores // n))
+    threads = cfg.threads or max(1, cores // n)
+    return Prepared(bp, cfg, store, exp_id, len(done), tuple(todo), n, threads, series)
 
 
 def gpu_slots(cfg: Config) -> tuple[str, ...]:
@@ -294,9 +343,10 @@ class BenchReport:
 def follow_up(p: Prepared, out: Path, tried: Sequence[Job]) -> list[Job]:
     """What became possible once static finished: the iteration series' runs still to make, less those
     ``tried`` in this invocation (a failed one is not retried until the next)."""
-    done, resumable = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
+    done, resumable = store_state(p.store, p.experiment_id, p.plan.bench_id)
     seen = {(j.arm.name, j.seed) for j in tried}
-    todo = jobs(p.plan, done, resumable, out, iteration_arms(p.plan, done))
+    arms = [a for a in selected_arms(p.plan, done, p.series) if a.series == "iterations"]
+    todo = jobs(p.plan, done, resumable, out, arms)
     return [j for j in todo if (j.arm.name, j.seed) not in seen]
 
 
@@ -328,11 +378,11 @@ def run_all(
 
 def finish(p: Prepared, out: Path, wall_seconds: float) -> BenchReport:
     """Summarise every finished run of the benchmark (this invocation's and earlier ones'), write and log it."""
-    done, _ = registry_state(p.registry, p.experiment_id, p.plan.bench_id)
-    rows = summarise(done, (*p.plan.arms, *iteration_arms(p.plan, done)), p.plan.seeds)
+    done, _ = store_state(p.store, p.experiment_id, p.plan.bench_id)
+    rows = summarise(done, (*p.plan.arms, *iteration_arms(p.plan, done)), finished_seeds(done))
     h = headline(rows, p.plan.dp_arm, p.plan.dp0_arm)
     json_path, png, run_id = write_report(
-        p.plan, rows, h, out, registry=p.registry, experiment=p.cfg.tracking.experiment_name, wall_seconds=wall_seconds
+        p.plan, rows, h, out, store=p.store, experiment=p.cfg.tracking.experiment_name, wall_seconds=wall_seconds
     )
     return BenchReport(tuple(rows), h, json_path, png, run_id)
 
@@ -486,7 +536,7 @@ def write_report(
     h: Headline | None,
     out: Path,
     *,
-    registry: Registry,
+    store: TrackingStore,
     experiment: str,
     wall_seconds: float,
 ) -> tuple[Path, Path, str]:
@@ -504,14 +554,24 @@ def write_report(
     write_json(out / "bench.json", report)
     plot(rows, out / "bench.png")
     metrics: dict[str, float] = {}
+    words: dict[str, str] = {}
     if h is not None:
         metrics = {k: v for k, v in asdict(h).items() if isinstance(v, float)}
-    run_id = registry.log_report_run(
+        for name, field, _ in FIGURES:
+            if name in h.intervals:
+                metrics |= {f"{field}_ci_low": h.intervals[name].low, f"{field}_ci_high": h.intervals[name].high}
+                words[f"{field}_verdict"] = h.verdicts[name]
+    run_id = store.log_report_run(
         experiment,
         role="benchmark",
         run_name=f"bench-{bp.bench_id}",
         metrics=metrics,
-        params={"dpops.bench": bp.bench_id, "seeds": ",".join(map(str, bp.seeds)), "overrides": " ".join(bp.base)},
+        params={
+            "dpops.bench": bp.bench_id,
+            "seeds": ",".join(map(str, bp.seeds)),
+            "overrides": " ".join(bp.base),
+            **words,
+        },
         files=(out / "bench.json", out / "bench.png"),
     )
     return out / "bench.json", out / "bench.png", run_id

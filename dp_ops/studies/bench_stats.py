@@ -11,9 +11,11 @@
 - **OOD gain** = out-of-distribution accuracy of DP minus that of static at its best size, paired by seed;
 - **guidance effect** = test accuracy of DP at its ω minus DP at ω = 0, paired by seed.
 
-Each comes with its per-seed values (each DP seed read against the other arm's mean, or paired by seed).
+Each comes with its per-seed values (each DP seed read against the other arm's mean, or paired by seed), a
+95% interval and a word, resolved / bound / not resolved (:mod:`dp_ops.studies.intervals`: a t interval for
+the two differences, a paired bootstrap over seeds for the three multipliers, the arm choices held fixed).
 Everything is computed from the runs' summary metrics, so it is the same whether the runs were made now
-or read back from the registry. Static's best size is chosen on validation accuracy, never on test or OOD.
+or read back from the store. Static's best size is chosen on validation accuracy, never on test or OOD.
 The headline in words is :func:`dp_ops.render.bench_headline_lines`.
 """
 
@@ -21,12 +23,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dp_ops.engine.strategies import STRATEGIES
+from dp_ops.errors import ConfigError
 from dp_ops.files import json_ready
+from dp_ops.formats import FORMAT_TAG, Unreadable, declared, upgrade
+from dp_ops.studies.intervals import Interval, bootstrap, t_interval, verdict
 from dp_ops.studies.scaling import data_multiplier, interpolate_samples_for_accuracy
 
 # the runs' summary metrics that a row averages
@@ -39,8 +46,21 @@ FIELDS = (
     "final_val_acc",
     "final_test_acc",
 )
-# reported where the runs have it (not image-folder runs, nor runs made before it existed): NaN where none has
+# reported where the runs have it (image-folder runs have no OOD set): NaN where none has
 OPTIONAL_FIELDS = ("final_ood_acc",)
+
+
+SERIES = ("scaling", "omega", "oversample", "iterations")  # an arm's series (Arm.series)
+HEADLINE = "headline"  # for ``dpops bench --series``: the arms the headline reads, across series
+
+
+def check_series(series: Sequence[str]) -> tuple[str, ...]:
+    """``--series`` names, each one of :data:`SERIES` or ``headline``; none: every series. (Here, light to
+    import, so the CLI checks them before loading anything heavy.)"""
+    for name in series:
+        if name not in (*SERIES, HEADLINE):
+            raise ConfigError(f"--series {name}: choose from {', '.join((*SERIES, HEADLINE))} (comma-separated)")
+    return tuple(series)
 
 
 @dataclass(frozen=True)
@@ -98,9 +118,41 @@ class Headline:
     seconds_multiplier: float | None  # generation seconds of that arm ÷ DP's
     ood_gain: float | None  # OOD acc of DP − static's best size, paired by seed; None: no OOD set
     ood_gain_sd: float | None
+    # the figures' 95% intervals and words, by figure name (FIGURES: those the headline has)
+    intervals: dict[str, Interval]
+    verdicts: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
+        """For bench.json: an interval's infinite end is ``null`` (JSON has no ∞), its word beside it."""
         return json_ready(asdict(self))
+
+
+# the headline's figures: (name, its field, "no effect") — the order of the lines, the JSON and the metrics
+FIGURES = (
+    ("data multiplier", "data_multiplier", 1.0),
+    ("iteration multiplier", "iteration_multiplier", 1.0),
+    ("generation compute vs oversample", "compute_multiplier", 1.0),
+    ("OOD gain", "ood_gain", 0.0),
+    ("guidance effect", "guidance_effect", 0.0),
+)
+
+
+def run_metrics(
+    run_id: str, tags: Mapping[str, str], params: Mapping[str, str], metrics: Mapping[str, float]
+) -> dict[str, float]:
+    """A finished run's summary metrics, its format brought forward (:data:`dp_ops.formats.FORMATS`): a run that
+    declares none (dp_ops 0.11.0 and earlier) reads as it is, unless an embedded world's run has no
+    ``final_ood_acc`` (made before dp_ops 0.7.0 measured it): refused, so no row mixes runs with and without it."""
+    where = f"run {run_id}"
+    found = declared("run", tags.get(FORMAT_TAG), where)
+    return upgrade("run", dict(metrics), found, where, {0: partial(_ood_measured, data=params.get("data.name"))})
+
+
+def _ood_measured(metrics: dict[str, float], data: str | None) -> dict[str, float]:
+    """Format 0 → 1: image-folder runs have no OOD set; an embedded world's run without one is too old."""
+    if data != "folder" and "final_ood_acc" not in metrics:
+        raise Unreadable("no final_ood_acc: made before dp_ops 0.7.0 measured out-of-distribution accuracy")
+    return metrics
 
 
 def summarise(
@@ -148,18 +200,32 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
     best = max(static, key=lambda r: (r.mean["final_val_acc"], -r.mean["generated_samples"]))
     series = [best, *(r for r in rows if r.series == "iterations")]
     iters, iter_mult, iter_seeds = _multiplier(series, "iterations", dp) if len(series) > 1 else (None, None, {})
-    effect, effect_sd = _paired_difference(dp, by.get(dp0_arm), "final_test_acc")
-    ood, ood_sd = _paired_difference(dp, best, "final_ood_acc")
-    over_arm, over_reached, compute, seconds = _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])
+    effect, effect_sd, effect_ci = _paired_difference(dp, by.get(dp0_arm), "final_test_acc")
+    ood, ood_sd, ood_ci = _paired_difference(dp, best, "final_ood_acc")
+    over = [r for r in rows if r.strategy == "oversample"]
+    over_arm, over_reached, compute, seconds = _versus_oversample(dp, over)
+    pick = by[over_arm] if over_arm else None
     compute_seeds = (
-        {
-            s: by[over_arm].per_seed[s]["model_evals"] / m["model_evals"]
-            for s, m in dp.per_seed.items()
-            if s in by[over_arm].per_seed
-        }
-        if over_arm
+        {s: pick.per_seed[s]["model_evals"] / m["model_evals"] for s, m in dp.per_seed.items() if s in pick.per_seed}
+        if pick
         else {}
     )
+    intervals = {"data multiplier": _curve_interval(static, "generated_samples", dp)}
+    if iter_mult is not None:
+        intervals["iteration multiplier"] = _curve_interval(series, "iterations", dp)
+    if pick is not None:
+        intervals["generation compute vs oversample"] = _compute_interval(pick, dp)
+    intervals.update({k: ci for k, ci in (("OOD gain", ood_ci), ("guidance effect", effect_ci)) if ci is not None})
+    bounds = {
+        "data multiplier": not math.isfinite(need),
+        "iteration multiplier": iters is not None and not math.isfinite(iters),
+        "generation compute vs oversample": not over_reached,
+    }
+    verdicts = {
+        name: verdict(intervals[name], null, bound=bounds.get(name, False))
+        for name, _, null in FIGURES
+        if name in intervals
+    }
     return Headline(
         dp_arm=dp.arm,
         dp_test_acc=acc,
@@ -183,7 +249,45 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
         seconds_multiplier=seconds,
         ood_gain=ood,
         ood_gain_sd=ood_sd,
+        intervals=intervals,
+        verdicts=verdicts,
     )
+
+
+ACC = "final_test_acc"
+
+
+def _mean(row: ArmStats, drawn: Sequence[int], field: str) -> float:
+    return statistics.fmean(row.per_seed[s][field] for s in drawn)
+
+
+def _shared_seeds(*rows: ArmStats) -> list[int]:
+    """The seeds every row has: a bootstrap draws from these, every row at the same drawn seeds (paired)."""
+    return sorted(set.intersection(*(set(r.per_seed) for r in rows)))
+
+
+def _curve_interval(curve_rows: Sequence[ArmStats], x: str, dp: ArmStats) -> Interval:
+    """The bootstrap interval of :func:`_multiplier`'s ratio (a draw where the curve never reaches DP's
+    accuracy is a bound: the largest x ÷ DP's)."""
+
+    def figure(drawn: Sequence[int]) -> tuple[float, bool]:
+        curve = sorted((_mean(r, drawn, x), _mean(r, drawn, ACC)) for r in curve_rows)
+        need = interpolate_samples_for_accuracy([n for n, _ in curve], [a for _, a in curve], _mean(dp, drawn, ACC))
+        reached = math.isfinite(need)
+        return (need if reached else curve[-1][0]) / _mean(dp, drawn, x), reached
+
+    return bootstrap(_shared_seeds(dp, *curve_rows), figure)
+
+
+def _compute_interval(pick: ArmStats, dp: ArmStats) -> Interval:
+    """The bootstrap interval of the oversample arm's model evaluations ÷ DP's (a draw where it does not reach
+    DP's accuracy is a bound)."""
+
+    def figure(drawn: Sequence[int]) -> tuple[float, bool]:
+        ratio = _mean(pick, drawn, "model_evals") / _mean(dp, drawn, "model_evals")
+        return ratio, _mean(pick, drawn, ACC) >= _mean(dp, drawn, ACC)
+
+    return bootstrap(_shared_seeds(dp, pick), figure)
 
 
 def _multiplier(curve_rows: Sequence[ArmStats], x: str, dp: ArmStats) -> tuple[float, float, dict[int, float]]:
@@ -197,18 +301,28 @@ def _multiplier(curve_rows: Sequence[ArmStats], x: str, dp: ArmStats) -> tuple[f
     return need, ratio, per_seed
 
 
-def _paired_difference(dp: ArmStats, other: ArmStats | None, field: str) -> tuple[float | None, float | None]:
-    """Mean and sd over seeds of ``field`` of DP minus ``other``, paired by seed (None: no pair has it)."""
+def _paired_difference(
+    dp: ArmStats, other: ArmStats | None, field: str
+) -> tuple[float | None, float | None, Interval | None]:
+    """Mean, sd and t interval over seeds of ``field`` of DP minus ``other``, paired by seed (None: no pair
+    has it)."""
     if other is None:
-        return None, None
+        return None, None, None
     diffs = [
         m[field] - other.per_seed[s][field]
         for s, m in dp.per_seed.items()
         if s in other.per_seed and field in m and field in other.per_seed[s]
     ]
     if not diffs:
-        return None, None
-    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+        return None, None, None
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0), t_interval(diffs)
+
+
+def oversample_pick(rows: Sequence[ArmStats], dp_arm: str) -> str | None:
+    """The oversample arm the headline compares DP with (the cheapest ratio at DP's test accuracy or better,
+    else the most accurate); None without a DP row or oversample rows."""
+    dp = next((r for r in rows if r.arm == dp_arm), None)
+    return _versus_oversample(dp, [r for r in rows if r.strategy == "oversample"])[0] if dp else None
 
 
 def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | None, bool, float | None, float | None]:
@@ -228,16 +342,6 @@ def _versus_oversample(dp: ArmStats, over: Sequence[ArmStats]) -> tuple[str | No
     )
 
 
-# how the plot draws each series: (strategy, series) -> legend label, colour, marker, hollow, joined by a line
-_STYLE = {
-    ("static", "scaling"): ("static", "C0", "o", False, True),
-    ("static", "iterations"): ("static, more iterations", "C0", "^", True, False),
-    ("dp", "scaling"): ("dp", "C1", "D", False, True),
-    ("dp", "omega"): ("dp, other ω", "C1", "D", True, False),
-    ("oversample", "oversample"): ("oversample", "C2", "s", False, False),
-}
-
-
 def plot(rows: Sequence[ArmStats], path: Path) -> None:
     """Held-out test accuracy (left) and OOD accuracy (right, where the runs have it) vs generated samples
     (log x), mean ± sd over seeds; static's and DP's size series joined by lines, other arms labelled."""
@@ -251,9 +355,10 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
     FigureCanvasAgg(fig)
     for k, (field, label) in enumerate(fields):
         ax = fig.add_subplot(1, len(fields), k + 1)
-        for (strategy, series), (name, colour, marker, hollow, joined) in _STYLE.items():
+        for strategy, style in ((s.name, st) for s in STRATEGIES.values() for st in s.bench_series):
+            colour, drawn = style.colour, (r for r in rows if (r.strategy, r.series) == (strategy, style.series))
             rs = sorted(
-                (r for r in rows if (r.strategy, r.series) == (strategy, series) and not math.isnan(r.mean[field])),
+                (r for r in drawn if not math.isnan(r.mean[field])),
                 key=lambda r: r.mean["generated_samples"],
             )
             for i, r in enumerate(rs):
@@ -263,14 +368,14 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
                     r.mean["generated_samples"],
                     r.mean[field],
                     yerr=r.sd[field],
-                    fmt=marker,
+                    fmt=style.marker,
                     color=colour,
                     capsize=3,
                     ms=5,
-                    mfc="white" if hollow else colour,
-                    label=name if i == 0 else None,
+                    mfc="white" if style.hollow else colour,
+                    label=style.label if i == 0 else None,
                 )
-                if strategy != "static" or series != "scaling":
+                if style.annotated:
                     ax.annotate(
                         r.setting,
                         (r.mean["generated_samples"], r.mean[field]),
@@ -278,7 +383,7 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
                         xytext=(5, 4),
                         textcoords="offset points",
                     )
-            if joined and len(rs) > 1:
+            if style.joined and len(rs) > 1:
                 ax.plot([r.mean["generated_samples"] for r in rs], [r.mean[field] for r in rs], "-", color=colour, lw=1)
         ax.set_xscale("log")
         ax.margins(x=0.08)

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from dp_ops.config import RUN_FILES
+from dp_ops.engine.strategies import STRATEGIES
 from dp_ops.errors import ConfigError, DataError, FitError
 from dp_ops.files import json_ready, write_json
+from dp_ops.studies.intervals import Interval, nearest_rank, verdict
 from dp_ops.studies.scaling import (
     MIN_POINTS,
     PowerLawFit,
@@ -51,7 +51,7 @@ from dp_ops.studies.scaling import (
 )
 
 if TYPE_CHECKING:
-    from dp_ops.records.tracking import Registry
+    from dp_ops.records.tracking import TrackingStore
 
 Metric = Literal["final_test_acc", "final_val_acc"]
 Axis = Literal["pool_size", "generated_samples"]
@@ -86,15 +86,14 @@ UNMEASURED = (
 )
 UNMEASURED_PREFIXES = ("tracking.", "output.")
 SIZE_KEYS = ("dp.initial_size", "dp.round_size", "dp.max_rounds")
-# what a strategy does not use: static has no rounds and no guidance, oversample no guidance
-UNUSED = {"static": ("dp.", "generator.guide_every"), "oversample": ("dp.omega", "generator.guide_every")}
 STRATEGY_OWN = ("dp.", "generator.guide_every")  # what DP's runs may differ in from static's and still compare
 
 
 def measured(strategy: str, config: dict[str, str]) -> dict[str, str]:
-    """The settings of a ``strategy`` run that define what it measured, less its size: what two points of one
-    law share."""
-    skip = (*UNMEASURED_PREFIXES, *SIZE_KEYS, *UNUSED.get(strategy, ()), "dp.strategy")
+    """The settings of a ``strategy`` run that define what it measured, less its size and the keys its
+    strategy does not read (:attr:`~dp_ops.engine.strategies.Strategy.unused`): what two points of one law share."""
+    entry = STRATEGIES.get(strategy)  # (none for a run of a strategy this version does not know)
+    skip = (*UNMEASURED_PREFIXES, *SIZE_KEYS, *(entry.unused if entry else ()), "dp.strategy")
     return {k: v for k, v in config.items() if k not in UNMEASURED and not k.startswith(skip)}
 
 
@@ -117,6 +116,7 @@ class ScalingHeadline:
     dp_samples_needed_law: float | None = None
     data_multiplier_laws: float | None = None
     data_multiplier_laws_ci: list[float] | None = None  # [low, high], 95%, from the paired bootstraps
+    data_multiplier_laws_verdict: str | None = None  # resolved / bound / not resolved (studies.intervals)
     dp_val_acc: float  # DP's final validation accuracy, the target of the iteration multiplier
     dp_iterations_to_val: float
     static_iterations_to_val: float  # inf: no static run got there
@@ -159,7 +159,7 @@ class ScalingReport:
 
 # ---- sources -------------------------------------------------------------------------------------
 def points_from_mlflow(
-    registry: Registry,
+    store: TrackingStore,
     experiments: Sequence[str],
     *,
     study: str | None = None,
@@ -174,9 +174,9 @@ def points_from_mlflow(
 
     ids = []
     for name in experiments:
-        exp_id = registry.find_experiment(name)
+        exp_id = store.find_experiment(name)
         if exp_id is None:
-            raise DataError(f"--experiment {name}: no such MLflow experiment in {registry.uri}")
+            raise DataError(f"--experiment {name}: no such MLflow experiment in {store.uri}")
         ids.append(exp_id)
     query = ["tags.`dpops.role` = 'experiment'", "attributes.status = 'FINISHED'"]
     if study:
@@ -185,14 +185,14 @@ def points_from_mlflow(
         except ConfigError:
             raise ConfigError(f"--study {study!r}: may hold ' or \" but not both") from None
     if filter_string:
-        registry.search(ids, filter_string, max_results=1, error_prefix="--filter")
+        store.search(ids, filter_string, max_results=1, error_prefix="--filter")
         query.append(filter_string)
     out = []
-    for run in registry.search(ids, " and ".join(query)):
+    for run in store.search(ids, " and ".join(query)):
         m, strategy = run.metrics, run.tags.get("dpops.strategy", "?")
         if (strategies and strategy not in strategies) or "final_test_acc" not in m:
             continue
-        curve = registry.history(run.run_id, "val_acc") if with_curves else ()
+        curve = store.history(run.run_id, "val_acc") if with_curves else ()
         out.append(
             RunPoint(
                 run.run_id,
@@ -378,13 +378,15 @@ def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[s
         need_s, need_d = (samples_for_accuracy(*draw, acc) for draw in (s_draw, d_draw))
         if math.isfinite(need_d):
             ratios.append(need_s / need_d)
-    # (nearest rank, not interpolated: a draw may be ∞, and ∞ − ∞ would make the interval NaN)
-    lo, hi = (float(np.percentile(ratios, q, method="nearest")) for q in (2.5, 97.5)) if ratios else (math.nan,) * 2
+    lo, hi = (nearest_rank(ratios, q) for q in (0.025, 0.975)) if ratios else (math.nan,) * 2
+    ci = Interval(lo, hi, "bootstrap", len(ratios)) if ratios else None
     return {
         "static_samples_needed_law": n_static,
         "dp_samples_needed_law": n_dp,
         "data_multiplier_laws": n_static / n_dp if math.isfinite(n_dp) else math.nan,
         "data_multiplier_laws_ci": [lo, hi],
+        # (static's law never reaching DP's accuracy: the multiplier is only known to be above any finite one)
+        "data_multiplier_laws_verdict": verdict(ci, 1.0, bound=not math.isfinite(n_static)),
     }
 
 
@@ -411,7 +413,7 @@ def write_report(report: ScalingReport, out_dir: str | Path, title: str | None =
 
 
 def log_report(
-    report: ScalingReport, files: Sequence[Path], registry: Registry, experiment: str, params: dict[str, str]
+    report: ScalingReport, files: Sequence[Path], store: TrackingStore, experiment: str, params: dict[str, str]
 ) -> str:
     """One MLflow run tagged ``dpops.role=scaling`` with the fits as metrics and the files as artifacts. It
     replaces the report an earlier call logged from the same inputs (``params`` less the run count): the
@@ -419,13 +421,16 @@ def log_report(
     metrics = {f"{_metric_prefix(report, s)}.{k}": getattr(f, k) for s, f in report.fits.items() for k in FIT_METRICS}
     headline = report.headline.to_dict() if report.headline else {}
     metrics.update({k: v for k, v in headline.items() if isinstance(v, float)})
+    if ci := headline.get("data_multiplier_laws_ci"):
+        metrics.update(data_multiplier_laws_ci_low=ci[0], data_multiplier_laws_ci_high=ci[1])
+    words = {k: v for k, v in headline.items() if k.endswith("_verdict")}
     inputs = json.dumps({k: v for k, v in params.items() if k != "runs"}, sort_keys=True)
-    return registry.log_report_run(
+    return store.log_report_run(
         experiment,
         role="scaling",
         run_name="scaling-report",
         metrics=metrics,
-        params=params,
+        params={**params, **words},
         files=files,
         key=hashlib.sha256(inputs.encode()).hexdigest()[:16],
     )

@@ -6,7 +6,8 @@ import pytest
 
 from dp_ops.config import build_config
 from dp_ops.engine.learner import wsd_factor
-from dp_ops.engine.loop import Observer, Plateau, patience_for, run_experiment
+from dp_ops.engine.loop import Observer, Plateau, patience_for
+from helpers import run_experiment
 
 from conftest import tiny_tree
 
@@ -36,14 +37,14 @@ def test_wsd_schedule_warms_up_holds_and_cools_down():
 
 class Recorder(Observer):
     def __init__(self):
-        self.rounds, self.evals, self.increments = [], [], []
+        self.rounds, self.evals, self.round_parts_seen = [], [], []
 
     def on_eval(self, iteration, val_acc):
         self.evals.append(iteration)
 
-    def on_round(self, record, increment):
+    def on_round(self, record, round_parts):
         self.rounds.append(record)
-        self.increments.append(increment)
+        self.round_parts_seen.append(round_parts)
 
 
 def _run(tiny_generator, real, **sections):
@@ -85,7 +86,7 @@ def test_oversample_keeps_exactly_p_of_ratio_p_with_the_highest_entropy(tiny_gen
     result, rec = _run(tiny_generator, real, dp={"strategy": "oversample"})
     later = result.records[1:]
     assert later, "a round must be triggered"
-    for r, inc in zip(later, rec.increments[1:], strict=True):
+    for r, inc in zip(later, rec.round_parts_seen[1:], strict=True):
         assert r.n_generated == 60 and r.n_new == 20 == len(inc)
     assert result.summary.generated_samples == 40 + 60 * len(later)
     assert result.summary.pool_size == 40 + 20 * len(later)
@@ -110,7 +111,7 @@ def test_oversample_selection_is_the_top_p_by_entropy(tiny_generator, real, tmp_
         batch_size=g.batch_size,
     )
     top = candidates.seeds[torch.argsort(candidates.entropy, descending=True)[:20].numpy()]
-    assert sorted(rec.increments[0].seeds.tolist()) == sorted(top.tolist())
+    assert sorted(rec.round_parts_seen[0].seeds.tolist()) == sorted(top.tolist())
     assert loop.records[0].n_generated == 60 and loop.records[0].n_new == 20 and len(loop.pool) == 20
 
 

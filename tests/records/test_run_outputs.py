@@ -3,7 +3,6 @@ the run described (standard tags, the generator it loaded, its real inputs, its 
 their real times and pictures on the parent. Real MLflow on a temporary SQLite store, a real git + DVC
 workspace, a real tiny generator saved to disk."""
 
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -43,17 +42,6 @@ def saved_generator(tmp_path, tiny_generator):
     return tmp_path / "generator"
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=ws, check=True, capture_output=True)
-    monkeypatch.chdir(ws)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    return ws
-
-
 def _cfg(uri, generator_path, tracking=None, **sections):
     # the config says 999 generator iterations; the generator on disk was trained for 30
     generator = {"path": str(generator_path), "train_iterations": 999}
@@ -63,8 +51,9 @@ def _cfg(uri, generator_path, tracking=None, **sections):
 
 @pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
 def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_acc(
-    workspace, saved_generator, tiny_generator, real, mlflow_store, capfd
+    dvc_workspace, saved_generator, tiny_generator, real, mlflow_store, capfd
 ):
+    workspace = dvc_workspace(with_generator=False, here=True).path
     cfg = _cfg(mlflow_store(workspace), saved_generator, dp={"strategy": "static"}, tracking={"register_model": "dg"})
     run = run_tracked(cfg, tiny_generator, real)
     client = MlflowClient(cfg.tracking.uri)
@@ -122,8 +111,9 @@ def test_a_static_run_logs_and_registers_the_classifier_that_scored_final_test_a
 
 
 def test_the_run_and_its_rounds_say_what_ran(
-    workspace, saved_generator, tiny_generator, real, mlflow_store, monkeypatch
+    dvc_workspace, saved_generator, tiny_generator, real, mlflow_store, monkeypatch
 ):
+    workspace = dvc_workspace(with_generator=False, here=True).path
     monkeypatch.setattr(sys, "argv", ["/venv/bin/dpops", "run", "-S", "dp.max_rounds=1"])
     cfg = _cfg(mlflow_store(workspace), saved_generator, dp={"max_rounds": 1})
     run = run_tracked(cfg, tiny_generator, real)

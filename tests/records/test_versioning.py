@@ -33,41 +33,32 @@ def _sh(*args, cwd):
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    _sh("git", "init", "-q", cwd=ws)
-    _sh(sys.executable, "-m", "dvc", "init", "-q", cwd=ws)
-    monkeypatch.chdir(ws)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    return ws
-
-
-@pytest.fixture
-def tracked_run(workspace, tiny_generator, real, mlflow_store):
-    """A run made exactly as `dpops run` makes it (shards under data/runs/<run id>/ in the workspace)."""
+def tracked_run(dvc_workspace, tiny_generator, real, mlflow_store):
+    """A run made exactly as `dpops run` makes it (shards under data/runs/<run id>/ in the workspace): its
+    config, the run and the workspace."""
+    workspace = dvc_workspace(with_generator=False, here=True).path
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 2}))
     run = run_tracked(cfg, tiny_generator, real)
-    return cfg, run
+    return cfg, run, workspace
 
 
 def _parts(folder):
     return sorted(folder.glob("part_*.safetensors"))
 
 
-def test_a_run_is_one_dvc_added_folder_and_each_round_its_own_digest_mlflow_links(tracked_run, workspace):
-    cfg, run = tracked_run
+def test_a_run_is_one_dvc_added_folder_and_each_round_its_own_digest_mlflow_links(tracked_run):
+    cfg, run, workspace = tracked_run
     result = run.result
     client = MlflowClient(cfg.tracking.uri)
     children = round_runs(client, run.run_id)
-    assert len(children) == len(result.records) == len(run.shards) == 3
+    assert len(children) == len(result.records) == len(run.versions) == 3
     runs = workspace / "data" / "runs"
     assert sorted(p.name for p in runs.rglob("*.dvc")) == [f"{run.run_id}.dvc"]  # one per run, not per round
     dvc_file = yaml.safe_load((runs / f"{run.run_id}.dvc").read_text())
     listing = json.loads(cache_path(workspace, dvc_file["outs"][0]["md5"]).read_text())  # DVC's own listing ...
     assert dir_md5(listing) == dvc_file["outs"][0]["md5"]  # ... whose digest we compute exactly as DVC does
     for child, record in zip(children, result.records, strict=True):
-        shard = run.shards[record.round]
+        shard = run.versions[record.round]
         assert shard.path.parts[:3] == ("data", "runs", run.run_id)  # relative to the DVC root
         folder = workspace / shard.path
         assert shard.md5.endswith(".dir") and len(shard.md5) == 36
@@ -84,7 +75,7 @@ def test_a_run_is_one_dvc_added_folder_and_each_round_its_own_digest_mlflow_link
         assert reader.images().dtype.name == "uint8" and reader.images().shape == (record.n_new, 1, 8, 8)
         assert reader.meta["omega"] == repr(record.omega) == repr(0.1 if record.round else 0.0)
         assert len(reader.array("labels")) == len(reader.array("entropy")) == len(reader.array("seeds")) == record.n_new
-    (part,) = scan_round(workspace / run.shards[1].path)
+    (part,) = scan_round(workspace / run.versions[1].path)
     assert PartReader(part.path).array("entropy").mean() == pytest.approx(result.records[1].entropy_mean, rel=1e-5)
 
 
@@ -92,13 +83,13 @@ def _bytes(folder):
     return [f.read_bytes() for f in _parts(folder)]
 
 
-def test_restore_rebuilds_identical_bytes_from_the_registry_alone(tracked_run, workspace, tmp_path):
+def test_restore_rebuilds_identical_bytes_from_the_registry_alone(tracked_run, tmp_path):
     import shutil
 
-    cfg, run = tracked_run
-    originals = {k: _bytes(workspace / s.path) for k, s in run.shards.items()}
-    for s in run.shards.values():
-        shutil.rmtree(workspace / s.path)  # the workspace copy is gone; only cache + registry remain
+    cfg, run, workspace = tracked_run
+    originals = {k: _bytes(workspace / s.path) for k, s in run.versions.items()}
+    for s in run.versions.values():
+        shutil.rmtree(workspace / s.path)  # the workspace copy is gone; only cache + store remain
     out = restore_run_data(run.run_id, tmp_path / "all", tracking_uri=cfg.tracking.uri)
     assert [p.read_bytes() for p in out] == [b for k in sorted(originals) for b in originals[k]]
     one = restore_run_data(run.run_id, tmp_path / "one", tracking_uri=cfg.tracking.uri, round_index=1)
@@ -109,9 +100,9 @@ def test_restore_rebuilds_identical_bytes_from_the_registry_alone(tracked_run, w
         restore_run_data(run.run_id, tmp_path / "x", tracking_uri=cfg.tracking.uri, round_index=9)
 
 
-def test_restore_fails_loudly_on_a_corrupt_cache(tracked_run, workspace, tmp_path):
-    cfg, run = tracked_run
-    cached = cache_path(workspace, run.shards[0].parts[0].md5)
+def test_restore_fails_loudly_on_a_corrupt_cache(tracked_run, tmp_path):
+    cfg, run, workspace = tracked_run
+    cached = cache_path(workspace, run.versions[0].parts[0].md5)
     cached.chmod(0o644)
     cached.write_bytes(cached.read_bytes()[:-1] + b"\x00")
     with pytest.raises(DataError, match="restored bytes have md5"):
@@ -119,11 +110,11 @@ def test_restore_fails_loudly_on_a_corrupt_cache(tracked_run, workspace, tmp_pat
     assert not list((tmp_path / "r").rglob("part_*"))
 
 
-def test_restore_refuses_a_tampered_parts_listing(tracked_run, workspace, tmp_path):
+def test_restore_refuses_a_tampered_parts_listing(tracked_run, tmp_path):
     from dp_ops.records.versioning import parse_parts
 
-    _, run = tracked_run
-    shard = run.shards[0]
+    _, run, _ = tracked_run
+    shard = run.versions[0]
     listing = shard.parts_json()
     assert parse_parts(listing, shard.md5) == shard.parts
     with pytest.raises(DataError, match="does not match the round's digest"):
@@ -132,46 +123,49 @@ def test_restore_refuses_a_tampered_parts_listing(tracked_run, workspace, tmp_pa
         parse_parts([{**listing[0], "relpath": "../../etc/passwd"}])
 
 
-def test_restore_pulls_from_the_dvc_remote_when_the_cache_lacks_it(tracked_run, workspace, tmp_path):
+def test_restore_pulls_from_the_dvc_remote_when_the_cache_lacks_it(tracked_run, tmp_path):
     import shutil
 
-    cfg, run = tracked_run
+    cfg, run, workspace = tracked_run
     _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=workspace)
     _sh(sys.executable, "-m", "dvc", "push", "-q", cwd=workspace)
-    original = _bytes(workspace / run.shards[2].path)
+    original = _bytes(workspace / run.versions[2].path)
     shutil.rmtree(workspace / ".dvc" / "cache")
-    shutil.rmtree(workspace / run.shards[2].path)
+    shutil.rmtree(workspace / run.versions[2].path)
     out = restore_run_data(run.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=2)
     assert [p.read_bytes() for p in out] == original
-    assert all(cache_path(workspace, p.md5).is_file() for p in run.shards[2].parts)
+    assert all(cache_path(workspace, p.md5).is_file() for p in run.versions[2].parts)
 
 
-def test_restore_without_cache_or_remote_says_so(tracked_run, workspace, tmp_path):
+def test_restore_without_cache_or_remote_says_so(tracked_run, tmp_path):
     import shutil
 
-    cfg, run = tracked_run
+    cfg, run, workspace = tracked_run
     shutil.rmtree(workspace / ".dvc" / "cache")
     with pytest.raises(DataError, match=r"not in the DVC cache .* and no remote has it"):
         restore_run_data(run.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri, round_index=0)
 
 
-def test_a_configured_remote_holds_every_finished_round_after_the_run(workspace, tiny_generator, real, mlflow_store):
+def test_a_configured_remote_holds_every_finished_round_after_the_run(
+    dvc_workspace, tiny_generator, real, mlflow_store
+):
+    workspace = dvc_workspace(with_generator=False, here=True).path
     remote = workspace.parent / "remote"
     _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote), cwd=workspace)
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 1}))
     run = run_tracked(cfg, tiny_generator, real)
-    assert len(run.shards) == 2
-    for shard in run.shards.values():  # pushed round by round, by the run itself: no `dvc push` here
+    assert len(run.versions) == 2
+    for shard in run.versions.values():  # pushed round by round, by the run itself: no `dvc push` here
         for p in shard.parts:
             assert (remote / "files" / "md5" / p.md5[:2] / p.md5[2:]).is_file()
     listing = yaml.safe_load((workspace / "data" / "runs" / f"{run.run_id}.dvc").read_text())["outs"][0]["md5"]
     assert (remote / "files" / "md5" / listing[:2] / listing[2:]).is_file()  # the run's .dir listing too: pullable
 
 
-def test_the_commit_hint_names_what_keeps_the_run_and_dvc_gc_keeps_it(tracked_run, workspace, tmp_path):
+def test_the_commit_hint_names_what_keeps_the_run_and_dvc_gc_keeps_it(tracked_run, tmp_path):
     import shutil
 
-    cfg, run = tracked_run
+    cfg, run, workspace = tracked_run
     hint = run.versioner.commit_hint()
     files = [f"data/runs/{run.run_id}.dvc", "data/runs/.gitignore"]
     assert hint == f"to keep this run's data: git add {' '.join(files)} && git commit"
@@ -184,12 +178,13 @@ def test_the_commit_hint_names_what_keeps_the_run_and_dvc_gc_keeps_it(tracked_ru
     _sh(sys.executable, "-m", "dvc", "gc", "-w", "-f", cwd=workspace)  # what no .dvc file names goes ...
     shutil.rmtree(workspace / "data" / "runs" / run.run_id)
     out = restore_run_data(run.run_id, tmp_path / "r", tracking_uri=cfg.tracking.uri)  # ... this run stays
-    assert len(out) == sum(len(s.parts) for s in run.shards.values())
+    assert len(out) == sum(len(s.parts) for s in run.versions.values())
 
 
-def test_no_commit_hint_inside_dvc_repro_or_without_dvc(workspace, tmp_path, monkeypatch):
+def test_no_commit_hint_inside_dvc_repro_or_without_dvc(dvc_workspace, tmp_path, monkeypatch):
     from dp_ops.records.versioning import DvcVersioner
 
+    workspace = dvc_workspace(with_generator=False, here=True).path
     run = workspace / "data" / "runs" / "r1"
     (run / "round_000").mkdir(parents=True)
     (run.parent / "r1.dvc").write_text("outs: []\n")
@@ -202,29 +197,6 @@ def test_no_commit_hint_inside_dvc_repro_or_without_dvc(workspace, tmp_path, mon
     assert DvcVersioner(run).commit_hint() == (
         "to keep this run's data: keep data/runs/r1.dvc (dvc gc deletes cached data no .dvc file names)"
     )
-
-
-def test_a_run_begun_with_one_dvc_file_per_round_goes_on_so(workspace):
-    import numpy as np
-
-    from dp_ops.engine.rounds import RoundParts
-    from dp_ops.engine.shards import Part
-    from dp_ops.records.versioning import DvcVersioner, _dvc_add
-
-    run = workspace / "data" / "runs" / "old"
-
-    def round_parts(k):
-        path = run / f"round_{k:03d}" / "part_00000.safetensors"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(bytes([k]) * 64)
-        part = Part(path, k, 0, 0, 1, 64, "raw")
-        return RoundParts(path.parent, (part,), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1), 0.0, 0)
-
-    _dvc_add(workspace, round_parts(0).folder)  # as runs were versioned before
-    shard = DvcVersioner(run).version(1, round_parts(1))  # (DVC refuses an output over round_000's)
-    assert sorted(p.name for p in run.glob("*.dvc")) == ["round_000.dvc", "round_001.dvc"]
-    assert not run.with_name("old.dvc").exists()
-    assert shard.parts[0].md5 == md5_file(run / "round_001" / "part_00000.safetensors")
 
 
 def test_quiet_dvc_turns_off_dvc_output_keeps_its_warnings_and_restores_everything(caplog):
@@ -257,9 +229,10 @@ def test_quiet_dvc_turns_off_dvc_output_keeps_its_warnings_and_restores_everythi
     assert not Tqdm(total=3, file=Terminal()).disable
 
 
-def test_a_real_dvc_warning_still_shows(workspace, caplog):
+def test_a_real_dvc_warning_still_shows(dvc_workspace, caplog):
     from dp_ops.records.versioning import restore_file
 
+    workspace = dvc_workspace(with_generator=False, here=True).path
     _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(workspace.parent / "remote"), cwd=workspace)
     with pytest.raises(DataError, match="not in the DVC cache"):
         restore_file(workspace, "0" * 32, workspace / "x")
@@ -297,11 +270,9 @@ def _in_a_terminal(args, cwd, env):
 
 
 @pytest.mark.slow
-def test_dpops_run_in_a_dvc_workspace_shows_no_dvc_output(workspace, mlflow_store):
-    tree = tiny_tree(dp={"max_rounds": 2})
-    tree["generator"]["path"] = "gen"
-    (workspace / "params.yaml").write_text(yaml.safe_dump(tree))
-    mlflow_store(workspace)  # the default store, sqlite:///mlflow.db, already migrated
+def test_dpops_run_in_a_dvc_workspace_shows_no_dvc_output(dvc_workspace, tiny_params):
+    workspace = dvc_workspace(with_generator=False, here=True).path  # (the default store: sqlite:///mlflow.db)
+    tiny_params(workspace, dp={"max_rounds": 2}, generator={"path": "gen"})
     _sh(sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(workspace.parent / "remote"), cwd=workspace)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_STAGE")}
     code, out = _in_a_terminal([sys.executable, "-m", "dp_ops", "run", "--params", "params.yaml"], workspace, env)
@@ -314,18 +285,18 @@ def test_dpops_run_in_a_dvc_workspace_shows_no_dvc_output(workspace, mlflow_stor
     assert (workspace.parent / "remote" / "files" / "md5").is_dir()  # ... and pushed
 
 
-# ---- a resume adopts a round: exactly the registry's bytes, placed where their headers say -------------
+# ---- a resume adopts a round: exactly the store's bytes, placed where their headers say -------------
 def _flip(path, where):
     data = bytearray(path.read_bytes())
     data[where] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def test_adopting_a_round_hashes_only_what_dvc_state_does_not_know_and_restores_it(tracked_run, workspace, monkeypatch):
+def test_adopting_a_round_hashes_only_what_dvc_state_does_not_know_and_restores_it(tracked_run, monkeypatch):
     from dp_ops.records import versioning
 
-    _, run = tracked_run
-    shard = run.shards[1]
+    _, run, workspace = tracked_run
+    shard = run.versions[1]
     folder = workspace / shard.path
     (path,) = _parts(folder)
     hashed = []
@@ -339,13 +310,13 @@ def test_adopting_a_round_hashes_only_what_dvc_state_does_not_know_and_restores_
     assert hashed[0] == path.name and len(hashed) == 2  # the changed file, then the restored (temporary) copy
 
 
-def test_adopting_a_round_refuses_a_part_whose_header_places_it_elsewhere(tracked_run, workspace):
+def test_adopting_a_round_refuses_a_part_whose_header_places_it_elsewhere(tracked_run):
     from dp_ops.records.versioning import adopt_round
 
-    _, run = tracked_run
-    folder = workspace / run.shards[1].path  # a listing edited consistently (digest too) to round 2's parts
-    with pytest.raises(DataError, match=r"header says round 2 part 0 .*registry places it as round 1 part 0"):
-        adopt_round(workspace, run.shards[2].parts, folder, 1, 10)
+    _, run, workspace = tracked_run
+    folder = workspace / run.versions[1].path  # a listing edited consistently (digest too) to round 2's parts
+    with pytest.raises(DataError, match=r"header says round 2 part 0 .*store places it as round 1 part 0"):
+        adopt_round(workspace, run.versions[2].parts, folder, 1, 10)
 
 
 def _lone_part(folder, labels):
@@ -370,7 +341,7 @@ def test_adopting_outside_dvc_checks_md5_labels_and_header_in_one_line(tmp_path)
     with pytest.raises(DataError, match=r"label 9 outside \[0, 5\); not a part of this run's classes"):
         adopt_round(None, [entry], tmp_path, 0, 5)
     _flip(path, 20)
-    with pytest.raises(DataError, match=r"part_00000.safetensors missing or not the registry's bytes, and no DVC"):
+    with pytest.raises(DataError, match=r"part_00000.safetensors missing or not the store's bytes, and no DVC"):
         adopt_round(None, [entry], tmp_path, 0, 10)
 
 
@@ -387,10 +358,11 @@ def test_a_damaged_header_is_one_line(tmp_path, where):
             read(path)
 
 
-def test_the_commit_hint_is_a_command_a_shell_runs_as_printed(workspace):
-    """Issue 30: spaces, quotes and unicode in output.shards; the printed `git add` adds exactly those files."""
+def test_the_commit_hint_is_a_command_a_shell_runs_as_printed(dvc_workspace):
+    """Spaces, quotes and unicode in output.shards: the printed `git add` adds exactly those files."""
     from dp_ops.records.versioning import DvcVersioner
 
+    workspace = dvc_workspace(with_generator=False, here=True).path
     run = workspace / "my data" / "runs ü'x" / "r1"
     (run / "round_000").mkdir(parents=True)
     (run.parent / "r1.dvc").write_text("outs: []\n")
@@ -417,33 +389,35 @@ def test_the_commit_hint_is_a_command_a_shell_runs_as_printed(workspace):
     ["copy", pytest.param("hardlink", marks=pytest.mark.slow), pytest.param("symlink", marks=pytest.mark.slow)],
 )
 def test_a_shared_cache_outside_the_workspace_versions_and_restores_every_round(
-    workspace, tiny_generator, real, mlflow_store, tmp_path, cache_type
+    dvc_workspace, tiny_generator, real, mlflow_store, tmp_path, cache_type
 ):
-    """Issue 31: `dvc cache dir` elsewhere (a team's cache on one file system) and any cache.type; the
-    cache's layout is DVC's to say, never .dvc/cache/files/md5 (round 0 crashed)."""
+    """`dvc cache dir` elsewhere (a team's cache on one file system) and any cache.type: the cache's layout
+    is DVC's to say, never assumed to be .dvc/cache/files/md5 (where round 0 would look in vain)."""
     import shutil
 
+    workspace = dvc_workspace(with_generator=False, here=True).path
     shared = tmp_path / "team-cache"
     _sh(sys.executable, "-m", "dvc", "cache", "dir", str(shared), cwd=workspace)
     _sh(sys.executable, "-m", "dvc", "config", "cache.type", cache_type, cwd=workspace)
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 1}))
     run = run_tracked(cfg, tiny_generator, real)
-    assert sorted(run.shards) == [0, 1] and {s.versioned_by for s in run.shards.values()} == {"dvc add"}
+    assert sorted(run.versions) == [0, 1] and {s.versioned_by for s in run.versions.values()} == {"dvc add"}
     assert not (workspace / ".dvc" / "cache").exists()
-    parts = [p for s in run.shards.values() for p in s.parts]
+    parts = [p for s in run.versions.values() for p in s.parts]
     assert all((shared / "files" / "md5" / p.md5[:2] / p.md5[2:]).is_file() for p in parts)
     assert all(cache_path(workspace, p.md5).parent.parent.parent.parent == shared for p in parts)
-    links = [(workspace / s.path / p.relpath).is_symlink() for s in run.shards.values() for p in s.parts]
+    links = [(workspace / s.path / p.relpath).is_symlink() for s in run.versions.values() for p in s.parts]
     assert all(links) if cache_type == "symlink" else not any(links)
-    originals = [(workspace / s.path / p.relpath).read_bytes() for s in run.shards.values() for p in s.parts]
+    originals = [(workspace / s.path / p.relpath).read_bytes() for s in run.versions.values() for p in s.parts]
     shutil.rmtree(workspace / "data" / "runs" / run.run_id)
     restored = restore_run_data(run.run_id, tmp_path / "restored", tracking_uri=cfg.tracking.uri)
     assert [p.read_bytes() for p in restored] == originals
 
 
-def test_a_dvc_failure_while_versioning_is_one_line(workspace, tiny_generator, real, mlflow_store):
-    """Issue 31: DVC refusing `dvc add` (here: the shards folder is already a dvc.yaml stage's output) stops
+def test_a_dvc_failure_while_versioning_is_one_line(dvc_workspace, tiny_generator, real, mlflow_store):
+    """DVC refusing `dvc add` (here: the shards folder is already a dvc.yaml stage's output) stops
     the run with one DataError line naming the workspace and DVC's reason, not DVC's traceback."""
+    workspace = dvc_workspace(with_generator=False, here=True).path
     (workspace / "dvc.yaml").write_text("stages:\n  made:\n    cmd: 'true'\n    outs:\n      - data/runs\n")
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 0}))
     with pytest.raises(DataError) as err:
@@ -453,10 +427,12 @@ def test_a_dvc_failure_while_versioning_is_one_line(workspace, tiny_generator, r
     assert "\n" not in line
 
 
-def test_the_push_hint_says_what_a_clone_needs_pushed(workspace, monkeypatch, tmp_path):
-    """Issue 31: a run's data (or a stage's outputs) that never reached a remote fails a clone's dvc pull."""
+def test_the_push_hint_says_what_a_clone_needs_pushed(dvc_workspace, monkeypatch, tmp_path):
+    """A run's data (or a stage's outputs) that never reached a remote fails a clone's dvc pull: the hint
+    says what to push."""
     from dp_ops.records.versioning import DvcVersioner, push_hint
 
+    workspace = dvc_workspace(with_generator=False, here=True).path
     run = workspace / "data" / "runs" / "r1"
     (run / "round_000").mkdir(parents=True)
     (run.parent / "r1.dvc").write_text("outs: []\n")

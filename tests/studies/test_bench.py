@@ -4,6 +4,7 @@ store, interrupted with Ctrl-C and resumed."""
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from dp_ops.records.checkpoint import checkpoint_path
 from dp_ops.render import bench_headline_lines, times
 from dp_ops.studies import bench
 from dp_ops.studies.bench import _take_gpu, gpu_slots, iteration_arms, jobs, plan, prepare
-from dp_ops.studies.bench_stats import Arm, headline, summarise
+from dp_ops.studies.bench_stats import FIELDS, Arm, headline, summarise
+from dp_ops.studies.intervals import t_interval
 
 from conftest import tiny_tree
 
@@ -83,7 +85,9 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert h.data_multiplier == pytest.approx(2000 / 800)  # the largest static size: a lower bound
     assert h.guidance_effect is None
     assert h.oversample_arm == "oversample r=4" and not h.oversample_reached
-    assert "more than 2.50×" in bench_headline_lines(h)[0]
+    assert "data multiplier (bound): more than 2.50×" in bench_headline_lines(h)[0]
+    # one seed: no interval can say anything, so none is resolved
+    assert h.intervals["data multiplier"].low == 0 and math.isinf(h.intervals["data multiplier"].high)
     assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
     assert headline([*STATIC[:1], dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
     assert h.iteration_multiplier is None and h.ood_gain is None  # no iteration series, no OOD set
@@ -114,12 +118,62 @@ def test_iteration_multiplier_reads_static_best_size_at_more_iterations_and_ood_
     assert h.ood_gain == pytest.approx(0.20) and h.ood_gain_sd == pytest.approx(0.0)  # vs N=1000, not N=2000
     text = "\n".join(bench_headline_lines(h))
     assert (
-        "iteration multiplier: static N=1000 needs 2.83×" in text
-        and "OOD gain: dp ω=0.05 − static N=1000 = +0.2000" in text
+        "iteration multiplier (resolved): static N=1000 needs 2.83×" in text
+        and "95% interval [2.00×, 4.00×] (bootstrap over seeds, 2)" in text
+        and "OOD gain (resolved): dp ω=0.05 − static N=1000 = +0.2000" in text
     )
     h = headline([*static, _row("dp", "ω=0.05", {0: (800, 0.999, 1, 1.0)}), *more], "dp ω=0.05", "dp ω=0")
     assert not h.iterations_reached and h.iteration_multiplier == pytest.approx(4.0)  # a bound: 400 ÷ 100
-    assert "iteration multiplier: a bound, more than 4.00×" in "\n".join(bench_headline_lines(h))
+    assert "iteration multiplier (bound): more than 4.00×" in "\n".join(bench_headline_lines(h))
+
+
+def _planted(effect: float, multiplier: float, seeds: int = 8, noise: float = 0.004, rng_seed: int = 1):
+    """Rows with planted effects: static's accuracy 0.80 + 0.03·log2(n / 250) at 250…4000 samples, DP at 500
+    samples with static's accuracy at ``multiplier`` × 500 (a data multiplier of ``multiplier``), dp ω=0 at
+    DP's accuracy − ``effect`` (a guidance effect of ``effect``), each run with its own N(0, noise) noise and a
+    per-seed offset shared by every arm of that seed (what pairing by seed removes)."""
+    rng = random.Random(rng_seed)
+    acc = lambda n: 0.80 + 0.03 * math.log2(n / 250)
+    shift = {s: rng.gauss(0, 0.01) for s in range(seeds)}
+    arms = {f"N={n}": ("static", n, acc(n)) for n in (250, 500, 1000, 2000, 4000)}
+    arms |= {"ω=0.05": ("dp", 500, acc(500 * multiplier)), "ω=0": ("dp", 500, acc(500 * multiplier) - effect)}
+    rows = []
+    for setting, (strategy, n, a) in arms.items():
+        per_seed = {s: (n, a + shift[s] + rng.gauss(0, noise), 10 * n, 1.0) for s in range(seeds)}
+        rows.append(_row(strategy, setting, per_seed))
+    return headline(rows, "dp ω=0.05", "dp ω=0")
+
+
+def test_a_planted_effect_is_covered_and_resolved_and_no_effect_is_not_resolved():
+    h = _planted(effect=0.02, multiplier=3.0)
+    effect, data = h.intervals["guidance effect"], h.intervals["data multiplier"]
+    assert effect.method == "t" and effect.seeds == 8 and effect.low < 0.02 < effect.high
+    assert data.method == "bootstrap" and data.low < 3.0 < data.high
+    assert h.verdicts["guidance effect"] == h.verdicts["data multiplier"] == "resolved"
+    assert effect.low > 0 and data.low > 1  # (what "resolved" means: the interval excludes no effect)
+    text = "\n".join(bench_headline_lines(h))
+    assert "guidance effect (resolved): dp ω=0.05 − dp ω=0 = +0.0" in text and "(t over paired seeds, 8)" in text
+    assert (
+        "data multiplier (resolved): static needs 2.9" in text or "data multiplier (resolved): static needs 3." in text
+    )
+    h = _planted(effect=0.0, multiplier=1.0)
+    assert h.verdicts["guidance effect"] == h.verdicts["data multiplier"] == "not resolved"
+    assert h.intervals["guidance effect"].low < 0 < h.intervals["guidance effect"].high
+    assert h.intervals["data multiplier"].low <= 1 <= h.intervals["data multiplier"].high
+    # over many planted benchmarks the t interval covers the planted effect about 95% of the time
+    rng = random.Random(2)
+    draws = [t_interval([0.01 + rng.gauss(0, 0.006) for _ in range(8)]) for _ in range(400)]
+    assert 0.92 <= sum(ci.low < 0.01 < ci.high for ci in draws) / len(draws) <= 0.98
+
+
+def test_a_multiplier_whose_draws_never_reach_is_an_open_interval_not_nan():
+    h = _planted(effect=0.0, multiplier=30.0)  # DP above everything static reached: the figure is a bound
+    data = h.intervals["data multiplier"]
+    assert h.verdicts["data multiplier"] == "bound" and math.isinf(data.high) and data.low == pytest.approx(8.0)
+    assert "data multiplier (bound): more than 8.00×, 95% interval [8.00×, ∞×)" in bench_headline_lines(h)[0]
+    report = json.loads(json.dumps(h.to_dict(), allow_nan=False))
+    assert report["intervals"]["data multiplier"] == {"low": 8.0, "high": None, "method": "bootstrap", "seeds": 8}
+    assert report["verdicts"]["data multiplier"] == "bound"
 
 
 @pytest.fixture
@@ -210,6 +264,25 @@ def test_static_runs_at_more_iterations_at_its_best_size_by_validation_once_ever
     assert [j.arm.name for j in jobs(bp, done, {}, tmp_path)].count("static N=60 4× iters") == 2
     del done[("static N=90", 1)]  # one static run still to come: nothing chosen yet
     assert iteration_arms(bp, done) == ()
+
+
+def test_series_headline_runs_only_the_arms_the_headline_reads_and_a_bad_series_is_one_line(params_file, tmp_path):
+    bp, _ = plan(params_file, [], static_sizes=(30, 60), seeds=range(8), experiment="e")
+    names = lambda arms: [a.name for a in arms]
+    headline_arms = ["static N=30", "static N=60", "dp ω=0.1", "dp ω=0"]
+    over = ["oversample r=2", "oversample r=4", "oversample r=8"]
+    assert names(bench.selected_arms(bp, {}, ("headline",))) == [*headline_arms, *over]  # no pick known yet
+    run = lambda acc, evals: {"final_test_acc": acc, "model_evals": evals, "final_val_acc": acc}
+    done = {(a, s): run(0.9, 1.0) for a in ("dp ω=0.1", "oversample r=2") for s in range(3)}
+    done |= {(a, s): run(0.95, 4.0) for a in ("oversample r=4", "oversample r=8") for s in range(3)}
+    done = {k: {f: 1.0 for f in FIELDS} | v for k, v in done.items()}
+    # r=2 is the cheapest ratio at DP's accuracy: only it gets more seeds
+    assert names(bench.selected_arms(bp, done, ("headline",))) == [*headline_arms, "oversample r=2"]
+    assert names(bench.selected_arms(bp, done, ("omega",))) == ["dp ω=0", "dp ω=0.02", "dp ω=0.05", "dp ω=0.2"]
+    todo = jobs(bp, done, {}, tmp_path, bench.selected_arms(bp, done, ("headline",)))
+    assert len(todo) == 5 * 8 - 6  # dp ω=0.1 and oversample r=2 have seeds 0-2 already
+    with pytest.raises(ConfigError, match="--series scalin: choose from scaling, omega, oversample, iterations"):
+        prepare(params_file, [], seeds=8, ratios=(2,), quick=False, experiment="e", out=tmp_path, series=("scalin",))
 
 
 def test_on_cuda_there_is_one_worker_per_visible_gpu_and_worker_i_runs_on_cuda_i(params_file, tmp_path, monkeypatch):
@@ -329,7 +402,10 @@ def test_bench_ctrl_c_kills_runs_resumably_and_the_rerun_resumes_them_then_repor
     assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
     assert "data multiplier" in out and "iteration multiplier" in out and "OOD gain" in out
     assert "mean ± sd over 1 seed(s)" in out
+    assert "95% interval" in out and "(not resolved)" in out  # one seed resolves nothing
+    assert h["verdicts"]["data multiplier"] in ("not resolved", "bound") and "data multiplier" in h["intervals"]
     (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'benchmark'")
+    assert logged.data.params["guidance_effect_verdict"] == "not resolved"  # (one seed)
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"bench.json", "bench.png"}
 
     third = _bench(params_file, "--quick")  # nothing left to do: every run is reused

@@ -13,14 +13,13 @@ import time
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.config import SweepConfig, build_config
 from dp_ops.errors import ConfigError, DataError
-from dp_ops.records.tracking import MlflowTracker, Registry, StoreUnavailable
+from dp_ops.records.tracking import MlflowTracker, StoreUnavailable, TrackingStore
 from dp_ops.studies.scaling_report import points_from_files, points_from_mlflow
 from dp_ops.studies.sweep import Sweep, make_storage, retried_trials
 
@@ -33,7 +32,7 @@ SPACE = {
     "static_sizes": [30, 50, 70],
 }
 
-# ---- defect 1: sweep workers starting together on a new storage -----------------------------------------
+# ---- sweep workers starting together on a new storage ----------------------------------------------------
 OPENER = textwrap.dedent(
     """
     import sys, time
@@ -72,7 +71,7 @@ def test_sweep_workers_starting_together_on_a_new_storage_all_open_one_study(tmp
     assert [t.params for t in study.trials] == [{}, {}, {}] and len(study.trials) == 3
 
 
-# ---- defect 10: storages that cannot be opened, one line each -------------------------------------------
+# ---- storages that cannot be opened, one line each -------------------------------------------------------
 @pytest.mark.parametrize(
     ("storage", "message"),
     [
@@ -111,24 +110,21 @@ def test_a_missing_database_driver_says_what_to_install(url, module, install):
     assert f"is not installed; {install}" in str(info.value)
 
 
-def test_the_cli_says_it_in_one_line_before_any_work(tmp_path, mlflow_store):
-    tree = tiny_tree()
-    tree["generator"]["path"] = str(tmp_path / "gen")
-    tree["tracking"] = {"uri": mlflow_store(tmp_path)}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+def test_the_cli_says_it_in_one_line_before_any_work(tmp_path, mlflow_store, tiny_params):
+    params = tiny_params(tmp_path, generator={"path": str(tmp_path / "gen")}, tracking={"uri": mlflow_store(tmp_path)})
     storage = str(tmp_path / "nope" / "optuna.log")
-    result = CliRunner().invoke(app, ["sweep", "--params", str(tmp_path / "params.yaml"), "--storage", storage])
+    result = CliRunner().invoke(app, ["sweep", "--params", str(params), "--storage", storage])
     assert result.exit_code == 1, result.output
     assert result.output.startswith(f"error: sweep.storage={storage!r}: folder ")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "gen").exists()
 
 
-# ---- defect 5 in a sweep: a tracking server that stops answering stops the worker -----------------------
+# ---- in a sweep: a tracking server that stops answering stops the worker ---------------------------------
 def test_a_tracking_server_that_stops_answering_stops_the_sweep_and_requeues_the_trial(tmp_path, mlflow_uri):
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_uri}))
     sc = SweepConfig(**SPACE, storage=str(tmp_path / "optuna.log"), n_trials=4, sampler_seed=0)
-    worker = Sweep(cfg, sc, strategy="dp", study_name="s", registry=Registry(mlflow_uri))
+    worker = Sweep(cfg, sc, strategy="dp", study_name="s", store=TrackingStore(mlflow_uri))
     calls = []
 
     def run_trial(cfg, tags, observers, resume):
@@ -152,11 +148,11 @@ def test_a_study_name_with_both_quotes_is_refused_before_any_work(tmp_path, mlfl
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_uri}))
     sc = SweepConfig(**SPACE, storage=str(tmp_path / "optuna.log"))
     with pytest.raises(ConfigError, match=r"^--study-name 'a\\'b\"c': may hold ' or \" but not both$"):
-        Sweep(cfg, sc, strategy="dp", study_name="a'b\"c", registry=Registry(mlflow_uri))
+        Sweep(cfg, sc, strategy="dp", study_name="a'b\"c", store=TrackingStore(mlflow_uri))
     assert not (tmp_path / "optuna.log").exists()
 
 
-# ---- defect 11: dpops scaling on bad input --------------------------------------------------------------
+# ---- dpops scaling on bad input --------------------------------------------------------------------------
 @pytest.mark.parametrize("payload", [[1, 2, 3], "text", None])
 def test_a_metrics_file_that_is_not_an_object_is_one_line(tmp_path, payload):
     path = tmp_path / "metrics.json"
@@ -179,8 +175,8 @@ def test_report_files_of_the_wrong_shape_are_one_line(tmp_path):
         points_from_files([tmp_path / "metrics.json"])
 
 
-def _finished_run(registry, cfg, study):
-    tracker = MlflowTracker(registry, cfg, tags={"dpops.study": study})
+def _finished_run(store, cfg, study):
+    tracker = MlflowTracker(store, cfg, tags={"dpops.study": study})
     metrics = {"pool_size": 40, "generated_samples": 40, "iterations": 60, "final_val_acc": 0.5, "final_test_acc": 0.5}
     for key, value in metrics.items():
         tracker.client.log_metric(tracker.run_id, key, value)
@@ -192,28 +188,27 @@ def _finished_run(registry, cfg, study):
 @pytest.mark.parametrize("study", ["it's", 'say "hi"'])
 def test_a_study_name_with_a_quote_is_matched_exactly(mlflow_uri, study):
     cfg = build_config(tiny_tree(tracking={"uri": mlflow_uri, "experiment": "t"}))
-    registry = Registry(mlflow_uri)
-    run_id = _finished_run(registry, cfg, study)
-    _finished_run(registry, cfg, "other")
-    assert [p.source for p in points_from_mlflow(registry, ["t"], study=study, with_curves=False)] == [run_id]
+    store = TrackingStore(mlflow_uri)
+    run_id = _finished_run(store, cfg, study)
+    _finished_run(store, cfg, "other")
+    assert [p.source for p in points_from_mlflow(store, ["t"], study=study, with_curves=False)] == [run_id]
 
 
 @pytest.mark.parametrize("bad", ["params.seed == '0' and", "nonsense", "tags.x = 'a'b'"])
 def test_an_invalid_filter_is_one_line_naming_it(mlflow_uri, bad):
-    registry = Registry(mlflow_uri)
-    registry.experiment_id("t")
+    store = TrackingStore(mlflow_uri)
+    store.experiment_id("t")
     with pytest.raises(ConfigError) as info:
-        points_from_mlflow(registry, ["t"], filter_string=bad)
+        points_from_mlflow(store, ["t"], filter_string=bad)
     assert str(info.value).startswith(f"--filter {bad!r}: not a valid MLflow filter (")
     assert "\n" not in str(info.value)
 
 
-def test_dpops_scaling_with_a_quote_in_the_study_and_a_list_file_is_one_line(tmp_path, mlflow_store):
-    tree = tiny_tree()
-    tree["tracking"] = {"uri": mlflow_store(tmp_path), "experiment": "t"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
-    Registry(tree["tracking"]["uri"]).experiment_id("t")
-    base = ["scaling", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out"), "--no-log"]
+def test_dpops_scaling_with_a_quote_in_the_study_and_a_list_file_is_one_line(tmp_path, mlflow_store, tiny_params):
+    uri = mlflow_store(tmp_path)
+    params = tiny_params(tmp_path, tracking={"uri": uri, "experiment": "t"})
+    TrackingStore(uri).experiment_id("t")
+    base = ["scaling", "--params", str(params), "--out", str(tmp_path / "out"), "--no-log"]
     result = CliRunner().invoke(app, [*base, "--study", "it's"])
     assert result.exit_code == 1 and result.output.startswith("error: too few points to fit"), result.output
     (tmp_path / "m.json").write_text("[]")

@@ -70,8 +70,8 @@ def test_bootstrap_intervals_contain_truth_and_estimate(noisy_fit: PowerLawFit) 
 
 
 def test_an_estimate_on_the_floor_is_zero_and_inside_its_interval() -> None:
-    """Issue 31: c = 9.6e-22 [7.3e-18, 0.026] (the point fit and the refits each a different hair above the bound
-    c = 0): the estimate outside its own 95% interval."""
+    """A floor fitted on the bound c = 0 is exactly 0, inside its own 95% interval (not c = 9.6e-22 [7.3e-18,
+    0.026]: the point fit and the refits each a different hair above the bound, the estimate outside)."""
     n = np.array([500, 1000, 2000, 4000] * 2, dtype=float)
     err = 2.0 * n**-0.5 + np.random.default_rng(0).normal(0.0, 0.006, n.size)  # no floor: c = 0
     fit = fit_power_law(n, err, n_boot=30, seed=0)

@@ -1,4 +1,4 @@
-"""`dpops scaling`: points from a real MLflow SQLite registry (or metrics files), fits, report, logged run."""
+"""`dpops scaling`: points from a real MLflow SQLite store (or metrics files), fits, report, logged run."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dp_ops.cli import app
 from dp_ops.errors import FitError
-from dp_ops.records.tracking import Registry
+from dp_ops.records.tracking import TrackingStore
 from dp_ops.studies.scaling import PowerLawFit
 from dp_ops.studies.scaling_report import (
     ScalingHeadline,
@@ -24,8 +24,6 @@ from dp_ops.studies.scaling_report import (
     scaling_report,
     write_report,
 )
-
-from conftest import tiny_tree
 
 runner = CliRunner()
 
@@ -54,7 +52,7 @@ def _log_run(client, exp_id, strategy, n, acc, reach_at, role="experiment", stat
 
 
 @pytest.fixture
-def registry(tmp_path, mlflow_uri):
+def store(tmp_path, mlflow_uri, tiny_params):
     uri = mlflow_uri
     client = MlflowClient(uri)
     exp_id = client.create_experiment("bench", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -65,15 +63,13 @@ def registry(tmp_path, mlflow_uri):
         best = _log_run(client, exp_id, "dp", n, law(n, multiplier=3.0), reach_at=300)
     _log_run(client, exp_id, "static", 100, 0.99, 100, role="round")  # not an experiment: ignored
     _log_run(client, exp_id, "static", 100, 0.99, 100, status="KILLED")  # unfinished: ignored
-    tree = tiny_tree()
-    tree["tracking"] = {"uri": uri, "experiment": "bench"}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    tiny_params(tmp_path, tracking={"uri": uri, "experiment": "bench"})
     return tmp_path, uri, best
 
 
 @pytest.mark.slow  # (end to end: whole tiny runs or a dpops process, seconds each)
-def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(registry):
-    tmp, uri, best = registry
+def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(store):
+    tmp, uri, best = store
     out = tmp / "report"
     result = runner.invoke(
         app, ["scaling", "--params", str(tmp / "params.yaml"), "--out", str(out), "--target", "0.95"]
@@ -93,7 +89,8 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
     assert h["data_multiplier_laws"] == pytest.approx(3.0, rel=0.05)
     lo, hi = h["data_multiplier_laws_ci"]
     assert lo <= h["data_multiplier_laws"] <= hi and hi < 4
-    assert "from the two fitted laws: static needs 3.0" in result.output
+    assert "from the two fitted laws (resolved): static needs 3.0" in result.output
+    assert h["data_multiplier_laws_verdict"] == "resolved"  # its interval excludes 1×
     assert h["iteration_multiplier"] == pytest.approx(3.0)  # static reached DP's accuracy at 900, DP at 300
     need = report["samples_for_target"]["static"]["0.95"]
     assert need == pytest.approx(2500, rel=0.05)  # 2/sqrt(n) + 0.01 = 0.05 at n = 2500
@@ -105,13 +102,15 @@ def test_scaling_command_fits_reports_the_multipliers_and_logs_a_scaling_run(reg
     (logged,) = client.search_runs([exp.experiment_id], "tags.`dpops.role` = 'scaling'")
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"scaling.json", "scaling.png"}
     assert logged.data.metrics["data_multiplier_fit"] == pytest.approx(h["data_multiplier_fit"])
+    assert logged.data.metrics["data_multiplier_laws_ci_low"] == pytest.approx(lo)
+    assert logged.data.params["data_multiplier_laws_verdict"] == "resolved"
     # the logged report is not read back as a point
-    assert len(points_from_mlflow(Registry(uri), ["bench"], with_curves=False)) == 10
+    assert len(points_from_mlflow(TrackingStore(uri), ["bench"], with_curves=False)) == 10
 
 
 def test_runs_of_other_budgets_are_a_law_of_their_own_and_not_compared(tmp_path, mlflow_uri):
-    """Issue 31: a 2,000-iteration static run went into the 300-iteration runs' law, and was the static run that
-    reached DP's accuracy first ("static needs 0.20× the iterations")."""
+    """A 2,000-iteration static run is a law of its own: it is not fitted with the 300-iteration runs, nor taken
+    as the static run that reached DP's accuracy first (which read "static needs 0.20× the iterations")."""
     client = MlflowClient(mlflow_uri)
     exp_id = client.create_experiment("budgets", artifact_location=(tmp_path / "artifacts").as_uri())
     for seed, n in enumerate((200, 400, 800, 1600)):  # (seed, outputs and the generator's meta differ: one law)
@@ -119,7 +118,7 @@ def test_runs_of_other_budgets_are_a_law_of_their_own_and_not_compared(tmp_path,
     _log_run(client, exp_id, "static", 400, law(4000), reach_at=100, iterations=2000)  # DP's accuracy at 100
     for n in (300, 500, 700, 900):
         _log_run(client, exp_id, "dp", n, law(n, multiplier=3.0), reach_at=200, iterations=300)
-    runs = points_from_mlflow(Registry(mlflow_uri), ["budgets"])
+    runs = points_from_mlflow(TrackingStore(mlflow_uri), ["budgets"])
 
     report = scaling_report(runs, n_boot=10)
 
@@ -146,9 +145,9 @@ def test_runs_of_other_budgets_are_a_law_of_their_own_and_not_compared(tmp_path,
     )
 
 
-def test_a_report_made_again_from_the_same_inputs_replaces_its_run(registry):
-    tmp, uri, _ = registry
-    reg = Registry(uri)
+def test_a_report_made_again_from_the_same_inputs_replaces_its_run(store):
+    tmp, uri, _ = store
+    reg = TrackingStore(uri)
     report = scaling_report(points_from_mlflow(reg, ["bench"], with_curves=False), n_boot=10)
     files = write_report(report, tmp / "report")
     params = {"experiments": "bench", "metric": "final_test_acc", "runs": "10"}
@@ -163,9 +162,9 @@ def test_a_report_made_again_from_the_same_inputs_replaces_its_run(registry):
     assert client.get_run(again).data.params["runs"] == "11" and "static.alpha" in client.get_run(again).data.metrics
 
 
-def test_filters_and_too_few_points_refuse_in_one_line(registry):
-    tmp, uri, _ = registry
-    assert {p.strategy for p in points_from_mlflow(Registry(uri), ["bench"], strategies=["dp"])} == {"dp"}
+def test_filters_and_too_few_points_refuse_in_one_line(store):
+    tmp, uri, _ = store
+    assert {p.strategy for p in points_from_mlflow(TrackingStore(uri), ["bench"], strategies=["dp"])} == {"dp"}
     result = runner.invoke(
         app,
         [
@@ -232,7 +231,7 @@ def test_the_laws_multiplier_interval_reaches_infinity_when_static_draws_never_g
 
 
 def test_an_empty_metrics_folder_is_named(tmp_path):
-    """An empty --metrics folder used to be "too few points ... have no finished experiment runs" (issue 30)."""
+    """An empty --metrics folder is named as such (not "too few points ... have no finished experiment runs")."""
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     params = tmp_path / "params.yaml"

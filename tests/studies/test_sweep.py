@@ -12,7 +12,6 @@ import wsgiref.util
 import optuna
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -36,7 +35,7 @@ from dp_ops.studies.sweep import (
     tracked_runner,
 )
 
-from conftest import tiny_tree
+from conftest import outputs_in
 
 runner = CliRunner()
 SPACE = {
@@ -48,20 +47,15 @@ SPACE = {
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_generator, mlflow_uri):
-    """params.yaml with tiny sections, a saved tiny generator, stores in tmp_path."""
-    tree = tiny_tree()
-    tree["generator"]["path"] = str(tmp_path / "gen")
-    tree["tracking"] = {"uri": mlflow_uri}
-    out = tmp_path / "out"
-    tree["output"] = {
-        "metrics": str(out / "metrics.json"),
-        "rounds": str(out / "rounds.json"),
-        "shards": str(out / "runs"),
-        "checkpoints": str(out / "checkpoints"),
-    }
-    tree["sweep"] = {**SPACE, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "sampler_seed": 0}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+def ws(tmp_path, tiny_generator, mlflow_uri, tiny_params):
+    """params.yaml with tiny sections and the search space, a saved tiny generator, stores in tmp_path."""
+    tiny_params(
+        tmp_path,
+        generator={"path": str(tmp_path / "gen")},
+        tracking={"uri": mlflow_uri, "log_model": True},  # (a trial's run logs its model)
+        output=outputs_in(tmp_path / "out"),
+        sweep={**SPACE, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "sampler_seed": 0},
+    )
     tiny_generator.save(tmp_path / "gen")
     return tmp_path
 
@@ -117,7 +111,7 @@ def test_three_trial_sweep_tracks_every_trial_and_rerun_continues_the_study(ws):
 
 
 class Boom(Observer):
-    def on_round(self, record, increment):
+    def on_round(self, record, round_parts):
         if record.round == 1:
             raise RuntimeError("disk full")
 
@@ -250,8 +244,8 @@ def test_a_study_made_before_metric_names_gets_them_and_a_journal_opens_in_the_d
 
 
 def test_a_trials_note_links_its_mlflow_run_under_the_stores_own_url_as_optuna_dashboard_reads_it():
-    """The trial's MLflow page was a plain-text attribute assuming port 5000 (issue 31): now a Markdown link
-    in the trial's note, the server's own URL, or for a database the `mlflow ui` command and its default
+    """The trial's MLflow page is a Markdown link in the trial's note (not a plain-text attribute assuming
+    port 5000): the server's own URL, or for a database the `mlflow ui` command and its default
     address, named as such."""
     optuna_dashboard = pytest.importorskip("optuna_dashboard")
     page = "#/experiments/3/runs/ab12?workflowType=machine_learning"
@@ -432,7 +426,7 @@ def test_a_study_another_worker_is_still_setting_up_is_waited_for(ws):
 class Interrupt(Observer):
     """Ctrl-C in the middle of the trial's second round (its first is checkpointed)."""
 
-    def on_round(self, record, increment):
+    def on_round(self, record, round_parts):
         if record.round == 1:
             raise KeyboardInterrupt
 

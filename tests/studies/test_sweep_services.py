@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from dp_ops.studies.sweep import counted_trials, retried_trials
 
-from conftest import tiny_tree
+from conftest import outputs_in, write_tiny_params
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Scale-out: sweep workers on PostgreSQL and an MLflow server"
@@ -173,23 +173,17 @@ def services():
 
 def _workspace(path: Path, generator: Path, study: str, **sweep) -> Path:
     """A folder with a tiny params.yaml (its study, its budget) and no stores: they are the services."""
-    tree = tiny_tree()
-    tree["generator"]["path"] = str(generator)
-    out = path / "out"
-    tree["output"] = {
-        "metrics": str(out / "metrics.json"),
-        "rounds": str(out / "rounds.json"),
-        "shards": str(out / "runs"),
-        "checkpoints": str(out / "checkpoints"),
-    }
     space = {
         "omega": {"low": 0.05, "high": 0.5},
         "patience": {"low": 1, "high": 2},
         "round_size": {"low": 10, "high": 30, "step": 10},
     }
-    tree["sweep"] = {**space, "study": study, **sweep}
-    path.mkdir(parents=True)
-    (path / "params.yaml").write_text(yaml.safe_dump(tree))
+    write_tiny_params(
+        path,
+        generator={"path": str(generator)},
+        output=outputs_in(path / "out"),
+        sweep={**space, "study": study, **sweep},
+    )
     return path
 
 

@@ -28,10 +28,11 @@ from dp_ops.config import DataConfig, GeneratorConfig
 from dp_ops.engine.data import LabelledImages
 from dp_ops.engine.devices import autocast
 from dp_ops.engine.sampling import Generator, Progress
-from dp_ops.engine.saved import CHECKSUMS, META_FILE, REDO, GeneratorMeta, check_saved, file_sha256
+from dp_ops.engine.saved import CHECKSUMS, FORMAT_KEY, META_FILE, REDO, GeneratorMeta, check_saved, file_sha256
 from dp_ops.engine.schedulers import config_of, make_scheduler
 from dp_ops.errors import GeneratorError
 from dp_ops.files import atomic_path, write_json
+from dp_ops.formats import FORMATS
 
 
 def build_unet(cfg: GeneratorConfig, resolution: int, num_classes: int, in_channels: int = 1) -> UNet2DModel:
@@ -78,7 +79,10 @@ class PixelDiffusion(Generator):
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
-            write_json(tmp / META_FILE, {**asdict(self.meta), CHECKSUMS: {f: file_sha256(tmp / f) for f in files}})
+            sums = {f: file_sha256(tmp / f) for f in files}
+            write_json(
+                tmp / META_FILE, {FORMAT_KEY: FORMATS["generator"].current, **asdict(self.meta), CHECKSUMS: sums}
+            )
 
     def to(self, device: torch.device | str, *, channels_last: bool = False) -> PixelDiffusion:
         """Move the UNet to ``device`` (where the learner runs), in channels-last layout if asked
@@ -100,7 +104,7 @@ class PixelDiffusion(Generator):
         try:
             unet = UNet2DModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)  # no accelerate needed
             saved = DDIMScheduler.from_pretrained(path / "scheduler")
-        except Exception as exc:  # (a folder from before checksums, damaged in a way check_saved cannot see)
+        except Exception as exc:  # (a format-0 folder without checksums, damaged in a way check_saved cannot see)
             cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
             raise GeneratorError(f"{path}: diffusers cannot load the generator ({cause}); {REDO}") from None
         return cls(unet, make_scheduler(config_of(saved), scheduler) if scheduler else saved, meta)

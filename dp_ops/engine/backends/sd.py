@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,16 @@ class StableDiffusion(LatentGenerator):
     """UNet, VAE, text encoder and tokenizer of an SD pipeline; samples class-conditionally by prompt,
     optionally entropy-guided."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, class_names, settings: PipelineSettings):
+    def __init__(
+        self,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler_config: Mapping[str, Any],
+        class_names: Sequence[str],
+        settings: PipelineSettings,
+    ) -> None:
         levels = 2 ** (len(unet.config.down_block_types) - 1)
         super().__init__(unet, vae, scheduler_config, settings, levels)
         self.unet = self.denoiser
@@ -56,14 +65,16 @@ class StableDiffusion(LatentGenerator):
         self.uncond = self._encode([""])  # (1, L, D): the empty prompt, for classifier-free guidance
 
     @classmethod
-    def from_components(cls, parts: Mapping[str, Any], class_names, settings: PipelineSettings) -> StableDiffusion:
+    def from_components(
+        cls, parts: Mapping[str, Any], class_names: Sequence[str], settings: PipelineSettings
+    ) -> StableDiffusion:
         """From components built in code (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``:
         what :func:`~dp_ops.engine.backends.sd_random.random_components` returns), cast to ``settings``."""
         unet, vae, text_encoder, tokenizer = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
         return cls(unet, vae, text_encoder, tokenizer, config_of(parts["scheduler"]), class_names, settings)
 
     @classmethod
-    def load(cls, model: str, class_names, settings: PipelineSettings) -> StableDiffusion:
+    def load(cls, model: str, class_names: Sequence[str], settings: PipelineSettings) -> StableDiffusion:
         """The pipeline at ``model`` (a folder or hub id), its weights read in ``settings.dtype``."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

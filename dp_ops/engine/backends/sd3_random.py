@@ -24,13 +24,16 @@ import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from dp_ops.engine.backends.latent import quiet_hub_libraries
 from dp_ops.engine.backends.sd_random import CLIP_BIGG, CLIP_L, small_tokenizer
+
+if TYPE_CHECKING:  # (transformers is imported where a tokenizer is made)
+    from transformers import PreTrainedTokenizerBase
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -100,10 +103,12 @@ def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def small_t5_tokenizer():
+def small_t5_tokenizer() -> PreTrainedTokenizerBase:
     """A T5 tokenizer made in code: a Unigram vocabulary of the special tokens, ▁a-z and a-z, 0-9 (transformers
     5 builds it from the list; no sentencepiece model file)."""
-    from transformers import T5TokenizerFast
+    # transformers 5 resolves the *TokenizerFast names on first access (T5TokenizerFast is T5Tokenizer), so its
+    # declared exports, which mypy reads, do not list them; 4.x defines the class.
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
     pieces = [("▁" + ch, -1.0) for ch in string.ascii_lowercase] + [(ch, -2.0) for ch in string.ascii_lowercase]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces, *((d, -2.0) for d in string.digits)]

@@ -17,12 +17,15 @@ import json
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from dp_ops.engine.backends.latent import quiet_hub_libraries
+
+if TYPE_CHECKING:  # (transformers is imported where a tokenizer is made)
+    from transformers import CLIPTokenizer
 
 # The real text encoders' shapes (SD-1.5, SDXL and SD3 share CLIP ViT-L/14; SDXL and SD3 add OpenCLIP ViT-bigG/14).
 CLIP_L = dict(
@@ -90,7 +93,7 @@ def sd15_scheduler() -> DDIMScheduler:
     )
 
 
-def small_tokenizer(folder: Path):
+def small_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIPTokenizer whose vocabulary is the special tokens, a-z, 0-9 (alone and word-final)."""
     from transformers import CLIPTokenizer
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dp_ops.engine._torchvision_compat  # noqa: F401  (before diffusers' model imports)
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,17 +49,17 @@ class StableDiffusionXL(LatentGenerator):
 
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        scheduler_config,
-        class_names,
+        unet: Any,
+        vae: Any,
+        text_encoder: Any,
+        text_encoder_2: Any,
+        tokenizer: Any,
+        tokenizer_2: Any,
+        scheduler_config: Mapping[str, Any],
+        class_names: Sequence[str],
         settings: PipelineSettings,
         force_zeros_for_empty_prompt: bool = True,
-    ):
+    ) -> None:
         from diffusers import StableDiffusionXLPipeline
 
         levels = 2 ** (len(unet.config.down_block_types) - 1)
@@ -93,7 +93,9 @@ class StableDiffusionXL(LatentGenerator):
         self.embedded_guidance = self.unet.config.time_cond_proj_dim is not None
 
     @classmethod
-    def from_components(cls, parts: Mapping[str, Any], class_names, settings: PipelineSettings) -> StableDiffusionXL:
+    def from_components(
+        cls, parts: Mapping[str, Any], class_names: Sequence[str], settings: PipelineSettings
+    ) -> StableDiffusionXL:
         """From components built in code (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``,
         ``tokenizer_2``, ``scheduler``: what :func:`~dp_ops.engine.backends.sdxl_random.random_components` returns;
         optionally ``force_zeros_for_empty_prompt``), cast to ``settings``."""
@@ -111,7 +113,7 @@ class StableDiffusionXL(LatentGenerator):
         )
 
     @classmethod
-    def load(cls, model: str, class_names, settings: PipelineSettings) -> StableDiffusionXL:
+    def load(cls, model: str, class_names: Sequence[str], settings: PipelineSettings) -> StableDiffusionXL:
         """The pipeline at ``model`` (a folder or hub id), its weights read in ``settings.dtype``."""
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

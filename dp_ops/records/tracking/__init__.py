@@ -1,6 +1,6 @@
 """MLflow, in one place: the only package of dp_ops that imports mlflow, one module per job.
 
-- :mod:`~dp_ops.records.tracking.store` — the store and its URI rules: :class:`Registry` (one store: the
+- :mod:`~dp_ops.records.tracking.store` — the store and its URI rules: :class:`TrackingStore` (one store: the
   client, experiments, run lookups returning :class:`RunFacts`, report runs, the outer run a new run nests
   under), ``resolve_uri``/``check_uri``, how to browse a store and a run's page;
 - :mod:`~dp_ops.records.tracking.runs` — a run and its round runs: :class:`MlflowTracker` (the parent run,
@@ -28,13 +28,13 @@ from dp_ops.records.tracking.names import (
     run_note,
     run_tags,
 )
-from dp_ops.records.tracking.runs import GeneratorFacts, MlflowTracker, Shard, ShardDataset, system_metrics
+from dp_ops.records.tracking.runs import GeneratorFacts, MlflowTracker, RoundDataset, VersionedRound, system_metrics
 from dp_ops.records.tracking.store import (
     DEFAULT_URI,
     HTTP_DEFAULTS,
-    Registry,
     RunFacts,
     StoreUnavailable,
+    TrackingStore,
     artifact_root,
     browse_hint,
     check_uri,
@@ -63,12 +63,12 @@ __all__ = [
     "RUN_NAME_TAG",
     "GeneratorFacts",
     "MlflowTracker",
-    "Registry",
+    "RoundDataset",
     "RunFacts",
     "SavedModel",
-    "Shard",
-    "ShardDataset",
     "StoreUnavailable",
+    "TrackingStore",
+    "VersionedRound",
     "artifact_root",
     "browse_hint",
     "check_uri",

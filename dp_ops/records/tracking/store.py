@@ -1,6 +1,6 @@
 """The tracking store: where it is (the URI rules), how it is opened, and what dp_ops asks of it.
 
-:class:`Registry` is the tracking store, built once from a URI (or a config): it owns the client, the
+:class:`TrackingStore` is the tracking store, built once from a URI (or a config): it owns the client, the
 URI resolution (``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``) and the
 artifact root. Everything else asks it, and gets facts back (:class:`RunFacts`, ids, plain dicts), never
 MLflow entities: experiment get-or-create, run lookup and search, round runs and their shard md5s,
@@ -10,7 +10,7 @@ Opening a store is made safe and quick to fail. A new SQLite store is created an
 lock beside it (``mlflow.db.dpops.lock``, :func:`~dp_ops.files.file_lock`), so any number of processes may
 start on a fresh workspace at once (MLflow's migrations are not safe to run twice concurrently: they leave
 the database half-migrated). A tracking server is asked once, with a short timeout and no retries, before
-any work (:meth:`Registry.check`); MLflow's HTTP retries are bounded (:data:`HTTP_DEFAULTS`, unless the
+any work (:meth:`TrackingStore.check`); MLflow's HTTP retries are bounded (:data:`HTTP_DEFAULTS`, unless the
 environment sets them) so that a server that dies mid-run costs seconds, not minutes.
 """
 
@@ -239,8 +239,8 @@ class RunFacts:
         )
 
 
-class Registry:
-    """One tracking store: ``Registry(uri)`` or :meth:`from_config`. Thread it through rather than
+class TrackingStore:
+    """One tracking store: ``TrackingStore(uri)`` or :meth:`from_config`. Thread it through rather than
     building clients where they are needed, so the URI is resolved once and every lookup reads alike."""
 
     def __init__(self, uri: str = "") -> None:
@@ -275,11 +275,11 @@ class Registry:
             self.check()
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Registry:
+    def from_config(cls, cfg: Config) -> TrackingStore:
         return cls(tracking_uri(cfg))
 
     def __repr__(self) -> str:
-        return f"Registry({self.uri!r})"
+        return f"TrackingStore({self.uri!r})"
 
     def check(self) -> None:
         """Ask the store once, with a short timeout and no retries: :class:`StoreUnavailable` in one line if
@@ -493,7 +493,7 @@ class Registry:
 
 def round_runs(client: MlflowClient, run_id: str) -> list[Run]:
     """The child (round) runs of an experiment run as MLflow entities, ordered by round (for inspection
-    and tests; library code asks :meth:`Registry.round_runs` for facts)."""
+    and tests; library code asks :meth:`TrackingStore.round_runs` for facts)."""
     parent = client.get_run(run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_equals(f"tags.`{PARENT_ID_TAG}`", run_id), max_results=MAX_RESULTS

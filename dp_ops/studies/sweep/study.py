@@ -4,7 +4,8 @@ Opening a storage (an SQLAlchemy URL with Optuna's heartbeat, or a journal file)
 that cannot be opened is one line naming ``sweep.storage``; creating or loading the study under a file lock
 beside a local file, so that workers starting together make it once; the global budget (the trials that count
 against ``n_trials``, over all workers); retries of a killed worker's trial, by Optuna's heartbeat on RDB
-storage or by dp_ops's lease on a journal file.
+storage or by dp_ops's lease on a journal file. A study's format (:data:`dp_ops.formats.FORMATS`) is its
+``dpops.format`` user attribute; an older one is brought forward when a worker loads it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dp_ops.config import SweepConfig
 from dp_ops.errors import ConfigError
 from dp_ops.files import file_lock
+from dp_ops.formats import FORMAT_TAG, FORMATS, declared, upgrade
 
 OBJECTIVES = {"accuracy": ("final_val_acc",), "pareto": ("final_val_acc", "generated_samples")}
 DIRECTIONS: dict[str, Literal["minimize", "maximize"]] = {"final_val_acc": "maximize", "generated_samples": "minimize"}
@@ -202,9 +204,11 @@ def _open_study(
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         _wait_until_ready(study, name)
+        where = f"--study-name {name}"
+        found = declared("study", study.user_attrs.get(FORMAT_TAG), where)
         _check_compatible(study, sc, name, strategy, directions)
-        _name_metrics(study, metrics)  # (a study made before dp_ops named them)
-        return study
+        return upgrade("study", study, found, where, {0: lambda old: _named_metrics(old, metrics)})
+    study.set_user_attr(FORMAT_TAG, FORMATS["study"].current)
     study.set_user_attr("dpops.strategy", strategy)
     study.set_user_attr("dpops.objective", list(metrics))
     _name_metrics(study, metrics)
@@ -228,6 +232,14 @@ def _name_metrics(study: optuna.Study, metrics: Sequence[str]) -> None:
     if study.metric_names != list(metrics):
         with _experimental():
             study.set_metric_names(list(metrics))
+
+
+def _named_metrics(study: optuna.Study, metrics: Sequence[str]) -> optuna.Study:
+    """Format 0 → 1: a study made before dp_ops 0.6.0 has no metric names; they are written into it, then its
+    format (every worker of the study may do both: the same values)."""
+    _name_metrics(study, metrics)
+    study.set_user_attr(FORMAT_TAG, 1)
+    return study
 
 
 def _wait_until_ready(study: optuna.Study, name: str, timeout: float = 60.0) -> None:

@@ -26,8 +26,8 @@ from dp_ops.engine.loop import Observer, RunResult
 from dp_ops.errors import ConfigError
 from dp_ops.records.checkpoint import checkpoint_path
 from dp_ops.records.tracking import (
-    Registry,
     StoreUnavailable,
+    TrackingStore,
     browse_hint,
     filter_equals,
     is_server,
@@ -132,11 +132,11 @@ class Sweep:
         strategy: str,
         study_name: str,
         base_overrides: Sequence[str] = (),
-        registry: Registry | None = None,
+        store: TrackingStore | None = None,
     ) -> None:
         """Validates the strategy, opens (or creates) the study and creates the trials' MLflow experiment
         (both stores exist before any trial, or another worker, writes): run it before any expensive work.
-        ``registry``: the MLflow store (default: the config's)."""
+        ``store``: the MLflow store (default: the config's)."""
         if strategy not in ("dp", "static"):
             raise ConfigError(f"--strategy {strategy}: allowed dp (TPE over ω, patience, round size) or static (grid)")
         try:
@@ -144,7 +144,7 @@ class Sweep:
         except ConfigError:
             raise ConfigError(f"--study-name {study_name!r}: may hold ' or \" but not both") from None
         self.cfg, self.sc, self.strategy, self.name = cfg, sc, strategy, study_name
-        self.registry = registry or Registry.from_config(cfg)
+        self.store = store or TrackingStore.from_config(cfg)
         self.base_overrides = [*base_overrides, f"dp.strategy={strategy}", f"tracking.experiment={self.experiment}"]
         sampler = optuna.samplers.TPESampler(seed=sc.sampler_seed, multivariate=True)
         pruner = (
@@ -153,7 +153,7 @@ class Sweep:
             else optuna.pruners.NopPruner()
         )
         self.study = open_study(sc, study_name, strategy, sampler, pruner)
-        self.experiment_id = self.registry.experiment_id(self.experiment)  # (every trial's runs go there)
+        self.experiment_id = self.store.experiment_id(self.experiment)  # (every trial's runs go there)
         self.budget = len(sc.static_sizes) if strategy == "static" else sc.n_trials
 
     @property
@@ -226,7 +226,7 @@ class Sweep:
                 raise
             retry(self.study, self.study.get_trials(deepcopy=False)[asked[0]])
             raise StoreUnavailable(
-                f"the tracking server {self.registry.uri} stopped answering ({exc.why}) during trial {asked[0]}"
+                f"the tracking server {self.store.uri} stopped answering ({exc.why}) during trial {asked[0]}"
                 f"{f' (run {exc.run_id})' if exc.run_id else ''}; the trial was re-queued: once the server is "
                 "back, run the same dpops sweep command to continue the study",
                 why=exc.why,
@@ -276,10 +276,10 @@ class Sweep:
         """The trial's MLflow run: its id, its page (:func:`~dp_ops.records.tracking.run_url`), and the
         trial's note with a link to it (:func:`run_note`)."""
         trial.set_user_attr("dpops.mlflow_run_id", run_id)
-        url = run_url(self.registry.uri, self.experiment_id, run_id)
+        url = run_url(self.store.uri, self.experiment_id, run_id)
         if url is not None:
             trial.set_user_attr("dpops.mlflow_run_url", url)
-        save_note(trial, run_note(self.registry.uri, self.experiment_id, run_id))
+        save_note(trial, run_note(self.store.uri, self.experiment_id, run_id))
 
     def _run_to_resume(self, number: int) -> str | None:
         """A retry resumes the MLflow run of the trial it retries: the latest of the retry history that has
@@ -289,7 +289,7 @@ class Sweep:
 
     def _run_of(self, number: int) -> str | None:
         """The MLflow run of a trial that returned none (raised, pruned, killed), found by its tags."""
-        return self.registry.find_run(self.experiment, {"dpops.study": self.name, "dpops.trial": str(number)})
+        return self.store.find_run(self.experiment, {"dpops.study": self.name, "dpops.trial": str(number)})
 
     def _suggest(self, trial: Trial) -> dict[str, Any]:
         sc = self.sc
@@ -310,7 +310,7 @@ class Sweep:
         if run_id:
             self._link_run(trial, run_id)
             if state == TrialState.PRUNED:  # the run ended FAILED when the loop raised TrialPruned
-                self.registry.end_run(run_id, "KILLED", tags={"dpops.pruned": "true"})
+                self.store.end_run(run_id, "KILLED", tags={"dpops.pruned": "true"})
         return TrialOutcome(trial.number, state.name, params, None, run_id, error)
 
 
@@ -358,7 +358,7 @@ def trial_config(cfg: Config, overrides: Sequence[str], number: int, study: str)
     return build_config(apply_overrides(to_tree(cfg), [*overrides, *run_files(out)]))
 
 
-def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, world: World = SINGLE) -> RunTrial:
+def tracked_runner(generator: Any, real: Any, store: TrackingStore | None = None, world: World = SINGLE) -> RunTrial:
     """Run trials with :func:`dp_ops.runner.lead_run`, one generator, dataset and MLflow store (default:
     each trial config's) for all of them. Under torchrun (``world``) each trial is one run on every
     process: rank 0 asks and tells Optuna and hands each trial's config to the others
@@ -367,7 +367,7 @@ def tracked_runner(generator: Any, real: Any, registry: Registry | None = None, 
     def run(
         cfg: Config, tags: dict[str, str], observers: Sequence[Observer], resume: str | None
     ) -> tuple[RunResult, str]:
-        request = RunRequest(cfg, resume, {**tags, **threads_tag()}, observers, registry)
+        request = RunRequest(cfg, resume, {**tags, **threads_tag()}, observers, store)
         tracked = lead_run(request, generator, real, world)
         return tracked.result, tracked.run_id
 

@@ -36,6 +36,7 @@ from dp_ops.records.tracking import config_params, round_runs
 from dp_ops.records.versioning import dir_md5, md5_file
 from dp_ops.resume import restore_run_data
 from dp_ops.runner import generator_facts, load_pipeline, preflight
+from helpers import learner_entropy
 
 from conftest import make_image_folder
 
@@ -120,7 +121,8 @@ def test_guided_samples_have_higher_learner_entropy(sd):
     unguided = sd.sample(new_labels, new_seeds, omega=0.0, **kw)
     guided = sd.sample(new_labels, new_seeds, omega=0.1, **kw)
     assert guided.entropy.mean() > unguided.entropy.mean() + 0.1, (guided.entropy.mean(), unguided.entropy.mean())
-    assert torch.allclose(unguided.entropy, trainer.entropy(unguided.images), atol=1e-5)  # scored as trained on
+    # scored as trained on:
+    assert torch.allclose(unguided.entropy, learner_entropy(trainer, unguided.images), atol=1e-5)
 
 
 def test_paper_recipe_trains_reproducibly_and_resumes_exactly():
@@ -247,7 +249,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert f"samples_round{record['round']}.png" in artifacts
 
-    # every round comes back byte for byte from the DVC cache with only the registry
+    # every round comes back byte for byte from the DVC cache with only the store
     restored = restore_run_data(run.info.run_id, tmp_path / "restored", tracking_uri=tree["tracking"]["uri"])
     originals = sorted(p for p in (ws / "data" / "runs").rglob("part_*.safetensors"))
     assert [md5_file(p) for p in restored] == [md5_file(p) for p in originals]
@@ -258,7 +260,7 @@ def test_dpops_run_with_the_sd_backend_end_to_end(tmp_path, sd_path, monkeypatch
     assert from_flat(config_params(run.data.params)) == build_config(recorded)  # rebuilt (resumed) from MLflow
 
 
-def test_shard_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+def test_part_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     """safetensors writes metadata from a hash map whose order changes between processes; parts sort it
     so that the same part always has the same md5 (and deduplicates in the DVC cache)."""
     from dp_ops.engine.shards import _canonical_header, write_part
