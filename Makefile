@@ -1,6 +1,6 @@
 # Two entry points (README quick start): `make run` and `make test`. Both set up .venv first.
 # make test      = make lint + the whole suite (what CI runs: .ci/run)
-# make test-fast = the fast tier (-m "not slow": no end-to-end subprocess runs), 1 min 23 s on 2 cores (0.11.0)
+# make test-fast = the fast tier (-m "not slow": no end-to-end subprocess runs), 1 min 27 s on 2 cores (0.12.0)
 # make lint      = ruff check, ruff format --check, mypy (every function annotated: pyproject.toml [tool.mypy])
 PY ?= python3
 VENV := .venv
