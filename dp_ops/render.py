@@ -529,7 +529,7 @@ def _interval(h: Headline, name: str) -> str:
     """``, 95% interval [a, b] (how, over n seeds)``: multipliers as :func:`times`, differences signed; an
     open end where it is infinite."""
     ci = h.intervals[name]
-    if name.endswith("gain") or name.endswith("effect"):
+    if ci.method == "t":  # (a difference: signed; a multiplier is bootstrapped)
         low, high = (f"{v:+.4f}" if math.isfinite(v) else ("−∞" if v < 0 else "+∞") for v in (ci.low, ci.high))
     else:
         low, high = times(ci.low), times(ci.high)

@@ -222,7 +222,7 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
         "generation compute vs oversample": not over_reached,
     }
     verdicts = {
-        name: verdict(intervals[name], null, bound=bounds.get(name, False))
+        name: verdict(intervals[name].low, intervals[name].high, null, bound=bounds.get(name, False))
         for name, _, null in FIGURES
         if name in intervals
     }

@@ -40,9 +40,6 @@ class Interval:
     method: str  # "t" over paired differences, "bootstrap" over seeds
     seeds: int  # how many seeds (pairs) it is computed from
 
-    def excludes(self, null: float) -> bool:
-        return self.low > null or self.high < null
-
     def to_dict(self) -> dict[str, Any]:
         """For JSON, which has no ∞: ``None`` for an infinite end, and the interval in words beside it."""
         ends = [v if math.isfinite(v) else None for v in (self.low, self.high)]
@@ -83,8 +80,9 @@ def nearest_rank(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def verdict(interval: Interval | None, null: float, *, bound: bool = False) -> str:
-    """resolved / bound / not resolved (module docstring); ``null`` is "no effect" (0 or 1×)."""
+def verdict(low: float, high: float, null: float, *, bound: bool = False) -> str:
+    """resolved / bound / not resolved (module docstring) of the interval [low, high]; ``null`` is "no effect"
+    (0 or 1×). A NaN end (no interval) resolves nothing."""
     if bound:
         return BOUND
-    return RESOLVED if interval is not None and interval.excludes(null) else NOT_RESOLVED
+    return RESOLVED if low > null or high < null else NOT_RESOLVED

@@ -40,7 +40,7 @@ from dp_ops.config import RUN_FILES
 from dp_ops.engine.strategies import STRATEGIES
 from dp_ops.errors import ConfigError, DataError, FitError
 from dp_ops.files import json_ready, write_json
-from dp_ops.studies.intervals import Interval, nearest_rank, verdict
+from dp_ops.studies.intervals import nearest_rank, verdict
 from dp_ops.studies.scaling import (
     MIN_POINTS,
     PowerLawFit,
@@ -379,14 +379,13 @@ def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[s
         if math.isfinite(need_d):
             ratios.append(need_s / need_d)
     lo, hi = (nearest_rank(ratios, q) for q in (0.025, 0.975)) if ratios else (math.nan,) * 2
-    ci = Interval(lo, hi, "bootstrap", len(ratios)) if ratios else None
     return {
         "static_samples_needed_law": n_static,
         "dp_samples_needed_law": n_dp,
         "data_multiplier_laws": n_static / n_dp if math.isfinite(n_dp) else math.nan,
         "data_multiplier_laws_ci": [lo, hi],
         # (static's law never reaching DP's accuracy: the multiplier is only known to be above any finite one)
-        "data_multiplier_laws_verdict": verdict(ci, 1.0, bound=not math.isfinite(n_static)),
+        "data_multiplier_laws_verdict": verdict(lo, hi, 1.0, bound=not math.isfinite(n_static)),
     }
 
 
