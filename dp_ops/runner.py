@@ -60,7 +60,14 @@ from dp_ops.records.tracking import (
     sqlite_path,
     system_metrics,
 )
-from dp_ops.records.versioning import DvcVersioner, PushFailed, RoundVersion, check_kept_by_stage, check_remote
+from dp_ops.records.versioning import (
+    DvcVersioner,
+    PushFailed,
+    RoundVersion,
+    check_kept_by_stage,
+    check_remote,
+    check_scm,
+)
 from dp_ops.resume import restore_follower, restore_loop
 
 
@@ -77,7 +84,8 @@ def preflight(cfg: Config, world: World = SINGLE) -> None:
     set_deterministic(cfg.deterministic)  # (before any model is built or runs)
     check_outputs(cfg)
     versioner = DvcVersioner(cfg.output.shards)
-    if versioner.mode == "dvc add":  # (the default remote every round is pushed to; none inside dvc repro)
+    if versioner.mode == "dvc add":  # (git or no_scm; the default remote every round is pushed to; none in dvc repro)
+        check_scm(versioner.root)
         check_remote(versioner.root)
     check_kept_by_stage(cfg.output.shards)  # (in a DVC experiment's temporary copy)
     if cfg.data.name == "folder":

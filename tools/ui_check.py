@@ -274,15 +274,22 @@ class Page:
 
         return str(self.driver.find_element(By.TAG_NAME, "body").text)  # visible text only
 
-    def wait(self, what: str, until: Callable[[], object]) -> None:
-        """Waits until ``until()`` is true; CheckFailed naming ``what`` if it never is."""
+    def wait(self, what: str, until: Callable[[], object], seen: Callable[[], str] | None = None) -> None:
+        """Waits until ``until()`` is true; CheckFailed naming ``what`` (and ``seen()``: what the page showed
+        instead) if it never is."""
         from selenium.common.exceptions import TimeoutException, WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
         try:
             WebDriverWait(self.driver, WAIT_S, ignored_exceptions=(WebDriverException,)).until(lambda _: until())
         except TimeoutException:
-            raise CheckFailed(f"{what} (not shown within {WAIT_S} s at {self.driver.current_url})") from None
+            instead = ""
+            if seen is not None:
+                try:
+                    instead = f"; shown instead: {seen()}"
+                except WebDriverException as exc:
+                    instead = f"; the page could not be read: {type(exc).__name__}"
+            raise CheckFailed(f"{what} (not shown within {WAIT_S} s at {self.driver.current_url}{instead})") from None
 
     def wait_text(self, what: str, *texts: str) -> None:
         self.wait(what, lambda: all(t in self.body() for t in texts))
@@ -304,13 +311,41 @@ def _card(page: Page, title: str):
     return cards[0] if cards else None
 
 
+SEARCH = "input[placeholder='Search metric charts']"
+
+
 def _filter_charts(page: Page, text: str) -> None:
+    """Types ``text`` into the charts' search box, replacing what was there, and waits until the box holds it
+    (a keystroke React re-renders over is typed again)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = page.driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(text)
+    def typed() -> bool:
+        box = page.driver.find_element(By.CSS_SELECTOR, SEARCH)
+        if box.get_attribute("value") != text:
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.BACKSPACE)
+            box.send_keys(text)
+        return bool(box.get_attribute("value") == text)
+
+    page.wait(f"the chart search {text!r}", typed, lambda: _charts_seen(page))
+
+
+def _charts_seen(page: Page) -> str:
+    """What the "Model metrics" tab shows: the search box's text, each card's title and its images' state."""
+    from selenium.webdriver.common.by import By
+
+    boxes = page.driver.find_elements(By.CSS_SELECTOR, SEARCH)
+    cards = []
+    for card in page.driver.find_elements(By.XPATH, CARD):
+        titles = [h.get_attribute("title") for h in card.find_elements(By.XPATH, ".//h4")]
+        images = []
+        for img in card.find_elements(By.TAG_NAME, "img"):
+            path = (img.get_attribute("src") or "").partition("path=")[2].partition("&")[0]
+            images.append(f"{path} width {img.get_attribute('naturalWidth')}")
+        cards.append(f"{titles} {images}" if images else str(titles))
+    search = repr(boxes[0].get_attribute("value")) if boxes else "no search box"
+    return f"search {search}, cards {cards or 'none'}"
 
 
 def _show_side_by_side(page: Page, *titles: str) -> None:
@@ -342,6 +377,7 @@ def _image_shown(page: Page, key: str) -> bool:
     card = _card(page, key)
     if card is None:
         return False
+    page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)  # (an image loads in view)
     images = card.find_elements(By.XPATH, f".//img[contains(@src, 'path=images%2F{key}%2Bstep%2B')]")
     return any(int(img.get_attribute("naturalWidth") or 0) > 0 for img in images)
 
@@ -404,13 +440,15 @@ def check_mlflow(page: Page, facts: Facts) -> list[str]:
         if len(facts.val_acc_steps) < 2:
             raise CheckFailed(f"val_acc logged at steps {facts.val_acc_steps}: no curve over iterations")
         _filter_charts(page, "val_acc")
-        page.wait("the val_acc line chart (x axis: Step)", lambda: _line_chart(page, "val_acc"))
+        page.wait(
+            "the val_acc line chart (x axis: Step)", lambda: _line_chart(page, "val_acc"), lambda: _charts_seen(page)
+        )
 
     def samples() -> None:
         if not facts.has_samples:
             raise CheckFailed(f"run {facts.run_id} has no image logged with key 'samples' (MlflowClient.log_image)")
         _filter_charts(page, "samples")
-        page.wait("the 'samples' image chart", lambda: _image_shown(page, "samples"))
+        page.wait("the 'samples' image chart", lambda: _image_shown(page, "samples"), lambda: _charts_seen(page))
 
     check("validation curve on the run's model metrics", curve)
     check("sample image on the run's model metrics", samples)

@@ -19,10 +19,11 @@ are read), a damaged part restored, its header placing it where the store does, 
 
 With a default DVC remote configured, the run's folder is pushed in a background thread while the
 round's MLflow run is logged, and joined before the loop checkpoints: a machine that dies loses no
-finished round. A remote that is a local folder (or a mount) is probed before any work
-(:func:`check_remote`); a push that fails mid-run stops the run at its last completed round
-(:class:`PushFailed`), resumable. Every DVC call runs inside :func:`quiet_dvc`: DVC's progress bars, lock and status
-lines stay off the terminal (the CLI has its own progress view); its warnings and errors do not.
+finished round. Before any work, a workspace outside git without ``core.no_scm`` is refused
+(:func:`check_scm`) and a remote that is a local folder (or a mount) is probed (:func:`check_remote`);
+a push that fails mid-run stops the run at its last completed round (:class:`PushFailed`), resumable.
+Every DVC call runs inside :func:`quiet_dvc`: DVC's progress bars, lock and status lines stay off the
+terminal (the CLI has its own progress view); its warnings and errors do not.
 """
 
 from __future__ import annotations
@@ -351,6 +352,23 @@ def push_hint(root: Path | None, target: Path | None = None) -> str | None:
 class PushFailed(DataError):
     """A round's push to the default DVC remote failed mid-run (a full or read-only remote, a network):
     the run stops at its last completed round, resumable."""
+
+
+def check_scm(root: Path | None) -> None:
+    """Before any work: ``dvc add`` writes a ``.dvc`` file for git, so a DVC workspace outside any git
+    repository fails every round's versioning unless its DVC config says ``core.no_scm`` (as ``dvc init
+    --no-scm`` writes). One line if it is neither."""
+    if root is None or _dvc_core(root).get("no_scm"):
+        return
+    from dvc.scm import SCM, SCMError
+
+    try:
+        SCM(str(root))
+    except SCMError:
+        raise DataError(
+            f"DVC workspace {root}: not inside a git repository and its DVC config does not set core.no_scm, so "
+            "no round could be versioned; run git init there, or dvc config core.no_scm true"
+        ) from None
 
 
 PROBE_BYTES = 1 << 20  # what a remote's probe writes: a full remote refuses it (an empty file fits anywhere)

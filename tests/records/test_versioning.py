@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from dp_ops.errors import DataError
 from dp_ops.records.tracking import round_runs
 from dp_ops.records.versioning import cache_path, dir_md5, md5_file
 from dp_ops.resume import restore_run_data
-from dp_ops.runner import run_tracked
+from dp_ops.runner import preflight, run_tracked
 
 from conftest import tiny_tree
 
@@ -425,6 +426,29 @@ def test_a_dvc_failure_while_versioning_is_one_line(dvc_workspace, tiny_generato
     line = str(err.value)
     assert line.startswith(f"DVC in {workspace}: ") and "overlaps with an output of stage: 'made'" in line
     assert "\n" not in line
+
+
+def test_a_dvc_workspace_outside_git_is_refused_before_any_work_unless_it_sets_no_scm(
+    dvc_workspace, tiny_generator, real, mlflow_store
+):
+    """`dvc add` needs git for its .dvc file: a DVC workspace with no git repository at or above it (a copied
+    folder, a .git left behind) is one line before any work, not a failure at round 0 after the generator
+    loaded; with `core.no_scm` set (`dvc init --no-scm`) it runs and versions every round."""
+    workspace = dvc_workspace(with_generator=False, here=True).path
+    shutil.rmtree(workspace / ".git")
+    cfg = build_config(tiny_tree(tracking={"uri": mlflow_store(workspace)}, dp={"max_rounds": 1}))
+    with pytest.raises(DataError) as err:
+        preflight(cfg)
+    assert str(err.value) == (
+        f"DVC workspace {workspace}: not inside a git repository and its DVC config does not set core.no_scm, so "
+        "no round could be versioned; run git init there, or dvc config core.no_scm true"
+    )
+    assert not (workspace / "data").exists() and not (workspace / "checkpoints").exists()
+    _sh(sys.executable, "-m", "dvc", "config", "core.no_scm", "true", cwd=workspace)
+    preflight(cfg)
+    run = run_tracked(cfg, tiny_generator, real)
+    assert sorted(p.name for p in (workspace / "data" / "runs").glob("*.dvc")) == [f"{run.run_id}.dvc"]
+    assert len(run.versions) == 2
 
 
 def test_the_push_hint_says_what_a_clone_needs_pushed(dvc_workspace, monkeypatch, tmp_path):
