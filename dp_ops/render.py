@@ -527,14 +527,16 @@ def bench_headline_lines(h: Headline) -> list[str]:
 
 def _interval(h: Headline, name: str) -> str:
     """``, 95% interval [a, b] (how, over n seeds)``: multipliers as :func:`times`, differences signed; an
-    open end where it is infinite."""
+    open end where it is infinite, or where a multiplier's is 0 (one seed: no interval, ``(0×, ∞×)``)."""
     ci = h.intervals[name]
     if ci.method == "t":  # (a difference: signed; a multiplier is bootstrapped)
         low, high = (f"{v:+.4f}" if math.isfinite(v) else ("−∞" if v < 0 else "+∞") for v in (ci.low, ci.high))
+        open_low = math.isinf(ci.low)
     else:
-        low, high = times(ci.low), times(ci.high)
+        open_low = ci.low <= 0
+        low, high = "0×" if open_low else times(ci.low), times(ci.high)
     how = "t over paired seeds" if ci.method == "t" else "bootstrap over seeds"
-    opening, closing = "(" if math.isinf(ci.low) else "[", ")" if math.isinf(ci.high) else "]"
+    opening, closing = "(" if open_low else "[", ")" if math.isinf(ci.high) else "]"
     return f", 95% interval {opening}{low}, {high}{closing} ({how}, {ci.seeds})"
 
 

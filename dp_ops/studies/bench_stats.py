@@ -353,8 +353,10 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
         fields.append(("final_ood_acc", "out-of-distribution accuracy"))
     fig = Figure(figsize=(6.4 * len(fields), 4.8), dpi=120)
     FigureCanvasAgg(fig)
+    annotated: list[tuple[Any, list[tuple[str, float, float]]]] = []
     for k, (field, label) in enumerate(fields):
         ax = fig.add_subplot(1, len(fields), k + 1)
+        labels: list[tuple[str, float, float]] = []
         for strategy, style in ((s.name, st) for s in STRATEGIES.values() for st in s.bench_series):
             colour, drawn = style.colour, (r for r in rows if (r.strategy, r.series) == (strategy, style.series))
             rs = sorted(
@@ -376,13 +378,7 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
                     label=style.label if i == 0 else None,
                 )
                 if style.annotated:
-                    ax.annotate(
-                        r.setting,
-                        (r.mean["generated_samples"], r.mean[field]),
-                        fontsize=6,
-                        xytext=(5, 4),
-                        textcoords="offset points",
-                    )
+                    labels.append((r.setting, r.mean["generated_samples"], r.mean[field]))
             if style.joined and len(rs) > 1:
                 ax.plot([r.mean["generated_samples"] for r in rs], [r.mean[field] for r in rs], "-", color=colour, lw=1)
         ax.set_xscale("log")
@@ -391,7 +387,28 @@ def plot(rows: Sequence[ArmStats], path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title("mean ± sd over seeds (faint: single seeds)", fontsize=9)
         ax.grid(True, which="both", alpha=0.25)
+        annotated.append((ax, labels))
         if ax.get_legend_handles_labels()[0]:  # (no finished run: an empty plot, no legend)
             ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
+    for ax, labels in annotated:  # (placed once the axes' limits and sizes are final)
+        _annotate(ax, labels)
     fig.savefig(path, format="png")
+
+
+LABEL_PT = 7  # a label's height in points (fontsize 6 and a little air)
+
+
+def _annotate(ax: Any, labels: Sequence[tuple[str, float, float]]) -> None:
+    """Each ``(text, x, y)`` beside its point; a label that would overlap one already placed near the same x
+    (two budgets of one static size, two ω at one pool size) is moved up until it does not."""
+    ax.get_xlim(), ax.get_ylim()  # (brings the autoscaled limits up to date: transData reads them)
+    points_per_pixel = 72 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []  # (x, y) in points of each label's lower left corner
+    for text, x, y in sorted(labels, key=lambda label: label[2]):
+        px, py = (v * points_per_pixel for v in ax.transData.transform((x, y)))
+        up = 4.0
+        while any(abs(px - qx) < 40 and abs(py + up - qy) < LABEL_PT for qx, qy in placed):
+            up += LABEL_PT / 2
+        placed.append((px, py + up))
+        ax.annotate(text, (x, y), fontsize=6, xytext=(5, up), textcoords="offset points")

@@ -88,6 +88,7 @@ def test_headline_when_static_and_oversample_never_reach_dp_is_a_lower_bound():
     assert "data multiplier (bound): more than 2.50×" in bench_headline_lines(h)[0]
     # one seed: no interval can say anything, so none is resolved
     assert h.intervals["data multiplier"].low == 0 and math.isinf(h.intervals["data multiplier"].high)
+    assert "95% interval (0×, ∞×) (bootstrap over seeds, 1)" in bench_headline_lines(h)[0]  # open at both ends
     assert json.loads(json.dumps(h.to_dict(), allow_nan=False))["static_samples_needed"] is None  # inf: null
     assert headline([*STATIC[:1], dp], "dp ω=0.05", "dp ω=0") is None  # one static size: no curve to read
     assert h.iteration_multiplier is None and h.ood_gain is None  # no iteration series, no OOD set
@@ -164,6 +165,22 @@ def test_a_planted_effect_is_covered_and_resolved_and_no_effect_is_not_resolved(
     rng = random.Random(2)
     draws = [t_interval([0.01 + rng.gauss(0, 0.006) for _ in range(8)]) for _ in range(400)]
     assert 0.92 <= sum(ci.low < 0.01 < ci.high for ci in draws) / len(draws) <= 0.98
+
+
+def test_plot_labels_at_one_point_are_stacked_not_drawn_over_each_other():
+    """Two budgets of one static size (or two ω at one pool size) land on nearly the same point: their labels
+    are moved apart by at least a label's height; a label with room stays beside its point."""
+    from matplotlib.figure import Figure
+
+    from dp_ops.studies.bench_stats import LABEL_PT, _annotate
+
+    ax = Figure(dpi=120).add_subplot()
+    ax.set_xscale("log")
+    ax.plot([500, 4000], [0.90, 0.95])
+    _annotate(ax, [("N=4000 2× iters", 4000, 0.9450), ("N=4000 4× iters", 4000, 0.9452), ("N=500", 500, 0.90)])
+    offsets = {a.get_text(): a.xyann for a in ax.texts}
+    assert offsets["N=500"] == (5, 4.0) and offsets["N=4000 2× iters"] == (5, 4.0)
+    assert offsets["N=4000 4× iters"][1] - offsets["N=4000 2× iters"][1] >= LABEL_PT - 0.5
 
 
 def test_a_multiplier_whose_draws_never_reach_is_an_open_interval_not_nan():
