@@ -227,8 +227,11 @@ def bench(
             workers=workers,
             series=chosen,
         )
-        world.broadcast(p.cfg)
-        _bench(p, params, experiment, out, world)
+        with bm.held(p) as note:  # (a second invocation of this benchmark is refused while this one lives)
+            if note:
+                console.print(note)
+            world.broadcast(p.cfg)
+            _bench(p, params, experiment, out, world)
     finally:
         dist.leave()
 

@@ -78,8 +78,9 @@ def read_lease(path: Path) -> Lease | None:
         return None
 
 
-def check_free(path: Path, run_id: str) -> str | None:
-    """Refuse (one line) if a live process holds ``run_id``'s lease; else the take-over note, if any."""
+def check_free(path: Path, run_id: str, what: str = "") -> str | None:
+    """Refuse (one line) if a live process holds ``run_id``'s lease; else the take-over note, if any.
+    ``what``: the thing held when it is no run (e.g. ``benchmark full-1a2b``, whose process makes its runs)."""
     lease = read_lease(path)
     if lease is None:
         return None
@@ -87,11 +88,9 @@ def check_free(path: Path, run_id: str) -> str | None:
         return None  # this process's own (a study resuming a run it stopped)
     why = lease.stale_because()
     if why is None:
-        raise DataError(
-            f"--resume {run_id}: the run is still being trained by {lease.describe()} ({path}); "
-            "stop that process first (or wait for it to end)"
-        )
-    return f"taking over run {run_id} from {lease.describe()}: {why}"
+        held = f"{what}: already being run" if what else f"--resume {run_id}: the run is still being trained"
+        raise DataError(f"{held} by {lease.describe()} ({path}); stop that process first (or wait for it to end)")
+    return f"taking over {what or f'run {run_id}'} from {lease.describe()}: {why}"
 
 
 @contextmanager
@@ -107,16 +106,17 @@ def _locked(folder: Path) -> Iterator[None]:
 
 class RunLease(Observer):
     """The lease of one run held by this process: :meth:`acquire` at the start, a heartbeat from the
-    loop's events, :meth:`release` at the end."""
+    loop's events, :meth:`release` at the end. (A benchmark's process holds one too, ``what`` naming it,
+    its heartbeat from a thread: :func:`dp_ops.studies.bench.held`.)"""
 
-    def __init__(self, path: Path, run_id: str) -> None:
-        self.path, self.run_id = path, run_id
+    def __init__(self, path: Path, run_id: str, what: str = "") -> None:
+        self.path, self.run_id, self.what = path, run_id, what
         self.lease: Lease | None = None
 
     def acquire(self) -> str | None:
         """Take the lease (refusing a live holder, see :func:`check_free`); returns the take-over note."""
         with _locked(self.path.parent):
-            note = check_free(self.path, self.run_id)
+            note = check_free(self.path, self.run_id, self.what)
             now = time.time()
             self.lease = Lease(self.run_id, getpass.getuser(), socket.gethostname(), os.getpid(), now, now)
             write_json(self.path, asdict(self.lease))

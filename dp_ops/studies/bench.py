@@ -41,8 +41,11 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+import statistics
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ from dp_ops.engine.strategies import STRATEGIES
 from dp_ops.errors import ConfigError
 from dp_ops.files import write_json
 from dp_ops.records.checkpoint import checkpoint_path
+from dp_ops.records.lease import BEAT_EVERY, RunLease, lease_path
 from dp_ops.records.tracking import TrackingStore, quiet_logs
 from dp_ops.studies.bench_stats import (
     FIGURES,
@@ -171,11 +175,17 @@ def _dp_size(n: int, p: int) -> Arm:
 
 def iteration_arms(bp: BenchPlan, done: dict[tuple[str, int], Any]) -> tuple[Arm, ...]:
     """Static at ``bp.iteration_factors`` × the budget, at the static size of best mean validation accuracy
-    (ties: the smaller); none until every static run of the scaling series has finished (all seeds)."""
+    over every finished seed, as the headline reads it (ties: the smaller); none until every static run of
+    the scaling series has finished (this invocation's seeds)."""
     static = [a for a in bp.arms if a.strategy == "static" and a.series == "scaling"]
     if not static or any((a.name, s) not in done for a in static for s in bp.seeds):
         return ()
-    best = max(static, key=lambda a: (sum(done[(a.name, s)]["final_val_acc"] for s in bp.seeds), -_size(a)))
+    seeds = finished_seeds(done)  # (a --seeds 3 after a --seeds 8 picks the size the 8-seed report reads)
+
+    def val_acc(arm: Arm) -> float:
+        return statistics.fmean(done[(arm.name, s)]["final_val_acc"] for s in seeds if (arm.name, s) in done)
+
+    best = max(static, key=lambda a: (val_acc(a), -_size(a)))
     return tuple(
         Arm(
             "static",
@@ -319,6 +329,34 @@ def prepare(
     n = max(1, min(n, len(todo) or 1))
     threads = cfg.threads or max(1, cores // n)
     return Prepared(bp, cfg, store, exp_id, len(done), tuple(todo), n, threads, series)
+
+
+@contextmanager
+def held(p: Prepared) -> Iterator[str | None]:
+    """This invocation's hold on its benchmark (a lease, :mod:`dp_ops.records.lease`, at
+    ``<output.checkpoints>/bench-<bench id>/``, its heartbeat from a thread): a second ``dpops bench`` of
+    the same benchmark in the same workspace, which would make the same runs again, is refused in one line
+    while this one lives; one killed outright is taken over. Yields the take-over note, if any."""
+    lease = RunLease(
+        lease_path(p.cfg.output.checkpoints, f"bench-{p.plan.bench_id}"),
+        p.plan.bench_id,
+        f"benchmark {p.plan.bench_id}",
+    )
+    note = lease.acquire()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_EVERY):
+            lease.beat(force=True)
+
+    beating = threading.Thread(target=beat, name="dpops-bench-lease", daemon=True)
+    beating.start()
+    try:
+        yield note
+    finally:
+        stop.set()
+        beating.join()
+        lease.release()
 
 
 def gpu_slots(cfg: Config) -> tuple[str, ...]:

@@ -198,7 +198,7 @@ def headline(rows: Sequence[ArmStats], dp_arm: str, dp0_arm: str) -> Headline | 
     acc, samples = dp.mean["final_test_acc"], dp.mean["generated_samples"]
     need, data, data_seeds = _multiplier(static, "generated_samples", dp)
     best = max(static, key=lambda r: (r.mean["final_val_acc"], -r.mean["generated_samples"]))
-    series = [best, *(r for r in rows if r.series == "iterations")]
+    series = [best, *(r for r in rows if r.series == "iterations" and r.setting.split(" ")[0] == best.setting)]
     iters, iter_mult, iter_seeds = _multiplier(series, "iterations", dp) if len(series) > 1 else (None, None, {})
     effect, effect_sd, effect_ci = _paired_difference(dp, by.get(dp0_arm), "final_test_acc")
     ood, ood_sd, ood_ci = _paired_difference(dp, best, "final_ood_acc")

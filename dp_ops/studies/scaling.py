@@ -121,6 +121,8 @@ def samples_for_accuracy(a: float, alpha: float, c: float, acc: float) -> float:
     gap = (1.0 - acc) - c
     if acc >= 1.0 - c or gap <= 0.0:
         return math.inf
+    if a <= 0.0:  # (a flat law at c, already below 1 − acc: any n)
+        return 0.0
     try:
         return float(math.exp((math.log(a) - math.log(gap)) / alpha))
     except OverflowError:

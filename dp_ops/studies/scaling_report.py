@@ -371,22 +371,31 @@ def _values(configs: list[dict[str, str]], key: str) -> str:
 def _laws_multiplier(static: PowerLawFit, dp: PowerLawFit, acc: float) -> dict[str, Any]:
     """Samples static's fitted law needs for ``acc`` ÷ samples DP's law needs, with a 95% interval from the
     two bootstraps paired draw by draw (a draw where static never gets there counts as ∞; one where DP's
-    own law does not is left out)."""
+    own law does not is left out; see :func:`_need_ratio`)."""
     n_static, n_dp = static.samples_for_accuracy(acc), dp.samples_for_accuracy(acc)
     ratios = []
     for s_draw, d_draw in zip(static.boot, dp.boot, strict=False):
-        need_s, need_d = (samples_for_accuracy(*draw, acc) for draw in (s_draw, d_draw))
-        if math.isfinite(need_d):
-            ratios.append(need_s / need_d)
+        ratio = _need_ratio(*(samples_for_accuracy(*draw, acc) for draw in (s_draw, d_draw)))
+        if not math.isnan(ratio):
+            ratios.append(ratio)
     lo, hi = (nearest_rank(ratios, q) for q in (0.025, 0.975)) if ratios else (math.nan,) * 2
     return {
         "static_samples_needed_law": n_static,
         "dp_samples_needed_law": n_dp,
-        "data_multiplier_laws": n_static / n_dp if math.isfinite(n_dp) else math.nan,
+        "data_multiplier_laws": _need_ratio(n_static, n_dp),
         "data_multiplier_laws_ci": [lo, hi],
         # (static's law never reaching DP's accuracy: the multiplier is only known to be above any finite one)
         "data_multiplier_laws_verdict": verdict(lo, hi, 1.0, bound=not math.isfinite(n_static)),
     }
+
+
+def _need_ratio(need_static: float, need_dp: float) -> float:
+    """``need_static ÷ need_dp`` for two laws' sample needs, which may be 0 (a law with α near 0 already below
+    the error it must reach: any size does) or ∞ (it never gets there): ∞ where only DP's is 0; NaN, saying
+    nothing, where DP's is ∞ or both are 0."""
+    if not math.isfinite(need_dp) or (need_dp <= 0 and need_static <= 0):
+        return math.nan
+    return math.inf if need_dp <= 0 else need_static / need_dp
 
 
 _X_LABELS = {"pool_size": "pool size n (samples)", "generated_samples": "generated samples"}

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def test_iteration_multiplier_reads_static_best_size_at_more_iterations_and_ood_
         _row("static", f"N=1000 {k}× iters", {0: (1000, a, 1, 1.0), 1: (1000, a, 1, 1.0)}, 100 * k, "iterations")
         for k, a in ((2, 0.985), (4, 0.995))
     ]
-    h = headline([*static, dp, *more], "dp ω=0.05", "dp ω=0")
+    # runs at more iterations of a size that was best at fewer seeds are not read with N=1000's
+    other = _row("static", "N=2000 2× iters", {0: (2000, 0.999, 1, 1.0), 1: (2000, 0.999, 1, 1.0)}, 200, "iterations")
+    h = headline([*static, dp, *more, other], "dp ω=0.05", "dp ω=0")
     assert h.static_best == "static N=1000" and not h.static_reached  # the iteration rows are no static sizes
     # DP's 0.99 lies halfway from 0.985 @ 200 to 0.995 @ 400 iterations: 200·√2 in log iterations
     assert h.iterations_reached and h.static_iterations_needed == pytest.approx(200 * 2**0.5)
@@ -279,8 +282,55 @@ def test_static_runs_at_more_iterations_at_its_best_size_by_validation_once_ever
     assert arms[1].overrides == ("dp.strategy=static", "dp.initial_size=60", "train.iterations=800")
     assert {a.series for a in arms} == {"iterations"}
     assert [j.arm.name for j in jobs(bp, done, {}, tmp_path)].count("static N=60 4× iters") == 2
+    # seeds beyond this invocation's (an earlier --seeds 8) count too, as in the report: there N=90 is best
+    done.update(
+        {
+            (arm, s): {"final_val_acc": val[arm] + (arm == "static N=90"), "final_test_acc": 0.0}
+            for arm in static
+            for s in (2, 3)
+        }
+    )
+    assert [a.name for a in iteration_arms(bp, done)] == ["static N=90 2× iters", "static N=90 4× iters"]
     del done[("static N=90", 1)]  # one static run still to come: nothing chosen yet
     assert iteration_arms(bp, done) == ()
+
+
+def test_a_second_invocation_of_a_live_benchmark_is_one_line_and_a_dead_ones_hold_is_taken_over(
+    params_file, tmp_path, mlflow_uri
+):
+    """Two `dpops bench` of one benchmark in one workspace would make the same runs twice: while one lives
+    (here another process holds its lease) the second is refused before any run; once it is gone (SIGKILL)
+    its hold is taken over with a note."""
+    from typer.testing import CliRunner
+
+    from dp_ops.cli import app
+    from dp_ops.records.lease import RunLease, lease_path
+
+    bp, _ = plan(params_file, [], static_sizes=(30, 60), seeds=range(1), experiment="dp-ops-bench")
+    path = lease_path(tmp_path / "checkpoints", f"bench-{bp.bench_id}")
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom dp_ops.records.lease import RunLease\n"
+        f"RunLease(Path({str(path)!r}), 'b').acquire()\nprint('held', flush=True)\ntime.sleep(300)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["bench", "-p", str(params_file), "--seeds", "1", "--out", str(tmp_path / "out")]
+        result = CliRunner().invoke(app, args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1, result.output
+    assert re.fullmatch(
+        rf"error: benchmark {bp.bench_id}: already being run by pid {holder.pid} on \S+ \(user \S+\), last "
+        rf"heartbeat \d+ s ago \({re.escape(str(path))}\); stop that process first \(or wait for it to end\)",
+        result.output.strip(),
+    ), result.output
+    client = MlflowClient(mlflow_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])  # no run made
+    note = RunLease(path, bp.bench_id, f"benchmark {bp.bench_id}").acquire()  # (as `dpops bench` takes it)
+    assert note is not None and note.startswith(f"taking over benchmark {bp.bench_id} from pid {holder.pid} ")
+    assert note.endswith(f"pid {holder.pid} is no longer running")
 
 
 def test_series_headline_runs_only_the_arms_the_headline_reads_and_a_bad_series_is_one_line(params_file, tmp_path):

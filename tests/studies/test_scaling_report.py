@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dp_ops.cli import app
 from dp_ops.errors import FitError
 from dp_ops.records.tracking import TrackingStore
-from dp_ops.studies.scaling import PowerLawFit
+from dp_ops.studies.scaling import PowerLawFit, samples_for_accuracy
 from dp_ops.studies.scaling_report import (
     ScalingHeadline,
     _laws_multiplier,
@@ -228,6 +228,23 @@ def test_the_laws_multiplier_interval_reaches_infinity_when_static_draws_never_g
     assert got["dp_samples_needed_law"] == pytest.approx(2500)
     assert got["data_multiplier_laws"] == pytest.approx((2.0 / 0.015) ** 2 / 2500)  # 7.1×
     assert got["data_multiplier_laws_ci"] == [pytest.approx((2.0 / 0.015) ** 2 / 2500), math.inf]
+
+
+def test_a_dp_draw_that_needs_no_samples_counts_as_infinity_not_a_zero_division():
+    """A bootstrap draw of DP's law with α near 0 below the error it must reach needs no samples at all (0):
+    the ratio is ∞ for that draw; a law with a = 0 (flat at c, below the error) needs 0, not a domain error."""
+
+    def fit(a, alpha, c, boot):
+        return PowerLawFit(a, alpha, c, (a, a), (alpha, alpha), (c, c), 5, 0.0, tuple(boot))
+
+    assert samples_for_accuracy(0.0, 0.5, 0.01, 0.985) == 0.0
+    assert samples_for_accuracy(0.001, 1e-6, 0.005, 0.985) == 0.0  # (exp underflows: any n)
+    static = fit(2.0, 0.5, 0.0, [(2.0, 0.5, 0.0)] * 100)
+    dp = fit(0.5, 0.5, 0.005, [(0.5, 0.5, 0.005)] * 90 + [(0.001, 1e-6, 0.005)] * 5 + [(0.0, 0.5, 0.005)] * 5)
+    got = _laws_multiplier(static, dp, 0.985)
+    assert got["data_multiplier_laws"] == pytest.approx((2.0 / 0.015) ** 2 / 2500)
+    assert got["data_multiplier_laws_ci"] == [pytest.approx((2.0 / 0.015) ** 2 / 2500), math.inf]
+    assert got["data_multiplier_laws_verdict"] == "resolved"
 
 
 def test_an_empty_metrics_folder_is_named(tmp_path):
