@@ -341,7 +341,8 @@ def _charts_seen(page: Page) -> str:
         titles = [h.get_attribute("title") for h in card.find_elements(By.XPATH, ".//h4")]
         images = []
         for img in card.find_elements(By.TAG_NAME, "img"):
-            path = (img.get_attribute("src") or "").partition("path=")[2].partition("&")[0]
+            src = img.get_attribute("src") or ""
+            path = src.partition("path=")[2].partition("&")[0] or src[:60]
             images.append(f"{path} width {img.get_attribute('naturalWidth')}")
         cards.append(f"{titles} {images}" if images else str(titles))
     search = repr(boxes[0].get_attribute("value")) if boxes else "no search box"
@@ -353,15 +354,16 @@ def _show_side_by_side(page: Page, *titles: str) -> None:
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
-    _filter_charts(page, f"^({'|'.join(titles)})$")
     try:
+        _filter_charts(page, f"^({'|'.join(titles)})$")
         shown = lambda: {h.get_attribute("title") for h in page.driver.find_elements(By.XPATH, f"{CARD}//h4")}
         # (the search filters metric charts; image cards, e.g. `entropy`, stay): wait until the round_* ones went
         page.wait(
             "the filtered charts", lambda: set(titles) <= shown() and not any(t.startswith("round_") for t in shown())
         )
-        for img in page.driver.find_elements(By.XPATH, "//img[contains(@src, 'get-artifact?path=images')]")[:1]:
-            page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", img)
+        cards = [c for c in (_card(page, t) for t in titles) if c is not None and c.find_elements(By.TAG_NAME, "img")]
+        for card in cards[:1]:
+            page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)
     except (CheckFailed, WebDriverException):
         pass  # a missing chart is a failed check already; the shot shows what there is
 
@@ -378,7 +380,9 @@ def _image_shown(page: Page, key: str) -> bool:
     if card is None:
         return False
     page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", card)  # (an image loads in view)
-    images = card.find_elements(By.XPATH, f".//img[contains(@src, 'path=images%2F{key}%2Bstep%2B')]")
+    # (the card titled with the key; its image's src is the artifact's URL up to MLflow 3.17, a blob: URL of the
+    # fetched file from 3.18 on: either way drawn means a natural width)
+    images = card.find_elements(By.TAG_NAME, "img")
     return any(int(img.get_attribute("naturalWidth") or 0) > 0 for img in images)
 
 
