@@ -41,7 +41,7 @@ class Interval:
     seeds: int  # how many seeds (pairs) it is computed from
 
     def to_dict(self) -> dict[str, Any]:
-        """For JSON, which has no ∞: ``None`` for an infinite end, and the interval in words beside it."""
+        """For JSON, which has no ∞: ``None`` for an infinite end (the word is the headline's ``verdicts``)."""
         ends = [v if math.isfinite(v) else None for v in (self.low, self.high)]
         return {"low": ends[0], "high": ends[1], "method": self.method, "seeds": self.seeds}
 
